@@ -1,0 +1,518 @@
+"""Replica: documents in a local SQLite file, synced with a relay when one is reachable.
+
+Every local transaction is committed to the file from the replica's ``doc.observe``
+callback, before the edit call (or ``with doc.transaction()`` block) returns, so a
+killed process never loses an edit the app saw applied. pycrdt runs the app's own
+type observers (``text.observe``...) *before* ``doc.observe`` callbacks: an app
+observer sees the edit slightly before it is on disk.
+
+Remote updates are applied in transactions flagged as remote and are never sent back.
+Local edits never wait for the network: they are stored, counted as pending, and
+sent when a connection is up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from pycrdt import Doc, Subscription, TransactionEvent
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from crdtsync.errors import (
+    AcknowledgementsUnsupported,
+    CloseCode,
+    StoreError,
+    SyncTimeout,
+)
+from crdtsync.settings import validate_document_name
+from crdtsync.store import EMPTY_UPDATE, Synchronous, UpdateLog
+from crdtsync.sync import (
+    Acknowledged,
+    AwarenessQueried,
+    AwarenessReceived,
+    ExtensionsConfirmed,
+    Failed,
+    PermissionRefused,
+    StateRequested,
+    SyncSession,
+    UpdateReceived,
+)
+
+from .backoff import Backoff
+
+__all__ = ["DocumentStatus", "Replica"]
+
+log = logging.getLogger("crdtsync.replica")
+
+EXTENSION_QUERY = "crdtsync=1"
+
+
+@dataclass(frozen=True, slots=True)
+class DocumentStatus:
+    """What a replica knows about one document's sync state.
+
+    Attributes:
+        connected: a websocket to the relay is open.
+        synced: the initial sync of this connection finished (the relay answered our step 1).
+        pending: local transactions the relay has not yet acknowledged as durably stored.
+        acknowledgements: True if the relay confirms durable storage, False if it does
+            not (e.g. the reference y-websocket server), None until known.
+        last_error: the last connection or store problem, if any.
+    """
+
+    connected: bool
+    synced: bool
+    pending: int
+    acknowledgements: bool | None
+    last_error: str | None
+
+
+@dataclass(eq=False)
+class _Connection:
+    ws: ClientConnection
+    session: SyncSession
+    acks: bool | None = None  # decided by the relay's first message
+    next_key: int = 1
+    in_flight: dict[int, list[int]] = field(default_factory=dict)  # key -> local seqs
+    outbox: deque[bytes] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass(eq=False)
+class _Document:
+    name: str
+    doc: Doc
+    pending: int
+    tail: int
+    subscription: Subscription | None = None
+    conn: _Connection | None = None
+    task: asyncio.Task[None] | None = None
+    applying_remote: bool = False
+    unsaved: list[bytes] = field(default_factory=list)  # local updates a store error kept
+    remote_buffer: list[bytes] = field(default_factory=list)
+    last_error: str | None = None
+    acks: bool | None = None
+    synced: bool = False
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    stop_reconnecting: bool = False
+
+
+class Replica:
+    """A local replica of documents, optionally synced through one relay.
+
+    Use it as ``async with Replica("notes.db", relay="ws://127.0.0.1:8765") as replica``.
+
+    Args:
+        path: the replica's SQLite file (created if missing).
+        relay: ``ws://`` or ``wss://`` URL of a relay; None works fully offline.
+        token: sent to the relay as the ``token`` query parameter.
+        synchronous: local durability: ``NORMAL`` survives a killed process, ``FULL``
+            survives power loss too.
+        max_message_bytes: the largest message accepted from the relay.
+        compact_after_updates: fold the local log into a snapshot after this many appends.
+        backoff: reconnect delays (exponential, jittered).
+        params: extra query parameters for the relay URL.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        relay: str | None = None,
+        token: str | None = None,
+        *,
+        synchronous: Synchronous = "NORMAL",
+        max_message_bytes: int = 64 * 1024 * 1024,
+        compact_after_updates: int = 2000,
+        backoff: Callable[[], Backoff] | None = None,
+        params: dict[str, str] | None = None,
+        open_timeout_s: float = 10.0,
+    ) -> None:
+        if relay is not None and not relay.startswith(("ws://", "wss://")):
+            raise ValueError(f"relay must be a ws:// or wss:// URL, not {relay!r}")
+        self.path = Path(path)
+        self.relay = relay.rstrip("/") if relay else None
+        self.token = token
+        self.synchronous = synchronous
+        self.max_message_bytes = max_message_bytes
+        self.compact_after_updates = compact_after_updates
+        self._backoff = backoff or Backoff
+        self.params = dict(params or {})
+        self.open_timeout_s = open_timeout_s
+        self.store: UpdateLog | None = None
+        self._docs: dict[str, _Document] = {}
+        self._flush_handle: asyncio.Handle | None = None
+        self._retry_handle: asyncio.TimerHandle | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the local file. Raises :class:`StoreError` if it cannot be used."""
+        if self.store is None:
+            self.store = UpdateLog(self.path, synchronous=self.synchronous)
+
+    async def stop(self) -> None:
+        """Close every document (local edits are already on disk) and the file."""
+        for name in list(self._docs):
+            await self.close(name)
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    async def __aenter__(self) -> Replica:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _store(self) -> UpdateLog:
+        if self.store is None:
+            raise RuntimeError("replica not started: use 'async with Replica(...)'")
+        return self.store
+
+    # -- documents ----------------------------------------------------------------------
+
+    async def open(self, name: str) -> Doc:
+        """Load document ``name`` from the local file (no network) and start syncing it.
+
+        Returns the same ``pycrdt.Doc`` for every call until :meth:`close`. The doc has
+        a fresh client id on every open.
+
+        Raises:
+            InvalidDocumentName: the name is not a valid document name.
+            StoreError: the local file cannot be read.
+        """
+        validate_document_name(name)
+        existing = self._docs.get(name)
+        if existing is not None:
+            return existing.doc
+        store = self._store()
+        stored = store.load(name)
+        # A fresh client id on every open: reusing one after a lost tail of the file
+        # would create clashing ids that diverge silently (DESIGN: replica).
+        doc = Doc(client_id=random.getrandbits(52) + 1)
+        with doc.transaction():
+            for update in stored.all_updates():
+                doc.apply_update(update)
+        d = _Document(name, doc, pending=store.pending_count(name), tail=len(stored.updates))
+        self._docs[name] = d
+        d.subscription = doc.observe(lambda event: self._on_transaction(d, event))
+        if self.relay is not None:
+            d.task = asyncio.create_task(self._connect_loop(d), name=f"crdtsync:{name}")
+        return doc
+
+    async def close(self, name: str) -> None:
+        """Stop syncing ``name`` and forget its ``Doc``; its data stays in the file."""
+        d = self._docs.pop(name, None)
+        if d is None:
+            return
+        if d.subscription is not None:
+            d.doc.unobserve(d.subscription)
+        if d.task is not None:
+            d.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await d.task
+        self._flush_remote()
+        self._retry_unsaved(d)
+
+    def pending(self, name: str) -> int:
+        """Local transactions of ``name`` not yet acknowledged as durably stored by the relay.
+
+        Counts transactions, not state-vector clocks; survives restarts (it lives in
+        the local file). Works for documents that are not open too.
+        """
+        d = self._docs.get(name)
+        if d is not None:
+            return d.pending + len(d.unsaved)
+        return self._store().pending_count(name)
+
+    def status(self, name: str) -> DocumentStatus:
+        """Connection, sync and acknowledgement state of an open document."""
+        d = self._doc(name)
+        return DocumentStatus(
+            connected=d.conn is not None,
+            synced=d.synced,
+            pending=d.pending + len(d.unsaved),
+            acknowledgements=d.acks,
+            last_error=d.last_error,
+        )
+
+    async def wait_synced(self, name: str, timeout: float | None = None) -> None:
+        """Wait until the relay has durably stored every local change of ``name``.
+
+        Raises:
+            AcknowledgementsUnsupported: the relay does not confirm storage (e.g. the
+                reference y-websocket server), so this could never finish.
+            SyncTimeout: ``timeout`` seconds passed with changes still pending.
+        """
+        d = self._doc(name)
+
+        def done() -> bool:
+            if d.acks is False and (d.pending or d.unsaved):
+                raise AcknowledgementsUnsupported(
+                    f"the relay for {name!r} does not acknowledge durable storage; "
+                    f"{d.pending + len(d.unsaved)} changes cannot be confirmed"
+                )
+            return d.pending == 0 and not d.unsaved
+
+        try:
+            async with asyncio.timeout(timeout), d.changed:
+                await d.changed.wait_for(done)
+        except TimeoutError:
+            raise SyncTimeout(
+                f"{d.pending + len(d.unsaved)} changes to {name!r} still pending after {timeout} s"
+                + (f" (last error: {d.last_error})" if d.last_error else "")
+            ) from None
+
+    def _doc(self, name: str) -> _Document:
+        try:
+            return self._docs[name]
+        except KeyError:
+            raise KeyError(f"document {name!r} is not open") from None
+
+    def _notify(self, d: _Document) -> None:
+        async def notify() -> None:
+            async with d.changed:
+                d.changed.notify_all()
+
+        with contextlib.suppress(RuntimeError):  # no running loop: nobody can be waiting
+            asyncio.get_running_loop().create_task(notify())
+
+    # -- local transactions ---------------------------------------------------------------
+
+    def _on_transaction(self, d: _Document, event: TransactionEvent) -> None:
+        # Never raise here: pycrdt would turn it into an error of the app's edit call.
+        if d.applying_remote:
+            return
+        update = event.update
+        if update == EMPTY_UPDATE:
+            return
+        try:
+            seq = self._store().append_local(d.name, update)
+        except StoreError as exc:
+            # The edit is in the Doc; keep its update, retry, and report (DESIGN: replica).
+            d.unsaved.append(update)
+            d.last_error = str(exc)
+            self._schedule_retry()
+            self._notify(d)
+            return
+        d.pending += 1
+        d.tail += 1
+        self._send_local(d, seq, update)
+        if d.tail >= self.compact_after_updates:
+            self._compact(d)
+
+    def _send_local(self, d: _Document, seq: int, update: bytes) -> None:
+        conn = d.conn
+        if conn is None or conn.acks is None:
+            return  # the answer to the relay's step 1 will carry it
+        if conn.acks:
+            key = conn.next_key
+            conn.next_key += 1
+            conn.in_flight[key] = [seq]
+            conn.session.send_update(update, key)
+        else:
+            conn.session.send_update(update)
+        self._queue_frames(conn)
+
+    def _queue_frames(self, conn: _Connection) -> None:
+        conn.outbox.extend(conn.session.data_to_send())
+        conn.wake.set()
+
+    def _schedule_retry(self) -> None:
+        if self._retry_handle is not None:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop = asyncio.get_running_loop()
+            self._retry_handle = loop.call_later(0.5, self._retry_all)
+
+    def _retry_all(self) -> None:
+        self._retry_handle = None
+        for d in self._docs.values():
+            self._retry_unsaved(d)
+
+    def _retry_unsaved(self, d: _Document) -> None:
+        while d.unsaved:
+            update = d.unsaved[0]
+            try:
+                seq = self._store().append_local(d.name, update)
+            except (StoreError, RuntimeError) as exc:
+                d.last_error = str(exc)
+                self._schedule_retry()
+                return
+            d.unsaved.pop(0)
+            d.pending += 1
+            self._send_local(d, seq, update)
+        d.last_error = None
+        self._notify(d)
+
+    def _compact(self, d: _Document) -> None:
+        self._flush_remote()
+        try:
+            self._store().compact(d.name, live=d.doc)
+        except StoreError as exc:
+            d.last_error = str(exc)
+            return
+        d.tail = 0
+
+    # -- remote updates ---------------------------------------------------------------------
+
+    def _apply_remote(self, d: _Document, update: bytes) -> None:
+        # Store the update as received (a gap-waiting update is not in the Doc's own
+        # encoding), batched per event-loop turn; losing it in a crash loses nothing,
+        # since the relay sends it again on the next sync.
+        d.remote_buffer.append(update)
+        if self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_remote)
+        d.applying_remote = True
+        try:
+            d.doc.apply_update(update)
+        finally:
+            d.applying_remote = False
+
+    def _flush_remote(self) -> None:
+        self._flush_handle = None
+        items = [(d.name, u) for d in self._docs.values() for u in d.remote_buffer]
+        if not items:
+            return
+        try:
+            self._store().append_many(items)
+        except (StoreError, RuntimeError) as exc:
+            for d in self._docs.values():
+                if d.remote_buffer:
+                    d.last_error = f"could not store remote updates: {exc}"
+            return
+        finally:
+            for d in self._docs.values():
+                d.remote_buffer.clear()
+        for d in self._docs.values():
+            d.tail += sum(1 for name, _ in items if name == d.name)
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _url(self, name: str) -> str:
+        params = [EXTENSION_QUERY]
+        if self.token is not None:
+            params.append(f"token={quote(self.token, safe='')}")
+        params += [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.params.items()]
+        return f"{self.relay}/{name}?{'&'.join(params)}"
+
+    async def _connect_loop(self, d: _Document) -> None:
+        backoff = self._backoff()
+        while not d.stop_reconnecting:
+            try:
+                async with connect(
+                    self._url(d.name),
+                    max_size=self.max_message_bytes,
+                    open_timeout=self.open_timeout_s,
+                    compression=None,
+                ) as ws:
+                    backoff.reset()
+                    await self._run_connection(d, ws)
+            except ConnectionClosed as exc:
+                d.last_error = _describe_close(exc)
+                if exc.rcvd is not None and exc.rcvd.code in (
+                    CloseCode.MESSAGE_TOO_BIG,
+                    CloseCode.POLICY_VIOLATION,
+                ):
+                    # Resending the same refused data forever helps nobody
+                    # (y-websocket#189): stop, and say why in the status.
+                    d.stop_reconnecting = True
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                d.last_error = f"cannot connect to {self.relay}: {exc}"
+            finally:
+                if d.conn is not None:
+                    d.conn = None
+                d.synced = False
+                self._notify(d)
+            if d.stop_reconnecting:
+                log.warning("stopped syncing %r: %s", d.name, d.last_error)
+                return
+            await asyncio.sleep(backoff.next_delay())
+
+    async def _writer(self, conn: _Connection) -> None:
+        while True:
+            await conn.wake.wait()
+            conn.wake.clear()
+            while conn.outbox:
+                await conn.ws.send(conn.outbox.popleft())
+
+    async def _run_connection(self, d: _Document, ws: ClientConnection) -> None:
+        session = SyncSession(max_message_bytes=self.max_message_bytes, extensions=True)
+        conn = _Connection(ws, session)
+        d.conn = conn
+        d.last_error = None
+        session.send_step1(d.doc.get_state())
+        self._queue_frames(conn)
+        writer = asyncio.create_task(self._writer(conn))
+        try:
+            async for data in ws:
+                session.receive_data(data)
+                for event in session.events_received():
+                    self._on_event(d, conn, event)
+                    if isinstance(event, Failed):
+                        await ws.close(event.close_code, event.reason)
+                        return
+                self._queue_frames(conn)
+                if writer.done():
+                    writer.result()  # surface the send error
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await writer
+
+    def _on_event(self, d: _Document, conn: _Connection, event: Any) -> None:
+        if conn.acks is None:
+            # The relay confirms extensions before anything else; a server whose first
+            # message is something else (the reference server) will never acknowledge.
+            conn.acks = isinstance(event, ExtensionsConfirmed)
+            d.acks = conn.acks
+            self._notify(d)
+        if isinstance(event, UpdateReceived):
+            self._apply_remote(d, event.update)
+            if event.answer:
+                d.synced = True
+                self._notify(d)
+        elif isinstance(event, StateRequested):
+            diff = d.doc.get_update(event.state_vector)
+            if conn.acks:
+                # Answer with an acknowledged update covering every pending transaction:
+                # that is how offline edits are confirmed after a reconnect.
+                key = conn.next_key
+                conn.next_key += 1
+                conn.in_flight[key] = self._store().pending_seqs(d.name)
+                conn.session.send_update(diff, key)
+            else:
+                conn.session.answer_state_request(diff)
+        elif isinstance(event, Acknowledged):
+            seqs = conn.in_flight.pop(event.key, None)
+            if seqs:
+                try:
+                    d.pending -= self._store().acknowledge(d.name, seqs)
+                except StoreError as exc:
+                    d.last_error = str(exc)
+                self._notify(d)
+        elif isinstance(event, PermissionRefused):
+            d.last_error = f"permission denied: {event.reason}"
+        elif isinstance(event, (AwarenessReceived, AwarenessQueried, ExtensionsConfirmed)):
+            pass  # presence is not wired into the Replica yet
+        elif isinstance(event, Failed):
+            d.last_error = f"relay sent bad data: {event.reason}"
+
+
+def _describe_close(exc: ConnectionClosed) -> str:
+    frame = exc.rcvd
+    if frame is None:
+        return "connection lost"
+    return f"relay closed the connection: {frame.code} {frame.reason}".rstrip()
+

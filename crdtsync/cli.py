@@ -1,0 +1,133 @@
+"""The ``crdtsync`` command line: ``crdtsync relay`` runs a relay.
+
+The CLI is a composition root: it may import ``crdtsync.server`` and
+``crdtsync.client``; nothing imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from .errors import StoreError
+
+__all__ = ["main"]
+
+
+class JsonFormatter(logging.Formatter):
+    """Structured logs: one JSON object per line, with connection/document context."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "relay",
+        help="run a relay (websocket endpoint on an embedded SQLite store)",
+        description=(
+            "Run a stateless y-websocket relay that persists every update to a SQLite "
+            "file before fanning it out. Prints one JSON line "
+            '{"event": "listening", "url": ...} on stdout once it is bound. '
+            "Settings come from these flags, CRDTSYNC_* environment variables and --config."
+        ),
+    )
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 8765)")
+    p.add_argument("--store", help="SQLite file (default ./crdtsync-relay.db)")
+    p.add_argument(
+        "--synchronous",
+        choices=["NORMAL", "FULL", "EXTRA"],
+        help="SQLite durability: NORMAL survives a killed process, FULL also power loss",
+    )
+    p.add_argument("--max-message-bytes", type=int, help="largest accepted message (64 MiB)")
+    p.add_argument("--compact-after-updates", type=int, help="compact a document after N updates")
+    p.add_argument("--max-connections", type=int, help="refuse connections beyond this many")
+    p.add_argument("--config", help="TOML file with the same settings")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="crdtsync", description="Offline-first CRDT sync: relay and tools."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    _relay_parser(sub)
+    return parser
+
+
+def _run_relay(args: argparse.Namespace) -> int:
+    from crdtsync.server import Relay
+
+    from .settings import RelaySettings
+
+    values = {
+        k: v
+        for k, v in {
+            "host": args.host,
+            "port": args.port,
+            "store": args.store,
+            "synchronous": args.synchronous,
+            "max_message_bytes": args.max_message_bytes,
+            "compact_after_updates": args.compact_after_updates,
+            "max_connections": args.max_connections,
+            "log_level": args.log_level,
+        }.items()
+        if v is not None
+    }
+    try:
+        settings = RelaySettings.load(args.config, **values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        print(f"crdtsync relay: invalid setting {where}: {first['msg']}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"crdtsync relay: cannot read settings: {exc}", file=sys.stderr)
+        return 2
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+
+    def listening(url: str) -> None:
+        line = {"event": "listening", "url": url, "store": str(settings.store), "time": time.time()}
+        print(json.dumps(line), flush=True)
+
+    try:
+        asyncio.run(Relay(settings).run(on_listening=listening))
+    except StoreError as exc:
+        print(f"crdtsync relay: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"crdtsync relay: cannot listen on {settings.host}:{settings.port}: {exc}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``crdtsync`` console script."""
+    args = build_parser().parse_args(argv)
+    if args.command == "relay":
+        return _run_relay(args)
+    raise AssertionError(f"unhandled command {args.command}")  # argparse rejects others
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The crdtsync exception hierarchy.
+
+::
+
+    CrdtsyncError
+    ├── ProtocolError          the peer sent something we refuse (close 1002 / 1003 / 1007)
+    │   ├── MalformedMessage   truncated or garbage frame, bad varint, undecodable update
+    │   └── MessageTooLarge    over the message size limit (close 1009)
+    ├── AccessDenied           the connection may not read or write this document (close 1008)
+    ├── InvalidDocumentName    also a ValueError (close 1008)
+    ├── StoreError             disk full, corrupt file, schema newer than this code
+    ├── AcknowledgementsUnsupported  the relay does not confirm durable storage
+    └── SyncTimeout            wait_synced() deadline passed; also a TimeoutError
+
+Errors a peer can cause carry ``close_code``: the relay closes the offending
+connection with that code and the error's message (truncated to the 123 bytes
+a close frame allows, in :func:`close_reason`). Any other exception is a bug.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+__all__ = [
+    "AccessDenied",
+    "AcknowledgementsUnsupported",
+    "CloseCode",
+    "CrdtsyncError",
+    "InvalidDocumentName",
+    "MalformedMessage",
+    "MessageTooLarge",
+    "ProtocolError",
+    "StoreError",
+    "SyncTimeout",
+    "close_reason",
+]
+
+
+class CloseCode(IntEnum):
+    """Websocket close codes used by crdtsync (RFC 6455 section 7.4.1)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    PROTOCOL_ERROR = 1002
+    UNSUPPORTED_DATA = 1003
+    INVALID_DATA = 1007
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013
+
+
+MAX_CLOSE_REASON_BYTES = 123  # RFC 6455 section 5.5: control frame payload <= 125, minus the code
+
+
+def close_reason(message: str) -> str:
+    """Return ``message`` cut to fit a websocket close frame (123 UTF-8 bytes)."""
+    data = message.encode("utf-8")
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return message
+    cut = data[: MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", errors="ignore")
+    return cut + "..."
+
+
+class CrdtsyncError(Exception):
+    """Base class of every error crdtsync raises on purpose."""
+
+
+class ProtocolError(CrdtsyncError):
+    """The peer sent something crdtsync refuses."""
+
+    close_code: int = CloseCode.PROTOCOL_ERROR
+
+
+class MalformedMessage(ProtocolError):
+    """A frame, message or update that does not decode."""
+
+    close_code = CloseCode.INVALID_DATA
+
+
+class MessageTooLarge(ProtocolError):
+    """A message over the configured size limit."""
+
+    close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+class AccessDenied(CrdtsyncError):
+    """The connection may not read, or may not write, this document."""
+
+    close_code: int = CloseCode.POLICY_VIOLATION
+
+
+class InvalidDocumentName(CrdtsyncError, ValueError):
+    """A document name that crdtsync refuses (empty, too long, path traversal...)."""
+
+    close_code: int = CloseCode.POLICY_VIOLATION
+
+
+class StoreError(CrdtsyncError):
+    """The update store failed: disk full, corrupt or newer-schema file.
+
+    Attributes:
+        path: the store file concerned.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class AcknowledgementsUnsupported(CrdtsyncError):
+    """The relay does not confirm durable storage (e.g. the reference y-websocket server)."""
+
+
+class SyncTimeout(CrdtsyncError, TimeoutError):
+    """``wait_synced()`` did not see every local change acknowledged in time."""

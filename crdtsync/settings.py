@@ -1,0 +1,104 @@
+"""Settings models: validated by pydantic, loaded from flags, environment and TOML on request.
+
+Nothing is read at import: :meth:`RelaySettings.load` reads the environment
+(``CRDTSYNC_*``) and an optional TOML file only when the CLI or an app calls it.
+Precedence: explicit values (CLI flags) > environment > TOML file > defaults.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import InvalidDocumentName
+
+__all__ = ["MAX_DOCUMENT_NAME_BYTES", "RelaySettings", "validate_document_name"]
+
+MAX_DOCUMENT_NAME_BYTES = 512
+# Stock clients put the room name in the URL path unencoded (DESIGN: facts from the anchors);
+# allow what a URL path segment may hold unencoded, plus "%" escapes kept verbatim.
+_NAME_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@%/]+")
+
+
+def validate_document_name(name: str) -> str:
+    """Return ``name`` if it is a valid document name.
+
+    A name is 1-512 bytes of URL path characters, "/"-separated segments, none of
+    them empty, "." or "..": it can never climb out of a directory or alias another
+    name.
+
+    Raises:
+        InvalidDocumentName: with the reason.
+    """
+    if not name:
+        raise InvalidDocumentName("document name is empty")
+    if len(name.encode("utf-8")) > MAX_DOCUMENT_NAME_BYTES:
+        raise InvalidDocumentName(f"document name exceeds {MAX_DOCUMENT_NAME_BYTES} bytes")
+    if not _NAME_CHARS.fullmatch(name):
+        bad = next(ch for ch in name if not _NAME_CHARS.fullmatch(ch))
+        raise InvalidDocumentName(f"document name contains {bad!r}")
+    for segment in name.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidDocumentName(f"document name has an empty, '.' or '..' segment: {name!r}")
+    return name
+
+
+class RelaySettings(BaseSettings):
+    """Settings of one relay process. Every limit has a unit in its name."""
+
+    model_config = SettingsConfigDict(env_prefix="CRDTSYNC_", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=0, le=65535)
+    store: Path = Path("crdtsync-relay.db")
+    synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    answer_piece_bytes: int = Field(512 * 1024, ge=1024)
+    compact_after_updates: int = Field(1000, ge=1)
+    max_connections: int = Field(10_000, ge=1)
+    # a reader whose unsent backlog passes this is closed (1013) and resyncs on reconnect
+    max_write_buffer_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    close_timeout_s: float = Field(5.0, gt=0)
+    compaction_workers: int = Field(1, ge=0)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = settings_cls.model_config.get("toml_file")
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if toml:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=toml),)
+        return sources
+
+    @classmethod
+    def load(cls, toml_file: str | Path | None = None, **values: Any) -> RelaySettings:
+        """Build settings from ``values`` (flags), the environment and a TOML file.
+
+        Raises:
+            pydantic.ValidationError: a value out of range or of the wrong type.
+        """
+        if toml_file is None:
+            return cls(**values)
+
+        class _FromFile(cls):  # type: ignore[valid-type,misc]
+            model_config = SettingsConfigDict(
+                env_prefix="CRDTSYNC_", extra="forbid", toml_file=str(toml_file)
+            )
+
+        return cls.model_validate(_FromFile(**values).model_dump())

@@ -1,0 +1,335 @@
+"""SyncSession: one peer x one document, bytes in, bytes and events out; no I/O.
+
+Both sides of a connection use it: the relay (answers from its store) and the replica
+(answers from its ``Doc``). Like ``websockets.protocol.Protocol``, it never performs
+I/O and never lets an exception escape ``receive_data``: a message it refuses becomes
+a :class:`Failed` event with a close code and a reason, and the session then ignores
+further input. The adapter moves bytes and carries out the events' decisions:
+
+    session.receive_data(frame)
+    for event in session.events_received():
+        ...                            # e.g. StateRequested -> session.answer_state_request(...)
+    for frame in session.data_to_send():
+        await websocket.send(frame)
+
+The session never touches a store. An update arrives as :class:`UpdateReceived`
+(already validated: DESIGN's definition of a valid update), the adapter stores or
+applies it, and, on the relay, calls :meth:`SyncSession.acknowledge` once it is durable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pycrdt import get_update, merge_updates
+
+from .errors import (
+    AccessDenied,
+    CloseCode,
+    CrdtsyncError,
+    MalformedMessage,
+    ProtocolError,
+    close_reason,
+)
+from .protocol import (
+    AwarenessEntry,
+    AwarenessMessage,
+    ExtAck,
+    ExtHello,
+    ExtUpdate,
+    Message,
+    PermissionDenied,
+    QueryAwareness,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    decode_awareness,
+    decode_message,
+    decode_state_vector,
+    encode_state_vector,
+)
+from .updates import UpdateInfo, check_update
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "Acknowledged",
+    "AwarenessQueried",
+    "AwarenessReceived",
+    "Event",
+    "ExtensionsConfirmed",
+    "Failed",
+    "PermissionRefused",
+    "StateRequested",
+    "SyncSession",
+    "UpdateReceived",
+    "split_update",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_ANSWER_PIECE_BYTES = 512 * 1024  # under every client's default frame limit (1 MiB)
+
+
+@dataclass(frozen=True, slots=True)
+class StateRequested:
+    """The peer sent sync step 1: answer with :meth:`SyncSession.answer_state_request`."""
+
+    state_vector: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateReceived:
+    """A validated update from the peer.
+
+    ``key`` is set when the peer wants it acknowledged (crdtsync extension);
+    ``answer`` is true for a sync step 2 (the answer to our step 1).
+    """
+
+    update: bytes
+    info: UpdateInfo
+    key: int | None = None
+    answer: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledged:
+    """The relay durably stored the update we sent under ``key``."""
+
+    key: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionsConfirmed:
+    """The relay confirmed crdtsync's extensions (acknowledgements will come)."""
+
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class AwarenessReceived:
+    """An awareness update (presence): relay it, never store it."""
+
+    payload: bytes
+    entries: list[AwarenessEntry]
+
+
+@dataclass(frozen=True, slots=True)
+class AwarenessQueried:
+    """The peer asked for every current awareness state."""
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionRefused:
+    """The relay refused us (y-protocols auth "permission denied")."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The session refused the peer's input; close the connection with this code and reason."""
+
+    error: CrdtsyncError
+    close_code: int
+    reason: str
+
+
+Event = (
+    StateRequested
+    | UpdateReceived
+    | Acknowledged
+    | ExtensionsConfirmed
+    | AwarenessReceived
+    | AwarenessQueried
+    | PermissionRefused
+    | Failed
+)
+
+
+def split_update(update: bytes, max_bytes: int, info: UpdateInfo | None = None) -> list[bytes]:
+    """Split an update into pieces of at most ``max_bytes`` where possible.
+
+    Pieces are cut per client: ``get_update(update, sv)`` with every other client's
+    clock at its end leaves one client's structs (and the delete set, which each
+    piece repeats). Clients are packed greedily into pieces. A single client's
+    structs larger than ``max_bytes`` stay one piece: applying the pieces in any
+    order gives the same document, as with any set of Yjs updates.
+    """
+    if len(update) <= max_bytes:
+        return [update]
+    if info is None:
+        info = check_update(update)
+    if len(info.state) <= 1:
+        return [update]
+    ends = dict(info.state)
+    pieces: list[bytes] = []
+    for client in sorted(ends):
+        sv = dict(ends)
+        sv[client] = info.starts.get(client, 0)
+        piece = get_update(update, encode_state_vector(sv))
+        if pieces and len(pieces[-1]) + len(piece) <= max_bytes:
+            # merge small neighbours so that a many-client document is not one frame per client
+            pieces[-1] = merge_updates(pieces[-1], piece)
+        else:
+            pieces.append(piece)
+    return pieces
+
+
+class SyncSession:
+    """The sync logic of one connection, for one document, on either side.
+
+    Args:
+        max_message_bytes: refuse incoming frames larger than this (close 1009).
+        answer_piece_bytes: cut large step-2 answers into pieces of about this size.
+        extensions: this side speaks crdtsync's extensions (the relay: the peer
+            asked for them; the replica: it asked). Extension messages from a peer
+            that did not ask are refused, and none are ever sent to it.
+        can_write: the peer may send updates; otherwise its updates are refused
+            with a permission-denied message and close 1008 (DESIGN: security).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        answer_piece_bytes: int = DEFAULT_ANSWER_PIECE_BYTES,
+        extensions: bool = False,
+        can_write: bool = True,
+        validate: Callable[[bytes], UpdateInfo] = check_update,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.answer_piece_bytes = answer_piece_bytes
+        self.extensions = extensions
+        self.can_write = can_write
+        self._validate = validate
+        self._out: list[bytes] = []
+        self._events: list[Event] = []
+        self.failure: Failed | None = None
+        self.synced = False  # we received a step 2 (the answer to our step 1)
+        self.messages_received = 0
+
+    # -- input ------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes | str) -> None:
+        """Take one websocket message from the peer. Never raises for the peer's input."""
+        if self.failure is not None:
+            return
+        if isinstance(data, str):
+            self.fail(
+                ProtocolError("text frames are not part of the y-websocket protocol"),
+                CloseCode.UNSUPPORTED_DATA,
+            )
+            return
+        try:
+            self._handle(decode_message(data, max_bytes=self.max_message_bytes))
+        except CrdtsyncError as exc:
+            self.fail(exc)
+
+    def fail(self, exc: CrdtsyncError, close_code: int | None = None) -> None:
+        """Record a failure: the adapter closes the connection with its code and reason."""
+        if self.failure is not None:
+            return
+        code = close_code or getattr(exc, "close_code", CloseCode.INTERNAL_ERROR)
+        self.failure = Failed(exc, int(code), close_reason(str(exc)))
+        self._events.append(self.failure)
+
+    def _check_update(self, update: bytes) -> UpdateInfo:
+        if not self.can_write:
+            self._out.append(PermissionDenied("read-only access to this document").encode())
+            raise AccessDenied("read-only access: updates are refused")
+        try:
+            return self._validate(update)
+        except MalformedMessage as exc:
+            raise MalformedMessage(f"invalid update: {exc}") from exc
+
+    def _handle(self, msg: Message) -> None:
+        self.messages_received += 1
+        if isinstance(msg, SyncStep1):
+            decode_state_vector(msg.state_vector)  # refuse garbage before anyone diffs with it
+            self._events.append(StateRequested(msg.state_vector))
+        elif isinstance(msg, SyncStep2):
+            # A read-only peer still answers our step 1 (stock clients always do); its
+            # answer is dropped, not refused: only its streamed updates are writes.
+            if self.can_write:
+                self._events.append(UpdateReceived(msg.update, self._check_update(msg.update),
+                                                   answer=True))
+            self.synced = True
+        elif isinstance(msg, SyncUpdate):
+            self._events.append(UpdateReceived(msg.update, self._check_update(msg.update)))
+        elif isinstance(msg, AwarenessMessage):
+            self._events.append(AwarenessReceived(msg.payload, decode_awareness(msg.payload)))
+        elif isinstance(msg, QueryAwareness):
+            self._events.append(AwarenessQueried())
+        elif isinstance(msg, PermissionDenied):
+            self._events.append(PermissionRefused(msg.reason))
+        elif not self.extensions:
+            raise ProtocolError(
+                f"crdtsync extension message {type(msg).__name__} without asking for extensions"
+            )
+        elif isinstance(msg, ExtHello):
+            self._events.append(ExtensionsConfirmed(msg.version))
+        elif isinstance(msg, ExtUpdate):
+            self._events.append(
+                UpdateReceived(msg.update, self._check_update(msg.update), key=msg.key)
+            )
+        elif isinstance(msg, ExtAck):
+            self._events.append(Acknowledged(msg.key))
+
+    # -- output -----------------------------------------------------------------------
+
+    def events_received(self) -> list[Event]:
+        """Events since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> list[bytes]:
+        """Frames to send since the last call, in order."""
+        out, self._out = self._out, []
+        return out
+
+    def send_hello(self) -> None:
+        """Confirm extensions to a peer that asked for them (relay; first message)."""
+        if not self.extensions:
+            raise RuntimeError("send_hello() on a session without extensions")
+        self._out.append(ExtHello().encode())
+
+    def send_step1(self, state_vector: bytes) -> None:
+        """Send sync step 1: our state vector, asking for what we lack."""
+        self._out.append(SyncStep1(state_vector).encode())
+
+    def answer_state_request(self, update: bytes, info: UpdateInfo | None = None) -> None:
+        """Answer a step 1 with what the peer lacks, cut into pieces under the size limit.
+
+        The last piece goes as sync step 2, the others as updates, so a client that
+        marks itself synced on step 2 has everything by then.
+        """
+        pieces = split_update(update, self.answer_piece_bytes, info)
+        for piece in pieces[:-1]:
+            self._out.append(SyncUpdate(piece).encode())
+        self._out.append(SyncStep2(pieces[-1]).encode())
+
+    def send_update(self, update: bytes, key: int | None = None) -> None:
+        """Stream an update; with ``key``, ask for an acknowledgement (extensions only)."""
+        if key is None:
+            self._out.append(SyncUpdate(update).encode())
+        elif not self.extensions:
+            raise RuntimeError("an acknowledged update needs extensions")
+        else:
+            self._out.append(ExtUpdate(key, update).encode())
+
+    def acknowledge(self, key: int) -> None:
+        """Tell the peer its update ``key`` is durably stored (extensions only)."""
+        if self.extensions:
+            self._out.append(ExtAck(key).encode())
+
+    def send_awareness(self, payload: bytes) -> None:
+        """Send an awareness update."""
+        self._out.append(AwarenessMessage(payload).encode())
+
+    def send_query_awareness(self) -> None:
+        """Ask the peer for every current awareness state."""
+        self._out.append(QueryAwareness().encode())
+
+    def deny(self, reason: str) -> None:
+        """Send "permission denied" (stock clients only log it; the adapter then closes)."""
+        self._out.append(PermissionDenied(reason).encode())

@@ -1,0 +1,445 @@
+"""The relay: a stateless y-websocket endpoint that persists every update, then fans it out.
+
+Stateless (DESIGN: relay): no ``Doc`` per room. A room is the set of connections on one
+document plus its awareness states; it disappears with its last connection. Each
+incoming update is validated by the session, appended to the store together with the
+rest of this event-loop turn's updates (one commit), and only then broadcast and
+acknowledged. Sync step 1 is answered from the store (snapshot + tail, merged and
+diffed against the asker's state vector), after the connection joined the room's
+fan-out, so no update slips between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from multiprocessing import get_context
+from typing import Any
+from urllib.parse import parse_qs
+
+from pycrdt import get_state, get_update
+from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from crdtsync.errors import (
+    AccessDenied,
+    CloseCode,
+    InvalidDocumentName,
+    StoreError,
+    close_reason,
+)
+from crdtsync.protocol import AwarenessEntry, AwarenessMessage, SyncUpdate, encode_awareness
+from crdtsync.settings import RelaySettings, validate_document_name
+from crdtsync.store import UpdateLog, compact_file
+from crdtsync.sync import (
+    AwarenessQueried,
+    AwarenessReceived,
+    Failed,
+    PermissionRefused,
+    StateRequested,
+    SyncSession,
+    UpdateReceived,
+)
+
+__all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
+
+log = logging.getLogger("crdtsync.relay")
+
+EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for acknowledgements (DESIGN: wire protocol)
+
+
+@dataclass(frozen=True, slots=True)
+class Rights:
+    """What one connection may do with its document, decided once at connect."""
+
+    read: bool = True
+    write: bool = True
+
+
+def allow_all(request: Request, document: str) -> Rights:
+    """The default authorizer: everyone reads and writes (tokens come later)."""
+    return Rights()
+
+
+@dataclass(eq=False)
+class Peer:
+    """One websocket connection in a room."""
+
+    ws: ServerConnection
+    session: SyncSession
+    document: str
+    awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
+
+
+@dataclass(eq=False)
+class Room:
+    """The live connections on one document and their awareness states; nothing durable."""
+
+    name: str
+    peers: set[Peer] = field(default_factory=set)
+    awareness: dict[int, AwarenessEntry] = field(default_factory=dict)
+    appended: int = 0  # updates appended since the last compaction was scheduled
+    compacting: bool = False
+
+
+@dataclass(eq=False)
+class _Pending:
+    peer: Peer
+    update: bytes
+    key: int | None
+
+
+class Relay:
+    """A relay server. Use ``async with Relay(settings) as relay: await relay.serve_forever()``.
+
+    Args:
+        settings: limits, store path and durability.
+        authorize: the one seam deciding a connection's rights at connect
+            (``(request, document) -> Rights``); raise :class:`AccessDenied` to refuse.
+    """
+
+    def __init__(
+        self,
+        settings: RelaySettings | None = None,
+        *,
+        authorize: Callable[[Request, str], Rights] = allow_all,
+    ) -> None:
+        self.settings = settings or RelaySettings()
+        self.authorize = authorize
+        self.rooms: dict[str, Room] = {}
+        self.store: UpdateLog | None = None
+        self._server: Server | None = None
+        self._batch: list[_Pending] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._compactions: set[asyncio.Future[Any]] = set()
+        self._stopping = False
+        self.stats = {"updates_stored": 0, "commits": 0, "connections": 0, "refused": 0}
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and start listening (port 0 picks a free port: see ``url``)."""
+        s = self.settings
+        self.store = UpdateLog(s.store, synchronous=s.synchronous)
+        if s.compaction_workers:
+            self._pool = ProcessPoolExecutor(s.compaction_workers, mp_context=get_context("spawn"))
+        self._server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            max_size=s.max_message_bytes,
+            max_queue=64,
+            # websockets' pings keep NATs open; stock clients also need app-level traffic,
+            # which relayed awareness gives them (DESIGN: facts from the anchors).
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=s.close_timeout_s,
+            compression=None,
+        )
+
+    @property
+    def url(self) -> str:
+        """``ws://host:port`` as bound."""
+        if self._server is None:
+            raise RuntimeError("relay not started")
+        sock = next(iter(self._server.sockets))
+        host, port = sock.getsockname()[:2]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"ws://{host}:{port}"
+
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`stop` (or SIGINT/SIGTERM via :meth:`run`)."""
+        if self._server is None:
+            raise RuntimeError("relay not started")
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._server.serve_forever()
+
+    async def stop(self) -> None:
+        """Drain and stop: stop accepting, persist what is queued, close everyone (1001)."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        self._flush()
+        peers = [p for room in self.rooms.values() for p in room.peers]
+        await asyncio.gather(
+            *(p.ws.close(CloseCode.GOING_AWAY, "relay shutting down") for p in peers),
+            return_exceptions=True,
+        )
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._compactions:
+            await asyncio.gather(*self._compactions, return_exceptions=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run(self, on_listening: Callable[[str], None] | None = None) -> None:
+        """Start, serve until SIGINT or SIGTERM, then drain and stop."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            if on_listening is not None:
+                on_listening(self.url)
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    def health(self) -> dict[str, Any]:
+        """Counters for /healthz?verbose=1: rooms held in memory, connections, updates stored."""
+        return {"status": "ok", "rooms": len(self.rooms), **self.stats}
+
+    # -- HTTP -------------------------------------------------------------------------
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path, _, query = request.path.partition("?")
+        if path == "/healthz":
+            if "verbose" in parse_qs(query):
+                return conn.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
+            return conn.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":
+            if self._stopping or self.store is None:
+                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "stopping\n")
+            return conn.respond(HTTPStatus.OK, "ready\n")
+        if self._stopping:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "relay shutting down\n")
+        if self.stats["connections"] >= self.settings.max_connections:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        return None
+
+    # -- connections ------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        request = ws.request
+        assert request is not None  # set by the handshake before the handler runs
+        raw_path, _, query = request.path.partition("?")
+        try:
+            # The room is the raw path up to "?", not URL-decoded (DESIGN: facts from the anchors).
+            document = validate_document_name(raw_path[1:])
+            rights = self.authorize(request, document)
+            if not rights.read:
+                raise AccessDenied(f"no read access to {document!r}")
+        except (InvalidDocumentName, AccessDenied) as exc:
+            self.stats["refused"] += 1
+            await ws.close(exc.close_code, close_reason(str(exc)))
+            return
+        extensions = EXTENSION_QUERY in parse_qs(query)
+        session = SyncSession(
+            max_message_bytes=self.settings.max_message_bytes,
+            answer_piece_bytes=self.settings.answer_piece_bytes,
+            extensions=extensions,
+            can_write=rights.write,
+        )
+        peer = Peer(ws, session, document)
+        room = self.rooms.get(document)
+        if room is None:
+            room = self.rooms[document] = Room(document)
+        # Join the fan-out before reading the store: no update slips between the two.
+        room.peers.add(peer)
+        self.stats["connections"] += 1
+        try:
+            if extensions:
+                session.send_hello()
+            session.send_step1(self._stored_state_vector(document))
+            if room.awareness:
+                session.send_awareness(encode_awareness(list(room.awareness.values())))
+            await self._send(peer)
+            async for data in ws:
+                session.receive_data(data)
+                await self._dispatch(peer, room)
+                if session.failure is not None:
+                    break
+        except StoreError as exc:
+            log.error("store error on %r: %s", document, exc)
+            await ws.close(CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}"))
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("bug while serving %r", document)
+            await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self.stats["connections"] -= 1
+            self._leave(room, peer)
+
+    def _stored_state_vector(self, document: str) -> bytes:
+        assert self.store is not None
+        return get_state(self.store.load(document).merged())
+
+    async def _send(self, peer: Peer) -> None:
+        for frame in peer.session.data_to_send():
+            await peer.ws.send(frame)
+
+    async def _dispatch(self, peer: Peer, room: Room) -> None:
+        session = peer.session
+        for event in session.events_received():
+            if isinstance(event, UpdateReceived):
+                if event.info.is_empty and event.key is None:
+                    continue
+                self._submit(_Pending(peer, event.update, event.key))
+            elif isinstance(event, StateRequested):
+                assert self.store is not None
+                merged = self.store.load(room.name).merged()
+                session.answer_state_request(get_update(merged, event.state_vector))
+            elif isinstance(event, AwarenessReceived):
+                self._on_awareness(peer, room, event)
+            elif isinstance(event, AwarenessQueried):
+                session.send_awareness(encode_awareness(list(room.awareness.values())))
+            elif isinstance(event, PermissionRefused):
+                pass  # a client has no business denying the relay; ignore it
+            elif isinstance(event, Failed):
+                log.info(
+                    "closing connection on %r: %s (%d)", room.name, event.reason, event.close_code
+                )
+                await self._send(peer)
+                await peer.ws.close(event.close_code, event.reason)
+                return
+        await self._send(peer)
+
+    def _leave(self, room: Room, peer: Peer) -> None:
+        room.peers.discard(peer)
+        gone = [
+            AwarenessEntry(cid, clock + 1, None)
+            for cid, clock in peer.awareness_clients.items()
+            if cid in room.awareness and room.awareness[cid].clock <= clock
+        ]
+        for entry in gone:
+            room.awareness.pop(entry.client_id, None)
+        if gone and room.peers:
+            frame = _awareness_frame(encode_awareness(gone))
+            broadcast([p.ws for p in room.peers], frame)
+        if not room.peers:
+            # Nothing of a room outlives its last connection (DESIGN: stateless relay).
+            self.rooms.pop(room.name, None)
+            if room.appended and not room.compacting:
+                self._schedule_compaction(room)
+
+    # -- awareness --------------------------------------------------------------------
+
+    def _on_awareness(self, peer: Peer, room: Room, event: AwarenessReceived) -> None:
+        for entry in event.entries:
+            current = room.awareness.get(entry.client_id)
+            if current is not None and current.clock > entry.clock:
+                continue
+            if entry.removed:
+                room.awareness.pop(entry.client_id, None)
+                peer.awareness_clients.pop(entry.client_id, None)
+            else:
+                room.awareness[entry.client_id] = entry
+                peer.awareness_clients[entry.client_id] = entry.clock
+        # Relay to the whole room, sender included: stock clients count it as traffic
+        # and reconnect after 30 s of silence (DESIGN: facts from the anchors).
+        broadcast([p.ws for p in room.peers], _awareness_frame(event.payload))
+
+    # -- persist, then fan out ----------------------------------------------------------
+
+    def _submit(self, item: _Pending) -> None:
+        self._batch.append(item)
+        if len(self._batch) >= 4096:
+            self._flush()  # bound the batch: a flood cannot grow it without limit
+        elif self._flush_handle is None:
+            # Everything received in this event-loop turn is committed together.
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        batch, self._batch = self._batch, []
+        if not batch or self.store is None:
+            return
+        try:
+            self.store.append_many((item.peer.document, item.update) for item in batch)
+        except StoreError as exc:
+            # Nothing was stored, so nothing is broadcast or acknowledged; the senders
+            # are closed and resend on reconnect (their replicas still hold the edits).
+            log.error("store append failed: %s", exc)
+            for peer in {item.peer for item in batch}:
+                asyncio.ensure_future(
+                    peer.ws.close(
+                        CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}")
+                    )
+                )
+            return
+        self.stats["updates_stored"] += len(batch)
+        self.stats["commits"] += 1
+        limit = self.settings.max_write_buffer_bytes
+        touched: set[str] = set()
+        for item in batch:
+            room = self.rooms.get(item.peer.document)
+            frame = SyncUpdate(item.update).encode()
+            if room is not None:
+                touched.add(room.name)
+                room.appended += 1
+                # Stock clients get every update, their own included, as the reference
+                # server does; extension peers get acks instead of their own echo.
+                targets = [
+                    p.ws
+                    for p in room.peers
+                    if not (p is item.peer and p.session.extensions)
+                ]
+                broadcast(targets, frame)
+            if item.key is not None:
+                item.peer.session.acknowledge(item.key)
+                for ack in item.peer.session.data_to_send():
+                    broadcast([item.peer.ws], ack)
+        for name in touched:
+            room = self.rooms[name]
+            for p in room.peers:
+                transport = p.ws.transport
+                if transport is not None and transport.get_write_buffer_size() > limit:
+                    asyncio.ensure_future(
+                        p.ws.close(CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
+                    )
+            if room.appended >= self.settings.compact_after_updates and not room.compacting:
+                self._schedule_compaction(room)
+
+    # -- compaction ---------------------------------------------------------------------
+
+    def _schedule_compaction(self, room: Room) -> None:
+        if self._pool is None or self._stopping:
+            return
+        room.compacting = True
+        room.appended = 0
+        future: Future[Any] = self._pool.submit(
+            compact_file, str(self.settings.store), room.name, self.settings.synchronous
+        )
+        wrapped = asyncio.wrap_future(future)
+        self._compactions.add(wrapped)
+
+        def done(f: asyncio.Future[Any]) -> None:
+            self._compactions.discard(f)
+            room.compacting = False
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None:
+                log.error("compaction of %r failed: %s", room.name, exc)
+
+        wrapped.add_done_callback(done)
+
+
+def _awareness_frame(payload: bytes) -> bytes:
+    return AwarenessMessage(payload).encode()
