@@ -105,6 +105,7 @@ class _Document:
     synced: bool = False
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     stop_reconnecting: bool = False
+    compaction_scheduled: bool = False
 
 
 class Replica:
@@ -309,8 +310,11 @@ class Replica:
         d.pending += 1
         d.tail += 1
         self._send_local(d, seq, update)
-        if d.tail >= self.compact_after_updates:
-            self._compact(d)
+        if d.tail >= self.compact_after_updates and not d.compaction_scheduled:
+            # Not here: the Doc is mid-commit and cannot be encoded until the callback returns.
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_soon(self._compact, d)
+                d.compaction_scheduled = True
 
     def _send_local(self, d: _Document, seq: int, update: bytes) -> None:
         conn = d.conn
@@ -357,6 +361,9 @@ class Replica:
         self._notify(d)
 
     def _compact(self, d: _Document) -> None:
+        d.compaction_scheduled = False
+        if self._docs.get(d.name) is not d or self.store is None:
+            return  # closed meanwhile
         self._flush_remote()
         try:
             self._store().compact(d.name, live=d.doc)

@@ -1,0 +1,134 @@
+"""crdtsync with stock peers: Yjs clients and pycrdt's Provider through our relay, and a
+Replica through the reference y-websocket server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any
+
+import pytest
+from helpers import eventually, timeout_s
+from nodekit import MakeYjsClient, ReferenceServer
+from pycrdt import Doc, Map, Provider, Text
+from websockets.asyncio.client import ClientConnection, connect
+
+from crdtsync.client import Replica
+from crdtsync.errors import AcknowledgementsUnsupported
+from crdtsync.testing.traces import TextMirror, find_trace, load_trace
+
+pytestmark = [pytest.mark.interop, pytest.mark.anyio]
+
+
+async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking kit call without stalling the replica's event loop."""
+    return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+async def test_stock_yjs_client_and_replica_converge_through_relay_with_offline_edits(
+    relay, tmp_path, make_yjs_client: MakeYjsClient
+):
+    yjs = make_yjs_client(relay.url, "shared/doc", offline=True)
+    # Edits the stock client makes before it ever connects.
+    yjs.edit(["text_insert", "text", 0, "yjs-offline "], ["map_set", "map", "yjs", 1])
+    async with Replica(tmp_path / "r.db", relay=relay.url) as replica:
+        doc = await replica.open("shared/doc")
+        doc.get("text", type=Text).insert(0, "replica ")
+        doc.get("map", type=Map)["replica"] = 2
+        await replica.wait_synced("shared/doc", timeout=10)
+        await in_thread(yjs.connect)
+        await in_thread(yjs.wait_synced)
+        await in_thread(yjs.edit, ["map_set", "map", "yjs-online", 3])
+
+        def replica_state() -> tuple[str, dict[str, Any]]:
+            return str(doc.get("text", type=Text)), doc.get("map", type=Map).to_py()
+
+        await eventually(
+            lambda: set(replica_state()[1]) == {"yjs", "replica", "yjs-online"}, what="all keys"
+        )
+        text, mapping = replica_state()
+        assert sorted(text.split()) == ["replica", "yjs-offline"]
+        # wait_state fails (showing the last state) unless the stock client holds exactly this
+        await in_thread(yjs.wait_state, text={"text": text}, map={"map": mapping})
+    # The stock client never saw a message type it does not know.
+    assert await in_thread(yjs.errors) == []
+
+
+class WebsocketChannel:
+    """pycrdt's ``Channel`` protocol over a websockets client connection."""
+
+    def __init__(self, ws: ClientConnection, path: str) -> None:
+        self._ws = ws
+        self._path = path
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    def __aiter__(self) -> WebsocketChannel:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self.recv()
+        except Exception:
+            raise StopAsyncIteration from None
+
+    async def send(self, message: bytes) -> None:
+        await self._ws.send(message)
+
+    async def recv(self) -> bytes:
+        data = await self._ws.recv()
+        assert isinstance(data, bytes)
+        return data
+
+
+@pytest.mark.slow
+async def test_pycrdt_provider_and_replica_converge_through_relay_on_trace_sized_document(
+    relay, tmp_path
+):
+    path = find_trace("rustcode")
+    if path is None:
+        pytest.skip("rustcode trace not found")
+    trace = load_trace(path)
+    async with Replica(tmp_path / "r.db", relay=relay.url) as replica:
+        doc = await replica.open("big")
+        mirror = TextMirror(doc.get("text", type=Text))
+        for patches in trace.txns:
+            with doc.transaction():
+                mirror.apply(patches)
+        await replica.wait_synced("big", timeout=120)
+
+        # websockets' default 1 MiB frame limit on the client: the relay's answer must fit.
+        async with connect(f"{relay.url}/big") as ws:
+            pdoc = Doc()
+            async with Provider(pdoc, WebsocketChannel(ws, "big")):
+                ptext = pdoc.get("text", type=Text)
+                await eventually(lambda: str(ptext) == trace.end_content, timeout=60)
+                ptext.insert(0, "// provider\n")
+                await eventually(
+                    lambda: str(doc.get("text", type=Text)).startswith("// provider\n"),
+                    what="provider edit at the replica",
+                )
+    digest = hashlib.sha256(str(ptext).encode()).hexdigest()
+    assert digest == hashlib.sha256(("// provider\n" + trace.end_content).encode()).hexdigest()
+
+
+async def test_replica_syncs_through_reference_server_without_acknowledgements(
+    reference_server: ReferenceServer, tmp_path, make_yjs_client: MakeYjsClient
+):
+    yjs = make_yjs_client(reference_server.url, "plain")
+    await in_thread(yjs.wait_synced)
+    await in_thread(yjs.edit, ["text_insert", "text", 0, "from yjs"])
+    async with Replica(tmp_path / "r.db", relay=reference_server.url) as replica:
+        doc = await replica.open("plain")
+        text = doc.get("text", type=Text)
+        await eventually(lambda: str(text) == "from yjs", what="yjs edit at the replica")
+        text.insert(len("from yjs"), " and replica")
+        await in_thread(yjs.wait_text, "text", "from yjs and replica")
+        status = replica.status("plain")
+        assert status.acknowledgements is False
+        assert status.pending == 1  # nobody confirms storage, so it keeps counting
+        with pytest.raises(AcknowledgementsUnsupported, match="does not acknowledge"):
+            await asyncio.wait_for(replica.wait_synced("plain", timeout=5), timeout_s(10))
+    assert await in_thread(yjs.errors) == []
