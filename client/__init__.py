@@ -1,6 +1,7 @@
 """crdtsync.client: the Replica, documents in local SQLite synced through a relay."""
 
 from .backoff import Backoff
-from .replica import DocumentStatus, Replica
+from .replica import DocumentStatus, Replica, ThreadSafeDoc
+from .sync_replica import SyncReplica
 
-__all__ = ["Backoff", "DocumentStatus", "Replica"]
+__all__ = ["Backoff", "DocumentStatus", "Replica", "SyncReplica", "ThreadSafeDoc"]

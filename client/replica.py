@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,11 +51,52 @@ from crdtsync.sync import (
 
 from .backoff import Backoff
 
-__all__ = ["DocumentStatus", "Replica"]
+__all__ = ["DocumentStatus", "Replica", "ThreadSafeDoc"]
 
 log = logging.getLogger("crdtsync.replica")
 
 EXTENSION_QUERY = "crdtsync=1"
+
+
+class ThreadSafeDoc(Doc):
+    """A ``pycrdt.Doc`` whose root transactions are serialised across threads.
+
+    pycrdt transactions are not per thread: a second thread's ``doc.transaction()``
+    joins whatever transaction is open, and pycrdt releases its lock before it clears
+    the current transaction. A reentrant lock held for the whole root transaction, from
+    before pycrdt opens it to after pycrdt has cleaned it up, makes each thread wait for
+    its own transaction instead (used by :class:`~crdtsync.client.SyncReplica`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_multithreading"] = True
+        super().__init__(*args, **kwargs)
+        self._thread_lock = threading.RLock()
+
+    def transaction(self, origin: Any = None) -> Any:
+        return _LockedTransaction(self, origin)
+
+
+class _LockedTransaction:
+    def __init__(self, doc: ThreadSafeDoc, origin: Any) -> None:
+        self._doc = doc
+        self._origin = origin
+        self._inner: Any = None
+
+    def __enter__(self) -> Any:
+        self._doc._thread_lock.acquire()
+        try:
+            self._inner = Doc.transaction(self._doc, self._origin)
+            return self._inner.__enter__()
+        except BaseException:
+            self._doc._thread_lock.release()
+            raise
+
+    def __exit__(self, *exc: Any) -> Any:
+        try:
+            return self._inner.__exit__(*exc)
+        finally:
+            self._doc._thread_lock.release()
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +165,8 @@ class Replica:
         compact_after_updates: fold the local log into a snapshot after this many appends.
         backoff: reconnect delays (exponential, jittered).
         params: extra query parameters for the relay URL.
+        multithreaded: documents may be edited from threads other than the event
+            loop's (``SyncReplica`` sets this); they are :class:`ThreadSafeDoc`.
     """
 
     def __init__(
@@ -137,6 +181,7 @@ class Replica:
         backoff: Callable[[], Backoff] | None = None,
         params: dict[str, str] | None = None,
         open_timeout_s: float = 10.0,
+        multithreaded: bool = False,
     ) -> None:
         if relay is not None and not relay.startswith(("ws://", "wss://")):
             raise ValueError(f"relay must be a ws:// or wss:// URL, not {relay!r}")
@@ -153,11 +198,16 @@ class Replica:
         self._docs: dict[str, _Document] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
+        self.multithreaded = multithreaded
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the local file. Raises :class:`StoreError` if it cannot be used."""
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         if self.store is None:
             self.store = UpdateLog(self.path, synchronous=self.synchronous)
 
@@ -201,7 +251,8 @@ class Replica:
         stored = store.load(name)
         # A fresh client id on every open: reusing one after a lost tail of the file
         # would create clashing ids that diverge silently (DESIGN: replica).
-        doc = Doc(client_id=random.getrandbits(52) + 1)
+        doc_type = ThreadSafeDoc if self.multithreaded else Doc
+        doc = doc_type(client_id=random.getrandbits(52) + 1)
         with doc.transaction():
             for update in stored.all_updates():
                 doc.apply_update(update)
@@ -293,17 +344,27 @@ class Replica:
 
     def _on_transaction(self, d: _Document, event: TransactionEvent) -> None:
         # Never raise here: pycrdt would turn it into an error of the app's edit call.
-        if d.applying_remote:
-            return
+        # Runs in the thread that edited; the write happens here, before the edit returns.
+        if d.applying_remote and threading.get_ident() == self._loop_thread:
+            return  # the loop thread applying a remote update (another thread may be editing)
         update = event.update
         if update == EMPTY_UPDATE:
             return
         try:
-            seq = self._store().append_local(d.name, update)
-        except StoreError as exc:
+            seq: int | None = self._store().append_local(d.name, update)
+            error = None
+        except (StoreError, RuntimeError) as exc:
+            seq, error = None, str(exc)
+        if threading.get_ident() == self._loop_thread or self._loop is None:
+            self._local_done(d, update, seq, error)
+        else:
+            self._loop.call_soon_threadsafe(self._local_done, d, update, seq, error)
+
+    def _local_done(self, d: _Document, update: bytes, seq: int | None, error: str | None) -> None:
+        if seq is None:
             # The edit is in the Doc; keep its update, retry, and report (DESIGN: replica).
             d.unsaved.append(update)
-            d.last_error = str(exc)
+            d.last_error = error
             self._schedule_retry()
             self._notify(d)
             return
@@ -311,7 +372,7 @@ class Replica:
         d.tail += 1
         self._send_local(d, seq, update)
         if d.tail >= self.compact_after_updates and not d.compaction_scheduled:
-            # Not here: the Doc is mid-commit and cannot be encoded until the callback returns.
+            # Not now: the Doc is mid-commit and cannot be encoded until the callback returns.
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_soon(self._compact, d)
                 d.compaction_scheduled = True
