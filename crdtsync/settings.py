@@ -95,10 +95,12 @@ class RelaySettings(BaseSettings):
         """
         if toml_file is None:
             return cls(**values)
+        if not Path(toml_file).is_file():
+            raise FileNotFoundError(f"settings file {toml_file} not found")
 
-        class _FromFile(cls):  # type: ignore[valid-type,misc]
+        class RelaySettingsFile(cls):  # type: ignore[valid-type,misc]
             model_config = SettingsConfigDict(
                 env_prefix="CRDTSYNC_", extra="forbid", toml_file=str(toml_file)
             )
 
-        return cls.model_validate(_FromFile(**values).model_dump())
+        return cls.model_validate(RelaySettingsFile(**values).model_dump())

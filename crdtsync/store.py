@@ -82,6 +82,8 @@ def merge_in_batches(updates: Sequence[bytes], batch: int = MERGE_BATCH) -> byte
     One call over thousands of updates is super-linear (DESIGN: measured facts);
     batches of 64 merged level by level stay near-linear.
     """
+    if batch < 2:
+        raise ValueError(f"batch must be at least 2, got {batch}")
     level = list(updates)
     if not level:
         return EMPTY_UPDATE
@@ -109,6 +111,7 @@ def compact_updates(updates: Sequence[bytes], doc: Doc | None = None) -> bytes:
     updates are found by comparing each update's extent with the scratch doc's state
     and are merged into the snapshot as they are, so nothing waiting is lost.
     """
+    infos = [check_update(update) for update in updates]  # refuse damage before pycrdt sees it
     if doc is None:
         if not updates:
             return EMPTY_UPDATE
@@ -118,20 +121,16 @@ def compact_updates(updates: Sequence[bytes], doc: Doc | None = None) -> bytes:
                 doc.apply_update(update)
     snapshot = doc.get_update()
     state = decode_state_vector(doc.get_state())
-    leftovers = []
-    for update in updates:
-        try:
-            info = check_update(update)
-        except MalformedMessage:
-            # Stored before validation existed, or damaged: keep it verbatim, never drop data.
-            leftovers.append(update)
-            continue
-        if not _covered(state, info.state) or any(
+    leftovers = [
+        update
+        for update, info in zip(updates, infos, strict=True)
+        if not _covered(state, info.state)
+        or any(
             clock + length > state.get(client, 0)
             for client, ranges in info.deletes.items()
             for clock, length in ranges
-        ):
-            leftovers.append(update)
+        )
+    ]
     if leftovers:
         snapshot = merge_in_batches([snapshot, *leftovers])
     return snapshot
@@ -145,6 +144,7 @@ class DocumentLog:
     snapshot: bytes | None
     updates: list[bytes]
     last_seq: int
+    snapshot_seq: int = 0
 
     def all_updates(self) -> list[bytes]:
         """The snapshot followed by the tail, ready to apply or merge."""
@@ -332,7 +332,7 @@ class UpdateLog:
             finally:
                 conn.execute("COMMIT")
         last = rows[-1][0] if rows else max(snapshot_seq, after_seq)
-        return DocumentLog(doc, snapshot, [r[1] for r in rows], last)
+        return DocumentLog(doc, snapshot, [r[1] for r in rows], last, snapshot_seq)
 
     def tail_length(self, doc: str) -> int:
         """How many updates wait in ``doc``'s log since its snapshot."""
@@ -365,8 +365,22 @@ class UpdateLog:
         log = self.load(doc)
         if not log.updates:
             return CompactionResult(doc, 0, len(log.snapshot or b""))
-        snapshot = compact_updates(log.all_updates(), live)
+        try:
+            snapshot = compact_updates(log.all_updates(), live)
+        except MalformedMessage as exc:
+            raise StoreError(
+                f"store {self.path}: document {doc!r} has a damaged update in its log, "
+                f"left uncompacted: {exc}",
+                path=self.path,
+            ) from exc
         with self._write() as conn:
+            row = conn.execute(
+                "SELECT snapshot_seq FROM documents WHERE name = ?", (doc,)
+            ).fetchone()
+            if (row[0] if row else 0) != log.snapshot_seq:
+                # Another compaction folded this document meanwhile; writing ours would
+                # replace its newer snapshot with an older one.
+                return CompactionResult(doc, 0, len(log.snapshot or b""))
             conn.execute(
                 "INSERT INTO documents (name, snapshot, snapshot_seq) VALUES (?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET snapshot = excluded.snapshot, "

@@ -29,18 +29,23 @@ peer would crash on them or two peers would read them differently:
 - A clock at or above 2^32 (:data:`MAX_CLOCK`): Yrs clocks are ``u32`` and wrap
   silently (``get_state`` reports a struct at clock 2^32 as clock 1), and a struct
   ending past 2^32 makes ``Doc.apply_update`` panic.
-- JSON content (ref 2): Yrs 0.28 reads ``count + 1`` strings where Yjs reads ``count``.
-  Neither library writes it any more (Yjs 13 writes ``Any`` content).
+- JSON content (ref 2): Yrs 0.28 reads ``count + 1`` strings where Yjs reads ``count``;
+  neither library writes it any more (Yjs 13 writes ``Any`` content). XML hook types:
+  Yjs reads a hook name after the type ref, Yrs does not; pycrdt cannot create them.
 - Unknown content refs, type refs (Yrs accepts 9 and 15, Yjs throws) and ``Any`` type
   bytes; GC and skip info bytes with item flag bits set (Yjs ignores them, Yrs reads an
   item); a parent-info value other than 0 or 1 (Yrs wraps it to ``u32``).
 - A client id with two struct blocks: Yjs keeps the last block, Yrs concatenates them.
 - Invalid UTF-8 (Yjs decodes it to U+FFFD, Yrs refuses it), JSON that JavaScript's
   ``JSON.parse`` would refuse (NaN, Infinity), subdocument options that are not an object.
+- Structs that make ``Doc.apply_update`` panic: a GC or skip of length 0 when the delete
+  set names its client (divide by zero), and a struct block with no structs, or with only
+  zero-length items, when the document already knows the client (``01 00 07 00 00`` is
+  enough). No library or merge writes them.
 
-Zero-length structs are accepted (Yrs notes that old Yjs bugs wrote them) and, like
-skips, do not count in :attr:`UpdateInfo.state` or :attr:`UpdateInfo.starts`: Yrs
-drops them while decoding, so ``get_state`` does not count them either.
+Zero-length items next to others are accepted (Yrs notes that old Yjs bugs wrote them)
+and, like skips, do not count in :attr:`UpdateInfo.state` or :attr:`UpdateInfo.starts`:
+Yrs drops them while decoding, so ``get_state`` does not count them either.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import json
 import re
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NoReturn
 
 from pycrdt import get_state
 
@@ -65,7 +71,8 @@ __all__ = [
     "check_update",
 ]
 
-MAX_CLIENT_ID = 2**53 - 1  # JS Number.MAX_SAFE_INTEGER; Yrs keeps only 53 bits of larger ids
+_MAX_SAFE_INTEGER = 2**53 - 1  # JS Number.MAX_SAFE_INTEGER: lib0 refuses larger var-ints
+MAX_CLIENT_ID = _MAX_SAFE_INTEGER  # Yrs keeps only 53 bits of larger ids, JS rounds them
 MAX_CLOCK = 2**32 - 1  # Yrs clocks are u32: no struct or delete range may end past this
 MAX_ANY_DEPTH = 64  # arrays/objects nested in one Any value; Yrs recurses without a limit
 _MAX_VAR_UINT_BYTES = 10  # 70 bits: enough to read and report any u64 a peer might send
@@ -95,7 +102,7 @@ class TypeRef(IntEnum):
     TEXT = 2
     XML_ELEMENT = 3  # followed by the node name
     XML_FRAGMENT = 4
-    XML_HOOK = 5  # followed by the hook name
+    XML_HOOK = 5  # followed by the hook name in Yjs, not in Yrs: refused
     XML_TEXT = 6
 
 
@@ -123,8 +130,16 @@ _match_var_uint = re.compile(rb"[\x80-\xff]{1,9}[\x00-\x7f]").match
 _client_ids: dict[bytes, int] = {}
 _CLIENT_MEMO_SIZE = 4096
 
-_FIXED_ANY_SIZES = {AnyType.FLOAT32: 4, AnyType.FLOAT64: 8, AnyType.BIGINT: 8}
-_NO_PAYLOAD_ANY = frozenset({AnyType.UNDEFINED, AnyType.NULL, AnyType.FALSE, AnyType.TRUE})
+# Plain ints for the Any loop: comparing with an IntEnum member costs an attribute lookup.
+_ANY_STRING = int(AnyType.STRING)
+_ANY_INTEGER = int(AnyType.INTEGER)
+_ANY_OBJECT = int(AnyType.OBJECT)
+_CONTAINER_ANY = frozenset((int(AnyType.ARRAY), _ANY_OBJECT))
+_ANY_BYTES = int(AnyType.BYTES)
+_FIXED_ANY_SIZES = {int(AnyType.FLOAT32): 4, int(AnyType.FLOAT64): 8, int(AnyType.BIGINT): 8}
+_NO_PAYLOAD_ANY = frozenset(
+    int(kind) for kind in (AnyType.UNDEFINED, AnyType.NULL, AnyType.FALSE, AnyType.TRUE)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,8 +147,10 @@ class UpdateInfo:
     """What a valid update contains, read without applying it.
 
     Attributes:
-        state: client id -> clock just past the last struct of that client (what
-            ``pycrdt.get_state`` reports). Skips and zero-length structs do not count.
+        state: client id -> clock just past the last struct of that client. Skips and
+            zero-length structs do not count. ``pycrdt.get_state`` reports less: like
+            Yjs ``encodeStateVectorFromUpdate`` it counts a client only from clock 0 up to
+            its first skip, what a fresh document could apply.
         starts: client id -> clock of the first struct of that client. A client whose
             start is above the receiver's clock for it leaves a gap.
         deletes: the delete set, client id -> ``[(clock, length), ...]`` in update order;
@@ -150,11 +167,13 @@ class UpdateInfo:
         return not self.state and not self.deletes
 
 
-def check_update(update: bytes, *, max_bytes: int | None = None) -> UpdateInfo:
+def check_update(
+    update: bytes | bytearray | memoryview, *, max_bytes: int | None = None
+) -> UpdateInfo:
     """Check that ``update`` is one well-formed v1 update and say what it contains.
 
     Args:
-        update: the update as received (``bytes``; ``bytearray`` is copied).
+        update: the update as received (``bytearray`` and ``memoryview`` are copied).
         max_bytes: refuse updates longer than this.
 
     Returns:
@@ -164,8 +183,9 @@ def check_update(update: bytes, *, max_bytes: int | None = None) -> UpdateInfo:
         MessageTooLarge: ``update`` is longer than ``max_bytes``.
         MalformedMessage: anything else that is not exactly one valid v1 update: truncated,
             trailing bytes, unknown refs, client ids above 2^53-1, clocks at or above 2^32,
-            ``Any`` values nested deeper than 64, invalid UTF-8 or JSON, or refused by
-            pycrdt's ``get_state``. The message names the problem and its byte offset.
+            ``Any`` values nested deeper than 64, invalid UTF-8 or JSON, encodings that
+            Yjs and Yrs read differently or that crash pycrdt (see the module docstring),
+            or refused by pycrdt's ``get_state``. The message names the problem and where.
         TypeError: ``update`` is not bytes-like (a caller's mistake, not the peer's).
     """
     if type(update) is not bytes:
@@ -255,6 +275,7 @@ def _scan(data: bytes) -> UpdateInfo:
             stage = 2
             first = -1  # clock of the first struct that counts (not a skip, not empty)
             end = -1  # clock just past the last struct that counts
+            filler = False  # a skip struct: a block of skips alone is not empty
             for _ in range(num_structs):
                 start = pos
                 info = data[pos]
@@ -270,11 +291,18 @@ def _scan(data: bytes) -> UpdateInfo:
                     pos += 1
                     if length > 0x7F:
                         length, pos = _uint_tail(data, pos, length)
-                    if ref == 0 and length:
+                    if not length:
+                        # Yrs keeps it, and a delete set naming its client then makes
+                        # Doc.apply_update panic (divide by zero). No merge writes one.
+                        raise MalformedMessage(
+                            f"{'GC' if ref == 0 else 'skip'} struct at byte {start} has length 0"
+                        )
+                    if ref == 0:
                         if first < 0:
                             first = clock
                         end = clock + length
                     clock += length
+                    filler = True
                     continue
                 if ref > 10:
                     raise MalformedMessage(
@@ -296,8 +324,7 @@ def _scan(data: bytes) -> UpdateInfo:
                     else:
                         # Yjs treats anything but 1 as an ID, Yrs wraps it to u32 first.
                         raise MalformedMessage(
-                            f"item at byte {start} has parent info {parent_info}, "
-                            "expected 0 or 1"
+                            f"item at byte {start} has parent info {parent_info}, expected 0 or 1"
                         )
                     if info & 0x20:
                         pos = _skip_string(data, pos, "parent key")
@@ -354,6 +381,13 @@ def _scan(data: bytes) -> UpdateInfo:
             if end >= 0:
                 state[client] = end
                 starts[client] = first
+            elif not filler:
+                # Yrs drops zero-length items while decoding; a block left with nothing
+                # makes Doc.apply_update panic when the document knows the client.
+                raise MalformedMessage(
+                    f"struct block at byte {block_at} of client {client} has "
+                    + ("no structs" if not num_structs else "only zero-length items")
+                )
 
         stage = 3
         ds_at = pos
@@ -416,7 +450,10 @@ def _scan(data: bytes) -> UpdateInfo:
         )[stage]
         raise MalformedMessage(f"update truncated: {n} bytes end inside {where}") from exc
     if pos != n:
-        raise MalformedMessage(f"update has {n - pos} trailing bytes after the delete set")
+        extra = n - pos
+        raise MalformedMessage(
+            f"update has {extra} trailing byte{'' if extra == 1 else 's'} after the delete set"
+        )
     return UpdateInfo(state, starts, deletes)
 
 
@@ -476,11 +513,17 @@ def _read_id(data: bytes, pos: int, what: str) -> int:
         IndexError: the data ends at ``pos`` (the caller reports it as truncation).
     """
     at = pos
-    client = data[pos]
-    if client > 0x7F:
-        client, pos = _read_client(data, pos)
-        if client > MAX_CLIENT_ID:
-            raise MalformedMessage(f"client id {client} exceeds 2^53-1 ({what} at byte {at})")
+    if data[pos] > 0x7F:
+        # Only the bound matters here, not the value: 7 var-uint bytes carry 49 bits, and
+        # an 8th byte below 16 keeps the value under 2^53. Longer ones are decoded.
+        match = _match_var_uint(data, pos)
+        if match is None:
+            return _uint_tail(data, pos + 1, data[pos])[1]  # raises the precise error
+        pos = match.end()
+        if pos - at > 7 and (pos - at > 8 or data[pos - 1] > 15):
+            client = _uint_tail(data, at + 1, data[at])[0]
+            if client > MAX_CLIENT_ID:
+                raise MalformedMessage(f"client id {client} exceeds 2^53-1 ({what} at byte {at})")
     else:
         pos += 1
     clock = data[pos]
@@ -526,7 +569,7 @@ def _skip_string(data: bytes, pos: int, what: str) -> int:
     return end
 
 
-def _reject_constant(name: str) -> None:
+def _reject_constant(name: str) -> NoReturn:
     # JSON.parse and serde_json refuse NaN and Infinity; Python's json accepts them.
     raise ValueError(f"{name} is not JSON")
 
@@ -559,8 +602,14 @@ def _skip_rare_content(data: bytes, pos: int, ref: int, start: int) -> int:
         pos += 1
         if type_ref > 0x7F:
             type_ref, pos = _uint_tail(data, pos, type_ref)
-        if type_ref in (TypeRef.XML_ELEMENT, TypeRef.XML_HOOK):
+        if type_ref == TypeRef.XML_ELEMENT:
             return _skip_string(data, pos, "XML node name")
+        if type_ref == TypeRef.XML_HOOK:
+            _skip_string(data, pos, "XML hook name")
+            raise MalformedMessage(
+                f"XML hook type at byte {at} is refused: Yjs reads a hook name after it, "
+                "Yrs does not"
+            )
         if type_ref > TypeRef.XML_TEXT:
             # Yjs calls typeRefs[type_ref] and throws; Yrs accepts some (9, 15) silently.
             raise MalformedMessage(f"type content at byte {at} has unknown type ref {type_ref}")
@@ -628,13 +677,13 @@ def _skip_any(data: bytes, pos: int, count: int) -> int:
         at = pos
         kind = data[pos]
         pos += 1
-        if kind == AnyType.STRING:
+        if kind == _ANY_STRING:
             pos = _skip_string(data, pos, "string value")
-        elif kind == AnyType.INTEGER:
+        elif kind == _ANY_INTEGER:
             pos = _skip_var_int(data, pos)
         elif kind in _NO_PAYLOAD_ANY:
             pass
-        elif kind == AnyType.ARRAY or kind == AnyType.OBJECT:
+        elif kind in _CONTAINER_ANY:
             if len(stack) >= MAX_ANY_DEPTH:
                 raise MalformedMessage(
                     f"Any value at byte {at} nests deeper than {MAX_ANY_DEPTH} levels"
@@ -649,7 +698,7 @@ def _skip_any(data: bytes, pos: int, count: int) -> int:
                 )
             stack.append((remaining, in_object))
             remaining = size
-            in_object = kind == AnyType.OBJECT
+            in_object = kind == _ANY_OBJECT
         elif kind in _FIXED_ANY_SIZES:
             pos += _FIXED_ANY_SIZES[kind]
             if pos > n:
@@ -657,7 +706,7 @@ def _skip_any(data: bytes, pos: int, count: int) -> int:
                     f"update truncated: {AnyType(kind).name.lower()} at byte {at} needs "
                     f"{_FIXED_ANY_SIZES[kind]} bytes, {n - at - 1} present"
                 )
-        elif kind == AnyType.BYTES:
+        elif kind == _ANY_BYTES:
             pos = _skip_bytes(data, pos, "byte array value")[1]
         else:
             # lib0's readAny indexes a table with it and throws; Yrs refuses it.
@@ -687,7 +736,7 @@ def _skip_var_int(data: bytes, pos: int) -> int:
         byte = data[pos]
         pos += 1
         num |= (byte & 0x7F) << shift
-        if num > MAX_CLIENT_ID:
+        if num > _MAX_SAFE_INTEGER:
             raise MalformedMessage(f"integer at byte {at} exceeds 2^53-1 in magnitude")
         if byte < 0x80:
             return pos
