@@ -36,6 +36,10 @@ peer would crash on them or two peers would read them differently:
   bytes; GC and skip info bytes with item flag bits set (Yjs ignores them, Yrs reads an
   item); a parent-info value other than 0 or 1 (Yrs wraps it to ``u32``).
 - A client id with two struct blocks: Yjs keeps the last block, Yrs concatenates them.
+- An item whose origin, right origin or parent is an ID of its own client at or after its
+  own clock: nothing can refer to what did not exist yet, and with a suitable document
+  Yrs crashes on it (SIGSEGV: ``01 02 03 02 00 02 08 01 01 61 00 00`` applied, then
+  ``02 01 03 01 88 03 03 03 7e 7e 7e 01 02 04 24 00 02 03 01 6b 02 62 63 00``).
 - Invalid UTF-8 (Yjs decodes it to U+FFFD, Yrs refuses it), JSON that JavaScript's
   ``JSON.parse`` would refuse (NaN, Infinity), subdocument options that are not an object.
 - Structs that make ``Doc.apply_update`` panic: a GC or skip of length 0 when the delete
@@ -46,6 +50,10 @@ peer would crash on them or two peers would read them differently:
 Zero-length items next to others are accepted (Yrs notes that old Yjs bugs wrote them)
 and, like skips, do not count in :attr:`UpdateInfo.state` or :attr:`UpdateInfo.starts`:
 Yrs drops them while decoding, so ``get_state`` does not count them either.
+
+Beyond any one update: two updates that give the same client and clock different
+structs can still crash Yrs 0.28 (SIGSEGV) when both are applied to one document. Only
+a policy across updates (who may write which client id) can rule that out.
 """
 
 from __future__ import annotations
@@ -311,16 +319,16 @@ def _scan(data: bytes) -> UpdateInfo:
                     )
                 # An item: origins, or else where it lives, then its content.
                 if info & 0x80:
-                    pos = _read_id(data, pos, "origin")
+                    pos = _read_id(data, pos, "origin", client, clock, start)
                 if info & 0x40:
-                    pos = _read_id(data, pos, "right origin")
+                    pos = _read_id(data, pos, "right origin", client, clock, start)
                 if not info & 0xC0:
                     parent_info = data[pos]
                     pos += 1
                     if parent_info == 1:
                         pos = _skip_string(data, pos, "root type name")
                     elif parent_info == 0:
-                        pos = _read_id(data, pos, "parent")
+                        pos = _read_id(data, pos, "parent", client, clock, start)
                     else:
                         # Yjs treats anything but 1 as an ID, Yrs wraps it to u32 first.
                         raise MalformedMessage(
@@ -505,33 +513,34 @@ def _read_client(data: bytes, pos: int) -> tuple[int, int]:
     return client, match.end()
 
 
-def _read_id(data: bytes, pos: int, what: str) -> int:
-    """Skip an ID (client, clock) at ``pos``, checking both bounds; return the next position.
+def _read_id(data: bytes, pos: int, what: str, client: int, clock: int, start: int) -> int:
+    """Skip the ID that an item at ``clock`` of ``client`` refers to; return the next position.
 
     Raises:
-        MalformedMessage: client above 2^53-1, clock above 2^32-1, or truncated.
+        MalformedMessage: client above 2^53-1, clock above 2^32-1, truncated, or an ID of
+            the item's own client at or after its clock: an item can only refer to
+            items created before it, and Yrs 0.28 crashes (SIGSEGV) on some that do not.
         IndexError: the data ends at ``pos`` (the caller reports it as truncation).
     """
     at = pos
-    if data[pos] > 0x7F:
-        # Only the bound matters here, not the value: 7 var-uint bytes carry 49 bits, and
-        # an 8th byte below 16 keeps the value under 2^53. Longer ones are decoded.
-        match = _match_var_uint(data, pos)
-        if match is None:
-            return _uint_tail(data, pos + 1, data[pos])[1]  # raises the precise error
-        pos = match.end()
-        if pos - at > 7 and (pos - at > 8 or data[pos - 1] > 15):
-            client = _uint_tail(data, at + 1, data[at])[0]
-            if client > MAX_CLIENT_ID:
-                raise MalformedMessage(f"client id {client} exceeds 2^53-1 ({what} at byte {at})")
+    id_client = data[pos]
+    if id_client > 0x7F:
+        id_client, pos = _read_client(data, pos)
+        if id_client > MAX_CLIENT_ID:
+            raise MalformedMessage(f"client id {id_client} exceeds 2^53-1 ({what} at byte {at})")
     else:
         pos += 1
-    clock = data[pos]
+    id_clock = data[pos]
     pos += 1
-    if clock > 0x7F:
-        clock, pos = _uint_tail(data, pos, clock)
-        if clock > MAX_CLOCK:
-            raise MalformedMessage(f"{what} clock {clock} at byte {at} exceeds 2^32-1")
+    if id_clock > 0x7F:
+        id_clock, pos = _uint_tail(data, pos, id_clock)
+        if id_clock > MAX_CLOCK:
+            raise MalformedMessage(f"{what} clock {id_clock} at byte {at} exceeds 2^32-1")
+    if id_client == client and id_clock >= clock:
+        raise MalformedMessage(
+            f"item at byte {start} (client {client}, clock {clock}) has {what} clock "
+            f"{id_clock} of its own client, not created before it"
+        )
     return pos
 
 

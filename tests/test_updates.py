@@ -248,6 +248,10 @@ def multi_client_merge() -> bytes:
     return merge_updates(*updates)
 
 
+# Between them these hold every struct kind pycrdt writes: GC, deleted, string, embed,
+# format, type (nested arrays, maps, texts, XML elements and XML texts), Any (the value
+# types Python maps to) and subdocument content; skips come from merges (see the skip
+# test). Binary content comes only from Yjs and is built by hand below.
 PYCRDT_UPDATES: dict[str, Callable[[], bytes]] = {
     "empty_document": lambda: new_doc().get_update(),
     "text_insert_delete_format_embed": text_edits,
@@ -278,10 +282,12 @@ def test_check_update_accepts_pycrdt_updates_with_pycrdts_state(name: str) -> No
 
 
 @pytest.mark.parametrize(
-    "name", ["text_edits", "map_values", "xml_tree", "subdocument", "multi_client_merge"]
+    "build",
+    [text_edits, map_values, xml_tree, subdocument, multi_client_merge],
+    ids=lambda build: build.__name__,
 )
-def test_check_update_reports_a_whole_document_from_clock_zero(name: str) -> None:
-    info = check_update(globals()[name]())
+def test_check_update_reports_a_whole_document_from_clock_zero(build: Callable[[], bytes]) -> None:
+    info = check_update(build())
     assert info.state
     assert set(info.starts.values()) == {0}
 
@@ -347,7 +353,7 @@ def test_check_update_state_ends_past_a_skip_where_get_state_stops() -> None:
             0,
             string_item("a"),
             bytes([10]) + vu(2),
-            bytes([0x84]) + bytes([7, 2]) + vs("d"),
+            bytes([0x84, CLIENT, 2]) + vs("d"),  # origin: "c" at clock 2
         )
     )
     info = check_update(merged)
@@ -552,6 +558,16 @@ def test_check_update_accepts_any_nested_64_deep() -> None:
         assert check_update(data).state == {CLIENT: 1} == state_of(data)
 
 
+def test_check_update_rejects_the_update_that_crashes_pycrdt_after_a_crafted_one() -> None:
+    """Applying ``prior`` then ``crash`` to one pycrdt Doc kills the process (SIGSEGV in
+    Yrs 0.28): the item at clock 1 of client 3 names clock 3 of client 3 as its origin."""
+    prior = bytes.fromhex("010203020002080101610000")
+    crash = bytes.fromhex("02010301880303037e7e7e01020424000203016b02626300")
+    assert check_update(prior).state == {3: 4}
+    with pytest.raises(MalformedMessage, match=r"has origin clock 3 of its own client"):
+        check_update(crash)
+
+
 def test_check_update_accepts_type_refs_that_pycrdt_refuses_only_when_yjs_knows_them() -> None:
     """Type ref 9 passes pycrdt's get_state, but Yjs has no type 9 and would throw."""
     data = update(block(CLIENT, 0, root_item(7, vu(9))))
@@ -673,6 +689,15 @@ REFUSED: dict[str, tuple[bytes, str]] = {
     "delete_range_past_2_to_the_32": (
         update(ds=delete_set((CLIENT, [(U32 - 2, 2)]))),
         r"^delete range at byte 4 of client 7 ends at clock 4294967296, past 2\^32-1$",
+    ),
+    "origin_not_created_before_the_item": (
+        update(block(CLIENT, 1, bytes([0x84, CLIENT, 1]) + vs("x"))),
+        r"^item at byte 4 \(client 7, clock 1\) has origin clock 1 of its own client, "
+        r"not created before it$",
+    ),
+    "parent_not_created_before_the_item": (
+        update(block(CLIENT, 0, bytes([4, 0, CLIENT, 0]) + vs("x"))),
+        r"^item at byte 4 \(client 7, clock 0\) has parent clock 0 of its own client",
     ),
     "client_with_two_struct_blocks": (
         update(block(CLIENT, 0, string_item("a")), block(CLIENT, 1, string_item("b"))),
