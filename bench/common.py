@@ -172,10 +172,8 @@ def stop_group(proc: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            pass
     # the leader may be gone while workers of its session live on: kill what is left
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -255,7 +253,8 @@ class Server:
             line = _read_json_line(self.proc, "listening", timeout_s)
         except RuntimeError as exc:
             self.stop()
-            raise RuntimeError(f"{self.name} did not start: {exc}; stderr: {self.stderr()}") from None
+            why = f"{self.name} did not start: {exc}; stderr: {self.stderr()}"
+            raise RuntimeError(why) from None
         self.url = str(line["url"])
         if not self.url.startswith("ws://127.0.0.1:"):
             self.stop()
@@ -284,6 +283,10 @@ class Server:
     def cpu_s(self) -> float:
         """CPU seconds (user + system) used so far by the process group's live members."""
         return sum(_cpu_s(pid) for pid in _group_pids(self.pid))
+
+    def main_cpu_s(self) -> float:
+        """CPU seconds of the server process alone (without its worker processes)."""
+        return _cpu_s(self.pid) if self.proc is not None else 0.0
 
     def stderr(self, limit: int = 3000) -> str:
         if self.stderr_path is None:

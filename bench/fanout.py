@@ -45,15 +45,13 @@ def run_one(name: str, args: Any) -> dict[str, dict[str, Any]]:
                 continue
             rate = opts.get("rate", args.rate)
             cpu0 = server.cpu_s()
-            result = common.run_driver(
-                [
-                    "fanout", "--url", server.url,
-                    "--readers", str(args.readers), "--updates", str(args.updates),
-                    "--rate", str(rate), "--reader-mode", str(opts["reader-mode"]),
-                    "--timeout-s", str(args.timeout_s),
-                ],  # fmt: skip
-                args.timeout_s + 60,
-            )
+            driver_args = [
+                "fanout", "--url", server.url,
+                "--readers", str(args.readers), "--updates", str(args.updates),
+                "--rate", str(rate), "--reader-mode", str(opts["reader-mode"]),
+                "--timeout-s", str(args.timeout_s),
+            ]  # fmt: skip
+            result = common.run_driver(driver_args, args.timeout_s + 60)
             result["server_cpu_s"] = server.cpu_s() - cpu0
             out[label] = result
         out["_server"] = {"peak_rss_kb": server.hwm_kb()}
@@ -67,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=500.0, help="updates/s of the paced run")
     p.add_argument("--timeout-s", type=float, default=60.0, help="per driver run (default 60)")
     args = p.parse_args(argv)
-    report = Report(
-        f"Fan-out: 1 writer, {args.readers} readers, {args.updates:,} small updates"
-    )
+    report = Report(f"Fan-out: 1 writer, {args.readers} readers, {args.updates:,} small updates")
     common.require_node(report)
     servers = common.selected_servers(args.servers, report)
     report.machine(busy=common.cpu_busy_fraction())
@@ -125,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, _ in RUNS:
         cr, rr = c.get(label, {}), ref.get(label, {})
         thr = ratio(cr.get("delivered_per_s"), rr.get("delivered_per_s"))
-        p50 = ratio((cr.get("latency_ms") or {}).get("p50"), (rr.get("latency_ms") or {}).get("p50"))
-        p99 = ratio((cr.get("latency_ms") or {}).get("p99"), (rr.get("latency_ms") or {}).get("p99"))
+        clat, rlat = cr.get("latency_ms") or {}, rr.get("latency_ms") or {}
+        p50 = ratio(clat.get("p50"), rlat.get("p50"))
+        p99 = ratio(clat.get("p99"), rlat.get("p99"))
         cpu = ratio(cr.get("server_cpu_s"), rr.get("server_cpu_s"))
         report.add(
             f"- {label}: crdtsync / reference: throughput **{thr}** (higher is better), "

@@ -32,6 +32,8 @@ from common import Report, fmt
 
 TARGET_MS = 100.0
 NO_COMPACTION = 10**12
+YIELD_EVERY = 100  # inserts between event-loop turns
+DEFAULT_COMPACT_AFTER = 2000  # Replica's compact_after_updates default
 
 
 def _files_bytes(path: Path) -> int:
@@ -42,12 +44,14 @@ async def durable_inserts(
     path: Path, n: int, synchronous: str, compact_after: int | None = None
 ) -> dict[str, Any]:
     import pycrdt
+
     from crdtsync.client import Replica
 
     kwargs: dict[str, Any] = {"synchronous": synchronous}
     if compact_after is not None:
         kwargs["compact_after_updates"] = compact_after
     lat = []
+    turns = []
     async with Replica(path, **kwargs) as replica:
         doc = await replica.open("bench/inserts")
         text = doc.get("text", type=pycrdt.Text)
@@ -57,10 +61,18 @@ async def durable_inserts(
             t = time.perf_counter()
             text.insert(start + i, "abcdefghijklmnopqrstuvwxyz"[i % 26])
             lat.append(time.perf_counter() - t)
+            if i % YIELD_EVERY == YIELD_EVERY - 1:
+                # an app's edits come from events: give the loop a turn now and then (the
+                # replica compacts in a loop callback, never inside the edit call)
+                t = time.perf_counter()
+                await asyncio.sleep(0)
+                turns.append(time.perf_counter() - t)
         seconds = time.perf_counter() - t0
         pending = replica.pending("bench/inserts")
     lat.sort()
     return {
+        "turn_max_ms": max(turns, default=0.0) * 1000,
+        "turns_s": sum(turns),
         "n": n,
         "seconds": seconds,
         "per_s": n / seconds,
@@ -73,6 +85,7 @@ async def durable_inserts(
 
 async def open_once(path: Path, name: str) -> tuple[float, int]:
     import pycrdt
+
     from crdtsync.client import Replica
 
     async with Replica(path) as replica:
@@ -113,7 +126,7 @@ def update_rows(path: Path, name: str) -> tuple[int, bool]:
 async def history_case(
     tmp: Path, label: str, history: int, repeats: int, compact_after: int | None
 ) -> dict[str, Any]:
-    path = tmp / f"history-{label}.db"
+    path = tmp / ("history-" + "".join(ch if ch.isalnum() else "-" for ch in label) + ".db")
     built = await durable_inserts(path, history, "NORMAL", compact_after)
     name = "bench/inserts"
     tail, snapshot = update_rows(path, name)
@@ -145,25 +158,36 @@ async def run(args: Any, report: Report) -> None:
         full = await durable_inserts(tmp / "full.db", max(1, args.inserts // 10), "FULL")
         report.add("### Durable local transactions (no relay)", "")
         report.table(
-            ["synchronous", "transactions", "seconds", "transactions/s", "p50 ms", "p99 ms",
-             "max ms", "pending after"],
+            ["synchronous", "transactions", "seconds", "transactions/s", "insert p50 ms",
+             "insert p99 ms", "insert max ms", "longest loop turn ms", "pending after"],
             [
                 (s, f"{r['n']:,}", fmt(r["seconds"]), fmt(r["per_s"], 0), fmt(r["p50_ms"], 3),
-                 fmt(r["p99_ms"], 3), fmt(r["max_ms"], 1), f"{r['pending']:,}")
+                 fmt(r["p99_ms"], 3), fmt(r["max_ms"], 1), fmt(r["turn_max_ms"], 1),
+                 f"{r['pending']:,}")
                 for s, r in (("NORMAL", normal), ("FULL", full))
             ],
         )  # fmt: skip
         report.add(
             "(Each insert is one transaction: pycrdt edit, `doc.observe`, SQLite INSERT of "
-            "the update and of its pending mark, COMMIT. `pending` counts transactions no "
-            "relay has acknowledged; there is no relay here, so all of them.)",
+            f"the update and of its pending mark, COMMIT. The loop yields every {YIELD_EVERY} "
+            "inserts (`await asyncio.sleep(0)`), included in the time; the longest such turn "
+            "is where the replica's compaction (every `compact_after_updates`, default 2,000) "
+            "runs. `pending` counts transactions no relay has acknowledged; there is no relay "
+            "here, so all of them.)",
             "",
         )
 
         cases = []
-        for label, compact_after in (("default compaction", None), ("compaction off", NO_COMPACTION)):
+        # The default compaction runs every 2,000 local transactions, so a document can also
+        # open with a snapshot plus up to 1,999 tail updates: the third case is that worst case.
+        variants = (
+            ("default compaction", None, args.history),
+            ("default compaction, longest tail", None, args.history + DEFAULT_COMPACT_AFTER - 1),
+            ("compaction off", NO_COMPACTION, args.history),
+        )
+        for label, compact_after, n in variants:
             print(f"... history, {label}", file=sys.stderr, flush=True)
-            cases.append(await history_case(tmp, label, args.history, args.repeats, compact_after))
+            cases.append(await history_case(tmp, label, n, args.repeats, compact_after))
         report.add(f"### Opening a document with a {args.history:,}-update history", "")
         rows = []
         for c in cases:
@@ -183,14 +207,13 @@ async def run(args: Any, report: Report) -> None:
              "open ms, fresh Replica: median", "build s", "text length"],
             rows,
         )  # fmt: skip
-        default = cases[0]
-        med = common.median(default["fresh_ms"])
+        meds = [common.median(c["fresh_ms"]) for c in cases]
+        verdicts = ["met" if m < TARGET_MS else "NOT met" for m in meds]
         report.add(
-            f"Target (a {args.history:,}-update document opens in under {TARGET_MS:g} ms): "
-            f"{med:.1f} ms in a fresh process with the default compaction: "
-            f"{'met' if med < TARGET_MS else 'NOT met'}; "
-            f"{common.median(cases[1]['fresh_ms']):.1f} ms with compaction off "
-            f"({'met' if common.median(cases[1]['fresh_ms']) < TARGET_MS else 'NOT met'}).",
+            f"Target (a {args.history:,}-update document opens in under {TARGET_MS:g} ms, "
+            f"fresh process): default compaction {meds[0]:.1f} ms: {verdicts[0]}; with the "
+            f"longest tail {meds[1]:.1f} ms: {verdicts[1]}; compaction off {meds[2]:.1f} ms: "
+            f"{verdicts[2]}.",
             "",
         )
 
@@ -199,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--open-only"]:
         # child of open_in_fresh_process: import first, then time open() alone
-        import crdtsync.client  # noqa: F401
         import pycrdt  # noqa: F401
+
+        import crdtsync.client  # noqa: F401
 
         seconds, length = asyncio.run(open_once(Path(argv[1]), argv[2]))
         print(json.dumps({"seconds": seconds, "length": length}))
