@@ -58,7 +58,7 @@ log = logging.getLogger("crdtsync.replica")
 EXTENSION_QUERY = "crdtsync=1"
 
 
-class ThreadSafeDoc(Doc):
+class ThreadSafeDoc(Doc[Any]):
     """A ``pycrdt.Doc`` whose root transactions are serialised across threads.
 
     pycrdt transactions are not per thread: a second thread's ``doc.transaction()``
@@ -133,7 +133,7 @@ class _Connection:
 @dataclass(eq=False)
 class _Document:
     name: str
-    doc: Doc
+    doc: Doc[Any]
     pending: int
     tail: int
     subscription: Subscription | None = None
@@ -233,7 +233,7 @@ class Replica:
 
     # -- documents ----------------------------------------------------------------------
 
-    async def open(self, name: str) -> Doc:
+    async def open(self, name: str) -> Doc[Any]:
         """Load document ``name`` from the local file (no network) and start syncing it.
 
         Returns the same ``pycrdt.Doc`` for every call until :meth:`close`. The doc has
@@ -251,8 +251,10 @@ class Replica:
         stored = store.load(name)
         # A fresh client id on every open: reusing one after a lost tail of the file
         # would create clashing ids that diverge silently (DESIGN: replica).
-        doc_type = ThreadSafeDoc if self.multithreaded else Doc
-        doc = doc_type(client_id=random.getrandbits(52) + 1)
+        client_id = random.getrandbits(52) + 1
+        doc: Doc[Any] = (
+            ThreadSafeDoc(client_id=client_id) if self.multithreaded else Doc(client_id=client_id)
+        )
         with doc.transaction():
             for update in stored.all_updates():
                 doc.apply_update(update)
@@ -583,4 +585,3 @@ def _describe_close(exc: ConnectionClosed) -> str:
     if frame is None:
         return "connection lost"
     return f"relay closed the connection: {frame.code} {frame.reason}".rstrip()
-

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,8 +34,15 @@ class SyncReplica:
     Arguments are those of :class:`Replica`. ``timeout_s`` bounds every blocking call.
     """
 
-    def __init__(self, path: str | Path, relay: str | None = None, token: str | None = None,
-                 *, timeout_s: float = 30.0, **options: Any) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        relay: str | None = None,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        **options: Any,
+    ) -> None:
         self.timeout_s = timeout_s
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -74,7 +81,7 @@ class SyncReplica:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def open(self, name: str) -> Doc:
+    def open(self, name: str) -> Doc[Any]:
         """See :meth:`Replica.open`."""
         return self._run(self._replica.open(name))
 
@@ -96,5 +103,6 @@ class SyncReplica:
         self._run(self._replica.wait_synced(name, timeout), limit)
 
 
-async def _value(fn: Any, *args: Any) -> Any:
-    return fn(*args)
+async def _value(fn: Callable[[str], T], name: str) -> T:
+    """Call a plain method on the loop thread, where the replica's state lives."""
+    return fn(name)

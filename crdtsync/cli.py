@@ -115,8 +115,10 @@ def _run_relay(args: argparse.Namespace) -> int:
         print(f"crdtsync relay: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"crdtsync relay: cannot listen on {settings.host}:{settings.port}: {exc}",
-              file=sys.stderr)
+        print(
+            f"crdtsync relay: cannot listen on {settings.host}:{settings.port}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

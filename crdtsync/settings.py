@@ -58,17 +58,17 @@ class RelaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CRDTSYNC_", extra="forbid")
 
     host: str = "127.0.0.1"
-    port: int = Field(8765, ge=0, le=65535)
+    port: int = Field(default=8765, ge=0, le=65535)
     store: Path = Path("crdtsync-relay.db")
     synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "NORMAL"
-    max_message_bytes: int = Field(64 * 1024 * 1024, ge=1024)
-    answer_piece_bytes: int = Field(512 * 1024, ge=1024)
-    compact_after_updates: int = Field(1000, ge=1)
-    max_connections: int = Field(10_000, ge=1)
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    answer_piece_bytes: int = Field(default=512 * 1024, ge=1024)
+    compact_after_updates: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=10_000, ge=1)
     # a reader whose unsent backlog passes this is closed (1013) and resyncs on reconnect
-    max_write_buffer_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    close_timeout_s: float = Field(5.0, gt=0)
-    compaction_workers: int = Field(1, ge=0)
+    max_write_buffer_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    close_timeout_s: float = Field(default=5.0, gt=0)
+    compaction_workers: int = Field(default=1, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pycrdt import Doc, merge_updates
 from sqlite_utils import Database
@@ -89,7 +89,9 @@ def merge_in_batches(updates: Sequence[bytes], batch: int = MERGE_BATCH) -> byte
         return EMPTY_UPDATE
     while len(level) > 1:
         level = [
-            level[i] if i + 1 == min(i + batch, len(level)) else merge_updates(*level[i : i + batch])
+            level[i]
+            if i + 1 == min(i + batch, len(level))
+            else merge_updates(*level[i : i + batch])
             for i in range(0, len(level), batch)
         ]
     return level[0]
@@ -99,7 +101,7 @@ def _covered(state: dict[int, int], info_state: dict[int, int]) -> bool:
     return all(end <= state.get(client, 0) for client, end in info_state.items())
 
 
-def compact_updates(updates: Sequence[bytes], doc: Doc | None = None) -> bytes:
+def compact_updates(updates: Sequence[bytes], doc: Doc[Any] | None = None) -> bytes:
     """Fold updates into one snapshot through a short-lived scratch ``Doc``.
 
     With ``doc`` (a live document that already holds every one of ``updates``, e.g. a
@@ -166,7 +168,7 @@ class CompactionResult:
 
 @contextmanager
 def _store_errors(path: str) -> Iterator[None]:
-    """Translate sqlite3 errors into StoreError, naming the file (one place, like map_exceptions)."""
+    """Translate sqlite3 errors into StoreError naming the file (the one place it happens)."""
     try:
         yield
     except sqlite3.Error as exc:
@@ -200,7 +202,7 @@ class UpdateLog:
         self.path = str(path)
         self._lock = threading.RLock()
         with _store_errors(self.path):
-            # isolation_level=None: we issue BEGIN/COMMIT ourselves, so a commit is exactly where we say.
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves; commits are where we say.
             conn = sqlite3.connect(
                 self.path, check_same_thread=False, timeout=busy_timeout_s, isolation_level=None
             )
@@ -350,7 +352,7 @@ class UpdateLog:
 
     # -- compaction -------------------------------------------------------------------
 
-    def compact(self, doc: str, *, live: Doc | None = None) -> CompactionResult:
+    def compact(self, doc: str, *, live: Doc[Any] | None = None) -> CompactionResult:
         """Fold ``doc``'s log into its snapshot, atomically; commits.
 
         Reads the snapshot and tail, builds the new snapshot (through a scratch

@@ -229,7 +229,9 @@ class SyncSession:
         """Record a failure: the adapter closes the connection with its code and reason."""
         if self.failure is not None:
             return
-        code = close_code or getattr(exc, "close_code", CloseCode.INTERNAL_ERROR)
+        code = close_code if close_code is not None else getattr(exc, "close_code", None)
+        if code is None:
+            code = CloseCode.INTERNAL_ERROR
         self.failure = Failed(exc, int(code), close_reason(str(exc)))
         self._events.append(self.failure)
 
@@ -251,8 +253,9 @@ class SyncSession:
             # A read-only peer still answers our step 1 (stock clients always do); its
             # answer is dropped, not refused: only its streamed updates are writes.
             if self.can_write:
-                self._events.append(UpdateReceived(msg.update, self._check_update(msg.update),
-                                                   answer=True))
+                self._events.append(
+                    UpdateReceived(msg.update, self._check_update(msg.update), answer=True)
+                )
             self.synced = True
         elif isinstance(msg, SyncUpdate):
             self._events.append(UpdateReceived(msg.update, self._check_update(msg.update)))

@@ -121,6 +121,7 @@ class Relay:
         self._flush_handle: asyncio.Handle | None = None
         self._pool: ProcessPoolExecutor | None = None
         self._compactions: set[asyncio.Future[Any]] = set()
+        self._background: set[asyncio.Task[None]] = set()
         self._stopping = False
         self.stats = {"updates_stored": 0, "commits": 0, "connections": 0, "refused": 0}
 
@@ -377,10 +378,8 @@ class Relay:
             # are closed and resend on reconnect (their replicas still hold the edits).
             log.error("store append failed: %s", exc)
             for peer in {item.peer for item in batch}:
-                asyncio.ensure_future(
-                    peer.ws.close(
-                        CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}")
-                    )
+                self._close_later(
+                    peer.ws, CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}")
                 )
             return
         self.stats["updates_stored"] += len(batch)
@@ -396,9 +395,7 @@ class Relay:
                 # Stock clients get every update, their own included, as the reference
                 # server does; extension peers get acks instead of their own echo.
                 targets = [
-                    p.ws
-                    for p in room.peers
-                    if not (p is item.peer and p.session.extensions)
+                    p.ws for p in room.peers if not (p is item.peer and p.session.extensions)
                 ]
                 broadcast(targets, frame)
             if item.key is not None:
@@ -410,11 +407,15 @@ class Relay:
             for p in room.peers:
                 transport = p.ws.transport
                 if transport is not None and transport.get_write_buffer_size() > limit:
-                    asyncio.ensure_future(
-                        p.ws.close(CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
-                    )
+                    self._close_later(p.ws, CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
             if room.appended >= self.settings.compact_after_updates and not room.compacting:
                 self._schedule_compaction(room)
+
+    def _close_later(self, ws: ServerConnection, code: int, reason: str) -> None:
+        """Close a connection from synchronous code; the task is kept until it finishes."""
+        task = asyncio.get_running_loop().create_task(ws.close(code, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- compaction ---------------------------------------------------------------------
 

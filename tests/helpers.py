@@ -36,7 +36,9 @@ async def eventually(
         if last:
             return last
         await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout_s(timeout)} s waiting for {what}; last: {last!r}")
+    raise AssertionError(
+        f"timed out after {timeout_s(timeout)} s waiting for {what}; last: {last!r}"
+    )
 
 
 def read_json_line(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pycrdt import Text
 
-__all__ = ["Trace", "TextMirror", "find_trace", "load_trace"]
+__all__ = ["TextMirror", "Trace", "find_trace", "load_trace"]
 
 Patch = tuple[int, int, str]
 

@@ -57,7 +57,9 @@ async def close_of(url: str, *frames: bytes | str, max_size: int | None = 2**26)
 
 GARBAGE = [
     pytest.param(b"", 1007, "empty message", id="empty"),
-    pytest.param(b"\x00\x02\x10abc", 1007, "sync update declares 16 bytes, 3 present", id="truncated"),
+    pytest.param(
+        b"\x00\x02\x10abc", 1007, "sync update declares 16 bytes, 3 present", id="truncated"
+    ),
     pytest.param(b"\xff\xff\xff\xff\xff\xff\xff\xff\xff", 1007, "longer than 8 bytes", id="varint"),
     pytest.param(b"\x07", 1007, "unknown message type 7", id="unknown-type"),
     pytest.param(b"\x00\x09\x00", 1007, "unknown sync message type 9", id="unknown-sync-type"),
@@ -100,6 +102,7 @@ async def test_relay_refuses_oversized_frame_with_1009(relay_factory, tmp_path):
     big = SyncUpdate(valid_update("x" * 10_000)).encode()
     code, reason = await close_of(f"{relay.url}/room", big)
     assert code == 1009
+    assert "4096" in reason  # websockets names the limit it enforced
     assert store_digest(relay.store)[0] == 0
 
 

@@ -24,8 +24,17 @@ N_REPLICAS = 3
 edit = st.tuples(
     st.just("edit"),
     st.integers(0, N_REPLICAS - 1),
-    st.sampled_from(["text_insert", "text_delete", "map_set", "map_delete", "array_push",
-                     "array_delete", "nested"]),
+    st.sampled_from(
+        [
+            "text_insert",
+            "text_delete",
+            "map_set",
+            "map_delete",
+            "array_push",
+            "array_delete",
+            "nested",
+        ]
+    ),
     st.integers(0, 10_000),
     st.text(alphabet="abcé€😀 ", min_size=1, max_size=6),
 )
@@ -116,7 +125,8 @@ async def run_scenario(url: str, tmp_path, steps: list[tuple]) -> None:
             assert r is not None
             await r.wait_synced(name, timeout=20)
         await eventually(
-            lambda: all(view(d) == view(docs[0]) for d in docs), timeout=20,
+            lambda: all(view(d) == view(docs[0]) for d in docs),
+            timeout=20,
             what="all replicas equal",
         )
         assert set(docs[0].get("marks", type=Map).to_py()) == set(markers)

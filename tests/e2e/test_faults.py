@@ -82,8 +82,7 @@ async def test_offline_edits_reach_peer_and_pending_survives_restart(relay, tmp_
 @pytest.mark.slow
 async def test_acknowledged_edits_survive_relay_sigkill_mid_stream(relay, tmp_path):
     workers = [
-        worker(tmp_path, f"w{i}", relay.url, "--count", "400", "--delay", "0.002")
-        for i in range(3)
+        worker(tmp_path, f"w{i}", relay.url, "--count", "400", "--delay", "0.002") for i in range(3)
     ]
     try:
         # Kill the relay while every worker is mid-stream and has had edits acknowledged.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 from pycrdt import Map, Text
 
 from crdtsync.client import SyncReplica
@@ -13,9 +14,10 @@ from crdtsync.errors import SyncTimeout
 def test_sync_replica_edits_from_two_threads_reach_relay_without_joining_transactions(
     relay, tmp_path
 ):
-    with SyncReplica(tmp_path / "a.db", relay=relay.url) as a, SyncReplica(
-        tmp_path / "b.db", relay=relay.url
-    ) as b:
+    with (
+        SyncReplica(tmp_path / "a.db", relay=relay.url) as a,
+        SyncReplica(tmp_path / "b.db", relay=relay.url) as b,
+    ):
         doc_a = a.open("threads")
         doc_b = b.open("threads")
         errors: list[BaseException] = []
@@ -62,9 +64,5 @@ def test_sync_replica_wait_synced_times_out_offline(tmp_path):
         doc = a.open("offline")
         doc.get("text", type=Text).insert(0, "x")
         assert a.pending("offline") == 1
-        try:
+        with pytest.raises(SyncTimeout, match="1 changes to 'offline' still pending"):
             a.wait_synced("offline", timeout=0.3)
-        except SyncTimeout as exc:
-            assert "1 changes to 'offline' still pending" in str(exc)
-        else:
-            raise AssertionError("wait_synced returned while offline")

@@ -34,7 +34,9 @@ async def test_trace_typed_into_replica_arrives_exactly_at_live_and_late_replica
 ):
     path = find_trace(name)
     if path is None:
-        pytest.skip(f"trace {name} not found (set CRDTSYNC_TRACES or keep ../shared beside the repo)")
+        pytest.skip(
+            f"trace {name} not found (set CRDTSYNC_TRACES or keep ../shared beside the repo)"
+        )
     trace = load_trace(path)
     assert sha(trace.end_content) == END_SHA256[name]
     async with (
