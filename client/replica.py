@@ -373,8 +373,11 @@ class Replica:
         d.pending += 1
         d.tail += 1
         self._send_local(d, seq, update)
+        self._maybe_compact(d)
+
+    def _maybe_compact(self, d: _Document) -> None:
         if d.tail >= self.compact_after_updates and not d.compaction_scheduled:
-            # Not now: the Doc is mid-commit and cannot be encoded until the callback returns.
+            # Not now: the Doc may be mid-commit and cannot be encoded until that returns.
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_soon(self._compact, d)
                 d.compaction_scheduled = True
@@ -427,6 +430,8 @@ class Replica:
         d.compaction_scheduled = False
         if self._docs.get(d.name) is not d or self.store is None:
             return  # closed meanwhile
+        if d.tail < self.compact_after_updates:
+            return  # another compaction got there first
         self._flush_remote()
         try:
             self._store().compact(d.name, live=d.doc)
@@ -467,6 +472,8 @@ class Replica:
                 d.remote_buffer.clear()
         for d in self._docs.values():
             d.tail += sum(1 for name, _ in items if name == d.name)
+            # A replica that mostly receives must compact too, or opening it gets slow.
+            self._maybe_compact(d)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -549,7 +556,8 @@ class Replica:
             d.acks = conn.acks
             self._notify(d)
         if isinstance(event, UpdateReceived):
-            self._apply_remote(d, event.update)
+            if not event.info.is_empty:
+                self._apply_remote(d, event.update)
             if event.answer:
                 d.synced = True
                 self._notify(d)

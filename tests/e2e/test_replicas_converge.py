@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from helpers import eventually
 from pycrdt import Array, Doc, Map, Text
 
 from crdtsync.client import Replica
+from crdtsync.store import UpdateLog
 
 pytestmark = pytest.mark.anyio
 
@@ -46,3 +49,27 @@ async def test_two_replicas_editing_concurrently_converge(relay, tmp_path):
         assert {"inner": "from a"} in state["list"]  # type: ignore[operator]
         assert ["from b"] in state["list"]  # type: ignore[operator]
         assert a.pending("team/notes") == 0
+
+
+async def test_replica_that_only_receives_compacts_its_log(relay, tmp_path):
+    async with (
+        Replica(tmp_path / "w.db", relay=relay.url) as writer,
+        Replica(tmp_path / "r.db", relay=relay.url, compact_after_updates=50) as reader,
+    ):
+        doc_w = await writer.open("feed")
+        doc_r = await reader.open("feed")
+        await eventually(lambda: reader.status("feed").synced, what="reader synced")
+        for i in range(200):
+            doc_w.get("text", type=Text).insert(0, f"{i};")
+            await asyncio.sleep(0)
+        await writer.wait_synced("feed", timeout=10)
+        expected = str(doc_w.get("text", type=Text))
+        await eventually(lambda: str(doc_r.get("text", type=Text)) == expected, what="all 200")
+    with UpdateLog(tmp_path / "r.db") as log:
+        stored = log.load("feed")
+    assert stored.snapshot is not None  # it compacted although it never edited
+    assert len(stored.updates) < 50
+    check = Doc()
+    for update in stored.all_updates():
+        check.apply_update(update)
+    assert str(check.get("text", type=Text)) == expected
