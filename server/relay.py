@@ -18,6 +18,7 @@ import logging
 import signal
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from multiprocessing import get_context
@@ -38,7 +39,7 @@ from crdtsync.errors import (
 )
 from crdtsync.protocol import AwarenessEntry, AwarenessMessage, SyncUpdate, encode_awareness
 from crdtsync.settings import RelaySettings, validate_document_name
-from crdtsync.store import UpdateLog, compact_file
+from crdtsync.store import UpdateLog, compact_file, merge_in_batches
 from crdtsync.sync import (
     AwarenessQueried,
     AwarenessReceived,
@@ -86,8 +87,7 @@ class Room:
     name: str
     peers: set[Peer] = field(default_factory=set)
     awareness: dict[int, AwarenessEntry] = field(default_factory=dict)
-    appended: int = 0  # updates appended since the last compaction was scheduled
-    compacting: bool = False
+    appended: int = 0  # updates in the store's tail, as far as this process knows
 
 
 @dataclass(eq=False)
@@ -122,6 +122,7 @@ class Relay:
         self._pool: ProcessPoolExecutor | None = None
         self._compactions: set[asyncio.Future[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._compacting: set[str] = set()  # documents with a compaction running
         self._stopping = False
         self.stats = {"updates_stored": 0, "commits": 0, "connections": 0, "refused": 0}
 
@@ -132,7 +133,7 @@ class Relay:
         s = self.settings
         self.store = UpdateLog(s.store, synchronous=s.synchronous)
         if s.compaction_workers:
-            self._pool = ProcessPoolExecutor(s.compaction_workers, mp_context=get_context("spawn"))
+            self._pool = self._new_pool()
         self._server = await serve(
             self._handle,
             s.host,
@@ -257,7 +258,8 @@ class Relay:
         peer = Peer(ws, session, document)
         room = self.rooms.get(document)
         if room is None:
-            room = self.rooms[document] = Room(document)
+            assert self.store is not None
+            room = self.rooms[document] = Room(document, appended=self.store.tail_length(document))
         # Join the fan-out before reading the store: no update slips between the two.
         room.peers.add(peer)
         self.stats["connections"] += 1
@@ -334,7 +336,8 @@ class Relay:
         if not room.peers:
             # Nothing of a room outlives its last connection (DESIGN: stateless relay).
             self.rooms.pop(room.name, None)
-            if room.appended and not room.compacting:
+            # Compact what this process knows is a sizeable tail; a few updates can wait.
+            if room.appended >= max(1, self.settings.compact_after_updates // 10):
                 self._schedule_compaction(room)
 
     # -- awareness --------------------------------------------------------------------
@@ -384,32 +387,48 @@ class Relay:
             return
         self.stats["updates_stored"] += len(batch)
         self.stats["commits"] += 1
-        limit = self.settings.max_write_buffer_bytes
-        touched: set[str] = set()
+        by_room: dict[str, list[_Pending]] = {}
         for item in batch:
-            room = self.rooms.get(item.peer.document)
-            frame = SyncUpdate(item.update).encode()
+            by_room.setdefault(item.peer.document, []).append(item)
+        for name, items in by_room.items():
+            room = self.rooms.get(name)
             if room is not None:
-                touched.add(room.name)
-                room.appended += 1
-                # Stock clients get every update, their own included, as the reference
-                # server does; extension peers get acks instead of their own echo.
-                targets = [
-                    p.ws for p in room.peers if not (p is item.peer and p.session.extensions)
-                ]
-                broadcast(targets, frame)
+                room.appended += len(items)
+                self._fan_out(room, items)
+        for item in batch:
             if item.key is not None:
                 item.peer.session.acknowledge(item.key)
                 for ack in item.peer.session.data_to_send():
                     broadcast([item.peer.ws], ack)
-        for name in touched:
-            room = self.rooms[name]
+        limit = self.settings.max_write_buffer_bytes
+        for name in by_room:
+            room = self.rooms.get(name)
+            if room is None:
+                continue
             for p in room.peers:
                 transport = p.ws.transport
                 if transport is not None and transport.get_write_buffer_size() > limit:
                     self._close_later(p.ws, CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
-            if room.appended >= self.settings.compact_after_updates and not room.compacting:
+            if room.appended >= self.settings.compact_after_updates:
                 self._schedule_compaction(room)
+
+    def _fan_out(self, room: Room, items: list[_Pending]) -> None:
+        """Send one turn's stored updates of a room: one merged frame per peer, not one per update.
+
+        Stock clients get every update, their own included, as the reference server does.
+        Extension peers get acknowledgements instead of their own updates echoed back.
+        """
+        updates = [item.update for item in items]
+        merged = updates[0] if len(updates) == 1 else merge_in_batches(updates)
+        frame = SyncUpdate(merged).encode()
+        ext_senders = {item.peer for item in items if item.peer.session.extensions}
+        broadcast([p.ws for p in room.peers if p not in ext_senders], frame)
+        for sender in ext_senders:
+            if sender not in room.peers:
+                continue
+            others = [item.update for item in items if item.peer is not sender]
+            if others:
+                broadcast([sender.ws], SyncUpdate(merge_in_batches(others)).encode())
 
     def _close_later(self, ws: ServerConnection, code: int, reason: str) -> None:
         """Close a connection from synchronous code; the task is kept until it finishes."""
@@ -420,26 +439,43 @@ class Relay:
     # -- compaction ---------------------------------------------------------------------
 
     def _schedule_compaction(self, room: Room) -> None:
-        if self._pool is None or self._stopping:
+        name = room.name
+        if self._pool is None or self._stopping or name in self._compacting:
             return
-        room.compacting = True
+        self._compacting.add(name)
         room.appended = 0
         future: Future[Any] = self._pool.submit(
-            compact_file, str(self.settings.store), room.name, self.settings.synchronous
+            compact_file, str(self.settings.store), name, self.settings.synchronous
         )
         wrapped = asyncio.wrap_future(future)
         self._compactions.add(wrapped)
 
         def done(f: asyncio.Future[Any]) -> None:
             self._compactions.discard(f)
-            room.compacting = False
+            self._compacting.discard(name)
             if f.cancelled():
                 return
             exc = f.exception()
-            if exc is not None:
-                log.error("compaction of %r failed: %s", room.name, exc)
+            if isinstance(exc, BrokenProcessPool):
+                # The worker died (e.g. pycrdt crashed on hostile content): the relay and
+                # the store are fine; start a fresh worker for the next compaction.
+                log.error("compaction worker died while compacting %r; restarting it", name)
+                self._restart_pool()
+            elif exc is not None:
+                log.error("compaction of %r failed: %s", name, exc)
 
         wrapped.add_done_callback(done)
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.settings.compaction_workers, mp_context=get_context("spawn")
+        )
+
+    def _restart_pool(self) -> None:
+        if self._pool is None or self._stopping:
+            return
+        old, self._pool = self._pool, self._new_pool()
+        old.shutdown(wait=False, cancel_futures=True)
 
 
 def _awareness_frame(payload: bytes) -> bytes:
