@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pycrdt import Doc, Subscription, TransactionEvent
+from pycrdt import Awareness, Doc, Subscription, TransactionEvent
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -56,6 +57,7 @@ __all__ = ["DocumentStatus", "Replica", "ThreadSafeDoc"]
 log = logging.getLogger("crdtsync.replica")
 
 EXTENSION_QUERY = "crdtsync=1"
+AWARENESS_TIMEOUT_S = 30.0  # y-protocols: a state not renewed for 30 s is gone
 
 
 class ThreadSafeDoc(Doc[Any]):
@@ -148,6 +150,7 @@ class _Document:
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     stop_reconnecting: bool = False
     compaction_scheduled: bool = False
+    awareness: Awareness | None = None
 
 
 class Replica:
@@ -261,6 +264,8 @@ class Replica:
         d = _Document(name, doc, pending=store.pending_count(name), tail=len(stored.updates))
         self._docs[name] = d
         d.subscription = doc.observe(lambda event: self._on_transaction(d, event))
+        d.awareness = Awareness(doc, outdated_timeout=int(AWARENESS_TIMEOUT_S * 1000))
+        d.awareness.observe(lambda topic, change: self._on_awareness_change(d, topic, change))
         if self.relay is not None:
             d.task = asyncio.create_task(self._connect_loop(d), name=f"crdtsync:{name}")
         return doc
@@ -270,6 +275,18 @@ class Replica:
         d = self._docs.pop(name, None)
         if d is None:
             return
+        conn = d.conn
+        if (
+            conn is not None
+            and d.awareness is not None
+            and d.awareness.get_local_state() is not None
+        ):
+            # Tell the room we left, as stock clients do; best effort within a short bound.
+            d.awareness.set_local_state(None)
+            with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
+                async with asyncio.timeout(1.0):
+                    for frame in conn.session.data_to_send():
+                        await conn.ws.send(frame)
         if d.subscription is not None:
             d.doc.unobserve(d.subscription)
         if d.task is not None:
@@ -300,6 +317,17 @@ class Replica:
             acknowledgements=d.acks,
             last_error=d.last_error,
         )
+
+    def awareness(self, name: str) -> Awareness:
+        """The presence (cursors, user names) of an open document: a ``pycrdt.Awareness``.
+
+        Set your own state with ``set_local_state({...})``; it is sent to the relay and
+        renewed while connected. Other clients' states arrive in ``states``. Presence is
+        relayed, never stored.
+        """
+        awareness = self._doc(name).awareness
+        assert awareness is not None  # set by open()
+        return awareness
 
     async def wait_synced(self, name: str, timeout: float | None = None) -> None:
         """Wait until the relay has durably stored every local change of ``name``.
@@ -381,6 +409,43 @@ class Replica:
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_soon(self._compact, d)
                 d.compaction_scheduled = True
+
+    def _on_awareness_change(self, d: _Document, topic: str, change: tuple[Any, Any]) -> None:
+        changes, origin = change
+        if topic != "update" or origin != "local":
+            return
+        clients = changes["added"] + changes["updated"] + changes["removed"]
+        if threading.get_ident() == self._loop_thread or self._loop is None:
+            self._send_awareness(d, clients)
+        else:
+            self._loop.call_soon_threadsafe(self._send_awareness, d, clients)
+
+    def _send_awareness(self, d: _Document, clients: list[int]) -> None:
+        conn = d.conn
+        if conn is None or d.awareness is None or not clients:
+            return
+        conn.session.send_awareness(d.awareness.encode_awareness_update(clients))
+        self._queue_frames(conn)
+
+    async def _keep_awareness(self, d: _Document) -> None:
+        """Renew our presence and expire silent peers' (y-protocols awareness timing)."""
+        awareness = d.awareness
+        assert awareness is not None
+        while True:
+            await asyncio.sleep(AWARENESS_TIMEOUT_S / 2)
+            state = awareness.get_local_state()
+            if state is not None:
+                awareness.set_local_state(state)
+            now_ms = time.time() * 1000
+            outdated = [
+                client
+                for client, meta in awareness.meta.items()
+                if client != awareness.client_id
+                and client in awareness.states
+                and now_ms - meta["lastUpdated"] >= AWARENESS_TIMEOUT_S * 1000
+            ]
+            if outdated:
+                awareness.remove_awareness_states(outdated, "timeout")
 
     def _send_local(self, d: _Document, seq: int, update: bytes) -> None:
         conn = d.conn
@@ -530,8 +595,11 @@ class Replica:
         d.conn = conn
         d.last_error = None
         session.send_step1(d.doc.get_state())
+        if d.awareness is not None and d.awareness.get_local_state() is not None:
+            session.send_awareness(d.awareness.encode_awareness_update([d.awareness.client_id]))
         self._queue_frames(conn)
         writer = asyncio.create_task(self._writer(conn))
+        keeper = asyncio.create_task(self._keep_awareness(d))
         try:
             async for data in ws:
                 session.receive_data(data)
@@ -544,9 +612,12 @@ class Replica:
                 if writer.done():
                     writer.result()  # surface the send error
         finally:
+            keeper.cancel()
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
                 await writer
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
 
     def _on_event(self, d: _Document, conn: _Connection, event: Any) -> None:
         if conn.acks is None:
@@ -582,8 +653,14 @@ class Replica:
                 self._notify(d)
         elif isinstance(event, PermissionRefused):
             d.last_error = f"permission denied: {event.reason}"
-        elif isinstance(event, (AwarenessReceived, AwarenessQueried, ExtensionsConfirmed)):
-            pass  # presence is not wired into the Replica yet
+        elif isinstance(event, AwarenessReceived):
+            if d.awareness is not None:
+                d.awareness.apply_awareness_update(event.payload, "remote")
+        elif isinstance(event, AwarenessQueried):
+            if d.awareness is not None and d.awareness.get_local_state() is not None:
+                conn.session.send_awareness(
+                    d.awareness.encode_awareness_update([d.awareness.client_id])
+                )
         elif isinstance(event, Failed):
             d.last_error = f"relay sent bad data: {event.reason}"
 

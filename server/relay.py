@@ -93,7 +93,7 @@ class Room:
 @dataclass(eq=False)
 class _Pending:
     peer: Peer
-    update: bytes
+    update: bytes | None  # None: nothing to store (an empty update), only acknowledge
     key: int | None
 
 
@@ -299,7 +299,10 @@ class Relay:
         session = peer.session
         for event in session.events_received():
             if isinstance(event, UpdateReceived):
-                if event.info.is_empty and event.key is None:
+                if event.info.is_empty:
+                    if event.key is not None:
+                        # Queued all the same, so acknowledgements keep their order.
+                        self._submit(_Pending(peer, None, event.key))
                     continue
                 self._submit(_Pending(peer, event.update, event.key))
             elif isinstance(event, StateRequested):
@@ -374,8 +377,11 @@ class Relay:
         batch, self._batch = self._batch, []
         if not batch or self.store is None:
             return
+        stored = [item for item in batch if item.update is not None]
         try:
-            self.store.append_many((item.peer.document, item.update) for item in batch)
+            self.store.append_many(
+                (item.peer.document, item.update) for item in stored if item.update is not None
+            )
         except StoreError as exc:
             # Nothing was stored, so nothing is broadcast or acknowledged; the senders
             # are closed and resend on reconnect (their replicas still hold the edits).
@@ -385,10 +391,10 @@ class Relay:
                     peer.ws, CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}")
                 )
             return
-        self.stats["updates_stored"] += len(batch)
+        self.stats["updates_stored"] += len(stored)
         self.stats["commits"] += 1
         by_room: dict[str, list[_Pending]] = {}
-        for item in batch:
+        for item in stored:
             by_room.setdefault(item.peer.document, []).append(item)
         for name, items in by_room.items():
             room = self.rooms.get(name)
@@ -418,7 +424,7 @@ class Relay:
         Stock clients get every update, their own included, as the reference server does.
         Extension peers get acknowledgements instead of their own updates echoed back.
         """
-        updates = [item.update for item in items]
+        updates = [item.update for item in items if item.update is not None]
         merged = updates[0] if len(updates) == 1 else merge_in_batches(updates)
         frame = SyncUpdate(merged).encode()
         ext_senders = {item.peer for item in items if item.peer.session.extensions}
@@ -426,7 +432,9 @@ class Relay:
         for sender in ext_senders:
             if sender not in room.peers:
                 continue
-            others = [item.update for item in items if item.peer is not sender]
+            others = [
+                item.update for item in items if item.peer is not sender and item.update is not None
+            ]
             if others:
                 broadcast([sender.ws], SyncUpdate(merge_in_batches(others)).encode())
 

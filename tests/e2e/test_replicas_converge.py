@@ -73,3 +73,21 @@ async def test_replica_that_only_receives_compacts_its_log(relay, tmp_path):
     for update in stored.all_updates():
         check.apply_update(update)
     assert str(check.get("text", type=Text)) == expected
+
+
+async def test_presence_reaches_peer_and_is_removed_when_replica_closes(relay, tmp_path):
+    async with (
+        Replica(tmp_path / "a.db", relay=relay.url) as a,
+        Replica(tmp_path / "b.db", relay=relay.url) as b,
+    ):
+        doc_a = await a.open("room")
+        await b.open("room")
+        await eventually(lambda: a.status("room").synced and b.status("room").synced)
+        a.awareness("room").set_local_state({"user": "ann", "cursor": 3})
+        seen = b.awareness("room").states
+        await eventually(lambda: seen.get(doc_a.client_id) == {"user": "ann", "cursor": 3})
+        await a.close("room")
+        await eventually(lambda: doc_a.client_id not in seen, what="ann's presence removed")
+    # Presence is relayed, never stored.
+    with UpdateLog(relay.store) as log:
+        assert log.load("room").all_updates() == []

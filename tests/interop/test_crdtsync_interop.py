@@ -132,3 +132,22 @@ async def test_replica_syncs_through_reference_server_without_acknowledgements(
         with pytest.raises(AcknowledgementsUnsupported, match="does not acknowledge"):
             await asyncio.wait_for(replica.wait_synced("plain", timeout=5), timeout_s(10))
     assert await in_thread(yjs.errors) == []
+
+
+async def test_presence_is_shared_between_stock_yjs_client_and_replica(
+    relay, tmp_path, make_yjs_client: MakeYjsClient
+):
+    yjs = make_yjs_client(relay.url, "presence")
+    await in_thread(yjs.wait_synced)
+    await in_thread(yjs.awareness_set, {"user": "yjs"})
+    async with Replica(tmp_path / "r.db", relay=relay.url) as replica:
+        doc = await replica.open("presence")
+        states = replica.awareness("presence").states
+        await eventually(lambda: {"user": "yjs"} in states.values(), what="yjs presence")
+        replica.awareness("presence").set_local_state({"user": "replica"})
+
+        def yjs_sees_replica() -> bool:
+            return yjs.awareness_states().get(doc.client_id) == {"user": "replica"}
+
+        await eventually(lambda: in_thread(yjs_sees_replica), what="replica presence at yjs")
+    assert await in_thread(yjs.errors) == []
