@@ -16,6 +16,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from crdtsync.client import Replica
 from crdtsync.protocol import SyncStep1, SyncUpdate
+from crdtsync.store import UpdateLog
+from crdtsync.updates import check_update
 
 pytestmark = pytest.mark.anyio
 
@@ -154,3 +156,39 @@ async def test_relay_keeps_no_room_state_after_last_client_leaves(relay, tmp_pat
             return int(json.loads(resp.read())["rooms"])
 
     await eventually(lambda: rooms() == 0, what="no rooms left")
+
+
+async def test_update_after_a_clock_gap_is_kept_until_the_gap_fills(relay_factory, tmp_path):
+    """Policy: the relay stores a gapped update (Yjs keeps such content pending) and
+    compaction keeps it; once the missing update arrives, everyone has all of it."""
+    relay = relay_factory("gap.db", "--compact-after-updates", "1")
+    source = Doc()
+    text = source.get("text", type=Text)
+    updates: list[bytes] = []
+    source.observe(lambda event: updates.append(event.update))
+    for ch in "abc":
+        text += ch
+    first, missing, gapped = updates
+    async with asyncio.timeout(timeout_s(10)), connect(f"{relay.url}/gap") as ws:
+        await ws.recv()  # the relay's step 1
+        await ws.send(SyncUpdate(first).encode())
+        await ws.send(SyncUpdate(gapped).encode())
+
+        def stored_extent() -> tuple[bool, int]:
+            with UpdateLog(relay.store) as log:
+                stored = log.load("gap")
+            info = check_update(stored.merged())
+            return stored.snapshot is not None, info.state.get(source.client_id, 0)
+
+        # Compacted (the premise), and the gapped "c" (clock 2) is still in the store.
+        await eventually(lambda: stored_extent() == (True, 3), what="compacted with 'c'")
+    async with Replica(tmp_path / "early.db", relay=relay.url) as early:
+        doc = await early.open("gap")
+        await eventually(lambda: early.status("gap").synced, what="synced")
+        assert str(doc.get("text", type=Text)) == "a"  # "c" waits for "b"
+    async with asyncio.timeout(timeout_s(10)), connect(f"{relay.url}/gap") as ws:
+        await ws.recv()
+        await ws.send(SyncUpdate(missing).encode())
+    async with Replica(tmp_path / "late.db", relay=relay.url) as late:
+        doc = await late.open("gap")
+        await eventually(lambda: str(doc.get("text", type=Text)) == "abc", what="abc")

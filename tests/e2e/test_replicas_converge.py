@@ -91,3 +91,18 @@ async def test_presence_reaches_peer_and_is_removed_when_replica_closes(relay, t
     # Presence is relayed, never stored.
     with UpdateLog(relay.store) as log:
         assert log.load("room").all_updates() == []
+
+
+async def test_relay_with_full_durability_syncs(relay_factory, tmp_path):
+    relay = relay_factory("full.db", "--synchronous", "FULL")
+    async with Replica(tmp_path / "a.db", relay=relay.url, synchronous="FULL") as a:
+        doc = await a.open("full")
+        doc.get("text", type=Text).insert(0, "fsynced")
+        await a.wait_synced("full", timeout=10)
+        assert a.store is not None
+        assert a.store.conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    with UpdateLog(relay.store) as log:
+        check = Doc()
+        for update in log.load("full").all_updates():
+            check.apply_update(update)
+    assert str(check.get("text", type=Text)) == "fsynced"
