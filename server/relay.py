@@ -287,9 +287,13 @@ class Relay:
             self.stats["connections"] -= 1
             self._leave(room, peer)
 
-    def _stored_state_vector(self, document: str) -> bytes:
+    def stored_document(self, document: str) -> bytes:
+        """The whole stored document as one update: snapshot and tail, merged (never a Doc)."""
         assert self.store is not None
-        return get_state(self.store.load(document).merged())
+        return self.store.load(document).merged()
+
+    def _stored_state_vector(self, document: str) -> bytes:
+        return get_state(self.stored_document(document))
 
     async def _send(self, peer: Peer) -> None:
         for frame in peer.session.data_to_send():
@@ -307,7 +311,7 @@ class Relay:
                 self._submit(_Pending(peer, event.update, event.key))
             elif isinstance(event, StateRequested):
                 assert self.store is not None
-                merged = self.store.load(room.name).merged()
+                merged = self.stored_document(room.name)
                 session.answer_state_request(get_update(merged, event.state_vector))
             elif isinstance(event, AwarenessReceived):
                 self._on_awareness(peer, room, event)

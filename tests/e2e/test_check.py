@@ -1,0 +1,130 @@
+"""The convergence checker, run for real: it passes on crdtsync's relay and catches broken ones."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from crdtsync.testing import (
+    CampaignConfig,
+    CampaignFailed,
+    Step,
+    make_schedule,
+    run_campaign_sync,
+)
+
+BROKEN = str(Path(__file__).with_name("broken_relay.py"))
+
+
+def broken(mode: str, tmp_path: Path, **kwargs: object) -> CampaignConfig:
+    return CampaignConfig(
+        relay_command=(sys.executable, BROKEN, mode), out=tmp_path / "runs", settle_s=5, **kwargs
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_twenty_seeds_with_every_fault_kind_converge_on_crdtsync_relay(tmp_path):
+    totals: dict[str, int] = {}
+    edits = 0
+    for seed in range(20):
+        report = run_campaign_sync(
+            seed, CampaignConfig(replicas=3, steps=30, out=tmp_path / "runs"), shrink_runs=0
+        )
+        edits += report.edits
+        for kind, n in report.faults.items():
+            totals[kind] = totals.get(kind, 0) + n
+    # The premise: the faults really happened, and there was something to lose.
+    for kind in (
+        "partition",
+        "drop",
+        "duplicate",
+        "reorder",
+        "delay",
+        "kill-relay",
+        "kill-replica",
+        "lose-replica",
+        "messages duplicated",
+    ):
+        assert totals.get(kind, 0) > 0, f"no {kind} in 20 seeds: {totals}"
+    assert edits > 300
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(6 * 3600)
+def test_five_hundred_seeds_converge_on_crdtsync_relay(tmp_path):
+    for seed in range(500):
+        run_campaign_sync(seed, CampaignConfig(steps=40, out=tmp_path / "runs"), shrink_runs=0)
+
+
+def test_same_seed_gives_same_schedule_and_verdict(tmp_path):
+    config = CampaignConfig(steps=25, out=tmp_path / "runs")
+    assert make_schedule(42, config) == make_schedule(42, config)
+    assert make_schedule(42, config) != make_schedule(43, config)
+    first = run_campaign_sync(42, config, shrink_runs=0)
+    second = run_campaign_sync(42, config, shrink_runs=0)
+    assert first.schedule == second.schedule
+    assert (first.ok, first.violations) == (second.ok, second.violations) == (True, [])
+
+
+@pytest.mark.slow
+def test_checker_catches_relay_that_acknowledges_before_persisting(tmp_path):
+    schedule = [
+        Step("edit", 0, count=3),
+        Step("quiet"),
+        Step("edit", 1, count=2),
+        Step("lose-replica", 0),  # the replica's own copy is gone: only the relay had it
+        Step("kill-relay", 0),  # before its every-5-seconds commit
+        Step("edit", 2, count=1),
+        Step("restart-relay", 0),
+        Step("restart-replica", 0),
+    ]
+    with pytest.raises(CampaignFailed) as failed:
+        run_campaign_sync(
+            7, broken("ack-before-persist", tmp_path), schedule=schedule, shrink_runs=10
+        )
+    report = failed.value.report
+    lost = [v for v in report.violations if v.kind == "lost-acknowledged"]
+    assert lost, report.summary()
+    assert all(v.edit and "replica-0" in v.message for v in lost)
+    assert "acknowledged by the relay on replica-0" in lost[0].message
+    assert report.shrunk is not None
+    assert len(report.shrunk) < len(schedule)
+    assert "seed 7: FAILED" in str(failed.value)
+    assert "shortest failing schedule" in str(failed.value)
+
+
+@pytest.mark.slow
+def test_checker_catches_relay_that_drops_one_update_in_fifty(tmp_path):
+    # Inserts only: with deletes, a later overwrite can legitimately supersede a lost delete.
+    config = broken(
+        "drop-1-in-50", tmp_path, workload="crdtsync.testing.workload:insert_only_workload"
+    )
+    schedule = [Step("edit", i % 3, count=3) for i in range(30)]
+    with pytest.raises(CampaignFailed) as failed:
+        run_campaign_sync(3, config, schedule=schedule, shrink_runs=4)
+    report = failed.value.report
+    # The dropped update never reached the others: the states diverge, and the report
+    # names the Yjs ids and the edits concerned.
+    kinds = {v.kind for v in report.violations}
+    assert "diverged" in kinds
+    assert "lost-acknowledged" in kinds  # the relay acked the update it dropped
+    named = [v for v in report.violations if v.edit]
+    assert named
+    assert all(v.edit in v.message for v in named)
+    assert report.shrunk is not None
+    assert len(report.shrunk) < len(schedule)
+
+
+@pytest.mark.slow
+def test_checker_catches_relay_that_never_answers_with_the_tail(tmp_path):
+    schedule = [Step("edit", 0, count=3), Step("edit", 1, count=2), Step("quiet")]
+    with pytest.raises(CampaignFailed) as failed:
+        run_campaign_sync(5, broken("no-tail", tmp_path), schedule=schedule, shrink_runs=3)
+    report = failed.value.report
+    assert any(
+        v.kind in ("lost-applied", "lost-acknowledged") and "fresh replica of relay 0" in v.where
+        for v in report.violations
+    ), report.summary()
