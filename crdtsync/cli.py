@@ -60,7 +60,95 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--compact-after-updates", type=int, help="compact a document after N updates")
     p.add_argument("--max-connections", type=int, help="refuse connections beyond this many")
     p.add_argument("--config", help="TOML file with the same settings")
-    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="JSON log level (INFO)"
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from .testing.campaign import FAULT_KINDS
+
+    p = sub.add_parser(
+        "check",
+        help="run the merge-convergence test suite (faults, then a convergence check)",
+        description=(
+            "Drive several replicas through relays with random concurrent edits while "
+            "injecting faults (partitions, dropped connections, duplicated, reordered and "
+            "delayed messages, killed relays and replicas, lost replica files), then heal "
+            "and check that every replica and every relay's store hold the same state and "
+            "that no acknowledged or committed edit was lost. Without --relay it starts "
+            "its own relays on loopback. Exit status 0 only when nothing was violated."
+        ),
+    )
+    p.add_argument("--replicas", type=_positive_int, default=3, help="replica processes (3)")
+    p.add_argument(
+        "--relay",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a relay you run (repeatable); without it, relays are started locally",
+    )
+    p.add_argument("--seed", type=int, default=0, help="first seed (0)")
+    p.add_argument("--seeds", type=_positive_int, default=1, help="how many seeds to run (1)")
+    p.add_argument("--steps", type=_positive_int, default=40, help="steps per schedule (40)")
+    p.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=120.0,
+        metavar="SECONDS",
+        help="cap on one seed's run; the schedule, not the clock, decides what happens (120)",
+    )
+    p.add_argument(
+        "--workload",
+        default="crdtsync.testing.workload:default_workload",
+        metavar="MODULE:FUNCTION",
+        help="(doc, rng) -> edit id; makes one random edit (default: mixed Text/Map/Array)",
+    )
+    p.add_argument(
+        "--faults",
+        default=",".join(FAULT_KINDS),
+        help=f"comma-separated fault kinds (default all: {','.join(FAULT_KINDS)})",
+    )
+    p.add_argument(
+        "--fault-rate", type=_rate, default=0.35, help="share of steps that are faults (0.35)"
+    )
+    p.add_argument("--out", metavar="DIR", help="keep every run's history.jsonl and report here")
+    p.add_argument(
+        "--shrink-runs",
+        type=int,
+        default=30,
+        help="reruns allowed to shrink a failing schedule (30; 0 to skip)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _relay_parser(sub)
+    _check_parser(sub)
     return parser
 
 
@@ -128,6 +217,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "relay":
         return _run_relay(args)
+    if args.command == "check":
+        from .check_command import run_check
+
+        return run_check(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects others
 
 

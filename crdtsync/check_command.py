@@ -1,0 +1,164 @@
+"""``crdtsync check``: run convergence campaigns from the command line.
+
+Bad input (an unknown workload, an unreachable relay, a bad fault name) gets one clear
+line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .testing.campaign import (
+    FAULT_KINDS,
+    LOCAL_ONLY,
+    CampaignConfig,
+    CampaignReport,
+    run_campaign,
+    shrink,
+)
+from .testing.workload import load_workload
+
+__all__ = ["run_check"]
+
+
+class UsageError(Exception):
+    """A bad option value: reported as one line, exit status 2."""
+
+
+def _check_relay(url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise UsageError(f"--relay must be a ws:// or wss:// URL, not {url!r}")
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=5):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot reach relay {url}: {exc.strerror or exc}") from None
+
+
+def _config(args: argparse.Namespace) -> CampaignConfig:
+    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    unknown = [f for f in faults if f not in FAULT_KINDS]
+    if unknown:
+        raise UsageError(f"unknown fault kind {unknown[0]!r}; choose from {', '.join(FAULT_KINDS)}")
+    if args.relay:
+        local_only = [f for f in faults if f in LOCAL_ONLY]
+        if local_only and args.faults != ",".join(FAULT_KINDS):
+            raise UsageError(f"{local_only[0]} needs local relays (it cannot kill yours)")
+        for url in args.relay:
+            _check_relay(url)
+    try:
+        load_workload(args.workload)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.shrink_runs < 0:
+        raise UsageError("--shrink-runs must be 0 or more")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    return CampaignConfig(
+        replicas=args.replicas,
+        relays=tuple(args.relay),
+        steps=args.steps,
+        faults=tuple(faults),
+        fault_rate=args.fault_rate,
+        workload=args.workload,
+        out=out,
+        duration_s=args.duration,
+    )
+
+
+def _table(reports: list[CampaignReport]) -> Table:
+    table = Table(title="crdtsync check")
+    for column in ("seed", "verdict", "steps", "edits", "acked", "faults", "violations", "s"):
+        table.add_column(column, justify="right" if column not in ("verdict",) else "left")
+    for r in reports:
+        table.add_row(
+            str(r.seed),
+            "ok" if r.ok else "[bold red]FAILED[/]",
+            str(len(r.schedule)),
+            str(r.edits),
+            str(r.acknowledged),
+            str(sum(n for k, n in r.faults.items() if not k.startswith("messages "))),
+            str(len(r.violations) + (1 if r.error else 0)),
+            f"{r.seconds:.1f}",
+        )
+    return table
+
+
+async def _run(args: argparse.Namespace, config: CampaignConfig, console: Console) -> int:
+    reports: list[CampaignReport] = []
+    with Progress(
+        TextColumn("[bold]seed {task.fields[seed]}"),
+        BarColumn(),
+        TextColumn("step {task.completed}/{task.total} {task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        for seed in range(args.seed, args.seed + args.seeds):
+            task = progress.add_task("run", total=config.steps, seed=seed, note="")
+
+            def on_progress(event: str, fields: dict[str, Any], task: Any = task) -> None:
+                if event == "step":
+                    progress.update(task, completed=fields["n"] + 1, note=fields["step"])
+                elif event in ("healed", "verdict"):
+                    progress.update(task, note=event)
+
+            config.on_progress = on_progress
+            report = await run_campaign(seed, config)
+            progress.remove_task(task)
+            if not report.ok:
+                console.print(f"[bold red]seed {seed} failed[/]: rerun with --seed {seed}")
+                for v in report.violations:
+                    console.print(f"  {v}")
+                if report.error:
+                    console.print(f"  error: {report.error}")
+                if args.shrink_runs:
+                    console.print(f"  shrinking ({args.shrink_runs} reruns at most)...")
+                    config.on_progress = None
+                    report.shrunk = await shrink(seed, config, report, args.shrink_runs)
+                    console.print(f"  shortest failing schedule ({len(report.shrunk)} steps):")
+                    for i, step in enumerate(report.shrunk):
+                        console.print(f"    {i}: {step}")
+                if report.out:
+                    console.print(f"  history: {report.out}/history.jsonl")
+            reports.append(report)
+    console.print(_table(reports))
+    failed = [r.seed for r in reports if not r.ok]
+    edits = sum(r.edits for r in reports)
+    console.print(
+        f"{len(reports)} seeds, {edits} edits, "
+        f"{sum(len(r.violations) for r in reports)} violations"
+        + (f"; failing seeds: {failed}" if failed else "")
+    )
+    return 1 if failed else 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Run ``crdtsync check`` with parsed arguments; return the exit status."""
+    try:
+        config = _config(args)
+    except UsageError as exc:
+        print(f"crdtsync check: {exc}", file=sys.stderr)
+        return 2
+    console = Console(stderr=False, highlight=False)
+    try:
+        return asyncio.run(_run(args, config, console))
+    except KeyboardInterrupt:
+        print("crdtsync check: interrupted", file=sys.stderr)
+        return 130
