@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "relay":
         return _run_relay(args)
     if args.command == "check":
-        from .check_command import run_check
+        from .testing.command import run_check
 
         return run_check(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects others

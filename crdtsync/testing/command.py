@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .testing.campaign import (
+from .campaign import (
     FAULT_KINDS,
     LOCAL_ONLY,
     CampaignConfig,
@@ -26,7 +26,7 @@ from .testing.campaign import (
     run_campaign,
     shrink,
 )
-from .testing.workload import load_workload
+from .workload import load_workload
 
 __all__ = ["run_check"]
 
