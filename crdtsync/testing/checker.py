@@ -197,11 +197,13 @@ def check_history(
         where = tuple(sorted(absent))
         first = absent[where[0]]
         state = "acknowledged by the relay" if edit.acknowledged else "applied and committed"
+        present = sorted(f.name for f in finals if f.name not in absent)
+        seen = f"; still present at {', '.join(present)}" if present else "; present nowhere"
         violations.append(
             Violation(
                 kind,
                 f"edit {edit.id} ({state} on {edit.replica} at step {edit.step}) is missing "
-                f"from {', '.join(where)}: {first}",
+                f"from {', '.join(where)}: {first}{seen}",
                 edit=edit.id,
                 where=where,
             )
