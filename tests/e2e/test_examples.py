@@ -3,13 +3,15 @@
 Scripts run by path with ``sys.executable`` in a temporary directory. The repository
 root is never put on ``sys.path``: its ``crdtsync/`` folder would shadow the installed
 package mapping (``crdtsync.client`` lives in ``client/``). Workload modules are loaded
-in-process from their files instead, with ``importlib.util.spec_from_file_location``.
+from their files instead, with ``importlib.util.spec_from_file_location``, in a child
+process that can be killed if pycrdt never returns (see :func:`run_workload_in_child`).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import json
 import os
 import random
@@ -22,8 +24,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import timeout_s
-from pycrdt import Array, Doc, Text
+from helpers import RelayProcess, timeout_s
+from pycrdt import Array, Doc, Map, Text
 
 from crdtsync.store import UpdateLog
 from crdtsync.updates import check_update
@@ -37,10 +39,8 @@ Edit = Callable[[Doc[Any], random.Random], str]
 # -- running scripts --------------------------------------------------------------------
 
 
-def run_example(
-    script: str, *args: str, cwd: Path, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    """Run ``examples/<script>`` by path; stdout and stderr are captured as UTF-8."""
+def child_env() -> dict[str, str]:
+    """This environment without PYTHONPATH (see the module docstring) or CRDTSYNC_ settings."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -48,10 +48,17 @@ def run_example(
         if k != "PYTHONPATH" and (not k.startswith("CRDTSYNC_") or k.endswith("TIMEOUT_FACTOR"))
     }
     env["PYTHONIOENCODING"] = "utf-8"
+    return env
+
+
+def run_example(
+    script: str, *args: str, cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``examples/<script>`` by path; stdout and stderr are captured as UTF-8."""
     return subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args],
         cwd=cwd,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         encoding="utf-8",
@@ -78,7 +85,9 @@ def stored_doc(store: Path, name: str) -> Doc[Any]:
     return doc
 
 
-def test_quickstart_syncs_to_the_relay_and_exits_once_stored(relay, tmp_path):
+def test_quickstart_syncs_to_the_relay_and_exits_once_stored(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
     lines = ok(run_example("quickstart.py", "--relay", relay.url, "--db", "notes.db", cwd=tmp_path))
     assert lines == [
         "pending: 1",
@@ -90,7 +99,7 @@ def test_quickstart_syncs_to_the_relay_and_exits_once_stored(relay, tmp_path):
     assert stored_doc(relay.store, "team/todo").get("items", type=Array).to_py() == ["buy milk"]
 
 
-def test_quickstart_without_a_relay_keeps_the_edit_and_exits_1(tmp_path):
+def test_quickstart_without_a_relay_keeps_the_edit_and_exits_1(tmp_path: Path) -> None:
     result = run_example(
         "quickstart.py", "--relay", "ws://127.0.0.1:9", "--timeout", "0.3", cwd=tmp_path
     )
@@ -105,7 +114,9 @@ def test_quickstart_without_a_relay_keeps_the_edit_and_exits_1(tmp_path):
     ]
 
 
-def test_offline_notes_added_offline_then_synced_reach_a_second_replica(relay, tmp_path):
+def test_offline_notes_added_offline_then_synced_reach_a_second_replica(
+    relay: RelayProcess, tmp_path: Path
+) -> None:
     assert ok(run_example("offline_notes.py", "add", "first note", cwd=tmp_path)) == [
         "added: first note (1 pending)"
     ]
@@ -136,7 +147,7 @@ def test_offline_notes_added_offline_then_synced_reach_a_second_replica(relay, t
     ]
 
 
-def test_offline_notes_sync_needs_a_relay_and_fails_when_unreachable(tmp_path):
+def test_offline_notes_sync_needs_a_relay_and_fails_when_unreachable(tmp_path: Path) -> None:
     result = run_example("offline_notes.py", "sync", cwd=tmp_path)
     assert result.returncode == 2
     assert "sync needs --relay" in result.stderr
@@ -155,7 +166,7 @@ def test_offline_notes_sync_needs_a_relay_and_fails_when_unreachable(tmp_path):
     assert result.stderr.startswith("offline: relay not reachable")
 
 
-def test_embedded_relay_serves_two_replicas_in_process_then_exits(tmp_path):
+def test_embedded_relay_serves_two_replicas_in_process_then_exits(tmp_path: Path) -> None:
     lines = ok(run_example("embedded_relay.py", "--store", "relay.db", cwd=tmp_path))
     assert len(lines) == 4, lines
     assert re.fullmatch(r"relay listening on ws://127\.0\.0\.1:\d+", lines[0]), lines[0]
@@ -199,15 +210,23 @@ class Peer:
             self.doc.apply_update(update)
         self.emitted.clear()  # remote updates are not this peer's edits
 
+    def sync_with(self, other: Peer) -> None:
+        """Sync step 1/2 both ways, as a replica and a relay do on every (re)connect."""
+        self.receive([other.doc.get_update(self.doc.get_state())])
+        other.receive([self.doc.get_update(other.doc.get_state())])
+
 
 def run_workload(
     workload: ModuleType, seed: int, edits_per_doc: int = 300, n_docs: int = 3
 ) -> tuple[list[Peer], list[str], list[bytes], list[str]]:
     """Each doc makes ``edits_per_doc`` edits while receiving the others' updates late,
-    shuffled, some twice; then every doc receives everything that is left, shuffled.
+    in random order and some twice; then every doc receives all that is left, shuffled,
+    and the docs run one state-vector sync, as replicas do when they reconnect (pycrdt
+    needs it after out-of-order delivery: see
+    :func:`test_pycrdt_out_of_order_updates_can_drop_an_item_until_a_state_vector_sync`).
 
-    Returns the peers, the edit ids, every edit's update and snapshots of doc 0's view
-    (as JSON).
+    Returns the peers, the edit ids, every edit's update (in the order the edits were
+    made) and snapshots of doc 0's view (as JSON) along the way.
     """
     edit: Edit = workload.edit
     schedule = random.Random(seed)
@@ -243,54 +262,168 @@ def run_workload(
         schedule.shuffle(peer.inbox)
         peer.receive(peer.inbox)
         peer.inbox = []
+    for a, b in itertools.combinations(peers, 2):
+        a.sync_with(b)
     return peers, ids, updates, snapshots
 
 
-@pytest.mark.parametrize("name", WORKLOADS)
-def test_workload_converges_on_three_docs_with_unique_ids_and_deletions(name):
+def workload_summary(name: str, seed: int, edits_per_doc: int) -> dict[str, Any]:
+    """Run workload ``name`` (see :func:`run_workload`); what the tests check, as JSON values."""
     workload = load_workload(name)
-    peers, ids, updates, snapshots = run_workload(workload, seed=20240501)
+    peers, ids, updates, snapshots = run_workload(workload, seed, edits_per_doc)
+    reference: Doc[Any] = Doc()  # the updates applied in the order the edits were made
+    for update in updates:
+        reference.apply_update(update)
+    # The delete set from the reference: after out-of-order delivery, pycrdt 0.14.13 can
+    # encode a peer's whole state with a skip of ~2^32 (a u32 underflow), which
+    # check_update refuses; the causally applied reference never does.
+    deletes = check_update(reference.get_update()).deletes
+    summary = {
+        "ids": ids,
+        "updates": len(updates),
+        "views": [workload.view(p.doc) for p in peers],
+        "reference": workload.view(reference),
+        "states": [sorted(state_vector(p.doc.get_state()).items()) for p in peers],
+        "deleting_clients": sorted(deletes),
+        "snapshots": snapshots,
+    }
+    # tuples become lists, as they will for the parent
+    result: dict[str, Any] = json.loads(json.dumps(summary, ensure_ascii=False))
+    return result
 
-    views = [workload.view(p.doc) for p in peers]
-    assert views[1] == views[0]
-    assert views[2] == views[0]
-    infos = [check_update(p.doc.get_update()) for p in peers]
-    assert infos[1].state == infos[0].state == infos[2].state
-    assert set(infos[0].state) == {1000, 1001, 1002}
-    assert len(ids) == len(set(ids)) == 900
-    assert all(isinstance(i, str) and i for i in ids)
-    assert len(updates) == 900  # one non-empty update per edit (checked as they came)
-    # Not append-only: the final state carries deletions from every replica.
-    assert set(infos[0].deletes) == {1000, 1001, 1002}
-    assert all(p.doc.get_update() != b"\x00\x00" for p in peers)
+
+def state_vector(data: bytes) -> dict[int, int]:
+    """Decode an encoded state vector: var-uint count, then (client, clock) var-uint pairs."""
+    pos = 0
+
+    def uint() -> int:
+        nonlocal pos
+        value = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if byte < 0x80:
+                return value
+
+    pairs = [(uint(), uint()) for _ in range(uint())]
+    assert pos == len(data)
+    return dict(pairs)
+
+
+# Workloads run in a child process: one that mixes up code points and UTF-8 bytes can
+# send pycrdt into an endless loop in Rust that holds the GIL, which no in-process
+# timeout (pytest-timeout's signal or thread method) can stop; a child can be killed.
+_CHILD = (
+    "import json, sys; sys.path[:0] = sys.argv[1:3]; import test_examples as t; "
+    "print(json.dumps(t.workload_summary(sys.argv[3], int(sys.argv[4]), int(sys.argv[5])),"
+    " ensure_ascii=False))"
+)
+
+
+def run_workload_in_child(
+    name: str, seed: int, cwd: Path, edits_per_doc: int = 300
+) -> dict[str, Any]:
+    here = Path(__file__).resolve().parent
+    args = [str(here.parent), str(here), name, str(seed), str(edits_per_doc)]
+    limit = timeout_s(60)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD, *args],
+            cwd=cwd,  # not the repo root: see the module docstring
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            encoding="utf-8",
+            timeout=limit,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"workload {name!r} (seed {seed}) still running after {limit} s: pycrdt loops "
+            "forever on some Text offsets inside a character; are positions UTF-8 bytes?"
+        )
+    summary: dict[str, Any] = json.loads(ok(result)[-1])
+    return summary
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_workload_converges_on_three_docs_with_unique_ids_and_deletions(
+    name: str, tmp_path: Path
+) -> None:
+    s = run_workload_in_child(name, seed=20240501, cwd=tmp_path)
+    # Converged, and to what the updates give when applied in the order they were made.
+    assert s["views"][0] == s["reference"]
+    assert s["views"][1] == s["views"][0]
+    assert s["views"][2] == s["views"][0]
+    assert s["states"][1] == s["states"][0] == s["states"][2]
+    assert [client for client, _ in s["states"][0]] == [1000, 1001, 1002]
+    assert len(s["ids"]) == len(set(s["ids"])) == 900
+    assert all(isinstance(i, str) and i for i in s["ids"])
+    assert s["updates"] == 900  # one non-empty update per edit (checked as they came)
+    # Not append-only: the final state carries deletions made by every replica's edits.
+    assert s["deleting_clients"] == [1000, 1001, 1002]
     # Non-ASCII text went through pycrdt's byte-indexed Text intact.
-    assert any(re.search(r"[^\x00-\x7f]", s) for s in snapshots)
-    assert not any("\ufffd" in s for s in snapshots)
+    assert any(re.search(r"[^\x00-\x7f]", snap) for snap in s["snapshots"])
+    assert not any("\ufffd" in snap for snap in s["snapshots"])
+
+
+def test_pycrdt_out_of_order_updates_can_drop_an_item_until_a_state_vector_sync() -> None:
+    """Known pycrdt 0.14.13 (Yrs 0.28) behaviour the workload harness works around.
+
+    Three updates of one client, the first applied last: the item of the third is
+    dropped (Yjs 13.6 gives ``{"done": true, "other": "x"}`` for every order). The
+    state vector stays honest (it lacks the dropped clock), so a state-vector sync
+    repairs it, as replicas do on every reconnect. If this test fails, pycrdt fixed
+    it: delete this test and the sync round in :func:`run_workload`.
+    """
+    source: Doc[Any] = Doc(client_id=1)
+    updates: list[bytes] = []
+    source.observe(lambda event: updates.append(event.update))
+    m = source.get("m", type=Map)
+    m["done"] = False
+    m["other"] = "x"
+    m["done"] = True  # replaces (deletes) the first "done"
+
+    late = Peer(client_id=2)
+    late.receive([updates[1], updates[2], updates[0]])
+    assert late.doc.get("m", type=Map).to_py() == {"other": "x"}  # "done" is lost
+    late.sync_with(_peer_holding(source))
+    assert late.doc.get("m", type=Map).to_py() == {"done": True, "other": "x"}
+
+
+def _peer_holding(doc: Doc[Any]) -> Peer:
+    peer = Peer(client_id=3)
+    peer.receive([doc.get_update()])
+    return peer
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
-def test_workload_uses_only_its_rng(name):
+def test_workload_uses_only_its_rng(name: str, tmp_path: Path) -> None:
     """Same seed, same schedule, same client ids: the same documents. Another seed: not."""
-    workload = load_workload(name)
-    first, ids_a, _, _ = run_workload(workload, seed=5, edits_per_doc=60)
-    again, ids_b, _, _ = run_workload(workload, seed=5, edits_per_doc=60)
-    other, _, _, _ = run_workload(workload, seed=6, edits_per_doc=60)
-    assert workload.view(again[0].doc) == workload.view(first[0].doc)
-    assert workload.view(other[0].doc) != workload.view(first[0].doc)
-    assert not set(ids_a) & set(ids_b)  # ids stay unique across runs in one process
+    first = run_workload_in_child(name, seed=5, cwd=tmp_path, edits_per_doc=60)
+    again = run_workload_in_child(name, seed=5, cwd=tmp_path, edits_per_doc=60)
+    other = run_workload_in_child(name, seed=6, cwd=tmp_path, edits_per_doc=60)
+    assert again["views"] == first["views"]
+    # (parsed: pycrdt orders the keys of formatting attributes differently in each process)
+    assert [json.loads(v) for v in again["snapshots"]] == [
+        json.loads(v) for v in first["snapshots"]
+    ]
+    assert other["views"] != first["views"]
 
 
-def test_todo_workload_exercises_toggles_tags_and_non_ascii_titles():
-    _, _, _, snapshots = run_workload(load_workload("todo"), seed=11)
-    items = [item for s in snapshots for item in json.loads(s)]
-    assert any(item["done"] for item in items)
+def test_todo_workload_exercises_toggles_tags_and_non_ascii_titles(tmp_path: Path) -> None:
+    snapshots = run_workload_in_child("todo", seed=11, cwd=tmp_path)["snapshots"]
+    items = [item for snap in snapshots for item in json.loads(snap)]
+    assert any(item.get("done") for item in items)
     assert any(item["tags"] for item in items)
     assert any(re.search(r"[^\x00-\x7f]", item["title"]) for item in items)
 
 
-def test_richtext_workload_exercises_formatting_and_title():
-    _, _, _, snapshots = run_workload(load_workload("richtext"), seed=11)
-    views = [json.loads(s) for s in snapshots]
+def test_richtext_workload_exercises_formatting_and_title(tmp_path: Path) -> None:
+    snapshots = run_workload_in_child("richtext", seed=11, cwd=tmp_path)["snapshots"]
+    views = [json.loads(snap) for snap in snapshots]
     chunks = [chunk for v in views for p in v["paragraphs"] for chunk in p]
     formats = {key for _, attrs in chunks if attrs for key in attrs}
     assert formats == {"bold", "italic", "link", "color"}
@@ -298,7 +431,7 @@ def test_richtext_workload_exercises_formatting_and_title():
     assert any(len(v["paragraphs"]) > 1 for v in views)
 
 
-def test_workloads_import_by_module_name_from_the_repository_root(tmp_path):
+def test_workloads_import_by_module_name_from_the_repository_root(tmp_path: Path) -> None:
     """``examples.workloads.todo:edit`` resolves from the repo root, as ``check`` will name it."""
     code = (
         "import importlib, inspect\n"
@@ -306,11 +439,10 @@ def test_workloads_import_by_module_name_from_the_repository_root(tmp_path):
         "    fn = getattr(importlib.import_module(f'examples.workloads.{name}'), 'edit')\n"
         "    print(name, list(inspect.signature(fn).parameters))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env=env,
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=timeout_s(30),
@@ -319,7 +451,7 @@ def test_workloads_import_by_module_name_from_the_repository_root(tmp_path):
     assert ok(result) == ["todo ['doc', 'rng']", "richtext ['doc', 'rng']"]
 
 
-def test_workloads_readme_documents_every_workload():
+def test_workloads_readme_documents_every_workload() -> None:
     readme = (EXAMPLES / "workloads" / "README.md").read_text()
     for name in WORKLOADS:
         assert f"`examples.workloads.{name}:edit`" in readme
@@ -339,7 +471,7 @@ COVERED = {
 }
 
 
-def test_every_file_in_examples_has_a_test():
+def test_every_file_in_examples_has_a_test() -> None:
     files = {
         p.relative_to(EXAMPLES).as_posix()
         for p in EXAMPLES.rglob("*")

@@ -1,0 +1,1 @@
+"""Example workloads for ``crdtsync check --workload module:function`` (see README.md)."""
