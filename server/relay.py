@@ -54,7 +54,11 @@ __all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
 
 log = logging.getLogger("crdtsync.relay")
 
-EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for acknowledgements (DESIGN: wire protocol)
+EXTENSION_QUERY = "crdtsync"
+MAX_HELD_FRAMES = 10_000  # a peer that never sends step 1 goes live after this many
+HOLD_LIMIT_S = (
+    5.0  # ... or after this long  # ?crdtsync=1 asks for acknowledgements (DESIGN: wire protocol)
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +82,27 @@ class Peer:
     session: SyncSession
     document: str
     awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
+    # Live updates held back until this peer's step 1 is answered (None: live). A live
+    # update must not overtake the answer: Yrs (pycrdt 0.14) can lose a Map change when
+    # one client's updates are applied out of order (y-crdt#413); Yjs cannot, but order
+    # costs nothing here.
+    held: list[bytes] | None = field(default_factory=list)
+
+    def send_update_frame(self, frame: bytes) -> None:
+        """Send a live update now, or hold it until the peer's sync answer went out."""
+        if self.held is None:
+            broadcast([self.ws], frame)
+        elif len(self.held) < MAX_HELD_FRAMES:
+            self.held.append(frame)
+        else:
+            self.release()
+            broadcast([self.ws], frame)
+
+    def release(self) -> None:
+        """Go live: send what was held, in order."""
+        held, self.held = self.held, None
+        for frame in held or ():
+            broadcast([self.ws], frame)
 
 
 @dataclass(eq=False)
@@ -262,6 +287,7 @@ class Relay:
             room = self.rooms[document] = Room(document, appended=self.store.tail_length(document))
         # Join the fan-out before reading the store: no update slips between the two.
         room.peers.add(peer)
+        release_timer = asyncio.get_running_loop().call_later(HOLD_LIMIT_S, peer.release)
         self.stats["connections"] += 1
         try:
             if extensions:
@@ -284,6 +310,7 @@ class Relay:
             log.exception("bug while serving %r", document)
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            release_timer.cancel()
             self.stats["connections"] -= 1
             self._leave(room, peer)
 
@@ -301,6 +328,7 @@ class Relay:
 
     async def _dispatch(self, peer: Peer, room: Room) -> None:
         session = peer.session
+        answered = False
         for event in session.events_received():
             if isinstance(event, UpdateReceived):
                 if event.info.is_empty:
@@ -313,6 +341,7 @@ class Relay:
                 assert self.store is not None
                 merged = self.stored_document(room.name)
                 session.answer_state_request(get_update(merged, event.state_vector))
+                answered = True
             elif isinstance(event, AwarenessReceived):
                 self._on_awareness(peer, room, event)
             elif isinstance(event, AwarenessQueried):
@@ -327,6 +356,8 @@ class Relay:
                 await peer.ws.close(event.close_code, event.reason)
                 return
         await self._send(peer)
+        if answered and peer.held is not None:
+            peer.release()
 
     def _leave(self, room: Room, peer: Peer) -> None:
         room.peers.discard(peer)
@@ -432,7 +463,11 @@ class Relay:
         merged = updates[0] if len(updates) == 1 else merge_in_batches(updates)
         frame = SyncUpdate(merged).encode()
         ext_senders = {item.peer for item in items if item.peer.session.extensions}
-        broadcast([p.ws for p in room.peers if p not in ext_senders], frame)
+        live = [p for p in room.peers if p not in ext_senders]
+        broadcast([p.ws for p in live if p.held is None], frame)
+        for p in live:
+            if p.held is not None:
+                p.send_update_frame(frame)
         for sender in ext_senders:
             if sender not in room.peers:
                 continue
@@ -440,7 +475,7 @@ class Relay:
                 item.update for item in items if item.peer is not sender and item.update is not None
             ]
             if others:
-                broadcast([sender.ws], SyncUpdate(merge_in_batches(others)).encode())
+                sender.send_update_frame(SyncUpdate(merge_in_batches(others)).encode())
 
     def _close_later(self, ws: ServerConnection, code: int, reason: str) -> None:
         """Close a connection from synchronous code; the task is kept until it finishes."""
