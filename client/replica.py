@@ -36,6 +36,7 @@ from crdtsync.errors import (
     StoreError,
     SyncTimeout,
 )
+from crdtsync.protocol import decode_state_vector
 from crdtsync.settings import validate_document_name
 from crdtsync.store import EMPTY_UPDATE, Synchronous, UpdateLog
 from crdtsync.sync import (
@@ -128,6 +129,7 @@ class _Connection:
     acks: bool | None = None  # decided by the relay's first message
     next_key: int = 1
     in_flight: dict[int, list[int]] = field(default_factory=dict)  # key -> local seqs
+    resyncing: bool = False  # a step 1 of ours is waiting for its answer
     outbox: deque[bytes] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -595,6 +597,7 @@ class Replica:
         d.conn = conn
         d.last_error = None
         session.send_step1(d.doc.get_state())
+        conn.resyncing = True  # until the relay answers this step 1
         if d.awareness is not None and d.awareness.get_local_state() is not None:
             session.send_awareness(d.awareness.encode_awareness_update([d.awareness.client_id]))
         self._queue_frames(conn)
@@ -619,6 +622,11 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
 
+    @staticmethod
+    def _left_gap(d: _Document, ends: dict[int, int]) -> bool:
+        state = decode_state_vector(d.doc.get_state())
+        return any(state.get(client, 0) < end for client, end in ends.items())
+
     def _on_event(self, d: _Document, conn: _Connection, event: Any) -> None:
         if conn.acks is None:
             # The relay confirms extensions before anything else; a server whose first
@@ -629,7 +637,14 @@ class Replica:
         if isinstance(event, UpdateReceived):
             if not event.info.is_empty:
                 self._apply_remote(d, event.update)
+                if not conn.resyncing and self._left_gap(d, event.info.state):
+                    # Something before this update never arrived (a reordered or lost
+                    # delivery): ask again with our state vector; the relay's answer fills
+                    # the gap (and repairs what Yrs may have applied out of order).
+                    conn.resyncing = True
+                    conn.session.send_step1(d.doc.get_state())
             if event.answer:
+                conn.resyncing = False
                 d.synced = True
                 self._notify(d)
         elif isinstance(event, StateRequested):
