@@ -1,8 +1,9 @@
 """Settings models: validated by pydantic, loaded from flags, environment and TOML on request.
 
-Nothing is read at import: :meth:`RelaySettings.load` reads the environment
-(``CRDTSYNC_*``) and an optional TOML file only when the CLI or an app calls it.
-Precedence: explicit values (CLI flags) > environment > TOML file > defaults.
+Nothing is read at import. Building :class:`RelaySettings` reads the environment
+(``CRDTSYNC_*``), as any pydantic-settings model does; :meth:`RelaySettings.load` adds
+an optional TOML file. Precedence: explicit values (CLI flags) > environment > TOML
+file > defaults.
 """
 
 from __future__ import annotations

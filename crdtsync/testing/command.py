@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import socket
 import sys
 from pathlib import Path
@@ -58,6 +59,10 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
             raise UsageError(f"{local_only[0]} needs local relays (it cannot kill yours)")
         for url in args.relay:
             _check_relay(url)
+    # Like `python -m`, let workloads live in the current folder (the worker processes
+    # run there and import them the same way).
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         load_workload(args.workload)
     except ValueError as exc:
