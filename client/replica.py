@@ -568,6 +568,8 @@ class Replica:
                 if exc.rcvd is not None and exc.rcvd.code in (
                     CloseCode.MESSAGE_TOO_BIG,
                     CloseCode.POLICY_VIOLATION,
+                    CloseCode.INVALID_DATA,
+                    CloseCode.UNSUPPORTED_DATA,
                 ):
                     # Resending the same refused data forever helps nobody
                     # (y-websocket#189): stop, and say why in the status.
