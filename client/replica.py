@@ -153,6 +153,8 @@ class _Document:
     stop_reconnecting: bool = False
     compaction_scheduled: bool = False
     awareness: Awareness | None = None
+    pending_seqs: deque[int] = field(default_factory=deque)  # local seqs, ascending
+    acked: set[int] = field(default_factory=set)  # acknowledged, waiting for earlier ones
 
 
 class Replica:
@@ -263,7 +265,9 @@ class Replica:
         with doc.transaction():
             for update in stored.all_updates():
                 doc.apply_update(update)
-        d = _Document(name, doc, pending=store.pending_count(name), tail=len(stored.updates))
+        pending = store.pending_seqs(name)
+        d = _Document(name, doc, pending=len(pending), tail=len(stored.updates))
+        d.pending_seqs.extend(pending)
         self._docs[name] = d
         d.subscription = doc.observe(lambda event: self._on_transaction(d, event))
         d.awareness = Awareness(doc, outdated_timeout=int(AWARENESS_TIMEOUT_S * 1000))
@@ -401,6 +405,7 @@ class Replica:
             self._notify(d)
             return
         d.pending += 1
+        d.pending_seqs.append(seq)  # seqs only grow: the deque stays sorted
         d.tail += 1
         self._send_local(d, seq, update)
         self._maybe_compact(d)
@@ -489,6 +494,7 @@ class Replica:
                 return
             d.unsaved.pop(0)
             d.pending += 1
+            d.pending_seqs.append(seq)
             self._send_local(d, seq, update)
         d.last_error = None
         self._notify(d)
@@ -624,6 +630,28 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
 
+    def _confirm(self, d: _Document, seqs: list[int]) -> None:
+        """Count acknowledged transactions as stored, in order only.
+
+        A transaction is confirmed once it and every earlier local transaction of the
+        document are acknowledged. An update acknowledged after a gap (an earlier one
+        reordered away, then lost with its sender) cannot be integrated by anyone: it
+        is not durably stored in any useful sense, so it stays pending and is sent again.
+        """
+        d.acked.update(seqs)
+        confirmed = []
+        while d.pending_seqs and d.pending_seqs[0] in d.acked:
+            seq = d.pending_seqs.popleft()
+            d.acked.discard(seq)
+            confirmed.append(seq)
+        if not confirmed:
+            return
+        try:
+            d.pending -= self._store().acknowledge(d.name, confirmed)
+        except StoreError as exc:
+            d.last_error = str(exc)
+        self._notify(d)
+
     @staticmethod
     def _left_gap(d: _Document, ends: dict[int, int]) -> bool:
         state = decode_state_vector(d.doc.get_state())
@@ -663,11 +691,7 @@ class Replica:
         elif isinstance(event, Acknowledged):
             seqs = conn.in_flight.pop(event.key, None)
             if seqs:
-                try:
-                    d.pending -= self._store().acknowledge(d.name, seqs)
-                except StoreError as exc:
-                    d.last_error = str(exc)
-                self._notify(d)
+                self._confirm(d, seqs)
         elif isinstance(event, PermissionRefused):
             d.last_error = f"permission denied: {event.reason}"
         elif isinstance(event, AwarenessReceived):
