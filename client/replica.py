@@ -130,6 +130,7 @@ class _Connection:
     next_key: int = 1
     in_flight: dict[int, list[int]] = field(default_factory=dict)  # key -> local seqs
     resyncing: bool = False  # a step 1 of ours is waiting for its answer
+    relay_state: bytes | None = None  # the state vector of the relay's step 1
     outbox: deque[bytes] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -630,6 +631,16 @@ class Replica:
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
 
+    def _send_catch_up(self, d: _Document, conn: _Connection, relay_state: bytes) -> None:
+        """Send what the relay lacks as one update acknowledged for every pending transaction.
+
+        That is how offline edits are confirmed after a reconnect.
+        """
+        key = conn.next_key
+        conn.next_key += 1
+        conn.in_flight[key] = list(d.pending_seqs)
+        conn.session.send_update(d.doc.get_update(relay_state), key)
+
     def _confirm(self, d: _Document, seqs: list[int]) -> None:
         """Count acknowledged transactions as stored, in order only.
 
@@ -664,6 +675,13 @@ class Replica:
             conn.acks = isinstance(event, ExtensionsConfirmed)
             d.acks = conn.acks
             self._notify(d)
+        elif isinstance(event, ExtensionsConfirmed) and not conn.acks:
+            # A confirmation that a reordering path delivered late: acknowledgements are
+            # on after all. What was sent unkeyed is covered by one keyed catch-up update.
+            conn.acks = d.acks = True
+            if conn.relay_state is not None:
+                self._send_catch_up(d, conn, conn.relay_state)
+            self._notify(d)
         if isinstance(event, UpdateReceived):
             if not event.info.is_empty:
                 self._apply_remote(d, event.update)
@@ -678,16 +696,11 @@ class Replica:
                 d.synced = True
                 self._notify(d)
         elif isinstance(event, StateRequested):
-            diff = d.doc.get_update(event.state_vector)
+            conn.relay_state = event.state_vector
             if conn.acks:
-                # Answer with an acknowledged update covering every pending transaction:
-                # that is how offline edits are confirmed after a reconnect.
-                key = conn.next_key
-                conn.next_key += 1
-                conn.in_flight[key] = self._store().pending_seqs(d.name)
-                conn.session.send_update(diff, key)
+                self._send_catch_up(d, conn, event.state_vector)
             else:
-                conn.session.answer_state_request(diff)
+                conn.session.answer_state_request(d.doc.get_update(event.state_vector))
         elif isinstance(event, Acknowledged):
             seqs = conn.in_flight.pop(event.key, None)
             if seqs:
