@@ -298,8 +298,12 @@ class Replica:
             d.doc.unobserve(d.subscription)
         if d.task is not None:
             d.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await d.task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # our caller cancelled close() itself: let it through
         self._flush_remote()
         self._retry_unsaved(d)
 
@@ -626,10 +630,9 @@ class Replica:
         finally:
             keeper.cancel()
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await writer
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
+            # Collect the helpers' outcomes without swallowing a cancellation of our own:
+            # suppressing CancelledError here once let close() wait forever.
+            await asyncio.gather(writer, keeper, return_exceptions=True)
 
     def _send_catch_up(self, d: _Document, conn: _Connection, relay_state: bytes) -> None:
         """Send what the relay lacks as one update acknowledged for every pending transaction.
