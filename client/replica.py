@@ -154,7 +154,9 @@ class _Document:
     stop_reconnecting: bool = False
     compaction_scheduled: bool = False
     awareness: Awareness | None = None
-    pending_seqs: deque[int] = field(default_factory=deque)  # local seqs, ascending
+    # local seqs not yet confirmed, ascending; loaded from the file on first use, so that
+    # opening a document with a long offline history stays fast
+    pending_seqs: deque[int] | None = None
     acked: set[int] = field(default_factory=set)  # acknowledged, waiting for earlier ones
 
 
@@ -266,9 +268,7 @@ class Replica:
         with doc.transaction():
             for update in stored.all_updates():
                 doc.apply_update(update)
-        pending = store.pending_seqs(name)
-        d = _Document(name, doc, pending=len(pending), tail=len(stored.updates))
-        d.pending_seqs.extend(pending)
+        d = _Document(name, doc, pending=store.pending_count(name), tail=len(stored.updates))
         self._docs[name] = d
         d.subscription = doc.observe(lambda event: self._on_transaction(d, event))
         d.awareness = Awareness(doc, outdated_timeout=int(AWARENESS_TIMEOUT_S * 1000))
@@ -410,7 +410,8 @@ class Replica:
             self._notify(d)
             return
         d.pending += 1
-        d.pending_seqs.append(seq)  # seqs only grow: the deque stays sorted
+        if d.pending_seqs is not None:
+            d.pending_seqs.append(seq)  # seqs only grow: the deque stays sorted
         d.tail += 1
         self._send_local(d, seq, update)
         self._maybe_compact(d)
@@ -499,7 +500,8 @@ class Replica:
                 return
             d.unsaved.pop(0)
             d.pending += 1
-            d.pending_seqs.append(seq)
+            if d.pending_seqs is not None:
+                d.pending_seqs.append(seq)
             self._send_local(d, seq, update)
         d.last_error = None
         self._notify(d)
@@ -641,8 +643,13 @@ class Replica:
         """
         key = conn.next_key
         conn.next_key += 1
-        conn.in_flight[key] = list(d.pending_seqs)
+        conn.in_flight[key] = list(self._pending_seqs(d))
         conn.session.send_update(d.doc.get_update(relay_state), key)
+
+    def _pending_seqs(self, d: _Document) -> deque[int]:
+        if d.pending_seqs is None:
+            d.pending_seqs = deque(self._store().pending_seqs(d.name))
+        return d.pending_seqs
 
     def _confirm(self, d: _Document, seqs: list[int]) -> None:
         """Count acknowledged transactions as stored, in order only.
@@ -654,8 +661,9 @@ class Replica:
         """
         d.acked.update(seqs)
         confirmed = []
-        while d.pending_seqs and d.pending_seqs[0] in d.acked:
-            seq = d.pending_seqs.popleft()
+        pending = self._pending_seqs(d)
+        while pending and pending[0] in d.acked:
+            seq = pending.popleft()
             d.acked.discard(seq)
             confirmed.append(seq)
         if not confirmed:
