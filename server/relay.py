@@ -87,6 +87,10 @@ class Peer:
     # one client's updates are applied out of order (y-crdt#413); Yjs cannot, but order
     # costs nothing here.
     held: list[bytes] | None = field(default_factory=list)
+    # The stored document as read at join, kept for the answer to this peer's first
+    # step 1: whatever is stored after that read reaches the peer through the fan-out it
+    # joined first (held until the answer), so the store is read once per join, not twice.
+    joined: bytes | None = None
 
     def send_update_frame(self, frame: bytes) -> None:
         """Send a live update now, or hold it until the peer's sync answer went out."""
@@ -100,6 +104,7 @@ class Peer:
 
     def release(self) -> None:
         """Go live: send what was held, in order."""
+        self.joined = None
         held, self.held = self.held, None
         for frame in held or ():
             broadcast([self.ws], frame)
@@ -292,7 +297,8 @@ class Relay:
         try:
             if extensions:
                 session.send_hello()
-            session.send_step1(self._stored_state_vector(document))
+            peer.joined = self.stored_document(document)
+            session.send_step1(get_state(peer.joined))
             if room.awareness:
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
             await self._send(peer)
@@ -319,9 +325,6 @@ class Relay:
         assert self.store is not None
         return self.store.load(document).merged()
 
-    def _stored_state_vector(self, document: str) -> bytes:
-        return get_state(self.stored_document(document))
-
     async def _send(self, peer: Peer) -> None:
         for frame in peer.session.data_to_send():
             await peer.ws.send(frame)
@@ -338,8 +341,8 @@ class Relay:
                     continue
                 self._submit(_Pending(peer, event.update, event.key))
             elif isinstance(event, StateRequested):
-                assert self.store is not None
-                merged = self.stored_document(room.name)
+                merged = peer.joined if peer.joined is not None else self.stored_document(room.name)
+                peer.joined = None
                 session.answer_state_request(get_update(merged, event.state_vector))
                 answered = True
             elif isinstance(event, AwarenessReceived):
