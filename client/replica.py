@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
+import os
 import threading
 import time
 from collections import deque
@@ -33,23 +33,28 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from crdtsync.errors import (
     AcknowledgementsUnsupported,
     CloseCode,
+    MalformedMessage,
     StoreError,
     SyncTimeout,
 )
-from crdtsync.protocol import decode_state_vector
+from crdtsync.integrity import Ledger, client_id_of_key
+from crdtsync.protocol import CLIENT_KEY_BYTES, decode_state_vector, encode_state_vector
 from crdtsync.settings import validate_document_name
-from crdtsync.store import EMPTY_UPDATE, Synchronous, UpdateLog
+from crdtsync.store import EMPTY_UPDATE, QuarantinedUpdate, Synchronous, UpdateLog
 from crdtsync.sync import (
+    MAX_CLAIMED_CLIENTS,
     Acknowledged,
     AwarenessQueried,
     AwarenessReceived,
     ExtensionsConfirmed,
     Failed,
     PermissionRefused,
+    Refused,
     StateRequested,
     SyncSession,
     UpdateReceived,
 )
+from crdtsync.updates import UpdateInfo, check_update
 
 from .backoff import Backoff
 
@@ -113,6 +118,10 @@ class DocumentStatus:
         acknowledgements: True if the relay confirms durable storage, False if it does
             not (e.g. the reference y-websocket server), None until known.
         last_error: the last connection or store problem, if any.
+        quarantined: updates from the relay (or found in the file) that would have
+            broken the document, kept aside instead of applied (see
+            :meth:`Replica.quarantined`).
+        refused: local updates the relay refused to store (they stay pending).
     """
 
     connected: bool
@@ -120,6 +129,8 @@ class DocumentStatus:
     pending: int
     acknowledgements: bool | None
     last_error: str | None
+    quarantined: int = 0
+    refused: int = 0
 
 
 @dataclass(eq=False)
@@ -158,6 +169,11 @@ class _Document:
     # opening a document with a long offline history stays fast
     pending_seqs: deque[int] | None = None
     acked: set[int] = field(default_factory=set)  # acknowledged, waiting for earlier ones
+    # What the integrity check learned of this document's shared types (crdtsync.integrity).
+    types: set[tuple[int, int]] = field(default_factory=set)
+    claims: dict[int, set[int]] = field(default_factory=dict)
+    quarantined: int = 0
+    refused: int = 0
 
 
 class Replica:
@@ -259,16 +275,27 @@ class Replica:
             return existing.doc
         store = self._store()
         stored = store.load(name)
+        pending = store.pending_count(name)
         # A fresh client id on every open: reusing one after a lost tail of the file
-        # would create clashing ids that diverge silently (DESIGN: replica).
-        client_id = random.getrandbits(52) + 1
+        # would create clashing ids that diverge silently (DESIGN: replica). It is derived
+        # from a key kept in the file, which proves to any relay that the id is ours.
+        client_id, key = _new_client_id()
+        store.add_own_client(name, client_id, key, forget_others=pending == 0)
         doc: Doc[Any] = (
             ThreadSafeDoc(client_id=client_id) if self.multithreaded else Doc(client_id=client_id)
         )
-        with doc.transaction():
-            for update in stored.all_updates():
-                doc.apply_update(update)
-        d = _Document(name, doc, pending=store.pending_count(name), tail=len(stored.updates))
+        d_types: set[tuple[int, int]] = set()
+        d_claims: dict[int, set[int]] = {}
+        quarantined = self._load(
+            name, doc, stored.snapshot, stored.seqs, stored.updates, d_types, d_claims
+        )
+        d = _Document(
+            name, doc, pending=store.pending_count(name), tail=len(stored.updates) - quarantined
+        )
+        d.types, d.claims = d_types, d_claims
+        d.quarantined = store.quarantine_count(name)
+        if quarantined:
+            d.last_error = f"{quarantined} stored updates quarantined at open (see quarantined())"
         self._docs[name] = d
         d.subscription = doc.observe(lambda event: self._on_transaction(d, event))
         d.awareness = Awareness(doc, outdated_timeout=int(AWARENESS_TIMEOUT_S * 1000))
@@ -276,6 +303,78 @@ class Replica:
         if self.relay is not None:
             d.task = asyncio.create_task(self._connect_loop(d), name=f"crdtsync:{name}")
         return doc
+
+    def _load(
+        self,
+        name: str,
+        doc: Doc[Any],
+        snapshot: bytes | None,
+        seqs: list[int],
+        updates: list[bytes],
+        types: set[tuple[int, int]],
+        claims: dict[int, set[int]],
+    ) -> int:
+        """Apply the stored document to ``doc``, each tail update checked first.
+
+        A tail update that would break the document (written by a version before the
+        integrity check, or damaged) is quarantined instead: open never fails on
+        content. Returns how many were quarantined.
+        """
+        if snapshot:
+            doc.apply_update(snapshot)  # our own compaction of a Doc that applied it
+        guard = Ledger.of_state(decode_state_vector(doc.get_state()))
+        guard.types, guard.claims = types, claims
+        batch: list[tuple[int, bytes]] = []
+        quarantined = 0
+
+        def apply_batch() -> None:
+            nonlocal quarantined
+            with doc.transaction():
+                for seq, update in batch:
+                    try:
+                        doc.apply_update(update)
+                    except Exception as exc:  # pycrdt refused it after all: keep it aside
+                        self._quarantine_stored(name, update, f"pycrdt refused it: {exc}", seq)
+                        quarantined += 1
+            batch.clear()
+
+        for seq, update in zip(seqs, updates, strict=True):
+            try:
+                info = check_update(update)
+            except MalformedMessage as exc:
+                self._quarantine_stored(name, update, f"damaged: {exc}", seq)
+                quarantined += 1
+                continue
+            content: list[bytes] = []
+            if guard.overlaps(info):
+                apply_batch()
+                content = [_content_for(doc, info)]
+            verdict = guard.judge(update, info, None, content)
+            if verdict.refusals:
+                reason = "; ".join(r.reason for r in verdict.refusals)
+                self._quarantine_stored(name, update, reason, seq, verdict.update)
+                quarantined += 1
+            if verdict.update is not None:
+                batch.append((seq, verdict.update))
+        if batch:
+            apply_batch()
+        return quarantined
+
+    def _quarantine_stored(
+        self, name: str, update: bytes, reason: str, seq: int, keep: bytes | None = None
+    ) -> None:
+        log.warning("quarantined stored update %d of %r: %s", seq, name, reason)
+        self._store().quarantine(
+            name, update, reason, now=time.time(), replace_seq=seq, replacement=keep
+        )
+
+    def quarantined(self, name: str) -> list[QuarantinedUpdate]:
+        """Updates of ``name`` kept aside because they would have broken the document.
+
+        Each comes with the reason; they stay in the file for inspection and are never
+        applied. Works for documents that are not open too.
+        """
+        return self._store().quarantined(name)
 
     async def close(self, name: str) -> None:
         """Stop syncing ``name`` and forget its ``Doc``; its data stays in the file."""
@@ -304,6 +403,9 @@ class Replica:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise  # our caller cancelled close() itself: let it through
+            except Exception:
+                # The sync loop reports its errors in status(); closing never raises them.
+                log.exception("sync task of %r ended with an error", name)
         self._flush_remote()
         self._retry_unsaved(d)
 
@@ -327,6 +429,8 @@ class Replica:
             pending=d.pending + len(d.unsaved),
             acknowledgements=d.acks,
             last_error=d.last_error,
+            quarantined=d.quarantined,
+            refused=d.refused,
         )
 
     def awareness(self, name: str) -> Awareness:
@@ -522,18 +626,56 @@ class Replica:
 
     # -- remote updates ---------------------------------------------------------------------
 
+    def _admit(
+        self, d: _Document, update: bytes, info: UpdateInfo
+    ) -> tuple[bytes | None, set[int]]:
+        """Check a remote update against the document before it reaches the file or the Doc.
+
+        Content that pycrdt could not apply, or would crash on (a rewrite of clocks the
+        document holds, a parent that is not a shared type: crdtsync.integrity), is cut
+        away and quarantined with the reason. Returns what may be applied and the
+        clients whose content was refused.
+        """
+        state = decode_state_vector(d.doc.get_state())
+        clients = set(info.starts) | {parent[2] for parent in info.parents}
+        guard = Ledger(
+            ranges={c: [(0, state[c])] for c in clients if state.get(c)},
+            types=d.types,
+            claims=d.claims,
+        )
+        content = [_content_for(d.doc, info)] if guard.overlaps(info) else []
+        verdict = guard.judge(update, info, None, content)
+        if verdict.refusals:
+            self._quarantine_remote(d, update, "; ".join(r.reason for r in verdict.refusals))
+        return verdict.update, {r.client for r in verdict.refusals}
+
+    def _quarantine_remote(self, d: _Document, update: bytes, reason: str) -> None:
+        log.warning("quarantined an update from the relay for %r: %s", d.name, reason)
+        d.quarantined += 1
+        d.last_error = f"quarantined an update from the relay: {reason}"
+        try:
+            self._store().quarantine(d.name, update, reason, now=time.time())
+        except StoreError as exc:
+            log.error("could not keep the quarantined update of %r: %s", d.name, exc)
+        self._notify(d)
+
     def _apply_remote(self, d: _Document, update: bytes) -> None:
+        d.applying_remote = True
+        try:
+            d.doc.apply_update(update)
+        except Exception as exc:
+            # Checked first (_admit), so this is a pycrdt failure the check does not
+            # know: keep the update aside rather than in the file it would break.
+            self._quarantine_remote(d, update, f"pycrdt refused it: {exc}")
+            return
+        finally:
+            d.applying_remote = False
         # Store the update as received (a gap-waiting update is not in the Doc's own
         # encoding), batched per event-loop turn; losing it in a crash loses nothing,
         # since the relay sends it again on the next sync.
         d.remote_buffer.append(update)
         if self._flush_handle is None:
             self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_remote)
-        d.applying_remote = True
-        try:
-            d.doc.apply_update(update)
-        finally:
-            d.applying_remote = False
 
     def _flush_remote(self) -> None:
         self._flush_handle = None
@@ -589,6 +731,11 @@ class Replica:
                     d.stop_reconnecting = True
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
                 d.last_error = f"cannot connect to {self.relay}: {exc}"
+            except Exception as exc:
+                # Whatever went wrong, syncing goes on after a backoff and the app can
+                # see why in status(): a sync task never dies silently.
+                log.exception("syncing %r failed", d.name)
+                d.last_error = f"sync failed: {type(exc).__name__}: {exc}"
             finally:
                 if d.conn is not None:
                     d.conn = None
@@ -635,6 +782,19 @@ class Replica:
             # Collect the helpers' outcomes without swallowing a cancellation of our own:
             # suppressing CancelledError here once let close() wait forever.
             await asyncio.gather(writer, keeper, return_exceptions=True)
+
+    def _send_claims(self, d: _Document, conn: _Connection) -> None:
+        """Prove to the relay that our client ids are ours, before any content of theirs.
+
+        The current id and the ids of earlier opens whose edits may still be pending;
+        the relay refuses new content under an owned id from anyone else.
+        """
+        claims = self._store().own_clients(d.name)
+        if len(claims) > MAX_CLAIMED_CLIENTS:
+            current = d.doc.client_id
+            kept = sorted(c for c in claims if c != current)[-(MAX_CLAIMED_CLIENTS - 1) :]
+            claims = {c: claims[c] for c in [*kept, current]}
+        conn.session.send_claim(claims)
 
     def _send_catch_up(self, d: _Document, conn: _Connection, relay_state: bytes) -> None:
         """Send what the relay lacks as one update acknowledged for every pending transaction.
@@ -685,18 +845,24 @@ class Replica:
             # message is something else (the reference server) will never acknowledge.
             conn.acks = isinstance(event, ExtensionsConfirmed)
             d.acks = conn.acks
+            if conn.acks:
+                self._send_claims(d, conn)
             self._notify(d)
         elif isinstance(event, ExtensionsConfirmed) and not conn.acks:
             # A confirmation that a reordering path delivered late: acknowledgements are
             # on after all. What was sent unkeyed is covered by one keyed catch-up update.
             conn.acks = d.acks = True
+            self._send_claims(d, conn)
             if conn.relay_state is not None:
                 self._send_catch_up(d, conn, conn.relay_state)
             self._notify(d)
         if isinstance(event, UpdateReceived):
             if not event.info.is_empty:
-                self._apply_remote(d, event.update)
-                if not conn.resyncing and self._left_gap(d, event.info.state):
+                accepted, refused = self._admit(d, event.update, event.info)
+                if accepted is not None:
+                    self._apply_remote(d, accepted)
+                ends = {c: end for c, end in event.info.state.items() if c not in refused}
+                if not conn.resyncing and self._left_gap(d, ends):
                     # Something before this update never arrived (a reordered or lost
                     # delivery): ask again with our state vector; the relay's answer fills
                     # the gap (and repairs what Yrs may have applied out of order).
@@ -716,6 +882,12 @@ class Replica:
             seqs = conn.in_flight.pop(event.key, None)
             if seqs:
                 self._confirm(d, seqs)
+        elif isinstance(event, Refused):
+            # Never acknowledged: what it carried stays pending (and is reported).
+            conn.in_flight.pop(event.key, None)
+            d.refused += 1
+            d.last_error = f"the relay refused content: {event.reason}"
+            self._notify(d)
         elif isinstance(event, PermissionRefused):
             d.last_error = f"permission denied: {event.reason}"
         elif isinstance(event, AwarenessReceived):
@@ -735,3 +907,28 @@ def _describe_close(exc: ConnectionClosed) -> str:
     if frame is None:
         return "connection lost"
     return f"relay closed the connection: {frame.code} {frame.reason}".rstrip()
+
+
+def _new_client_id() -> tuple[int, bytes]:
+    """A fresh client id and the key it is derived from (crdtsync.integrity)."""
+    while True:
+        key = os.urandom(CLIENT_KEY_BYTES)
+        client_id = client_id_of_key(key)
+        if client_id:
+            return client_id, key
+
+
+def _content_for(doc: Doc[Any], info: UpdateInfo) -> bytes:
+    """The document's content of the clients an update touches, from the clocks it touches.
+
+    What the integrity check compares an overlapping update with (and looks parents up
+    in); every other client is left out of the encoding.
+    """
+    sv = decode_state_vector(doc.get_state())
+    for client, start in info.starts.items():
+        if client in sv:
+            sv[client] = min(sv[client], start)
+    for _, _, parent_client, parent_clock in info.parents:
+        if parent_client in sv:
+            sv[parent_client] = min(sv[parent_client], parent_clock)
+    return doc.get_update(encode_state_vector(sv))

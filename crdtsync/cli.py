@@ -59,6 +59,13 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--max-message-bytes", type=int, help="largest accepted message (64 MiB)")
     p.add_argument("--compact-after-updates", type=int, help="compact a document after N updates")
     p.add_argument("--max-connections", type=int, help="refuse connections beyond this many")
+    p.add_argument(
+        "--no-integrity",
+        dest="integrity",
+        action="store_const",
+        const=False,
+        help="switch off the integrity rule (for showing what it prevents; never in production)",
+    )
     p.add_argument("--config", help="TOML file with the same settings")
     p.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="JSON log level (INFO)"

@@ -23,11 +23,15 @@ from pycrdt import YMessageType, YSyncMessageType
 from .errors import MalformedMessage, MessageTooLarge
 
 __all__ = [
+    "CLIENT_KEY_BYTES",
     "EXTENSION_VERSION",
+    "MAX_CLAIMS_PER_MESSAGE",
     "AwarenessEntry",
     "AwarenessMessage",
     "ExtAck",
+    "ExtClaim",
     "ExtHello",
+    "ExtRefused",
     "ExtType",
     "ExtUpdate",
     "Message",
@@ -68,6 +72,8 @@ class ExtType(IntEnum):
     HELLO = 0  # relay -> replica: extensions confirmed, before anything else
     UPDATE = 1  # replica -> relay: an update with a key to acknowledge
     ACK = 2  # relay -> replica: the update with this key is durably stored
+    CLAIM = 3  # replica -> relay: client ids it owns, each with the key proving it
+    REFUSED = 4  # relay -> replica: (part of) the update with this key was refused, and why
 
 
 class AuthType(IntEnum):
@@ -225,6 +231,39 @@ class ExtAck:
         return bytes((MessageType.CRDTSYNC, ExtType.ACK)) + write_var_uint(self.key)
 
 
+CLIENT_KEY_BYTES = 32
+MAX_CLAIMS_PER_MESSAGE = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ExtClaim:
+    """The sender owns these client ids: ``(client id, key)`` pairs (crdtsync.integrity)."""
+
+    claims: tuple[tuple[int, bytes], ...]
+
+    def encode(self) -> bytes:
+        out = [bytes((MessageType.CRDTSYNC, ExtType.CLAIM)), write_var_uint(len(self.claims))]
+        for client, key in self.claims:
+            out.append(write_var_uint(client))
+            out.append(_var_bytes(key))
+        return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtRefused:
+    """Content of the update sent under ``key`` (0: an unkeyed one) was refused, and why."""
+
+    key: int
+    reason: str
+
+    def encode(self) -> bytes:
+        return (
+            bytes((MessageType.CRDTSYNC, ExtType.REFUSED))
+            + write_var_uint(self.key)
+            + _var_bytes(self.reason.encode("utf-8"))
+        )
+
+
 _SYNC_KINDS: dict[int, tuple[type[SyncStep1 | SyncStep2 | SyncUpdate], str]] = {
     YSyncMessageType.SYNC_STEP1: (SyncStep1, "sync step 1 state vector"),
     YSyncMessageType.SYNC_STEP2: (SyncStep2, "sync step 2 update"),
@@ -241,6 +280,8 @@ Message = (
     | ExtHello
     | ExtUpdate
     | ExtAck
+    | ExtClaim
+    | ExtRefused
 )
 
 
@@ -292,6 +333,27 @@ def decode_message(data: bytes, *, max_bytes: int | None = None) -> Message:
         elif sub == ExtType.ACK:
             key, pos = read_var_uint(data, pos)
             msg = ExtAck(key)
+        elif sub == ExtType.CLAIM:
+            count, pos = read_var_uint(data, pos)
+            if count > MAX_CLAIMS_PER_MESSAGE:
+                raise MalformedMessage(
+                    f"claim message declares {count} client ids, more than {MAX_CLAIMS_PER_MESSAGE}"
+                )
+            claims = []
+            for _ in range(count):
+                client, pos = read_var_uint(data, pos)
+                key_bytes, pos = _read_var_bytes(data, pos, "client key")
+                if len(key_bytes) != CLIENT_KEY_BYTES:
+                    raise MalformedMessage(
+                        f"client key for client {client} has {len(key_bytes)} bytes, "
+                        f"not {CLIENT_KEY_BYTES}"
+                    )
+                claims.append((client, key_bytes))
+            msg = ExtClaim(tuple(claims))
+        elif sub == ExtType.REFUSED:
+            key, pos = read_var_uint(data, pos)
+            reason, pos = _read_var_string(data, pos, "refusal reason")
+            msg = ExtRefused(key, reason)
         else:
             raise MalformedMessage(f"unknown crdtsync extension message type {sub}")
     else:

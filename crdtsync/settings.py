@@ -71,6 +71,9 @@ class RelaySettings(BaseSettings):
     close_timeout_s: float = Field(default=5.0, gt=0)
     compaction_workers: int = Field(default=1, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # The integrity rule (README: what the relay guarantees). Off only to show what it
+    # prevents (crdtsync check's negative control); never in a deployment.
+    integrity: bool = True
 
     @classmethod
     def settings_customise_sources(

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .errors import MalformedMessage, StoreError
+from .integrity import Ledger, decode_ranges, encode_ranges
 from .protocol import decode_state_vector
 from .updates import check_update
 
@@ -35,6 +36,7 @@ __all__ = [
     "EMPTY_UPDATE",
     "CompactionResult",
     "DocumentLog",
+    "QuarantinedUpdate",
     "Synchronous",
     "UpdateLog",
     "compact_file",
@@ -74,6 +76,52 @@ def m001_update_log(db: Database) -> None:
             PRIMARY KEY (doc, seq)
         ) WITHOUT ROWID"""
     )
+
+
+@migrations()
+def m002_integrity(db: Database) -> None:
+    # The relay's integrity ledger (crdtsync.integrity), written in the same commit as the
+    # updates it describes. A document with content but no row in ledger_docs was stored
+    # before ledgers existed: its ledger is built from its content on first use.
+    db.execute(
+        """CREATE TABLE ledger_clients (
+            doc TEXT NOT NULL,
+            client INTEGER NOT NULL,
+            ranges BLOB NOT NULL,
+            owner TEXT,
+            PRIMARY KEY (doc, client)
+        ) WITHOUT ROWID"""
+    )
+    db.execute(
+        """CREATE TABLE ledger_types (
+            doc TEXT NOT NULL,
+            client INTEGER NOT NULL,
+            clock INTEGER NOT NULL,
+            claimed INTEGER NOT NULL,
+            PRIMARY KEY (doc, client, clock)
+        ) WITHOUT ROWID"""
+    )
+    db.execute("CREATE TABLE ledger_docs (doc TEXT PRIMARY KEY) WITHOUT ROWID")
+    # A replica's own client ids and the keys that prove them (crdtsync.integrity).
+    db.execute(
+        """CREATE TABLE own_clients (
+            doc TEXT NOT NULL,
+            client INTEGER NOT NULL,
+            key BLOB NOT NULL,
+            PRIMARY KEY (doc, client)
+        ) WITHOUT ROWID"""
+    )
+    # Updates a replica refused to apply, kept aside with the reason.
+    db.execute(
+        """CREATE TABLE quarantine (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            doc TEXT NOT NULL,
+            data BLOB NOT NULL,
+            reason TEXT NOT NULL,
+            at REAL NOT NULL
+        )"""
+    )
+    db.execute("CREATE INDEX quarantine_doc ON quarantine (doc)")
 
 
 def merge_in_batches(updates: Sequence[bytes], batch: int = MERGE_BATCH) -> bytes:
@@ -147,6 +195,7 @@ class DocumentLog:
     updates: list[bytes]
     last_seq: int
     snapshot_seq: int = 0
+    seqs: list[int] = field(default_factory=list)  # the tail's sequence numbers
 
     def all_updates(self) -> list[bytes]:
         """The snapshot followed by the tail, ready to apply or merge."""
@@ -155,6 +204,17 @@ class DocumentLog:
     def merged(self) -> bytes:
         """One update holding the whole document (tree merge; never a Doc)."""
         return merge_in_batches(self.all_updates())
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedUpdate:
+    """An update a replica refused to apply (it would have broken the document), and why."""
+
+    id: int
+    doc: str
+    data: bytes
+    reason: str
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,20 +318,36 @@ class UpdateLog:
         """Append one update to ``doc``'s log; commits. Returns its sequence number."""
         return self.append_many([(doc, update)])[0]
 
-    def append_many(self, items: Iterable[tuple[str, bytes]]) -> list[int]:
+    def append_many(
+        self,
+        items: Iterable[tuple[str, bytes]],
+        ledgers: Mapping[str, Ledger] | None = None,
+    ) -> list[int]:
         """Append updates to their documents' logs in one transaction; commits once.
 
         Returns the sequence numbers, in order. This is how the relay persists one
-        event-loop turn's worth of updates with a single commit.
+        event-loop turn's worth of updates with a single commit. ``ledgers`` are the
+        integrity ledgers of the documents concerned: what changed in them is written
+        in the same commit, then marked clean.
         """
         rows = list(items)
-        if not rows:
+        if not rows and not ledgers:
             return []
         with self._write() as conn:
             # One executemany instead of a Python loop of executes: this is the relay's
             # hot path. Under the write lock AUTOINCREMENT hands out consecutive numbers.
-            conn.executemany("INSERT INTO updates (doc, data) VALUES (?, ?)", rows)
-            last = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'updates'").fetchone()
+            if rows:
+                conn.executemany("INSERT INTO updates (doc, data) VALUES (?, ?)", rows)
+                last = conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'updates'"
+                ).fetchone()
+            for doc, ledger in (ledgers or {}).items():
+                _write_ledger(conn, doc, ledger)
+        for ledger in (ledgers or {}).values():
+            ledger.clean()
+            ledger.known = True
+        if not rows:
+            return []
         return list(range(last[0] - len(rows) + 1, last[0] + 1))
 
     def append_local(self, doc: str, update: bytes) -> int:
@@ -281,6 +357,131 @@ class UpdateLog:
             seq = cur.lastrowid or 0
             conn.execute("INSERT INTO pending (doc, seq) VALUES (?, ?)", (doc, seq))
         return seq
+
+    # -- integrity ledger (relay) ------------------------------------------------------
+
+    def load_ledger(self, doc: str) -> Ledger:
+        """Read ``doc``'s integrity ledger (:class:`~crdtsync.integrity.Ledger`).
+
+        A document stored before ledgers existed gets its ledger built from its stored
+        content, written once (commits). A document with no content gets an empty,
+        unwritten ledger: its first append writes it.
+
+        Raises:
+            StoreError: the file cannot be read, or the stored content is damaged.
+        """
+        with self._lock, _store_errors(self.path):
+            conn = self.conn
+            conn.execute("BEGIN")
+            try:
+                known = conn.execute("SELECT 1 FROM ledger_docs WHERE doc = ?", (doc,)).fetchone()
+                clients = conn.execute(
+                    "SELECT client, ranges, owner FROM ledger_clients WHERE doc = ?", (doc,)
+                ).fetchall()
+                types = conn.execute(
+                    "SELECT client, clock, claimed FROM ledger_types WHERE doc = ?", (doc,)
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        if known:
+            ledger = Ledger(known=True)
+            for client, ranges, owner in clients:
+                ledger.ranges[client] = decode_ranges(ranges)
+                if owner is not None:
+                    ledger.owners[client] = owner
+            for client, clock, claimed in types:
+                if claimed:
+                    ledger.claims.setdefault(client, set()).add(clock)
+                else:
+                    ledger.types.add((client, clock))
+            return ledger
+        updates = self.load(doc).all_updates()
+        try:
+            ledger = Ledger.of_updates(updates)
+        except MalformedMessage as exc:
+            raise StoreError(
+                f"store {self.path}: document {doc!r} has a damaged update: {exc}", path=self.path
+            ) from exc
+        if updates:
+            with self._write() as conn:
+                _write_ledger(conn, doc, ledger)
+            ledger.clean()
+            ledger.known = True
+        return ledger
+
+    # -- own client ids and quarantine (replica) ------------------------------------------
+
+    def own_clients(self, doc: str) -> dict[int, bytes]:
+        """The replica's own client ids of ``doc`` and the keys that prove them."""
+        with self._lock, _store_errors(self.path):
+            rows = self.conn.execute(
+                "SELECT client, key FROM own_clients WHERE doc = ?", (doc,)
+            ).fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    def add_own_client(self, doc: str, client: int, key: bytes, *, forget_others: bool) -> None:
+        """Record a new own client id of ``doc``; commits.
+
+        With ``forget_others``, the document's other own ids are dropped (nothing of
+        theirs is pending, so no relay needs their proof any more).
+        """
+        with self._write() as conn:
+            if forget_others:
+                conn.execute("DELETE FROM own_clients WHERE doc = ?", (doc,))
+            conn.execute(
+                "INSERT OR REPLACE INTO own_clients (doc, client, key) VALUES (?, ?, ?)",
+                (doc, client, key),
+            )
+
+    def quarantine(
+        self,
+        doc: str,
+        data: bytes,
+        reason: str,
+        *,
+        now: float,
+        replace_seq: int | None = None,
+        replacement: bytes | None = None,
+    ) -> int:
+        """Keep ``data`` aside with ``reason``; commits. Returns the quarantine id.
+
+        With ``replace_seq``, the log row of that sequence number (where ``data`` was
+        stored) is replaced by ``replacement`` (the part that was safe to keep) or,
+        if None, removed together with its pending mark, in the same transaction.
+        """
+        with self._write() as conn:
+            cur = conn.execute(
+                "INSERT INTO quarantine (doc, data, reason, at) VALUES (?, ?, ?, ?)",
+                (doc, data, reason, now),
+            )
+            if replace_seq is not None:
+                if replacement is None:
+                    conn.execute("DELETE FROM updates WHERE seq = ?", (replace_seq,))
+                    conn.execute(
+                        "DELETE FROM pending WHERE doc = ? AND seq = ?", (doc, replace_seq)
+                    )
+                else:
+                    conn.execute(
+                        "UPDATE updates SET data = ? WHERE seq = ?", (replacement, replace_seq)
+                    )
+        return int(cur.lastrowid or 0)
+
+    def quarantined(self, doc: str) -> list[QuarantinedUpdate]:
+        """The updates of ``doc`` kept aside, oldest first."""
+        with self._lock, _store_errors(self.path):
+            rows = self.conn.execute(
+                "SELECT id, doc, data, reason, at FROM quarantine WHERE doc = ? ORDER BY id",
+                (doc,),
+            ).fetchall()
+        return [QuarantinedUpdate(*row) for row in rows]
+
+    def quarantine_count(self, doc: str) -> int:
+        """How many updates of ``doc`` are kept aside."""
+        with self._lock, _store_errors(self.path):
+            row = self.conn.execute(
+                "SELECT count(*) FROM quarantine WHERE doc = ?", (doc,)
+            ).fetchone()
+        return int(row[0])
 
     # -- pending acknowledgements (replica) ----------------------------------------
 
@@ -337,7 +538,9 @@ class UpdateLog:
             finally:
                 conn.execute("COMMIT")
         last = rows[-1][0] if rows else max(snapshot_seq, after_seq)
-        return DocumentLog(doc, snapshot, [r[1] for r in rows], last, snapshot_seq)
+        return DocumentLog(
+            doc, snapshot, [r[1] for r in rows], last, snapshot_seq, [r[0] for r in rows]
+        )
 
     def tail_length(self, doc: str) -> int:
         """How many updates wait in ``doc``'s log since its snapshot."""
@@ -394,6 +597,28 @@ class UpdateLog:
             )
             conn.execute("DELETE FROM updates WHERE doc = ? AND seq <= ?", (doc, log.last_seq))
         return CompactionResult(doc, len(log.updates), len(snapshot))
+
+
+def _write_ledger(conn: sqlite3.Connection, doc: str, ledger: Ledger) -> None:
+    """Write what changed in ``doc``'s ledger, inside the caller's transaction."""
+    if not ledger.known:
+        conn.execute("INSERT OR IGNORE INTO ledger_docs (doc) VALUES (?)", (doc,))
+    if ledger.dirty:
+        conn.executemany(
+            "INSERT INTO ledger_clients (doc, client, ranges, owner) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (doc, client) DO UPDATE SET ranges = excluded.ranges, "
+            "owner = excluded.owner",
+            [
+                (doc, c, encode_ranges(ledger.ranges.get(c, [])), ledger.owners.get(c))
+                for c in ledger.dirty
+            ],
+        )
+    if ledger.new_types:
+        conn.executemany(
+            "INSERT INTO ledger_types (doc, client, clock, claimed) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (doc, client, clock) DO UPDATE SET claimed = excluded.claimed",
+            [(doc, c, k, int(claimed)) for c, k, claimed in ledger.new_types],
+        )
 
 
 def compact_file(path: str, doc: str, synchronous: Synchronous = "NORMAL") -> CompactionResult:

@@ -32,11 +32,15 @@ from .errors import (
     ProtocolError,
     close_reason,
 )
+from .integrity import client_id_of_key
 from .protocol import (
+    MAX_CLAIMS_PER_MESSAGE,
     AwarenessEntry,
     AwarenessMessage,
     ExtAck,
+    ExtClaim,
     ExtHello,
+    ExtRefused,
     ExtUpdate,
     Message,
     PermissionDenied,
@@ -56,10 +60,12 @@ __all__ = [
     "Acknowledged",
     "AwarenessQueried",
     "AwarenessReceived",
+    "ClientsClaimed",
     "Event",
     "ExtensionsConfirmed",
     "Failed",
     "PermissionRefused",
+    "Refused",
     "StateRequested",
     "SyncSession",
     "UpdateReceived",
@@ -68,6 +74,7 @@ __all__ = [
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_ANSWER_PIECE_BYTES = 512 * 1024  # under every client's default frame limit (1 MiB)
+MAX_CLAIMED_CLIENTS = 4096  # client ids one connection may prove (a replica's pending history)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +133,21 @@ class PermissionRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientsClaimed:
+    """The peer proved that it owns these client ids (each key checked)."""
+
+    clients: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The relay refused content of the update we sent under ``key`` (0: unkeyed)."""
+
+    key: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The session refused the peer's input; close the connection with this code and reason."""
 
@@ -142,6 +164,8 @@ Event = (
     | AwarenessReceived
     | AwarenessQueried
     | PermissionRefused
+    | ClientsClaimed
+    | Refused
     | Failed
 )
 
@@ -207,6 +231,7 @@ class SyncSession:
         self.failure: Failed | None = None
         self.synced = False  # we received a step 2 (the answer to our step 1)
         self.messages_received = 0
+        self.claimed: frozenset[int] = frozenset()  # client ids the peer proved
 
     # -- input ------------------------------------------------------------------------
 
@@ -277,6 +302,19 @@ class SyncSession:
             )
         elif isinstance(msg, ExtAck):
             self._events.append(Acknowledged(msg.key))
+        elif isinstance(msg, ExtClaim):
+            for client, key in msg.claims:
+                if client_id_of_key(key) != client:
+                    raise AccessDenied(f"claim of client {client} does not match its key")
+            claimed = self.claimed | {client for client, _ in msg.claims}
+            if len(claimed) > MAX_CLAIMED_CLIENTS:
+                raise AccessDenied(
+                    f"claims for more than {MAX_CLAIMED_CLIENTS} client ids on one connection"
+                )
+            self.claimed = claimed
+            self._events.append(ClientsClaimed(claimed))
+        elif isinstance(msg, ExtRefused):
+            self._events.append(Refused(msg.key, msg.reason))
 
     # -- output -----------------------------------------------------------------------
 
@@ -332,6 +370,23 @@ class SyncSession:
     def send_query_awareness(self) -> None:
         """Ask the peer for every current awareness state."""
         self._out.append(QueryAwareness().encode())
+
+    def send_claim(self, claims: dict[int, bytes]) -> None:
+        """Prove ownership of client ids to the relay (extensions only; after its hello)."""
+        if not self.extensions:
+            raise RuntimeError("claims need extensions")
+        items = sorted(claims.items())
+        for i in range(0, len(items), MAX_CLAIMS_PER_MESSAGE):
+            self._out.append(ExtClaim(tuple(items[i : i + MAX_CLAIMS_PER_MESSAGE])).encode())
+
+    def refuse(self, key: int | None, reason: str) -> None:
+        """Tell the peer content it sent was refused: an extension message to crdtsync
+        peers, the y-protocols "permission denied" to stock clients (which only log it
+        and keep their connection: closing would make them resend it forever)."""
+        if self.extensions:
+            self._out.append(ExtRefused(key or 0, reason).encode())
+        else:
+            self._out.append(PermissionDenied(reason).encode())
 
     def deny(self, reason: str) -> None:
         """Send "permission denied" (stock clients only log it; the adapter then closes)."""

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import NoReturn
 
@@ -163,16 +163,42 @@ class UpdateInfo:
             start is above the receiver's clock for it leaves a gap.
         deletes: the delete set, client id -> ``[(clock, length), ...]`` in update order;
             empty ranges are left out.
+        holes: client id -> ``[(start, end), ...]``: clock ranges between ``starts`` and
+            ``state`` that the update does not carry (skips, as ``mergeUpdates`` writes
+            them). Empty for nearly every update.
+        types: ``(client, clock)`` of every item whose content is a shared type (the
+            only items another item may name as its parent).
+        parents: ``(client, clock, parent_client, parent_clock)`` of every item that
+            names its parent by ID (an item inserted into a nested type with no
+            neighbour to its left or right).
     """
 
     state: dict[int, int]
     starts: dict[int, int]
     deletes: dict[int, list[tuple[int, int]]]
+    holes: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    types: list[tuple[int, int]] = field(default_factory=list)
+    parents: list[tuple[int, int, int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         """No structs and no deletes: applying the update changes nothing (e.g. ``b"\\0\\0"``)."""
         return not self.state and not self.deletes
+
+    def ranges(self, client: int) -> list[tuple[int, int]]:
+        """The clock ranges of ``client`` that this update carries content for, ascending."""
+        start, end = self.starts[client], self.state[client]
+        holes = self.holes.get(client)
+        if not holes:
+            return [(start, end)]
+        out = []
+        for hole_start, hole_end in holes:
+            if hole_start > start:
+                out.append((start, hole_start))
+            start = max(start, hole_end)
+        if end > start:
+            out.append((start, end))
+        return out
 
 
 def check_update(
@@ -236,6 +262,9 @@ def _scan(data: bytes) -> UpdateInfo:
     state: dict[int, int] = {}
     starts: dict[int, int] = {}
     deletes: dict[int, list[tuple[int, int]]] = {}
+    holes: dict[int, list[tuple[int, int]]] = {}
+    types: list[tuple[int, int]] = []
+    parents: list[tuple[int, int, int, int]] = []
     try:
         num_clients = data[0]
         pos = 1
@@ -309,6 +338,8 @@ def _scan(data: bytes) -> UpdateInfo:
                         if first < 0:
                             first = clock
                         end = clock + length
+                    elif first >= 0:  # a skip after content: a hole (one before is a start)
+                        holes.setdefault(client, []).append((clock, clock + length))
                     clock += length
                     filler = True
                     continue
@@ -328,7 +359,10 @@ def _scan(data: bytes) -> UpdateInfo:
                     if parent_info == 1:
                         pos = _skip_string(data, pos, "root type name")
                     elif parent_info == 0:
+                        parent_at = pos
                         pos = _read_id(data, pos, "parent", client, clock, start)
+                        parent_client, after = _read_client_at(data, parent_at)
+                        parents.append((client, clock, parent_client, _read_uint_at(data, after)))
                     else:
                         # Yjs treats anything but 1 as an ID, Yrs wraps it to u32 first.
                         raise MalformedMessage(
@@ -376,6 +410,8 @@ def _scan(data: bytes) -> UpdateInfo:
                 else:
                     pos = _skip_rare_content(data, pos, ref, start)
                     length = 1
+                    if ref == 7:  # ContentRef.TYPE: a shared type others may name as parent
+                        types.append((client, clock))
                 if length:
                     if first < 0:
                         first = clock
@@ -389,6 +425,12 @@ def _scan(data: bytes) -> UpdateInfo:
             if end >= 0:
                 state[client] = end
                 starts[client] = first
+                client_holes = holes.get(client)
+                if client_holes and client_holes[-1][1] >= end:
+                    # trailing skips are no hole: the content ends before them
+                    holes[client] = [h for h in client_holes if h[0] < end]
+                    if not holes[client]:
+                        del holes[client]
             elif not filler:
                 # Yrs drops zero-length items while decoding; a block left with nothing
                 # makes Doc.apply_update panic when the document knows the client.
@@ -462,7 +504,7 @@ def _scan(data: bytes) -> UpdateInfo:
         raise MalformedMessage(
             f"update has {extra} trailing byte{'' if extra == 1 else 's'} after the delete set"
         )
-    return UpdateInfo(state, starts, deletes)
+    return UpdateInfo(state, starts, deletes, holes, types, parents)
 
 
 def _uint_tail(data: bytes, pos: int, first: int) -> tuple[int, int]:
@@ -511,6 +553,20 @@ def _read_client(data: bytes, pos: int) -> tuple[int, int]:
             _client_ids.clear()
         _client_ids[raw] = client
     return client, match.end()
+
+
+def _read_client_at(data: bytes, pos: int) -> tuple[int, int]:
+    """Read the var-uint at ``pos`` of an already validated ID; return ``(value, next_pos)``."""
+    if data[pos] < 0x80:
+        return data[pos], pos + 1
+    return _read_client(data, pos)
+
+
+def _read_uint_at(data: bytes, pos: int) -> int:
+    """Read the var-uint at ``pos`` of an already validated ID."""
+    if data[pos] < 0x80:
+        return data[pos]
+    return _uint_tail(data, pos + 1, data[pos])[0]
 
 
 def _read_id(data: bytes, pos: int, what: str, client: int, clock: int, start: int) -> int:

@@ -37,18 +37,22 @@ from crdtsync.errors import (
     StoreError,
     close_reason,
 )
+from crdtsync.integrity import Ledger, Writer
 from crdtsync.protocol import AwarenessEntry, AwarenessMessage, SyncUpdate, encode_awareness
 from crdtsync.settings import RelaySettings, validate_document_name
 from crdtsync.store import UpdateLog, compact_file, merge_in_batches
 from crdtsync.sync import (
     AwarenessQueried,
     AwarenessReceived,
+    ClientsClaimed,
     Failed,
     PermissionRefused,
+    Refused,
     StateRequested,
     SyncSession,
     UpdateReceived,
 )
+from crdtsync.updates import UpdateInfo
 
 __all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
 
@@ -81,6 +85,7 @@ class Peer:
     ws: ServerConnection
     session: SyncSession
     document: str
+    writer: Writer = field(default_factory=Writer)  # the client ids it proved (integrity)
     awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
     # Live updates held back until this peer's step 1 is answered (None: live). A live
     # update must not overtake the answer: Yrs (pycrdt 0.14) can lose a Map change when
@@ -125,6 +130,8 @@ class _Pending:
     peer: Peer
     update: bytes | None  # None: nothing to store (an empty update), only acknowledge
     key: int | None
+    info: UpdateInfo | None = None
+    refusal: str | None = None  # why (part of) the update was refused: never acknowledged
 
 
 class Relay:
@@ -153,8 +160,17 @@ class Relay:
         self._compactions: set[asyncio.Future[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._compacting: set[str] = set()  # documents with a compaction running
+        # Integrity ledgers of the documents with a room here (a cache of the store's:
+        # dropped with the room, and whenever a commit fails).
+        self._ledgers: dict[str, Ledger] = {}
         self._stopping = False
-        self.stats = {"updates_stored": 0, "commits": 0, "connections": 0, "refused": 0}
+        self.stats = {
+            "updates_stored": 0,
+            "commits": 0,
+            "connections": 0,
+            "refused": 0,
+            "updates_refused": 0,
+        }
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -339,7 +355,7 @@ class Relay:
                         # Queued all the same, so acknowledgements keep their order.
                         self._submit(_Pending(peer, None, event.key))
                     continue
-                self._submit(_Pending(peer, event.update, event.key))
+                self._submit(_Pending(peer, event.update, event.key, event.info))
             elif isinstance(event, StateRequested):
                 merged = peer.joined if peer.joined is not None else self.stored_document(room.name)
                 peer.joined = None
@@ -349,8 +365,10 @@ class Relay:
                 self._on_awareness(peer, room, event)
             elif isinstance(event, AwarenessQueried):
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
-            elif isinstance(event, PermissionRefused):
-                pass  # a client has no business denying the relay; ignore it
+            elif isinstance(event, ClientsClaimed):
+                peer.writer = Writer(event.clients, peer.writer.subject)
+            elif isinstance(event, (PermissionRefused, Refused)):
+                pass  # a client has no business refusing the relay's content; ignore it
             elif isinstance(event, Failed):
                 log.info(
                     "closing connection on %r: %s (%d)", room.name, event.reason, event.close_code
@@ -377,6 +395,7 @@ class Relay:
         if not room.peers:
             # Nothing of a room outlives its last connection (DESIGN: stateless relay).
             self.rooms.pop(room.name, None)
+            self._ledgers.pop(room.name, None)
             # Compact what this process knows is a sizeable tail; a few updates can wait.
             if room.appended >= max(1, self.settings.compact_after_updates // 10):
                 self._schedule_compaction(room)
@@ -415,14 +434,21 @@ class Relay:
         batch, self._batch = self._batch, []
         if not batch or self.store is None:
             return
-        stored = [item for item in batch if item.update is not None]
+        ledgers: dict[str, Ledger] = {}
         try:
+            if self.settings.integrity:
+                self._judge(batch, ledgers)
+            stored = [item for item in batch if item.update is not None]
             self.store.append_many(
-                (item.peer.document, item.update) for item in stored if item.update is not None
+                ((item.peer.document, item.update) for item in stored if item.update is not None),
+                ledgers,
             )
         except StoreError as exc:
             # Nothing was stored, so nothing is broadcast or acknowledged; the senders
             # are closed and resend on reconnect (their replicas still hold the edits).
+            # The ledgers judged this turn ran ahead of the store: read them again.
+            for name in ledgers:
+                self._ledgers.pop(name, None)
             log.error("store append failed: %s", exc)
             for peer in {item.peer for item in batch}:
                 self._close_later(
@@ -440,10 +466,15 @@ class Relay:
                 room.appended += len(items)
                 self._fan_out(room, items)
         for item in batch:
-            if item.key is not None:
-                item.peer.session.acknowledge(item.key)
-                for ack in item.peer.session.data_to_send():
-                    broadcast([item.peer.ws], ack)
+            session = item.peer.session
+            if item.refusal is not None:
+                session.refuse(item.key, item.refusal)
+            elif item.key is not None:
+                session.acknowledge(item.key)
+            else:
+                continue
+            for frame in session.data_to_send():
+                broadcast([item.peer.ws], frame)
         limit = self.settings.max_write_buffer_bytes
         for name in by_room:
             room = self.rooms.get(name)
@@ -455,6 +486,51 @@ class Relay:
                     self._close_later(p.ws, CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
             if room.appended >= self.settings.compact_after_updates:
                 self._schedule_compaction(room)
+
+    def _judge(self, batch: list[_Pending], ledgers: dict[str, Ledger]) -> None:
+        """Apply the integrity rule to one turn's updates, in order (crdtsync.integrity).
+
+        Each update is cut down to what may be stored; what was refused is kept in
+        ``item.refusal``. ``ledgers`` collects the documents' ledgers, whose changes
+        the append writes in the same commit.
+
+        Raises:
+            StoreError: a ledger or a document could not be read.
+        """
+        assert self.store is not None
+        accepted: dict[str, list[bytes]] = {}  # this turn's, not in the store yet
+        loaded: dict[str, list[bytes]] = {}
+        for item in batch:
+            if item.update is None or item.info is None:
+                continue
+            name = item.peer.document
+            ledger = ledgers.get(name)
+            if ledger is None:
+                ledger = ledgers[name] = self._ledger(name)
+            stored: list[bytes] = []
+            if ledger.overlaps(item.info):
+                # The slow path: the update repeats stored clocks (a reconnecting stock
+                # client, a catch-up, a duplicate) or names a parent not known as a type.
+                if name not in loaded:
+                    loaded[name] = self.store.load(name).all_updates()
+                stored = loaded[name] + accepted.get(name, [])
+            verdict = ledger.judge(item.update, item.info, item.peer.writer, stored)
+            item.update = verdict.update
+            if verdict.update is not None:
+                accepted.setdefault(name, []).append(verdict.update)
+            if verdict.refusals:
+                item.refusal = "; ".join(r.reason for r in verdict.refusals)[:1000]
+                self.stats["updates_refused"] += 1
+                log.warning("refused content on %r: %s", name, item.refusal)
+
+    def _ledger(self, name: str) -> Ledger:
+        ledger = self._ledgers.get(name)
+        if ledger is None:
+            assert self.store is not None
+            ledger = self.store.load_ledger(name)
+            if name in self.rooms:  # cached only while a room holds the document
+                self._ledgers[name] = ledger
+        return ledger
 
     def _fan_out(self, room: Room, items: list[_Pending]) -> None:
         """Send one turn's stored updates of a room: one merged frame per peer, not one per update.

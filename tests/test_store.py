@@ -486,8 +486,8 @@ def test_fresh_file_gets_the_schema(path: Path) -> None:
         applied = conn.execute("SELECT migration_set, name FROM _sqlite_migrations").fetchall()
     finally:
         conn.close()
-    assert {"documents", "updates", "pending"} <= tables
-    assert applied == [("crdtsync", "m001_update_log")]
+    assert {"documents", "updates", "pending", "ledger_clients", "quarantine"} <= tables
+    assert applied == [("crdtsync", "m001_update_log"), ("crdtsync", "m002_integrity")]
 
 
 # -- settings of the store ---------------------------------------------------------------------

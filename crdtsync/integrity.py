@@ -1,0 +1,753 @@
+"""Which parts of an update a writer may add to a document: pure, no I/O.
+
+The integrity rule (DESIGN: relay, integrity): a store never holds two different
+contents for one Yjs ``(client, clock)``. pycrdt cannot apply such a pair: it raises
+("block parent ... must be deleted or shared ref type") or crashes, and a replica that
+stored the pair could never open its file again. The rule is decided per document from a
+small record, the :class:`Ledger`, which the store keeps beside the content it describes:
+
+- for every client id, the clock ranges stored and the owner (if any);
+- the ids of items that are shared types, the only items another item may name as its
+  parent.
+
+An update is judged against the ledger (:meth:`Ledger.judge`):
+
+- **New content** (clocks the store does not hold) is accepted unless its client id is
+  owned by another writer (impersonation). A writer owns the client ids it proved (a
+  crdtsync replica proves the key its id is derived from, :func:`client_id_of_key`); the
+  first proven write of an id records the owner, with no coordination between relays.
+- **Repeated content** (clocks the store holds) must equal what is stored, unit by unit;
+  equal content is trimmed (not stored twice), different content is refused. Equality
+  is judged per clock unit on what Yjs keeps invariant when it splits and merges items:
+  the unit's left origin, right origin, parent (when named), and content value (numbers
+  by value, objects regardless of key order). A deleted or garbage-collected unit on
+  either side matches anything: its content is gone, and its id still refers to the
+  same place.
+- **Parents by id** must name a shared type: stored, created by the same update, or a
+  not-yet-stored clock of the writer's own client (recorded as a claim that the content
+  arriving there later must honour). Anything else would make every replica's
+  ``apply_update`` fail.
+
+A refusal covers one client's content in one update; the rest of the update (other
+clients, the delete set) is accepted. Deletes never conflict: deleting is idempotent.
+
+What the ledger cannot know: content written to an unowned client id (an anonymous stock
+client's) by someone else *before* its writer wrote it there wins, as the first write
+always does; and an owner that writes two different contents for one clock itself gets
+the second refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from bisect import bisect_right
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pycrdt import get_update
+
+from .protocol import encode_state_vector
+from .updates import UpdateInfo, check_update
+
+__all__ = [
+    "KEY_OWNER",
+    "Ledger",
+    "Refusal",
+    "Verdict",
+    "Writer",
+    "client_id_of_key",
+    "read_units",
+]
+
+_TYPE_REF = 7  # ContentRef.TYPE
+KEY_OWNER = "key"  # owned by whoever proves the key the client id is derived from
+_ID_DOMAIN = b"crdtsync client id\x00"
+_CLIENT_ID_MASK = 2**53 - 1  # lib0 and Yrs agree on ids up to 2^53-1
+
+
+def client_id_of_key(key: bytes) -> int:
+    """The client id derived from a writer's 32-byte key (0 means: draw another key).
+
+    Any relay can check a claim to an id without a shared table: the claimant shows the
+    key. Ids have 53 bits, so finding a key for a given id takes about 2^53 hashes.
+    """
+    if len(key) != 32:
+        raise ValueError(f"a client key has 32 bytes, not {len(key)}")
+    digest = hashlib.sha256(_ID_DOMAIN + key).digest()
+    return int.from_bytes(digest[:8], "big") & _CLIENT_ID_MASK
+
+
+@dataclass(frozen=True, slots=True)
+class Writer:
+    """Who sends an update: the client ids it proved, and its token subject if any.
+
+    ``Writer()`` is an anonymous stock client: it may write unowned client ids only.
+    """
+
+    proven: frozenset[int] = frozenset()
+    subject: str | None = None
+
+    def owner_for(self, client: int) -> str | None:
+        """The owner a first write of ``client`` by this writer records (None: none)."""
+        if client in self.proven:
+            return KEY_OWNER
+        return None
+
+    def may_write(self, client: int, owner: str | None) -> bool:
+        """Whether this writer may add new content under ``client`` owned by ``owner``."""
+        if owner is None:
+            return True
+        if owner == KEY_OWNER:
+            return client in self.proven
+        return self.subject is not None and owner == f"sub:{self.subject}"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Content of one client in one update that was refused, and why."""
+
+    client: int
+    start: int
+    end: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to store of an update: ``update`` (None: nothing) and what was refused."""
+
+    update: bytes | None
+    refusals: list[Refusal]
+    trimmed: bool = False  # repeated content was cut away
+
+    @property
+    def accepted_whole(self) -> bool:
+        """Nothing refused: the update may be acknowledged."""
+        return not self.refusals
+
+
+# -- clock ranges -----------------------------------------------------------------------
+
+
+def _add_range(ranges: list[tuple[int, int]], start: int, end: int) -> None:
+    """Add ``[start, end)`` to sorted, disjoint, non-adjacent ``ranges`` in place."""
+    if ranges and ranges[-1][1] == start:  # the common case: appending at the end
+        ranges[-1] = (ranges[-1][0], end)
+        return
+    if not ranges or ranges[-1][1] < start:
+        ranges.append((start, end))
+        return
+    i = bisect_right(ranges, (start, end))
+    lo = i
+    while lo > 0 and ranges[lo - 1][1] >= start:
+        lo -= 1
+    hi = i
+    while hi < len(ranges) and ranges[hi][0] <= end:
+        hi += 1
+    merged_start = min([start] + [r[0] for r in ranges[lo:hi]])
+    merged_end = max([end] + [r[1] for r in ranges[lo:hi]])
+    ranges[lo:hi] = [(merged_start, merged_end)]
+
+
+def _intersect(ranges: list[tuple[int, int]], start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The parts of ``[start, end)`` inside ``ranges``."""
+    for lo, hi in ranges:
+        if hi <= start:
+            continue
+        if lo >= end:
+            break
+        yield max(lo, start), min(hi, end)
+
+
+def _contains(ranges: list[tuple[int, int]], clock: int) -> bool:
+    i = bisect_right(ranges, (clock, 2**64))
+    return i > 0 and ranges[i - 1][1] > clock
+
+
+def encode_ranges(ranges: list[tuple[int, int]]) -> bytes:
+    """Pack ranges for the store (pairs of unsigned 64-bit integers)."""
+    return struct.pack(f"<{2 * len(ranges)}Q", *(n for r in ranges for n in r))
+
+
+def decode_ranges(data: bytes) -> list[tuple[int, int]]:
+    """Unpack what :func:`encode_ranges` packed."""
+    nums = struct.unpack(f"<{len(data) // 8}Q", data)
+    return list(zip(nums[::2], nums[1::2], strict=True))
+
+
+# -- the ledger -------------------------------------------------------------------------
+
+
+@dataclass
+class Ledger:
+    """The per-document record the integrity rule needs; the store persists it.
+
+    Attributes:
+        ranges: client id -> stored clock ranges, sorted, disjoint.
+        owners: client id -> owner (``"key"``, ``"sub:<subject>"``); absent: unowned.
+        types: ids of stored shared-type items.
+        claims: client id -> clocks a writer named as parents of its own items before
+            storing them: the content written there later must be a shared type.
+        dirty: clients whose ranges or owner changed since :meth:`clean`.
+        new_types: ``(client, clock, claimed)`` added since :meth:`clean`; a claim
+            that is fulfilled comes again with ``claimed`` false.
+        known: the store holds this ledger (otherwise its first write records it).
+    """
+
+    ranges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    owners: dict[int, str] = field(default_factory=dict)
+    types: set[tuple[int, int]] = field(default_factory=set)
+    claims: dict[int, set[int]] = field(default_factory=dict)
+    dirty: set[int] = field(default_factory=set)
+    new_types: list[tuple[int, int, bool]] = field(default_factory=list)
+    known: bool = False
+
+    @classmethod
+    def of_updates(cls, updates: Iterable[bytes]) -> Ledger:
+        """Build the ledger of stored content (e.g. a store written before ledgers)."""
+        ledger = cls()
+        for update in updates:
+            ledger.record(check_update(update))
+        ledger.dirty = set(ledger.ranges)
+        return ledger
+
+    @classmethod
+    def of_state(cls, state: dict[int, int]) -> Ledger:
+        """A ledger holding ``[0, clock)`` of every client of a state vector (a replica's Doc)."""
+        return cls(ranges={c: [(0, clock)] for c, clock in state.items() if clock})
+
+    def clean(self) -> None:
+        """Forget what changed: the store has written it."""
+        self.dirty.clear()
+        self.new_types.clear()
+
+    def record(self, info: UpdateInfo) -> None:
+        """Record content as stored without judging it (it is already in the store)."""
+        for client in info.state:
+            ranges = self.ranges.setdefault(client, [])
+            for start, end in info.ranges(client):
+                _add_range(ranges, start, end)
+            self.dirty.add(client)
+        self._add_types(info.types)
+
+    def _add_types(self, type_ids: Iterable[tuple[int, int]]) -> None:
+        for client, clock in type_ids:
+            if (client, clock) not in self.types:
+                self.types.add((client, clock))
+                self.new_types.append((client, clock, False))
+                claims = self.claims.get(client)
+                if claims is not None:
+                    claims.discard(clock)
+                    if not claims:
+                        del self.claims[client]
+
+    def _add_claim(self, client: int, clock: int) -> None:
+        if (client, clock) not in self.types and clock not in self.claims.get(client, ()):
+            self.claims.setdefault(client, set()).add(clock)
+            self.new_types.append((client, clock, True))
+
+    def overlaps(self, info: UpdateInfo) -> bool:
+        """Whether the update repeats stored clocks or names a stored non-type as parent.
+
+        If so, :meth:`judge` needs the stored content of the document (the slow path);
+        otherwise it decides from the ledger alone.
+        """
+        ranges_of = self.ranges
+        for client, start in info.starts.items():
+            ranges = ranges_of.get(client)
+            if (
+                ranges
+                and start < ranges[-1][1]
+                and any(True for r in info.ranges(client) for _ in _intersect(ranges, *r))
+            ):
+                return True
+        for _, _, parent_client, parent_clock in info.parents:
+            parent = (parent_client, parent_clock)
+            if parent not in self.types and _contains(
+                ranges_of.get(parent_client, []), parent_clock
+            ):
+                return True
+        return False
+
+    def judge(
+        self,
+        update: bytes,
+        info: UpdateInfo,
+        writer: Writer | None,
+        stored: Sequence[bytes] = (),
+    ) -> Verdict:
+        """Decide what of ``update`` may be stored, and record it in this ledger.
+
+        Args:
+            update: a valid update (:func:`~crdtsync.updates.check_update` passed).
+            info: its :class:`~crdtsync.updates.UpdateInfo`.
+            writer: who sends it; None checks content only, not ownership (a replica
+                judging what its relay sends).
+            stored: the stored content of the document (snapshot and tail, or a Doc's
+                encoding); needed only when :meth:`overlaps` says so.
+
+        Returns:
+            The part to store (the update itself when nothing is cut) and the refusals.
+        """
+        if not info.parents and not info.holes and self._append_only(info, writer):
+            return Verdict(update, [])
+        refused: dict[int, str] = {}
+        trim: dict[int, int] = {}  # client -> first clock to keep (repeated prefix cut)
+        stored_units: dict[int, dict[int, Unit]] = {}
+        needed = self._repeated(info)
+        if needed:
+            stored_units = _collect_units(stored, needed)
+            incoming = read_units(update, needed)
+            for client, clocks in needed.items():
+                reason = _compare(client, clocks, incoming.get(client, {}), stored_units)
+                if reason is not None:
+                    refused[client] = reason
+        for client, start in info.starts.items():
+            if client in refused:
+                continue
+            ranges = self.ranges.get(client)
+            new = (
+                [r for rng in info.ranges(client) for r in _subtract(rng, ranges)]
+                if ranges
+                else info.ranges(client)
+            )
+            if not new:
+                trim[client] = info.state[client]  # all of it repeats what is stored
+                continue
+            owner = self.owners.get(client)
+            if writer is not None and not writer.may_write(client, owner):
+                refused[client] = (
+                    f"client {client} belongs to another writer: new content at clocks "
+                    f"{new[0][0]}-{new[-1][1] - 1} refused"
+                )
+                continue
+            if new[0][0] > start:
+                trim[client] = new[0][0]
+            claimed = self._claims_broken(client, new, info)
+            if claimed is not None:
+                refused[client] = claimed
+        # Refusing a client also refuses the types it would have created, which other
+        # clients' items of this update may name as parents: repeat until nothing changes.
+        while True:
+            before = len(refused)
+            created = {t for t in info.types if t[0] not in refused}
+            for client, clock, parent_client, parent_clock in info.parents:
+                if client not in refused:
+                    reason = self._parent_problem(
+                        client, clock, (parent_client, parent_clock), created, stored, stored_units
+                    )
+                    if reason is not None:
+                        refused[client] = reason
+            if len(refused) == before:
+                break
+        # Record what is accepted.
+        for client in info.state:
+            if client in refused or trim.get(client) == info.state[client]:
+                continue
+            ranges = self.ranges.setdefault(client, [])
+            for start, end in info.ranges(client):
+                if start < trim.get(client, start):
+                    start = trim[client]
+                if end > start:
+                    _add_range(ranges, start, end)
+            self.dirty.add(client)
+            if client not in self.owners and writer is not None:
+                owner = writer.owner_for(client)
+                if owner is not None:
+                    self.owners[client] = owner
+        self._add_types(t for t in info.types if t[0] not in refused)
+        for client, _, parent_client, parent_clock in info.parents:
+            if client not in refused and parent_client == client:
+                self._add_claim(parent_client, parent_clock)
+        refusals = [
+            Refusal(client, info.starts[client], info.state[client], reason)
+            for client, reason in refused.items()
+        ]
+        if not refused and not trim:
+            return Verdict(update, refusals)
+        cut = {client: info.state[client] for client in refused}
+        cut.update(trim)
+        return Verdict(_cut(update, info, cut), refusals, trimmed=bool(trim))
+
+    def _append_only(self, info: UpdateInfo, writer: Writer | None) -> bool:
+        """The fast path: record an update that only appends after what is stored.
+
+        This is nearly every update (one writer typing): nothing repeats, nothing is
+        owned by another writer, no claim is involved. Returns False, changing
+        nothing, when the update needs the full judgement.
+        """
+        ranges_of, owners, claims = self.ranges, self.owners, self.claims
+        for client, start in info.starts.items():
+            ranges = ranges_of.get(client)
+            if ranges and start < ranges[-1][1]:
+                return False
+            if client in claims:
+                return False
+            owner = owners.get(client)
+            if owner is not None and writer is not None and not writer.may_write(client, owner):
+                return False
+        state = info.state
+        for client, start in info.starts.items():
+            ranges = ranges_of.get(client)
+            if ranges is None:
+                ranges_of[client] = [(start, state[client])]
+            elif ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], state[client])
+            else:
+                ranges.append((start, state[client]))
+            self.dirty.add(client)
+            if writer is not None and client not in owners and client in writer.proven:
+                owners[client] = KEY_OWNER
+        if info.types:
+            self._add_types(info.types)
+        return True
+
+    def _repeated(self, info: UpdateInfo) -> dict[int, list[tuple[int, int]]]:
+        """Client -> clock ranges of the update that the store already holds."""
+        needed: dict[int, list[tuple[int, int]]] = {}
+        for client, start in info.starts.items():
+            ranges = self.ranges.get(client)
+            if not ranges or start >= ranges[-1][1]:
+                continue
+            parts = [p for r in info.ranges(client) for p in _intersect(ranges, *r)]
+            if parts:
+                needed[client] = parts
+        return needed
+
+    def _parent_problem(
+        self,
+        client: int,
+        clock: int,
+        parent: ID,
+        created: set[ID],
+        stored: Sequence[bytes],
+        stored_units: dict[int, dict[int, Unit]],
+    ) -> str | None:
+        """Why an item at ``(client, clock)`` may not name ``parent`` (None: it may)."""
+        parent_client, parent_clock = parent
+        if parent in self.types or parent in created:
+            return None
+        if parent_clock in self.claims.get(parent_client, ()):
+            return None
+        if _contains(self.ranges.get(parent_client, []), parent_clock):
+            unit = _stored_unit(stored, stored_units, parent)
+            if isinstance(unit, _Wildcard):
+                return None  # a deleted parent: Yjs and Yrs both drop the child
+            if unit is not None and unit[4] == _TYPE_REF:
+                self._add_types([parent])  # a type the ledger did not know (a replica's)
+                return None
+            return (
+                f"item at client {client} clock {clock} names ({parent_client}, "
+                f"{parent_clock}) as parent, which is not a shared type"
+            )
+        if parent_client == client:
+            return None  # the writer's own earlier clock, not stored yet: a claim
+        return (
+            f"item at client {client} clock {clock} names ({parent_client}, {parent_clock}) "
+            "as parent, which this document does not hold"
+        )
+
+    def _claims_broken(
+        self, client: int, new: list[tuple[int, int]], info: UpdateInfo
+    ) -> str | None:
+        """A reason if new content lands a non-type on a clock claimed for a type."""
+        claims = self.claims.get(client)
+        if not claims:
+            return None
+        created = set(info.types)
+        for clock in claims:
+            if any(lo <= clock < hi for lo, hi in new) and (client, clock) not in created:
+                return (
+                    f"client {client} clock {clock} was named as a parent before it was "
+                    "written, and the content now written there is not a shared type"
+                )
+        return None
+
+
+def _subtract(rng: tuple[int, int], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of ``rng`` outside ``ranges``."""
+    start, end = rng
+    out = []
+    for lo, hi in _intersect(ranges, start, end):
+        if lo > start:
+            out.append((start, lo))
+        start = hi
+    if end > start:
+        out.append((start, end))
+    return out
+
+
+def _cut(update: bytes, info: UpdateInfo, cut: dict[int, int]) -> bytes | None:
+    """Drop each client's structs below ``cut[client]``; None if nothing is left."""
+    if all(cut.get(c) == end for c, end in info.state.items()) and not info.deletes:
+        return None
+    sv = {client: cut.get(client, 0) for client in info.state}
+    return get_update(update, encode_state_vector(sv))
+
+
+# -- units: what one clock of content is ------------------------------------------------
+
+
+class _Wildcard:
+    """A deleted or garbage-collected clock: its content is gone, it matches anything."""
+
+    def __repr__(self) -> str:
+        return "WILDCARD"
+
+
+WILDCARD = _Wildcard()
+ID = tuple[int, int]
+# (left origin, right origin, parent, parent key, content ref, value)
+Unit = tuple[ID | None, ID | None, Any, str | None, int, Any] | _Wildcard
+
+
+def _collect_units(
+    stored: Iterable[bytes], needed: dict[int, list[tuple[int, int]]]
+) -> dict[int, dict[int, Unit]]:
+    units: dict[int, dict[int, Unit]] = {}
+    for update in stored:
+        for client, clocks in read_units(update, needed).items():
+            mine = units.setdefault(client, {})
+            for clock, unit in clocks.items():
+                if mine.get(clock, WILDCARD) is WILDCARD:
+                    mine[clock] = unit  # prefer real content to a deleted copy
+    return units
+
+
+def _stored_unit(
+    stored: Sequence[bytes], cache: dict[int, dict[int, Unit]], unit_id: ID
+) -> Unit | None:
+    client, clock = unit_id
+    if clock not in cache.get(client, {}):
+        for client_units in _collect_units(stored, {client: [(clock, clock + 1)]}).values():
+            cache.setdefault(client, {}).update(client_units)
+    return cache.get(client, {}).get(clock)
+
+
+def _same(a: Unit, b: Unit) -> bool:
+    if isinstance(a, _Wildcard) or isinstance(b, _Wildcard) or a == b:
+        return True
+    # A string split inside a surrogate pair: Yjs and Yrs replace both halves by U+FFFD.
+    if a[:5] == b[:5] and a[4] == 4:
+        pair = {a[5], b[5]}
+        return 0xFFFD in pair and any(0xD800 <= u <= 0xDFFF for u in pair)
+    return False
+
+
+def _compare(
+    client: int,
+    clocks: list[tuple[int, int]],
+    incoming: dict[int, Unit],
+    stored: dict[int, dict[int, Unit]],
+) -> str | None:
+    mine = stored.get(client, {})
+    for lo, hi in clocks:
+        for clock in range(lo, hi):
+            new = incoming.get(clock)
+            old = mine.get(clock)
+            if new is None or old is None:
+                continue  # a hole on either side (a skip): nothing to compare
+            if not _same(new, old):
+                return (
+                    f"client {client} clock {clock} rewritten: it differs from the stored "
+                    f"content ({_describe(new)} instead of {_describe(old)})"
+                )
+    return None
+
+
+def _describe(unit: Unit) -> str:
+    if isinstance(unit, _Wildcard):
+        return "deleted"
+    value = unit[5]
+    text = chr(value) if unit[4] == 4 and 0x20 <= value < 0xD800 else repr(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def read_units(
+    update: bytes, wanted: dict[int, list[tuple[int, int]]]
+) -> dict[int, dict[int, Unit]]:
+    """Read the content units of ``update`` at the wanted clocks of the wanted clients.
+
+    ``update`` must be valid (:func:`~crdtsync.updates.check_update` passed): this
+    reader trusts its framing. It walks the whole update; only wanted units are kept.
+    """
+    r = _Reader(update)
+    out: dict[int, dict[int, Unit]] = {}
+    for _ in range(r.uint()):
+        num_structs = r.uint()
+        client = r.uint()
+        clock = r.uint()
+        ranges = wanted.get(client)
+        units = out.setdefault(client, {}) if ranges else None
+        for _ in range(num_structs):
+            clock = r.struct(client, clock, ranges, units)
+    return out
+
+
+class _Reader:
+    """A cursor over a validated v1 update (lib0 encoding)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def uint(self) -> int:
+        data, pos = self.data, self.pos
+        num = shift = 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            num |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                self.pos = pos
+                return num
+            shift += 7
+
+    def signed(self) -> int:
+        byte = self.data[self.pos]
+        self.pos += 1
+        num = byte & 0x3F
+        negative = byte & 0x40
+        shift = 6
+        while byte & 0x80:
+            byte = self.data[self.pos]
+            self.pos += 1
+            num |= (byte & 0x7F) << shift
+            shift += 7
+        return -num if negative else num
+
+    def var_bytes(self) -> bytes:
+        size = self.uint()
+        start = self.pos
+        self.pos += size
+        return self.data[start : self.pos]
+
+    def string(self) -> str:
+        return self.var_bytes().decode()
+
+    def id(self) -> ID:
+        client = self.uint()
+        return client, self.uint()
+
+    def any(self) -> Any:
+        """A lib0 Any value, normalised so that equal values compare equal."""
+        kind = self.data[self.pos]
+        self.pos += 1
+        if kind == 119:
+            return ("s", self.string())
+        if kind == 125:
+            return ("n", self.signed())
+        if kind in (124, 123):
+            size = 4 if kind == 124 else 8
+            (value,) = struct.unpack(
+                ">f" if size == 4 else ">d", self.data[self.pos : self.pos + size]
+            )
+            self.pos += size
+            return ("n", int(value) if value.is_integer() else value)
+        if kind == 122:
+            (value,) = struct.unpack(">q", self.data[self.pos : self.pos + 8])
+            self.pos += 8
+            return ("n", value)
+        if kind in (121, 120):
+            return ("b", kind == 120)
+        if kind == 126:
+            return ("null",)
+        if kind == 127:
+            return ("undefined",)
+        if kind == 117:
+            return ("a", tuple(self.any() for _ in range(self.uint())))
+        if kind == 118:
+            entries = {}
+            for _ in range(self.uint()):
+                key = self.string()
+                entries[key] = self.any()
+            return ("o", tuple(sorted(entries.items())))
+        if kind == 116:
+            return ("y", self.var_bytes())
+        raise AssertionError(f"unknown Any type {kind} in a validated update")
+
+    def json(self) -> Any:
+        return _normalise_json(json.loads(self.string()))
+
+    def struct(
+        self,
+        client: int,
+        clock: int,
+        ranges: list[tuple[int, int]] | None,
+        units: dict[int, Unit] | None,
+    ) -> int:
+        """Read one struct at ``clock``; keep its wanted units; return the next clock."""
+        info = self.data[self.pos]
+        self.pos += 1
+        ref = info & 0x1F
+        if ref in (0, 10):  # GC, skip
+            length = self.uint()
+            if ref == 0 and units is not None and ranges is not None:
+                for k in _wanted(ranges, clock, clock + length):
+                    units[k] = WILDCARD
+            return clock + length
+        origin = self.id() if info & 0x80 else None
+        right = self.id() if info & 0x40 else None
+        parent: Any = None
+        sub = None
+        if not info & 0xC0:
+            parent = ("root", self.string()) if self.uint() == 1 else self.id()
+            if info & 0x20:
+                sub = self.string()
+        values: list[Any] | None
+        if ref == 4:  # string: one unit per UTF-16 code unit
+            raw = self.string().encode("utf-16-le")
+            values = list(struct.unpack(f"<{len(raw) // 2}H", raw))
+        elif ref == 8:
+            values = [self.any() for _ in range(self.uint())]
+        elif ref == 1:  # deleted
+            length = self.uint()
+            if units is not None and ranges is not None:
+                for k in _wanted(ranges, clock, clock + length):
+                    units[k] = WILDCARD
+            return clock + length
+        elif ref == 3:
+            values = [self.var_bytes()]
+        elif ref == 5:
+            values = [self.json()]
+        elif ref == 6:
+            key = self.string()
+            values = [(key, self.json())]
+        elif ref == 7:
+            type_ref = self.uint()
+            values = [(type_ref, self.string() if type_ref == 3 else None)]
+        elif ref == 9:
+            values = [(self.string(), self.any())]
+        else:  # JSON content (2) is refused by check_update
+            raise AssertionError(f"content ref {ref} in a validated update")
+        length = len(values)
+        if units is not None and ranges is not None:
+            for k in _wanted(ranges, clock, clock + length):
+                i = k - clock
+                if i == 0:
+                    units[k] = (origin, right, parent, sub, ref, values[0])
+                else:
+                    units[k] = ((client, k - 1), right, None, None, ref, values[i])
+        return clock + length
+
+
+def _wanted(ranges: list[tuple[int, int]], start: int, end: int) -> Iterator[int]:
+    for lo, hi in _intersect(ranges, start, end):
+        yield from range(lo, hi)
+
+
+def _normalise_json(value: Any) -> Any:
+    if isinstance(value, bool):
+        return ("b", value)
+    if isinstance(value, (int, float)):
+        return ("n", int(value) if float(value).is_integer() else value)
+    if isinstance(value, str):
+        return ("s", value)
+    if value is None:
+        return ("null",)
+    if isinstance(value, list):
+        return ("a", tuple(_normalise_json(v) for v in value))
+    return ("o", tuple(sorted((k, _normalise_json(v)) for k, v in value.items())))
