@@ -331,13 +331,20 @@ class Ledger:
                 refused[client] = claimed
         # Refusing a client also refuses the types it would have created, which other
         # clients' items of this update may name as parents: repeat until nothing changes.
+        own_ranges = {c: info.ranges(c) for c in {p[2] for p in info.parents} if c in info.state}
         while True:
             before = len(refused)
             created = {t for t in info.types if t[0] not in refused}
             for client, clock, parent_client, parent_clock in info.parents:
                 if client not in refused:
                     reason = self._parent_problem(
-                        client, clock, (parent_client, parent_clock), created, stored, stored_units
+                        client,
+                        clock,
+                        (parent_client, parent_clock),
+                        created,
+                        own_ranges,
+                        stored,
+                        stored_units,
                     )
                     if reason is not None:
                         refused[client] = reason
@@ -423,6 +430,7 @@ class Ledger:
         clock: int,
         parent: ID,
         created: set[ID],
+        own_ranges: dict[int, list[tuple[int, int]]],
         stored: Sequence[bytes],
         stored_units: dict[int, dict[int, Unit]],
     ) -> str | None:
@@ -430,6 +438,12 @@ class Ledger:
         parent_client, parent_clock = parent
         if parent in self.types or parent in created:
             return None
+        if any(lo <= parent_clock < hi for lo, hi in own_ranges.get(parent_client, ())):
+            # written by this very update, and not as a shared type
+            return (
+                f"item at client {client} clock {clock} names ({parent_client}, "
+                f"{parent_clock}) as parent, which the same update writes as no shared type"
+            )
         if parent_clock in self.claims.get(parent_client, ()):
             return None
         if _contains(self.ranges.get(parent_client, []), parent_clock):
