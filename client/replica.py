@@ -643,8 +643,7 @@ class Replica:
             types=d.types,
             claims=d.claims,
         )
-        content = [_content_for(d.doc, info)] if guard.overlaps(info) else []
-        verdict = guard.judge(update, info, None, content)
+        verdict = guard.judge(update, info, None, lambda: [_content_for(d.doc, info)])
         if verdict.refusals:
             self._quarantine_remote(d, update, "; ".join(r.reason for r in verdict.refusals))
         return verdict.update, {r.client for r in verdict.refusals}

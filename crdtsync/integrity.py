@@ -43,7 +43,7 @@ import hashlib
 import json
 import struct
 from bisect import bisect_right
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,7 +115,7 @@ class Refusal:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per stored update: a frozen __init__ costs too much here
 class Verdict:
     """What to store of an update: ``update`` (None: nothing) and what was refused."""
 
@@ -277,7 +277,7 @@ class Ledger:
         update: bytes,
         info: UpdateInfo,
         writer: Writer | None,
-        stored: Sequence[bytes] = (),
+        stored: Sequence[bytes] | Callable[[], Sequence[bytes]] = (),
     ) -> Verdict:
         """Decide what of ``update`` may be stored, and record it in this ledger.
 
@@ -287,13 +287,16 @@ class Ledger:
             writer: who sends it; None checks content only, not ownership (a replica
                 judging what its relay sends).
             stored: the stored content of the document (snapshot and tail, or a Doc's
-                encoding); needed only when :meth:`overlaps` says so.
+                encoding), or a function returning it: it is needed (and called, once)
+                only when :meth:`overlaps` would say so.
 
         Returns:
             The part to store (the update itself when nothing is cut) and the refusals.
         """
         if not info.parents and not info.holes and self._append_only(info, writer):
             return Verdict(update, [])
+        if callable(stored):
+            stored = _Lazy(stored)
         refused: dict[int, str] = {}
         trim: dict[int, int] = {}  # client -> first clock to keep (repeated prefix cut)
         stored_units: dict[int, dict[int, Unit]] = {}
@@ -479,6 +482,28 @@ class Ledger:
                     "written, and the content now written there is not a shared type"
                 )
         return None
+
+
+class _Lazy(Sequence[bytes]):
+    """The stored content, read on first use (most judgements never need it)."""
+
+    def __init__(self, load: Callable[[], Sequence[bytes]]) -> None:
+        self._load = load
+        self._items: Sequence[bytes] | None = None
+
+    def _get(self) -> Sequence[bytes]:
+        if self._items is None:
+            self._items = self._load()
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._get()[index]
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._get())
 
 
 def _subtract(rng: tuple[int, int], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

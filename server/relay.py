@@ -507,13 +507,15 @@ class Relay:
             ledger = ledgers.get(name)
             if ledger is None:
                 ledger = ledgers[name] = self._ledger(name)
-            stored: list[bytes] = []
-            if ledger.overlaps(item.info):
+
+            def stored(name: str = name) -> list[bytes]:
                 # The slow path: the update repeats stored clocks (a reconnecting stock
                 # client, a catch-up, a duplicate) or names a parent not known as a type.
                 if name not in loaded:
+                    assert self.store is not None
                     loaded[name] = self.store.load(name).all_updates()
-                stored = loaded[name] + accepted.get(name, [])
+                return loaded[name] + accepted.get(name, [])
+
             verdict = ledger.judge(item.update, item.info, item.peer.writer, stored)
             item.update = verdict.update
             if verdict.update is not None:

@@ -104,6 +104,8 @@ async def test_poisoning_pair_from_a_room_member_is_refused_and_every_replica_st
         await attacker.send(first, rewrite, expect_denied=1)
         assert attacker.closed is None  # a stock client is told, not closed (it would resend)
         assert "client 424242 clock 0 rewritten" in attacker.denied[0]
+        for doc in (doc_a, doc_b):
+            await eventually(lambda doc=doc: str(doc.get("text", type=Text)) == "x")
 
         doc_a.get("text", type=Text).insert(0, "a ")
         doc_b.get("list", type=Array).append("b")
