@@ -54,6 +54,7 @@ from .updates import UpdateInfo, check_update
 
 __all__ = [
     "KEY_OWNER",
+    "MAX_RANGES_PER_CLIENT",
     "Ledger",
     "Refusal",
     "Verdict",
@@ -63,6 +64,10 @@ __all__ = [
 ]
 
 _TYPE_REF = 7  # ContentRef.TYPE
+# Each gap a client leaves in its clocks is a range the ledger keeps (and rewrites with
+# every append of that client): honest clients leave a few, briefly (reordered
+# deliveries); a writer that keeps skipping ahead is refused beyond this.
+MAX_RANGES_PER_CLIENT = 1024
 KEY_OWNER = "key"  # owned by whoever proves the key the client id is derived from
 _ID_DOMAIN = b"crdtsync client id\x00"
 _CLIENT_ID_MASK = 2**53 - 1  # lib0 and Yrs agree on ids up to 2^53-1
@@ -327,6 +332,12 @@ class Ledger:
                     f"{new[0][0]}-{new[-1][1] - 1} refused"
                 )
                 continue
+            if ranges and len(ranges) + len(new) > MAX_RANGES_PER_CLIENT:
+                refused[client] = (
+                    f"client {client} would leave more than {MAX_RANGES_PER_CLIENT} gaps "
+                    "in its clocks: fill them first"
+                )
+                continue
             if new[0][0] > start:
                 trim[client] = new[0][0]
             claimed = self._claims_broken(client, new, info)
@@ -392,7 +403,7 @@ class Ledger:
         ranges_of, owners, claims = self.ranges, self.owners, self.claims
         for client, start in info.starts.items():
             ranges = ranges_of.get(client)
-            if ranges and start < ranges[-1][1]:
+            if ranges and (start < ranges[-1][1] or len(ranges) >= MAX_RANGES_PER_CLIENT):
                 return False
             if client in claims:
                 return False
