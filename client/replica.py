@@ -918,16 +918,14 @@ def _new_client_id() -> tuple[int, bytes]:
 
 
 def _content_for(doc: Doc[Any], info: UpdateInfo) -> bytes:
-    """The document's content of the clients an update touches, from the clocks it touches.
+    """The document's content of the clients an update touches (whole: a cut inside a
+    string can land between surrogate halves, which pycrdt 0.14 gets wrong).
 
     What the integrity check compares an overlapping update with (and looks parents up
     in); every other client is left out of the encoding.
     """
     sv = decode_state_vector(doc.get_state())
-    for client, start in info.starts.items():
+    for client in [*info.starts, *(parent[2] for parent in info.parents)]:
         if client in sv:
-            sv[client] = min(sv[client], start)
-    for _, _, parent_client, parent_clock in info.parents:
-        if parent_client in sv:
-            sv[parent_client] = min(sv[parent_client], parent_clock)
+            sv[client] = 0
     return doc.get_update(encode_state_vector(sv))
