@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -38,6 +39,7 @@ from crdtsync.errors import (
     SyncTimeout,
 )
 from crdtsync.integrity import Ledger, client_id_of_key
+from crdtsync.limits import TokenBucket
 from crdtsync.protocol import CLIENT_KEY_BYTES, decode_state_vector, encode_state_vector
 from crdtsync.settings import validate_document_name
 from crdtsync.store import EMPTY_UPDATE, QuarantinedUpdate, Synchronous, UpdateLog
@@ -64,6 +66,7 @@ log = logging.getLogger("crdtsync.replica")
 
 EXTENSION_QUERY = "crdtsync=1"
 AWARENESS_TIMEOUT_S = 30.0  # y-protocols: a state not renewed for 30 s is gone
+HEALTHY_AFTER_S = 5.0  # a connection synced and up this long resets the reconnect backoff
 
 
 class ThreadSafeDoc(Doc[Any]):
@@ -144,6 +147,13 @@ class _Connection:
     relay_state: bytes | None = None  # the state vector of the relay's step 1
     outbox: deque[bytes] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # A relay may ask (step 1) or make us ask (gap updates) without end: both are paced,
+    # and what waits is done once, for the latest request (DESIGN: bounded work).
+    requests: TokenBucket = field(default_factory=lambda: TokenBucket(2.0, 5))
+    resyncs: TokenBucket = field(default_factory=lambda: TokenBucket(1.0, 3))
+    deferred: asyncio.TimerHandle | None = None  # a paced answer or resync, waiting
+    deferred_request: bytes | None = None
+    deferred_resync: bool = False
 
 
 @dataclass(eq=False)
@@ -193,6 +203,12 @@ class Replica:
         params: extra query parameters for the relay URL.
         multithreaded: documents may be edited from threads other than the event
             loop's (``SyncReplica`` sets this); they are :class:`ThreadSafeDoc`.
+        store_busy_timeout_s: the longest an edit waits for the local file when another
+            process holds its lock; then the edit stays in memory, is retried and
+            reported (``status().last_error``), and the app's loop goes on.
+        max_update_bytes, max_update_clients, max_update_structs: the largest update
+            accepted from a relay (bytes, client ids, structs and values); a larger one
+            is refused, reported, and never applied.
     """
 
     def __init__(
@@ -208,6 +224,10 @@ class Replica:
         params: dict[str, str] | None = None,
         open_timeout_s: float = 10.0,
         multithreaded: bool = False,
+        store_busy_timeout_s: float = 0.25,
+        max_update_bytes: int = 16 * 1024 * 1024,
+        max_update_clients: int = 100_000,
+        max_update_structs: int = 10_000_000,
     ) -> None:
         if relay is not None and not relay.startswith(("ws://", "wss://")):
             raise ValueError(f"relay must be a ws:// or wss:// URL, not {relay!r}")
@@ -225,6 +245,13 @@ class Replica:
         self._flush_handle: asyncio.Handle | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
         self.multithreaded = multithreaded
+        self.store_busy_timeout_s = store_busy_timeout_s
+        self._validate = functools.partial(
+            check_update,
+            max_bytes=max_update_bytes,
+            max_clients=max_update_clients,
+            max_structs=max_update_structs,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
 
@@ -235,7 +262,11 @@ class Replica:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         if self.store is None:
-            self.store = UpdateLog(self.path, synchronous=self.synchronous)
+            self.store = UpdateLog(
+                self.path,
+                synchronous=self.synchronous,
+                busy_timeout_s=self.store_busy_timeout_s,
+            )
 
     async def stop(self) -> None:
         """Close every document (local edits are already on disk) and the file."""
@@ -715,8 +746,14 @@ class Replica:
                     open_timeout=self.open_timeout_s,
                     compression=None,
                 ) as ws:
-                    backoff.reset()
-                    await self._run_connection(d, ws)
+                    began = time.monotonic()
+                    try:
+                        await self._run_connection(d, ws)
+                    finally:
+                        # Only a connection that synced and stayed up resets the backoff: a
+                        # relay that fails right after each handshake is retried ever slower.
+                        if d.synced and time.monotonic() - began >= HEALTHY_AFTER_S:
+                            backoff.reset()
             except ConnectionClosed as exc:
                 d.last_error = _describe_close(exc)
                 if exc.rcvd is not None and exc.rcvd.code in (
@@ -753,7 +790,9 @@ class Replica:
                 await conn.ws.send(conn.outbox.popleft())
 
     async def _run_connection(self, d: _Document, ws: ClientConnection) -> None:
-        session = SyncSession(max_message_bytes=self.max_message_bytes, extensions=True)
+        session = SyncSession(
+            max_message_bytes=self.max_message_bytes, extensions=True, validate=self._validate
+        )
         conn = _Connection(ws, session)
         d.conn = conn
         d.last_error = None
@@ -776,11 +815,39 @@ class Replica:
                 if writer.done():
                     writer.result()  # surface the send error
         finally:
+            if conn.deferred is not None:
+                conn.deferred.cancel()
             keeper.cancel()
             writer.cancel()
             # Collect the helpers' outcomes without swallowing a cancellation of our own:
             # suppressing CancelledError here once let close() wait forever.
             await asyncio.gather(writer, keeper, return_exceptions=True)
+
+    def _answer(self, d: _Document, conn: _Connection, state_vector: bytes) -> None:
+        if conn.acks:
+            self._send_catch_up(d, conn, state_vector)
+        else:
+            conn.session.answer_state_request(d.doc.get_update(state_vector))
+
+    def _defer(self, d: _Document, conn: _Connection) -> None:
+        """Do a paced answer or resync once the budget allows; one timer per connection."""
+        if conn.deferred is not None:
+            return
+
+        def run() -> None:
+            conn.deferred = None
+            if d.conn is not conn:
+                return  # that connection is gone; the next one syncs from scratch
+            if conn.deferred_request is not None:
+                request, conn.deferred_request = conn.deferred_request, None
+                self._answer(d, conn, request)
+            if conn.deferred_resync and not conn.resyncing:
+                conn.deferred_resync = False
+                conn.resyncing = True
+                conn.session.send_step1(d.doc.get_state())
+            self._queue_frames(conn)
+
+        conn.deferred = asyncio.get_running_loop().call_later(1.0, run)
 
     def _send_claims(self, d: _Document, conn: _Connection) -> None:
         """Prove to the relay that our client ids are ours, before any content of theirs.
@@ -865,18 +932,23 @@ class Replica:
                     # Something before this update never arrived (a reordered or lost
                     # delivery): ask again with our state vector; the relay's answer fills
                     # the gap (and repairs what Yrs may have applied out of order).
-                    conn.resyncing = True
-                    conn.session.send_step1(d.doc.get_state())
+                    if conn.resyncs.allow(time.monotonic()):
+                        conn.resyncing = True
+                        conn.session.send_step1(d.doc.get_state())
+                    else:
+                        conn.deferred_resync = True
+                        self._defer(d, conn)
             if event.answer:
                 conn.resyncing = False
                 d.synced = True
                 self._notify(d)
         elif isinstance(event, StateRequested):
             conn.relay_state = event.state_vector
-            if conn.acks:
-                self._send_catch_up(d, conn, event.state_vector)
+            if conn.requests.allow(time.monotonic()):
+                self._answer(d, conn, event.state_vector)
             else:
-                conn.session.answer_state_request(d.doc.get_update(event.state_vector))
+                conn.deferred_request = event.state_vector  # answered once, later
+                self._defer(d, conn)
         elif isinstance(event, Acknowledged):
             seqs = conn.in_flight.pop(event.key, None)
             if seqs:

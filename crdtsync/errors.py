@@ -5,7 +5,8 @@
     CrdtsyncError
     ├── ProtocolError          the peer sent something we refuse (close 1002 / 1003 / 1007)
     │   ├── MalformedMessage   truncated or garbage frame, bad varint, undecodable update
-    │   └── MessageTooLarge    over the message size limit (close 1009)
+    │   ├── MessageTooLarge    over the message or update size limit (close 1009)
+    │   └── LimitExceeded      over another cap: clients or structs per update, ... (1008)
     ├── AccessDenied           the connection may not read or write this document (close 1008)
     ├── InvalidDocumentName    also a ValueError (close 1008)
     ├── StoreError             disk full, corrupt file, schema newer than this code
@@ -27,6 +28,7 @@ __all__ = [
     "CloseCode",
     "CrdtsyncError",
     "InvalidDocumentName",
+    "LimitExceeded",
     "MalformedMessage",
     "MessageTooLarge",
     "ProtocolError",
@@ -82,6 +84,12 @@ class MessageTooLarge(ProtocolError):
     """A message over the configured size limit."""
 
     close_code = CloseCode.MESSAGE_TOO_BIG
+
+
+class LimitExceeded(ProtocolError):
+    """A message over one of the caps on what a peer may make us do (DESIGN: bounded work)."""
+
+    close_code = CloseCode.POLICY_VIOLATION
 
 
 class AccessDenied(CrdtsyncError):

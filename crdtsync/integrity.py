@@ -200,6 +200,8 @@ class Ledger:
         new_types: ``(client, clock, claimed)`` added since :meth:`clean`; a claim
             that is fulfilled comes again with ``claimed`` false.
         known: the store holds this ledger (otherwise its first write records it).
+        max_clients: content of further client ids is refused beyond this many (each
+            costs every sync request a state-vector entry); None: no limit.
     """
 
     ranges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
@@ -209,6 +211,7 @@ class Ledger:
     dirty: set[int] = field(default_factory=set)
     new_types: list[tuple[int, int, bool]] = field(default_factory=list)
     known: bool = False
+    max_clients: int | None = None
 
     @classmethod
     def of_updates(cls, updates: Iterable[bytes]) -> Ledger:
@@ -325,6 +328,16 @@ class Ledger:
             if not new:
                 trim[client] = info.state[client]  # all of it repeats what is stored
                 continue
+            if (
+                not ranges
+                and self.max_clients is not None
+                and len(self.ranges) >= self.max_clients
+            ):
+                refused[client] = (
+                    f"the document already has {len(self.ranges)} client ids, the limit: "
+                    f"content of client {client} refused"
+                )
+                continue
             owner = self.owners.get(client)
             if writer is not None and not writer.may_write(client, owner):
                 refused[client] = (
@@ -404,6 +417,12 @@ class Ledger:
         for client, start in info.starts.items():
             ranges = ranges_of.get(client)
             if ranges and (start < ranges[-1][1] or len(ranges) >= MAX_RANGES_PER_CLIENT):
+                return False
+            if (
+                ranges is None
+                and self.max_clients is not None
+                and len(ranges_of) + len(info.starts) > self.max_clients
+            ):
                 return False
             if client in claims:
                 return False

@@ -14,13 +14,13 @@ raises :class:`~crdtsync.errors.MalformedMessage` with what was wrong and where.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
 from pycrdt import YMessageType, YSyncMessageType
 
-from .errors import MalformedMessage, MessageTooLarge
+from .errors import LimitExceeded, MalformedMessage, MessageTooLarge
 
 __all__ = [
     "CLIENT_KEY_BYTES",
@@ -365,22 +365,28 @@ def decode_message(data: bytes, *, max_bytes: int | None = None) -> Message:
 
 @dataclass(frozen=True, slots=True)
 class AwarenessEntry:
-    """One client's awareness state; ``state is None`` means the client left."""
+    """One client's awareness state; ``state is None`` means the client left.
+
+    ``size`` is the length of the state's JSON text as received (0 when encoded here).
+    """
 
     client_id: int
     clock: int
     state: Any
+    size: int = field(default=0, compare=False)
 
     @property
     def removed(self) -> bool:
         return self.state is None
 
 
-def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
+def decode_awareness(payload: bytes, *, max_state_bytes: int | None = None) -> list[AwarenessEntry]:
     """Decode an awareness update (y-protocols awareness.js ``encodeAwarenessUpdate``).
 
     Raises:
         MalformedMessage: truncated payload, trailing bytes or a state that is not JSON.
+        LimitExceeded: a state over ``max_state_bytes`` (not parsed), or one nested too
+            deeply for Python's JSON parser (presence is dropped, not the connection).
     """
     count, pos = read_var_uint(payload, 0)
     entries: list[AwarenessEntry] = []
@@ -390,12 +396,23 @@ def decode_awareness(payload: bytes) -> list[AwarenessEntry]:
     for _ in range(count):
         client_id, pos = read_var_uint(payload, pos)
         clock, pos = read_var_uint(payload, pos)
-        text, pos = _read_var_string(payload, pos, "awareness state")
+        raw, pos = _read_var_bytes(payload, pos, "awareness state")
+        if max_state_bytes is not None and len(raw) > max_state_bytes:
+            raise LimitExceeded(
+                f"presence state of client {client_id} has {len(raw)} bytes, "
+                f"over the limit of {max_state_bytes}"
+            )
         try:
-            state = json.loads(text)
+            state = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise MalformedMessage(f"awareness state is not valid UTF-8: {exc.reason}") from exc
+        except RecursionError as exc:
+            raise LimitExceeded(
+                f"presence state of client {client_id} nests too deeply to decode"
+            ) from exc
         except ValueError as exc:
             raise MalformedMessage(f"awareness state of client {client_id} is not JSON") from exc
-        entries.append(AwarenessEntry(client_id, clock, state))
+        entries.append(AwarenessEntry(client_id, clock, state, len(raw)))
     if pos != len(payload):
         raise MalformedMessage(f"{len(payload) - pos} trailing bytes after an awareness update")
     return entries

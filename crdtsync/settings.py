@@ -69,6 +69,34 @@ class RelaySettings(BaseSettings):
     # a reader whose unsent backlog passes this is closed (1013) and resyncs on reconnect
     max_write_buffer_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     close_timeout_s: float = Field(default=5.0, gt=0)
+    # -- caps on what one connection may make the relay do (README: limits) --
+    # an update larger than this is refused (1009); the automerge-paper trace's whole
+    # document, sent as one update, is 4.5 MB merged, 0.4 MB as a Doc encodes it
+    max_update_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_update_clients: int = Field(default=10_000, ge=1)  # client ids in one update (1008)
+    max_update_structs: int = Field(default=2_000_000, ge=1)  # structs + Any values (1008)
+    max_document_clients: int = Field(default=50_000, ge=1)  # client ids one document keeps
+    # a connection's updates are paced (its reading pauses) beyond these rates
+    updates_per_s: float = Field(default=100_000.0, gt=0)
+    update_bytes_per_s: float = Field(default=32 * 1024 * 1024, gt=0)
+    # sync requests (step 1) per connection: paced, and answered once per batch
+    sync_requests_per_s: float = Field(default=2.0, gt=0)
+    sync_request_burst: int = Field(default=10, ge=1)
+    # presence: over these, states are dropped (never stored or relayed)
+    presence_per_s: float = Field(default=20.0, gt=0)
+    presence_burst: int = Field(default=60, ge=1)
+    max_presence_states_per_connection: int = Field(default=8, ge=1)
+    max_presence_state_bytes: int = Field(default=16 * 1024, ge=64)
+    max_presence_states_per_room: int = Field(default=1_000, ge=1)
+    max_presence_bytes_per_room: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # a connection refused this many times within strike_window_s is closed (1008)
+    max_strikes: int = Field(default=50, ge=1)
+    strike_window_s: float = Field(default=10.0, gt=0)
+    max_connections_per_address: int = Field(default=100, ge=1)
+    # X-Forwarded-For is believed only from these addresses (your load balancers)
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # a connection that sends no sync message (step 1, step 2 or update) in time is closed
+    sync_timeout_s: float = Field(default=30.0, gt=0)
     compaction_workers: int = Field(default=1, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # The integrity rule (README: what the relay guarantees). Off only to show what it

@@ -28,6 +28,7 @@ from .errors import (
     AccessDenied,
     CloseCode,
     CrdtsyncError,
+    LimitExceeded,
     MalformedMessage,
     ProtocolError,
     close_reason,
@@ -64,6 +65,7 @@ __all__ = [
     "Event",
     "ExtensionsConfirmed",
     "Failed",
+    "LimitHit",
     "PermissionRefused",
     "Refused",
     "StateRequested",
@@ -74,6 +76,8 @@ __all__ = [
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_ANSWER_PIECE_BYTES = 512 * 1024  # under every client's default frame limit (1 MiB)
+DEFAULT_MAX_PRESENCE_BYTES = 1024 * 1024  # one presence message
+DEFAULT_MAX_PRESENCE_STATE_BYTES = 64 * 1024  # one client's presence state (JSON)
 MAX_CLAIMED_CLIENTS = 4096  # client ids one connection may prove (a replica's pending history)
 
 
@@ -148,6 +152,13 @@ class Refused:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitHit:
+    """The peer went over a cap; what it sent was dropped (the adapter may count it)."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Failed:
     """The session refused the peer's input; close the connection with this code and reason."""
 
@@ -166,6 +177,7 @@ Event = (
     | PermissionRefused
     | ClientsClaimed
     | Refused
+    | LimitHit
     | Failed
 )
 
@@ -210,6 +222,9 @@ class SyncSession:
             that did not ask are refused, and none are ever sent to it.
         can_write: the peer may send updates; otherwise its updates are refused
             with a permission-denied message and close 1008 (DESIGN: security).
+        validate: checks an update and says what it holds (caps may be bound in).
+        max_presence_bytes, max_presence_state_bytes: presence messages and states over
+            these are dropped unread (a :class:`LimitHit` event), never decoded.
     """
 
     def __init__(
@@ -220,7 +235,11 @@ class SyncSession:
         extensions: bool = False,
         can_write: bool = True,
         validate: Callable[[bytes], UpdateInfo] = check_update,
+        max_presence_bytes: int = DEFAULT_MAX_PRESENCE_BYTES,
+        max_presence_state_bytes: int = DEFAULT_MAX_PRESENCE_STATE_BYTES,
     ) -> None:
+        self.max_presence_bytes = max_presence_bytes
+        self.max_presence_state_bytes = max_presence_state_bytes
         self.max_message_bytes = max_message_bytes
         self.answer_piece_bytes = answer_piece_bytes
         self.extensions = extensions
@@ -285,7 +304,22 @@ class SyncSession:
         elif isinstance(msg, SyncUpdate):
             self._events.append(UpdateReceived(msg.update, self._check_update(msg.update)))
         elif isinstance(msg, AwarenessMessage):
-            self._events.append(AwarenessReceived(msg.payload, decode_awareness(msg.payload)))
+            if len(msg.payload) > self.max_presence_bytes:
+                self._events.append(
+                    LimitHit(
+                        f"presence message of {len(msg.payload)} bytes, over the limit of "
+                        f"{self.max_presence_bytes}"
+                    )
+                )
+                return
+            try:
+                entries = decode_awareness(
+                    msg.payload, max_state_bytes=self.max_presence_state_bytes
+                )
+            except LimitExceeded as exc:
+                self._events.append(LimitHit(str(exc)))
+                return
+            self._events.append(AwarenessReceived(msg.payload, entries))
         elif isinstance(msg, QueryAwareness):
             self._events.append(AwarenessQueried())
         elif isinstance(msg, PermissionDenied):

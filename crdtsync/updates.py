@@ -66,7 +66,7 @@ from typing import NoReturn
 
 from pycrdt import get_state
 
-from .errors import MalformedMessage, MessageTooLarge
+from .errors import LimitExceeded, MalformedMessage, MessageTooLarge
 
 __all__ = [
     "MAX_ANY_DEPTH",
@@ -202,19 +202,29 @@ class UpdateInfo:
 
 
 def check_update(
-    update: bytes | bytearray | memoryview, *, max_bytes: int | None = None
+    update: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int | None = None,
+    max_clients: int | None = None,
+    max_structs: int | None = None,
 ) -> UpdateInfo:
     """Check that ``update`` is one well-formed v1 update and say what it contains.
 
     Args:
         update: the update as received (``bytearray`` and ``memoryview`` are copied).
         max_bytes: refuse updates longer than this.
+        max_clients: refuse updates naming more client ids than this (struct blocks, and
+            separately delete-set entries): pycrdt's work and the state vector grow with it.
+        max_structs: refuse updates with more structs than this, counting each value of
+            an ``Any`` item as one (30 million integers fit in a few megabytes).
 
     Returns:
         The clocks and delete set the update carries.
 
     Raises:
         MessageTooLarge: ``update`` is longer than ``max_bytes``.
+        LimitExceeded: over ``max_clients`` or ``max_structs`` (found before the whole
+            update is walked).
         MalformedMessage: anything else that is not exactly one valid v1 update: truncated,
             trailing bytes, unknown refs, client ids above 2^53-1, clocks at or above 2^32,
             ``Any`` values nested deeper than 64, invalid UTF-8 or JSON, encodings that
@@ -229,7 +239,7 @@ def check_update(
     if max_bytes is not None and len(update) > max_bytes:
         raise MessageTooLarge(f"update of {len(update)} bytes exceeds the limit of {max_bytes}")
     # Our walk first: it bounds nesting and clocks before Yrs sees a byte (see module doc).
-    info = _scan(update)
+    info = _scan(update, max_clients, max_structs)
     try:
         get_state(update)
     except ValueError as exc:
@@ -244,7 +254,7 @@ def check_update(
     return info
 
 
-def _scan(data: bytes) -> UpdateInfo:
+def _scan(data: bytes, max_clients: int | None, max_structs: int | None) -> UpdateInfo:
     """Walk the whole update; return its clocks and delete set.
 
     One function with inlined var-uint fast paths: this runs once per keystroke on the
@@ -270,6 +280,12 @@ def _scan(data: bytes) -> UpdateInfo:
         pos = 1
         if num_clients > 0x7F:
             num_clients, pos = _uint_tail(data, pos, num_clients)
+        if max_clients is not None and num_clients > max_clients:
+            raise LimitExceeded(
+                f"update has {num_clients} struct blocks (client ids), over the limit of "
+                f"{max_clients}"
+            )
+        structs_left: float = max_structs if max_structs is not None else float("inf")
         # Each client block takes at least 3 bytes: stop a huge declared count early.
         if num_clients * 3 > n - pos:
             raise MalformedMessage(
@@ -304,6 +320,9 @@ def _scan(data: bytes) -> UpdateInfo:
                     f"client {client} has a second struct block at byte {block_at}"
                 )
             seen.add(client)
+            structs_left -= num_structs
+            if structs_left < 0:
+                raise LimitExceeded(f"update has more than {max_structs} structs")
             if num_structs > n - pos:  # every struct takes at least one byte
                 raise MalformedMessage(
                     f"struct block at byte {block_at} declares {num_structs} structs, "
@@ -401,6 +420,11 @@ def _scan(data: bytes) -> UpdateInfo:
                             f"item at byte {start} declares {length} values, "
                             f"only {n - pos} bytes follow"
                         )
+                    structs_left -= length
+                    if structs_left < 0:
+                        raise LimitExceeded(
+                            f"update has more than {max_structs} structs and values"
+                        )
                     pos = _skip_any(data, pos, length)
                 elif ref == 1:  # ContentRef.DELETED
                     length = data[pos]
@@ -445,6 +469,11 @@ def _scan(data: bytes) -> UpdateInfo:
         pos += 1
         if num_clients > 0x7F:
             num_clients, pos = _uint_tail(data, pos, num_clients)
+        if max_clients is not None and num_clients > max_clients:
+            raise LimitExceeded(
+                f"update's delete set names {num_clients} client ids, over the limit of "
+                f"{max_clients}"
+            )
         if num_clients * 2 > n - pos:  # client id and range count: at least 2 bytes each
             raise MalformedMessage(
                 f"delete set at byte {ds_at} declares {num_clients} clients, "

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ipaddress
 import json
 import logging
 import signal
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -38,6 +41,7 @@ from crdtsync.errors import (
     close_reason,
 )
 from crdtsync.integrity import Ledger, Writer
+from crdtsync.limits import Strikes, TokenBucket
 from crdtsync.protocol import AwarenessEntry, AwarenessMessage, SyncUpdate, encode_awareness
 from crdtsync.settings import RelaySettings, validate_document_name
 from crdtsync.store import UpdateLog, compact_file, merge_in_batches
@@ -46,23 +50,23 @@ from crdtsync.sync import (
     AwarenessReceived,
     ClientsClaimed,
     Failed,
+    LimitHit,
     PermissionRefused,
     Refused,
     StateRequested,
     SyncSession,
     UpdateReceived,
 )
-from crdtsync.updates import UpdateInfo
+from crdtsync.updates import UpdateInfo, check_update
 
 __all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
 
 log = logging.getLogger("crdtsync.relay")
 
-EXTENSION_QUERY = "crdtsync"
+EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for extensions (DESIGN: wire protocol)
 MAX_HELD_FRAMES = 10_000  # a peer that never sends step 1 goes live after this many
-HOLD_LIMIT_S = (
-    5.0  # ... or after this long  # ?crdtsync=1 asks for acknowledgements (DESIGN: wire protocol)
-)
+HOLD_LIMIT_S = 5.0  # ... or after this long
+HTTP_PATHS = ("/healthz", "/readyz")  # answered to plain HTTP requests only
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,13 +83,38 @@ def allow_all(request: Request, document: str) -> Rights:
 
 
 @dataclass(eq=False)
+class Budget:
+    """What one connection may cost (crdtsync.limits): paced streams and refusals."""
+
+    updates: TokenBucket
+    update_bytes: TokenBucket
+    sync_requests: TokenBucket
+    presence: TokenBucket
+    strikes: Strikes
+
+    @classmethod
+    def of(cls, s: RelaySettings) -> Budget:
+        return cls(
+            TokenBucket(s.updates_per_s, s.updates_per_s),
+            TokenBucket(s.update_bytes_per_s, max(s.update_bytes_per_s, s.max_update_bytes)),
+            TokenBucket(s.sync_requests_per_s, s.sync_request_burst),
+            TokenBucket(s.presence_per_s, s.presence_burst),
+            Strikes(s.max_strikes, s.strike_window_s),
+        )
+
+
+@dataclass(eq=False)
 class Peer:
     """One websocket connection in a room."""
 
     ws: ServerConnection
     session: SyncSession
     document: str
+    budget: Budget
+    address: str = ""
     writer: Writer = field(default_factory=Writer)  # the client ids it proved (integrity)
+    engaged: bool = False  # it sent a sync message (step 1, step 2 or an update)
+    presence_bytes: dict[int, int] = field(default_factory=dict)  # client id -> state size
     awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
     # Live updates held back until this peer's step 1 is answered (None: live). A live
     # update must not overtake the answer: Yrs (pycrdt 0.14) can lose a Map change when
@@ -122,6 +151,7 @@ class Room:
     name: str
     peers: set[Peer] = field(default_factory=set)
     awareness: dict[int, AwarenessEntry] = field(default_factory=dict)
+    awareness_bytes: int = 0  # the states' JSON sizes, summed
     appended: int = 0  # updates in the store's tail, as far as this process knows
 
 
@@ -163,6 +193,10 @@ class Relay:
         # Integrity ledgers of the documents with a room here (a cache of the store's:
         # dropped with the room, and whenever a commit fails).
         self._ledgers: dict[str, Ledger] = {}
+        self._per_address: dict[str, int] = {}
+        self._trusted = [
+            ipaddress.ip_network(p, strict=False) for p in self.settings.trusted_proxies
+        ]
         self._stopping = False
         self.stats = {
             "updates_stored": 0,
@@ -170,6 +204,8 @@ class Relay:
             "connections": 0,
             "refused": 0,
             "updates_refused": 0,
+            "limits_hit": 0,
+            "closed_over_limits": 0,
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -264,11 +300,13 @@ class Relay:
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path, _, query = request.path.partition("?")
-        if path == "/healthz":
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        # Health checks are plain HTTP; a websocket to the same path is a document.
+        if not upgrade and path == "/healthz":
             if "verbose" in parse_qs(query):
                 return conn.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
             return conn.respond(HTTPStatus.OK, "ok\n")
-        if path == "/readyz":
+        if not upgrade and path == "/readyz":
             if self._stopping or self.store is None:
                 return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "stopping\n")
             return conn.respond(HTTPStatus.OK, "ready\n")
@@ -276,7 +314,33 @@ class Relay:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "relay shutting down\n")
         if self.stats["connections"] >= self.settings.max_connections:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        address = self._address(conn, request)
+        if self._per_address.get(address, 0) >= self.settings.max_connections_per_address:
+            self.stats["refused"] += 1
+            return conn.respond(
+                HTTPStatus.TOO_MANY_REQUESTS, "too many connections from this address\n"
+            )
         return None
+
+    def _address(self, conn: ServerConnection, request: Request) -> str:
+        """The client's address: the socket's, or the one a trusted proxy forwarded."""
+        peer = conn.remote_address
+        address = str(peer[0]) if peer else "unknown"
+        forwarded = request.headers.get("X-Forwarded-For")
+        if not forwarded or not self._is_trusted(address):
+            return address
+        # The rightmost hop a trusted proxy did not add is the client (RFC 7239 sec. 5.2).
+        for hop in reversed([h.strip() for h in forwarded.split(",")]):
+            if hop and not self._is_trusted(hop):
+                return hop
+        return address
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._trusted)
 
     # -- connections ------------------------------------------------------------------
 
@@ -294,22 +358,39 @@ class Relay:
             self.stats["refused"] += 1
             await ws.close(exc.close_code, close_reason(str(exc)))
             return
-        extensions = EXTENSION_QUERY in parse_qs(query)
+        # Only crdtsync=1 asks for extensions: anything else (crdtsync=0) is a stock client.
+        extensions = parse_qs(query).get(EXTENSION_QUERY) == ["1"]
+        s = self.settings
         session = SyncSession(
-            max_message_bytes=self.settings.max_message_bytes,
-            answer_piece_bytes=self.settings.answer_piece_bytes,
+            max_message_bytes=s.max_message_bytes,
+            answer_piece_bytes=s.answer_piece_bytes,
             extensions=extensions,
             can_write=rights.write,
+            validate=functools.partial(
+                check_update,
+                max_bytes=s.max_update_bytes,
+                max_clients=s.max_update_clients,
+                max_structs=s.max_update_structs,
+            ),
+            max_presence_bytes=s.max_presence_state_bytes * s.max_presence_states_per_connection
+            + 1024,
+            max_presence_state_bytes=s.max_presence_state_bytes,
         )
-        peer = Peer(ws, session, document)
+        address = self._address(ws, request)
+        peer = Peer(ws, session, document, Budget.of(s), address)
         room = self.rooms.get(document)
         if room is None:
             assert self.store is not None
             room = self.rooms[document] = Room(document, appended=self.store.tail_length(document))
         # Join the fan-out before reading the store: no update slips between the two.
         room.peers.add(peer)
-        release_timer = asyncio.get_running_loop().call_later(HOLD_LIMIT_S, peer.release)
+        loop = asyncio.get_running_loop()
+        release_timer = loop.call_later(HOLD_LIMIT_S, peer.release)
+        sync_timer: asyncio.TimerHandle | None = loop.call_later(
+            s.sync_timeout_s, self._sync_timeout, peer
+        )
         self.stats["connections"] += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             if extensions:
                 session.send_hello()
@@ -320,9 +401,16 @@ class Relay:
             await self._send(peer)
             async for data in ws:
                 session.receive_data(data)
-                await self._dispatch(peer, room)
-                if session.failure is not None:
+                delay = await self._dispatch(peer, room)
+                if session.failure is not None or peer.ws.close_code is not None:
                     break
+                if peer.engaged and sync_timer is not None:
+                    sync_timer.cancel()
+                    sync_timer = None
+                if delay > 0:
+                    # Pace this connection: stop reading it for a while (its sender
+                    # slows down through TCP); other connections go on (DESIGN: bounded work).
+                    await asyncio.sleep(delay)
         except StoreError as exc:
             log.error("store error on %r: %s", document, exc)
             await ws.close(CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}"))
@@ -333,8 +421,32 @@ class Relay:
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             release_timer.cancel()
+            if sync_timer is not None:
+                sync_timer.cancel()
             self.stats["connections"] -= 1
+            left = self._per_address.get(address, 1) - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                self._per_address.pop(address, None)
             self._leave(room, peer)
+
+    def _sync_timeout(self, peer: Peer) -> None:
+        if not peer.engaged:
+            self._close_over_limits(
+                peer, f"no sync message within {self.settings.sync_timeout_s:g} s"
+            )
+
+    def _close_over_limits(self, peer: Peer, reason: str) -> None:
+        self.stats["closed_over_limits"] += 1
+        log.info("closing a connection on %r: %s", peer.document, reason)
+        self._close_later(peer.ws, CloseCode.POLICY_VIOLATION, close_reason(reason))
+
+    def _strike(self, peer: Peer, reason: str) -> None:
+        """Count a refusal; a connection that keeps going over a cap is closed (1008)."""
+        self.stats["limits_hit"] += 1
+        if peer.budget.strikes.strike(time.monotonic()):
+            self._close_over_limits(peer, f"over limits: {reason}")
 
     def stored_document(self, document: str) -> bytes:
         """The whole stored document as one update: snapshot and tail, merged (never a Doc)."""
@@ -345,11 +457,26 @@ class Relay:
         for frame in peer.session.data_to_send():
             await peer.ws.send(frame)
 
-    async def _dispatch(self, peer: Peer, room: Room) -> None:
+    async def _dispatch(self, peer: Peer, room: Room) -> float:
+        """Carry out the session's events; return how long to pause reading this peer."""
         session = peer.session
+        budget = peer.budget
+        now = time.monotonic()
+        delay = 0.0
         answered = False
-        for event in session.events_received():
+        events = session.events_received()
+        # Several sync requests in one batch get one answer, to the last of them.
+        last_request = max(
+            (i for i, e in enumerate(events) if isinstance(e, StateRequested)), default=-1
+        )
+        for i, event in enumerate(events):
             if isinstance(event, UpdateReceived):
+                peer.engaged = True
+                delay = max(
+                    delay,
+                    budget.updates.take(now),
+                    budget.update_bytes.take(now, len(event.update)),
+                )
                 if event.info.is_empty:
                     if event.key is not None:
                         # Queued all the same, so acknowledgements keep their order.
@@ -357,16 +484,28 @@ class Relay:
                     continue
                 self._submit(_Pending(peer, event.update, event.key, event.info))
             elif isinstance(event, StateRequested):
+                peer.engaged = True
+                if i != last_request:
+                    continue
+                wait = budget.sync_requests.take(now)
+                if wait > 0:
+                    # Each answer reads the stored document: a peer asking too often waits
+                    # (and what it asks meanwhile is answered once, afterwards).
+                    await asyncio.sleep(wait)
+                    if peer.ws.close_code is not None:
+                        return 0.0
                 merged = peer.joined if peer.joined is not None else self.stored_document(room.name)
                 peer.joined = None
                 session.answer_state_request(get_update(merged, event.state_vector))
                 answered = True
             elif isinstance(event, AwarenessReceived):
-                self._on_awareness(peer, room, event)
+                self._on_awareness(peer, room, event, now)
             elif isinstance(event, AwarenessQueried):
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
             elif isinstance(event, ClientsClaimed):
                 peer.writer = Writer(event.clients, peer.writer.subject)
+            elif isinstance(event, LimitHit):
+                self._strike(peer, event.reason)
             elif isinstance(event, (PermissionRefused, Refused)):
                 pass  # a client has no business refusing the relay's content; ignore it
             elif isinstance(event, Failed):
@@ -375,10 +514,11 @@ class Relay:
                 )
                 await self._send(peer)
                 await peer.ws.close(event.close_code, event.reason)
-                return
+                return 0.0
         await self._send(peer)
         if answered and peer.held is not None:
             peer.release()
+        return delay
 
     def _leave(self, room: Room, peer: Peer) -> None:
         room.peers.discard(peer)
@@ -388,10 +528,9 @@ class Relay:
             if cid in room.awareness and room.awareness[cid].clock <= clock
         ]
         for entry in gone:
-            room.awareness.pop(entry.client_id, None)
+            self._forget_presence(room, entry.client_id)
         if gone and room.peers:
-            frame = _awareness_frame(encode_awareness(gone))
-            broadcast([p.ws for p in room.peers], frame)
+            self._deliver(room.peers, _awareness_frame(encode_awareness(gone)))
         if not room.peers:
             # Nothing of a room outlives its last connection (DESIGN: stateless relay).
             self.rooms.pop(room.name, None)
@@ -402,20 +541,71 @@ class Relay:
 
     # -- awareness --------------------------------------------------------------------
 
-    def _on_awareness(self, peer: Peer, room: Room, event: AwarenessReceived) -> None:
+    def _on_awareness(self, peer: Peer, room: Room, event: AwarenessReceived, now: float) -> None:
+        """Keep and relay presence within the caps; what is over them is dropped."""
+        s = self.settings
+        if not peer.budget.presence.allow(now):
+            self._strike(peer, f"presence faster than {s.presence_per_s:g} messages/s")
+            return
+        accepted: list[AwarenessEntry] = []
         for entry in event.entries:
-            current = room.awareness.get(entry.client_id)
+            cid = entry.client_id
+            current = room.awareness.get(cid)
             if current is not None and current.clock > entry.clock:
                 continue
             if entry.removed:
-                room.awareness.pop(entry.client_id, None)
-                peer.awareness_clients.pop(entry.client_id, None)
-            else:
-                room.awareness[entry.client_id] = entry
-                peer.awareness_clients[entry.client_id] = entry.clock
+                self._forget_presence(room, cid)
+                peer.awareness_clients.pop(cid, None)
+                accepted.append(entry)
+                continue
+            old_size = current.size if current is not None else 0
+            if cid not in peer.awareness_clients and (
+                len(peer.awareness_clients) >= s.max_presence_states_per_connection
+            ):
+                self._strike(
+                    peer, f"more than {s.max_presence_states_per_connection} presence states"
+                )
+                continue
+            if current is None and len(room.awareness) >= s.max_presence_states_per_room:
+                self._strike(peer, f"room holds {s.max_presence_states_per_room} presence states")
+                continue
+            if room.awareness_bytes - old_size + entry.size > s.max_presence_bytes_per_room:
+                self._strike(peer, f"room presence over {s.max_presence_bytes_per_room} bytes")
+                continue
+            room.awareness[cid] = entry
+            room.awareness_bytes += entry.size - old_size
+            peer.awareness_clients[cid] = entry.clock
+            accepted.append(entry)
+        if not accepted:
+            return
+        payload = (
+            event.payload if len(accepted) == len(event.entries) else encode_awareness(accepted)
+        )
         # Relay to the whole room, sender included: stock clients count it as traffic
         # and reconnect after 30 s of silence (DESIGN: facts from the anchors).
-        broadcast([p.ws for p in room.peers], _awareness_frame(event.payload))
+        self._deliver(room.peers, _awareness_frame(payload))
+
+    @staticmethod
+    def _forget_presence(room: Room, client_id: int) -> None:
+        entry = room.awareness.pop(client_id, None)
+        if entry is not None:
+            room.awareness_bytes -= entry.size
+
+    def _deliver(self, peers: set[Peer], frame: bytes) -> None:
+        """Send a frame to peers; one whose unsent backlog passes the limit is closed (1013).
+
+        Every frame goes under this rule (presence included): a peer that does not read
+        cannot make the relay hold more than ``max_write_buffer_bytes`` for it.
+        """
+        broadcast([p.ws for p in peers], frame)
+        self._check_backlog(peers)
+
+    def _check_backlog(self, peers: Iterable[Peer]) -> None:
+        limit = self.settings.max_write_buffer_bytes
+        for p in peers:
+            transport = p.ws.transport
+            if transport is not None and transport.get_write_buffer_size() > limit:
+                self._close_later(p.ws, CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
 
     # -- persist, then fan out ----------------------------------------------------------
 
@@ -475,15 +665,11 @@ class Relay:
                 continue
             for frame in session.data_to_send():
                 broadcast([item.peer.ws], frame)
-        limit = self.settings.max_write_buffer_bytes
         for name in by_room:
             room = self.rooms.get(name)
             if room is None:
                 continue
-            for p in room.peers:
-                transport = p.ws.transport
-                if transport is not None and transport.get_write_buffer_size() > limit:
-                    self._close_later(p.ws, CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
+            self._check_backlog(room.peers)
             if room.appended >= self.settings.compact_after_updates:
                 self._schedule_compaction(room)
 
@@ -530,6 +716,7 @@ class Relay:
         if ledger is None:
             assert self.store is not None
             ledger = self.store.load_ledger(name)
+            ledger.max_clients = self.settings.max_document_clients
             if name in self.rooms:  # cached only while a room holds the document
                 self._ledgers[name] = ledger
         return ledger

@@ -1,0 +1,340 @@
+"""Bounded work: no connection can exhaust or stall the relay, and no relay can freeze a
+replica (real relay processes on loopback; scaled-down versions of the hostile cases)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import eventually, timeout_s
+from pycrdt import Array, Doc, Text
+from websockets.asyncio.client import connect
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from crdtsync.client import Backoff, Replica
+from crdtsync.protocol import (
+    AwarenessEntry,
+    AwarenessMessage,
+    ExtHello,
+    MessageType,
+    SyncStep1,
+    SyncStep2,
+    SyncUpdate,
+    decode_message,
+    encode_awareness,
+    write_var_uint,
+)
+
+pytestmark = pytest.mark.anyio
+
+ROOM = "limits/room"
+
+
+def health(relay: Any) -> dict[str, Any]:
+    url = relay.url.replace("ws://", "http://", 1)
+    with urllib.request.urlopen(f"{url}/healthz?verbose=1", timeout=10) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
+
+
+def presence(client_id: int, clock: int, state: Any) -> bytes:
+    return AwarenessMessage(encode_awareness([AwarenessEntry(client_id, clock, state)])).encode()
+
+
+async def close_code_after(url: str, *frames: bytes, read_s: float = 10.0) -> tuple[int, str]:
+    """Send frames, then read until the relay closes; the close code and reason."""
+    async with asyncio.timeout(timeout_s(read_s)), connect(url, max_size=2**27) as ws:
+        try:
+            for frame in frames:
+                await ws.send(frame)
+            while True:
+                await ws.recv()
+        except ConnectionClosed as exc:
+            assert exc.rcvd is not None
+            return exc.rcvd.code, exc.rcvd.reason
+    raise AssertionError("unreachable")
+
+
+async def honest_round_trip(relay: Any, tmp_path: Path, name: str) -> None:
+    """An honest replica in another room still gets its edits stored."""
+    async with Replica(tmp_path / f"{name}.db", relay=relay.url) as replica:
+        doc = await replica.open(f"other/{name}")
+        doc.get("text", type=Text).insert(0, "still served")
+        await replica.wait_synced(f"other/{name}", timeout=timeout_s(15))
+
+
+async def test_presence_flood_is_capped_and_honest_peers_stay(relay, tmp_path):
+    async with Replica(tmp_path / "a.db", relay=relay.url) as honest:
+        await honest.open(ROOM)
+        async with asyncio.timeout(timeout_s(20)), connect(f"{relay.url}/{ROOM}") as ws:
+            await ws.send(SyncStep1(b"\x00").encode())
+            # 200 client ids with 2 KB states each from one connection (8 are kept), and
+            # one state over the 16 KiB limit (dropped, not decoded).
+            for i in range(200):
+                await ws.send(presence(1000 + i, 1, {"user": "x" * 2000}))
+            await ws.send(presence(5000, 1, {"big": "y" * 20_000}))
+            await ws.send(SyncStep1(b"\x00").encode())  # still open: it answers
+            while not isinstance(decode_message(await ws.recv()), SyncStep2):  # type: ignore[arg-type]
+                pass
+        stats = health(relay)
+        assert stats["limits_hit"] > 0
+        await eventually(
+            lambda: len(honest.awareness(ROOM).states) <= 1 + 8,
+            what="the honest replica holds at most the capped states",
+        )
+        assert honest.status(ROOM).connected
+    await honest_round_trip(relay, tmp_path, "presence")
+
+
+async def test_connection_that_keeps_going_over_presence_caps_is_closed_with_1008(relay, tmp_path):
+    frames = [presence(1, clock, {"user": "y" * 20_000}) for clock in range(1, 80)]
+    code, reason = await close_code_after(
+        f"{relay.url}/{ROOM}", SyncStep1(b"\x00").encode(), *frames
+    )
+    assert code == 1008
+    assert reason.startswith("over limits: presence state of client 1 has 20")
+    await honest_round_trip(relay, tmp_path, "closed")
+
+
+async def test_presence_nested_deeper_than_json_can_decode_is_dropped_quietly(relay, tmp_path):
+    deep = "[" * 5000 + "]" * 5000  # valid JSON, 10 KB: Python's parser gives up
+    payload = write_var_uint(1) + write_var_uint(7) + write_var_uint(1)
+    payload += write_var_uint(len(deep)) + deep.encode()
+    frame = bytes([MessageType.AWARENESS]) + write_var_uint(len(payload)) + payload
+    async with asyncio.timeout(timeout_s(10)), connect(f"{relay.url}/{ROOM}") as ws:
+        await ws.send(frame)
+        await ws.send(SyncStep1(b"\x00").encode())
+        while not isinstance(decode_message(await ws.recv()), SyncStep2):  # type: ignore[arg-type]
+            pass
+    assert "Traceback" not in relay.stderr()
+    assert health(relay)["limits_hit"] == 1
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "reason"),
+    [
+        (
+            lambda: _many_clients(20_001),
+            1008,
+            "update has 20001 struct blocks (client ids), over the limit of 10000",
+        ),
+        (
+            lambda: _many_values(2_000_001),
+            1008,
+            "update has more than 2000000 structs and values",
+        ),
+    ],
+    ids=["too_many_clients", "too_many_values"],
+)
+async def test_heavy_update_is_refused_before_the_relay_walks_it(
+    relay, tmp_path, make, code, reason
+):
+    async with Replica(tmp_path / "a.db", relay=relay.url) as honest:
+        doc = await honest.open(ROOM)
+        got = await close_code_after(f"{relay.url}/{ROOM}", SyncUpdate(make()).encode())
+        assert got == (code, reason)
+        doc.get("text", type=Text).insert(0, "same room, still fine")
+        await honest.wait_synced(ROOM, timeout=timeout_s(10))
+        assert honest.status(ROOM).connected
+    await honest_round_trip(relay, tmp_path, "heavy")
+
+
+def _many_clients(n: int) -> bytes:
+    """One small GC struct for each of ``n`` client ids (valid, tiny per client)."""
+    out = [write_var_uint(n)]
+    for client in range(1, n + 1):
+        out.append(b"\x01" + write_var_uint(client) + b"\x00" + b"\x00\x01")
+    out.append(b"\x00")
+    return b"".join(out)
+
+
+def _many_values(n: int) -> bytes:
+    """One Any item holding ``n`` integers (a few bytes each)."""
+    body = b"\x08\x01" + write_var_uint(1) + b"a" + write_var_uint(n) + b"\x7d\x01" * n
+    return b"\x01\x01" + write_var_uint(77) + b"\x00" + body + b"\x00"
+
+
+async def test_update_over_the_update_size_limit_is_refused_with_1009(relay_factory, tmp_path):
+    relay = relay_factory("small.db")
+    big = Doc()
+    big.get("text", type=Text).insert(0, "z" * (17 * 1024 * 1024))
+    code, reason = await close_code_after(
+        f"{relay.url}/{ROOM}", SyncUpdate(big.get_update()).encode()
+    )
+    assert code == 1009
+    assert "exceeds the limit of 16777216" in reason
+
+
+async def test_sync_requests_are_paced_and_answered_once_per_batch(relay, tmp_path):
+    answers = 0
+    async with asyncio.timeout(timeout_s(20)), connect(f"{relay.url}/{ROOM}") as ws:
+        for _ in range(200):
+            await ws.send(SyncStep1(b"\x00").encode())
+        # With 2 requests/s after a burst of 10, 200 requests get far fewer answers in 2 s.
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 2.0
+        while (left := end - loop.time()) > 0:
+            try:
+                msg = decode_message(await asyncio.wait_for(ws.recv(), left))  # type: ignore[arg-type]
+            except TimeoutError:
+                break
+            answers += isinstance(msg, SyncStep2)
+    assert 1 <= answers <= 20
+    await honest_round_trip(relay, tmp_path, "requests")
+
+
+async def test_connections_per_address_are_capped(relay_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRDTSYNC_MAX_CONNECTIONS_PER_ADDRESS", "5")
+    relay = relay_factory("addr.db")
+    async with asyncio.timeout(timeout_s(20)):
+        held = [await connect(f"{relay.url}/{ROOM}/{i}") for i in range(5)]
+        try:
+            with pytest.raises(InvalidStatus) as refused:
+                await connect(f"{relay.url}/{ROOM}/6")
+            assert refused.value.response.status_code == 429
+        finally:
+            for ws in held:
+                await ws.close()
+        # slots come back when connections close
+        await eventually(lambda: health(relay)["connections"] == 0)
+        ws = await connect(f"{relay.url}/{ROOM}/7")
+        await ws.close()
+
+
+async def test_connection_that_never_syncs_is_closed(relay_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRDTSYNC_SYNC_TIMEOUT_S", "1")
+    relay = relay_factory("idle.db")
+    code, reason = await close_code_after(f"{relay.url}/{ROOM}")
+    assert (code, reason) == (1008, "no sync message within 1 s")
+    # a client that syncs stays
+    async with Replica(tmp_path / "a.db", relay=relay.url) as replica:
+        await replica.open(ROOM)
+        await asyncio.sleep(1.5)  # past the timeout: the replica must still be connected
+        assert replica.status(ROOM).connected
+
+
+async def test_documents_named_like_health_paths_sync_and_health_stays_http(relay, tmp_path):
+    async with Replica(tmp_path / "a.db", relay=relay.url) as a:
+        doc = await a.open("healthz")
+        doc.get("text", type=Text).insert(0, "a document called healthz")
+        await a.wait_synced("healthz", timeout=timeout_s(10))
+    assert health(relay)["status"] == "ok"
+
+
+@pytest.mark.parametrize("value", ["0", "", "yes"])
+async def test_only_crdtsync_1_asks_for_extensions(relay, value):
+    async with (
+        asyncio.timeout(timeout_s(10)),
+        connect(f"{relay.url}/{ROOM}?crdtsync={value}") as ws,
+    ):
+        first = decode_message(await ws.recv())  # type: ignore[arg-type]
+    assert isinstance(first, SyncStep1)  # no hello: a stock client
+    async with asyncio.timeout(timeout_s(10)), connect(f"{relay.url}/{ROOM}?crdtsync=1") as ws:
+        assert isinstance(decode_message(await ws.recv()), ExtHello)  # type: ignore[arg-type]
+
+
+async def test_document_client_ids_are_capped(relay_factory, tmp_path, monkeypatch):
+    monkeypatch.setenv("CRDTSYNC_MAX_DOCUMENT_CLIENTS", "3")
+    relay = relay_factory("clients.db")
+    async with asyncio.timeout(timeout_s(20)), connect(f"{relay.url}/{ROOM}") as ws:
+        for client in range(1, 5):
+            d = Doc(client_id=client)
+            d.get("list", type=Array).append(client)
+            await ws.send(SyncUpdate(d.get_update()).encode())
+        while True:
+            msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+            if type(msg).__name__ == "PermissionDenied":
+                assert "already has 3 client ids" in msg.reason  # type: ignore[union-attr]
+                break
+    async with Replica(tmp_path / "r.db", relay=relay.url) as replica:
+        doc = await replica.open(ROOM)
+        await eventually(lambda: sorted(doc.get("list", type=Array).to_py()) == [1.0, 2.0, 3.0])
+
+
+# -- the replica's side: a relay cannot freeze it ------------------------------------------
+
+
+class FakeRelay:
+    """A misbehaving relay: ``behave(ws)`` runs for each connection."""
+
+    def __init__(self, behave: Any) -> None:
+        self.behave = behave
+        self.connections = 0
+        self.received: list[bytes] = []
+        self.url = ""
+
+    async def __aenter__(self) -> FakeRelay:
+        async def handler(ws: Any) -> None:
+            self.connections += 1
+            with contextlib.suppress(ConnectionClosed):
+                await self.behave(self, ws)
+
+        self._server = await serve(handler, "127.0.0.1", 0)
+        port = next(iter(self._server.sockets)).getsockname()[1]
+        self.url = f"ws://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_replica_answers_a_flood_of_sync_requests_at_a_bounded_rate(tmp_path):
+    async def flood(fake: FakeRelay, ws: Any) -> None:
+        await ws.send(ExtHello().encode())
+        for _ in range(3000):
+            await ws.send(SyncStep1(b"\x00").encode())
+        async for data in ws:
+            fake.received.append(data)
+
+    async with FakeRelay(flood) as fake, Replica(tmp_path / "r.db", relay=fake.url) as replica:
+        doc = await replica.open(ROOM)
+        doc.get("text", type=Text).insert(0, "x" * 1000)
+        await asyncio.sleep(2.0)  # the flood arrives and is (not) answered meanwhile
+        doc.get("text", type=Text).insert(0, "y")  # the app's loop is not blocked
+        answers = [m for m in fake.received if m[:2] == bytes([MessageType.CRDTSYNC, 1])]
+        assert 1 <= len(answers) <= 10
+
+
+async def test_replica_backs_off_from_a_relay_that_fails_after_every_handshake(tmp_path):
+    async def garbage(fake: FakeRelay, ws: Any) -> None:
+        await ws.send(b"\xff\xff\xff")
+
+    backoff = lambda: Backoff(0.05, 2.0)  # noqa: E731
+    async with (
+        FakeRelay(garbage) as fake,
+        Replica(tmp_path / "r.db", relay=fake.url, backoff=backoff) as replica,
+    ):
+        await replica.open(ROOM)
+        await asyncio.sleep(3.0)
+        # 0.05, 0.1, 0.2 ... 2 s: a handful, not hundreds
+        assert 2 <= fake.connections <= 10
+        assert "relay sent bad data" in (replica.status(ROOM).last_error or "") or (
+            "closed" in (replica.status(ROOM).last_error or "")
+        )
+
+
+async def test_edit_while_another_process_locks_the_file_does_not_block_the_loop(tmp_path):
+    path = tmp_path / "locked.db"
+    async with Replica(path, store_busy_timeout_s=0.1) as replica:
+        doc = await replica.open(ROOM)
+        locker = sqlite3.connect(path, timeout=1)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            doc.get("text", type=Text).insert(0, "kept in memory")
+            status = replica.status(ROOM)
+            assert status.pending == 1  # counted, not lost
+            assert "locked" in (status.last_error or "")
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        await eventually(lambda: replica.status(ROOM).last_error is None, what="saved on retry")
+        assert replica.store is not None
+        assert replica.store.pending_count(ROOM) == 1
