@@ -82,6 +82,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -114,10 +124,20 @@ def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "delayed messages, killed relays and replicas, lost replica files), then heal "
             "and check that every replica and every relay's store hold the same state and "
             "that no acknowledged or committed edit was lost. Without --relay it starts "
-            "its own relays on loopback. Exit status 0 only when nothing was violated."
+            "its own relays on loopback. With --hostile, stock y-websocket clients join "
+            "and attack the room (rewrite and impersonate other writers' content, replay, "
+            "leave clock gaps); the honest replicas must stay usable and lose nothing. "
+            "Exit status 0 only when nothing was violated."
         ),
     )
     p.add_argument("--replicas", type=_positive_int, default=3, help="replica processes (3)")
+    p.add_argument(
+        "--hostile",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="hostile participants on top of --replicas: stock clients that attack (0)",
+    )
     p.add_argument(
         "--relay",
         action="append",
@@ -184,6 +204,7 @@ def _run_relay(args: argparse.Namespace) -> int:
             "compact_after_updates": args.compact_after_updates,
             "max_connections": args.max_connections,
             "log_level": args.log_level,
+            "integrity": args.integrity,
         }.items()
         if v is not None
     }

@@ -9,7 +9,8 @@ Run a campaign from your own pytest suite::
 
 It raises :class:`CampaignFailed` with the report (seed, violations, the shortest failing
 schedule) when anything was lost or did not converge. ``crdtsync check`` is the same from
-the command line.
+the command line. ``CampaignConfig(hostile=1)`` adds a participant that attacks the room
+(:mod:`crdtsync.testing.hostile`); the honest replicas must come through unharmed.
 """
 
 from .campaign import (
@@ -23,7 +24,7 @@ from .campaign import (
     run_campaign_sync,
     shrink,
 )
-from .checker import EditRecord, FinalState, Violation, check_history
+from .checker import EditRecord, FinalState, ForeignWrite, Violation, check_history
 from .workload import Workload, default_workload, load_workload
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "CampaignReport",
     "EditRecord",
     "FinalState",
+    "ForeignWrite",
     "Step",
     "Violation",
     "Workload",

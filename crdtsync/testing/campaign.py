@@ -11,6 +11,16 @@ Local mode starts its own relay processes (SQLite stores in the run folder); rem
 points at relays the user runs (network and replica faults only). Each replica reaches
 its relay through its own :class:`~crdtsync.testing.proxy.FaultProxy`, so a partition
 or a duplicated message concerns one link.
+
+With ``hostile=N``, N more participants join: stock y-websocket clients that attack the
+room (:mod:`crdtsync.testing.hostile`) on their ``attack`` steps and suffer the same
+network faults and kills. Their own state is not judged; the honest replicas and the
+relays must still converge, lose no edit and stay usable (:mod:`.checker`), and what the
+hostile participants wrote is kept to name it when it shows up where an edit should be.
+
+A participant that stops working is a violation (``unusable``), not an aborted run: an
+honest replica whose worker died or whose sync ended for good, a relay that died
+without being killed, a relay store that no longer loads into a document.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import random
 import shutil
@@ -33,8 +44,17 @@ from pycrdt import Doc
 
 from ..errors import CrdtsyncError, StoreError
 from ..store import UpdateLog
-from .checker import EditRecord, FinalState, Violation, check_history, final_state
-from .processes import ProcessFailed, RelayChild, WorkerChild
+from .checker import (
+    EditRecord,
+    FinalState,
+    ForeignWrite,
+    Violation,
+    check_history,
+    converged,
+    final_state,
+    stored_conflicts,
+)
+from .processes import CommandChild, HostileChild, ProcessFailed, RelayChild, WorkerChild
 from .proxy import FaultProxy
 
 __all__ = [
@@ -67,10 +87,12 @@ DOCUMENT = "check/doc"
 class Step:
     """One logical step of a schedule.
 
-    ``kind`` is ``edit`` (``count`` edits by replica ``target``), a fault (``partition``,
+    ``kind`` is ``edit`` (``count`` edits by replica ``target``), ``attack`` (``count``
+    actions of hostile participant ``target``), a fault (``partition``,
     ``heal``, ``drop``, ``duplicate``/``reorder``/``delay`` with ``amount``, ``clear``,
     ``kill-relay``, ``restart-relay``, ``kill-replica``, ``lose-replica`` (killed and its
     file destroyed), ``restart-replica``), or ``quiet`` (let the system settle).
+    Participants are numbered replicas first, then hostile participants.
     """
 
     kind: str
@@ -79,8 +101,8 @@ class Step:
     amount: float = 0.0
 
     def __str__(self) -> str:
-        if self.kind == "edit":
-            return f"edit(replica {self.target}, {self.count})"
+        if self.kind in ("edit", "attack"):
+            return f"{self.kind}(replica {self.target}, {self.count})"
         if self.kind in ("duplicate", "reorder", "delay"):
             return f"{self.kind}(link {self.target}, {self.amount:g})"
         if self.kind in ("kill-relay", "restart-relay"):
@@ -92,9 +114,15 @@ class Step:
 
 @dataclass
 class CampaignConfig:
-    """What to run. Rates are per-step probabilities of drawing each fault kind."""
+    """What to run. Rates are per-step probabilities of drawing each fault kind.
+
+    ``hostile`` participants join on top of the ``replicas`` honest ones: their steps
+    are attacks (:mod:`crdtsync.testing.hostile`), their links and processes take the
+    same faults, and their own state is not judged.
+    """
 
     replicas: int = 3
+    hostile: int = 0  # hostile participants, on top of ``replicas`` honest ones
     relays: Sequence[str] = ()  # remote mode: URLs of relays the user runs
     local_relays: int = 1
     steps: int = 40
@@ -128,6 +156,9 @@ class CampaignReport:
     seconds: float = 0.0
     out: str | None = None
     shrunk: list[Step] | None = None
+    # hostile participants: actions sent, by kind and by "kind variant"
+    attacks: dict[str, int] = field(default_factory=dict)
+    refused: int = 0  # permission-denied messages the relays sent hostile participants
 
     @property
     def ok(self) -> bool:
@@ -140,6 +171,9 @@ class CampaignReport:
             f"({self.acknowledged} acknowledged), faults {dict(sorted(self.faults.items()))}, "
             f"{self.seconds:.1f} s"
         ]
+        if self.attacks:
+            kinds = {k: n for k, n in sorted(self.attacks.items()) if " " not in k}
+            lines.append(f"  attacks {kinds}, {self.refused} refused by the relay")
         if self.error:
             lines.append(f"  error: {self.error}")
         lines += [f"  violation: {v}" for v in self.violations]
@@ -160,6 +194,8 @@ class CampaignReport:
             "error": self.error,
             "seconds": round(self.seconds, 3),
             "shrunk": None if self.shrunk is None else [asdict(s) for s in self.shrunk],
+            "attacks": self.attacks,
+            "refused": self.refused,
         }
 
 
@@ -174,6 +210,9 @@ class CampaignFailed(AssertionError):
 def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
     """Draw a schedule from ``seed``: the same seed and config give the same steps."""
     rng = random.Random(seed)
+    # With no hostile participant, draws are exactly those of earlier versions: a seed
+    # keeps its schedule.
+    participants = config.replicas + config.hostile
     kinds = [k for k in config.faults if config.local or k not in LOCAL_ONLY]
     n_relays = config.local_relays if config.local else len(config.relays)
     partitioned: set[int] = set()
@@ -182,7 +221,7 @@ def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
     steps: list[Step] = []
     for _ in range(config.steps):
         roll = rng.random()
-        replica = rng.randrange(config.replicas)
+        replica = rng.randrange(participants)
         if roll < config.fault_rate and kinds:
             kind = rng.choice(kinds)
             if kind == "partition":
@@ -216,7 +255,8 @@ def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
         elif roll < config.fault_rate + 0.12:
             steps.append(Step("quiet"))
         else:
-            steps.append(Step("edit", replica, count=rng.randint(1, config.edits_per_step)))
+            kind = "edit" if replica < config.replicas else "attack"
+            steps.append(Step(kind, replica, count=rng.randint(1, config.edits_per_step)))
     return steps
 
 
@@ -230,13 +270,21 @@ class _Run:
         self.history = open(folder / "history.jsonl", "w", encoding="utf-8")  # noqa: SIM115
         self.relays: list[RelayChild] = []
         self.relay_urls: list[str] = list(config.relays)
+        self.killed_relays: set[int] = set()  # killed by the schedule, not by a bug
         self.proxies: list[FaultProxy] = []
-        self.workers: list[WorkerChild | None] = []
-        self.generation = [0] * config.replicas
+        self.participants = config.replicas + config.hostile
+        self.workers: list[CommandChild | None] = []
+        self.generation = [0] * self.participants
         self.edits: dict[str, EditRecord] = {}
         self.acknowledged: set[str] = set()
         self.lost: set[str] = set()
         self.faults: dict[str, int] = {}
+        self.writes: list[ForeignWrite] = []
+        self.attacks: dict[str, int] = {}
+        self.refused = 0  # refusals counted by hostile processes that have ended
+        self.refused_by: dict[int, int] = {}  # ... and by the running ones, so far
+        self.problems: list[Violation] = []  # found on the way: unusable participants...
+        self.unusable: set[str] = set()  # honest replicas among them: no final state
 
     def log(self, event: str, **fields: Any) -> None:
         entry = {"t": round(time.monotonic(), 4), "event": event, **fields}
@@ -251,6 +299,11 @@ class _Run:
 
     def count(self, fault: str) -> None:
         self.faults[fault] = self.faults.get(fault, 0) + 1
+
+    def problem(self, name: str, message: str) -> None:
+        """Record that participant ``name`` stopped working (once per cause)."""
+        self.problems.append(Violation("unusable", message, where=(name,)))
+        self.log("unusable", participant=name, message=message)
 
     # -- setup -----------------------------------------------------------------------
 
@@ -267,7 +320,7 @@ class _Run:
                 )
                 self.relays.append(relay)
                 self.relay_urls.append(await relay.start())
-        for i in range(cfg.replicas):
+        for i in range(self.participants):
             upstream = self.relay_urls[i % len(self.relay_urls)]
             proxy = FaultProxy(
                 upstream,
@@ -277,37 +330,84 @@ class _Run:
             )
             await proxy.start()
             self.proxies.append(proxy)
-        self.workers = [None] * cfg.replicas
-        await asyncio.gather(*(self.start_worker(i) for i in range(cfg.replicas)))
-        self.log("started", relays=self.relay_urls, replicas=cfg.replicas, seed=self.seed)
+        self.workers = [None] * self.participants
+        await asyncio.gather(*(self.start_worker(i) for i in range(self.participants)))
+        self.log(
+            "started",
+            relays=self.relay_urls,
+            replicas=cfg.replicas,
+            hostile=cfg.hostile,
+            seed=self.seed,
+        )
+
+    def is_hostile(self, i: int) -> bool:
+        return i >= self.config.replicas
 
     def worker_name(self, i: int) -> str:
-        return f"replica-{i}"
+        return f"hostile-{i}" if self.is_hostile(i) else f"replica-{i}"
 
     async def start_worker(self, i: int) -> None:
-        worker = WorkerChild(
-            db=self.folder / f"{self.worker_name(i)}.db",
-            relay=self.proxies[i].url,
-            doc=DOCUMENT,
-            workload=self.config.workload,
-            seed=hash((self.seed, i, self.generation[i])) & 0xFFFFFFFF,
-            cwd=Path.cwd(),
-            log=self.folder / f"{self.worker_name(i)}.log",
-        )
+        """Start participant ``i`` (again); raises ProcessFailed if it cannot start."""
+        seed = hash((self.seed, i, self.generation[i])) & 0xFFFFFFFF
+        worker: CommandChild
+        if self.is_hostile(i):
+            worker = HostileChild(
+                relay=self.proxies[i].url,
+                doc=DOCUMENT,
+                workload=self.config.workload,
+                seed=seed,
+                cwd=Path.cwd(),
+                log=self.folder / f"{self.worker_name(i)}.log",
+            )
+        else:
+            worker = WorkerChild(
+                db=self.folder / f"{self.worker_name(i)}.db",
+                relay=self.proxies[i].url,
+                doc=DOCUMENT,
+                workload=self.config.workload,
+                seed=seed,
+                cwd=Path.cwd(),
+                log=self.folder / f"{self.worker_name(i)}.log",
+            )
         self.generation[i] += 1
         await worker.start()
         self.workers[i] = worker
+
+    async def call(self, i: int, cmd: dict[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
+        """Ask participant ``i``; if its process died, record that and answer ``{}``."""
+        worker = self.workers[i]
+        if worker is None:
+            return {}
+        try:
+            return await worker.call(cmd, timeout_s=timeout_s)
+        except ProcessFailed:
+            await worker.kill()
+            self.workers[i] = None
+            name = self.worker_name(i)
+            if self.is_hostile(i):
+                # Not the system's failure: a hostile participant may break itself.
+                self.refused += self.refused_by.pop(i, 0)
+                self.log("hostile-died", participant=name, death=worker.death())
+            else:
+                self.problem(name, f"{name}'s worker process {worker.death()}")
+                self.unusable.add(name)
+            return {}
+
+    def check_relays(self) -> None:
+        """A relay that died without being killed by the schedule is a violation."""
+        for r, relay in enumerate(self.relays):
+            if r not in self.killed_relays and relay.proc is not None and not relay.running:
+                self.killed_relays.add(r)  # reported once; heal_all restarts it
+                self.problem(f"relay {r}", f"relay {r} died: it {relay.death()}")
 
     # -- steps -------------------------------------------------------------------------
 
     async def step(self, n: int, step: Step) -> None:
         self.log("step", n=n, step=str(step))
+        self.check_relays()
         i = step.target
         if step.kind == "edit":
-            worker = self.workers[i]
-            if worker is None:
-                return
-            answer = await worker.call({"cmd": "edit", "count": step.count})
+            answer = await self.call(i, {"cmd": "edit", "count": step.count})
             for e in answer.get("edits", []):
                 if not e["stored"]:
                     continue  # the replica reported a store error: not promised durable
@@ -315,6 +415,8 @@ class _Run:
                 record = EditRecord.from_update(e["id"], self.worker_name(i), n, update)
                 self.edits[record.id] = record
                 self.log("edit", id=record.id, replica=self.worker_name(i))
+        elif step.kind == "attack":
+            await self.attack(n, i, step.count)
         elif step.kind == "partition":
             self.proxies[i].partition()
             self.count("partition")
@@ -336,29 +438,118 @@ class _Run:
             self.proxies[i].clear_faults()
         elif step.kind == "kill-relay" and i < len(self.relays):
             await self.poll_acknowledgements()
+            self.killed_relays.add(i)
             await self.relays[i].kill()
             self.count("kill-relay")
         elif step.kind == "restart-relay" and i < len(self.relays):
             if not self.relays[i].running:
                 await self.relays[i].start()
+            self.killed_relays.discard(i)
         elif step.kind in ("kill-replica", "lose-replica"):
             worker = self.workers[i]
             if worker is None:
                 return
             await self.poll_acknowledgements()
+            if self.is_hostile(i):
+                status = await self.call(i, {"cmd": "status"})
+                self.refused += int(status.get("refused", self.refused_by.get(i, 0)))
+                self.refused_by.pop(i, None)
             await worker.kill()
             self.workers[i] = None
             self.count(step.kind)
-            if step.kind == "lose-replica":
+            if step.kind == "lose-replica" and not self.is_hostile(i):
                 for suffix in ("", "-wal", "-shm"):
                     path = self.folder / f"{self.worker_name(i)}.db{suffix}"
                     path.unlink(missing_ok=True)
                 self.lost.add(self.worker_name(i))
         elif step.kind == "restart-replica":
-            if self.workers[i] is None:
-                await self.start_worker(i)
+            if self.workers[i] is None and self.worker_name(i) not in self.unusable:
+                await self.restart(i)
         elif step.kind == "quiet":
             await self.quiet(2.0)
+
+    async def restart(self, i: int) -> bool:
+        """Start participant ``i`` again; an honest replica that cannot is unusable."""
+        try:
+            await self.start_worker(i)
+        except ProcessFailed:
+            worker = self.workers[i]
+            name = self.worker_name(i)
+            if self.is_hostile(i):
+                self.log("hostile-died", participant=name)
+            else:
+                # e.g. its file holds updates pycrdt cannot apply together
+                log = self.folder / f"{name}.log"
+                tail = [line for line in log.read_text(errors="replace").splitlines() if line]
+                why = tail[-1].strip() if tail else "no output"
+                self.problem(name, f"{name} cannot start again on its own file: {why}")
+                self.unusable.add(name)
+            if worker is not None:
+                await worker.kill()
+            return False
+        return True
+
+    async def attack(self, n: int, i: int, count: int) -> None:
+        """Let hostile participant ``i`` act ``count`` times; log and keep what it wrote."""
+        name = self.worker_name(i)
+        # Killed (by the schedule or by itself): a new attacker comes for its turn.
+        # Waiting for a restart step would leave most schedules without attacks.
+        if self.workers[i] is None and not await self.restart(i):
+            return
+        answer = await self.call(i, {"cmd": "edit", "count": count}, timeout_s=60)
+        if answer:
+            self.refused_by[i] = int(answer.get("refused", 0))
+        for a in answer.get("attacks", []):
+            updates = [base64.b64decode(u) for u in a["updates"]]
+            self.log("attack", participant=name, step=n, **a)
+            if not a["sent"]:
+                continue
+            kind = a["kind"]
+            self.attacks[kind] = self.attacks.get(kind, 0) + 1
+            if a["variant"]:
+                key = f"{kind} {a['variant']}"
+                self.attacks[key] = self.attacks.get(key, 0) + 1
+            if kind != "replay" and a["client"] is not None:
+                for update in updates:
+                    self.writes.append(ForeignWrite.from_update(name, n, kind, a["client"], update))
+
+    def honest(self) -> list[int]:
+        """Indexes of the honest replicas whose worker is running."""
+        return [
+            i
+            for i in range(self.config.replicas)
+            if self.workers[i] is not None and self.worker_name(i) not in self.unusable
+        ]
+
+    def judge_status(self, status: dict[str, Any]) -> list[Violation]:
+        """An honest replica that had to defend itself, or whose edits were refused.
+
+        Either way the relay let it down: it sent content that conflicts with what the
+        replica holds (the replica quarantined it rather than break its document), or it
+        took the replica's own client id for someone else's.
+        """
+        name = status["name"]
+        problems = []
+        if status.get("quarantined"):
+            reasons = "; ".join(dict.fromkeys(status.get("quarantine_reasons", [])))
+            problems.append(
+                Violation(
+                    "quarantined",
+                    f"{name} quarantined {status['quarantined']} updates the relay sent "
+                    f"that would have broken its document: {reasons}",
+                    where=(name,),
+                )
+            )
+        if status.get("refused"):
+            problems.append(
+                Violation(
+                    "refused",
+                    f"the relay refused {status['refused']} of {name}'s own updates: "
+                    f"{status.get('last_error')}",
+                    where=(name,),
+                )
+            )
+        return problems
 
     async def poll_acknowledgements(self) -> list[dict[str, Any]]:
         """Ask every live replica for its status, recording newly acknowledged edits.
@@ -366,10 +557,11 @@ class _Run:
         A worker reports each acknowledgement once, so every status answer goes through here.
         """
         statuses = []
-        for i, worker in enumerate(self.workers):
-            if worker is None:
+        for i in self.honest():
+            status = await self.call(i, {"cmd": "status"})
+            if not status:
                 continue
-            status = await worker.call({"cmd": "status"})
+            status["name"] = self.worker_name(i)
             statuses.append(status)
             for edit_id in status.get("acknowledged", []):
                 if edit_id in self.edits and edit_id not in self.acknowledged:
@@ -388,47 +580,100 @@ class _Run:
     # -- the end -----------------------------------------------------------------------
 
     async def heal_all(self) -> None:
+        self.check_relays()
         for proxy in self.proxies:
             proxy.heal()
             proxy.clear_faults()
-        for relay in self.relays:
+        for r, relay in enumerate(self.relays):
             if not relay.running:
                 await relay.start()
-        for i, worker in enumerate(self.workers):
-            if worker is None:
-                await self.start_worker(i)
+            self.killed_relays.discard(r)
+        for i in range(self.config.replicas):
+            if self.workers[i] is None and self.worker_name(i) not in self.unusable:
+                await self.restart(i)
         self.log("healed")
+
+    async def hostile_statuses(self) -> None:
+        """Count refusals; a stock client sent what it cannot understand is a violation."""
+        for i in range(self.config.replicas, self.participants):
+            status = await self.call(i, {"cmd": "status"})
+            if status:
+                self.refused_by[i] = int(status.get("refused", 0))
+            self.log("hostile-status", participant=self.worker_name(i), **status)
+            for what in status.get("unexpected", [])[:3]:
+                name = self.worker_name(i)
+                self.problems.append(
+                    Violation(
+                        "protocol",
+                        f"{name}, a stock y-websocket client, got what it cannot use: {what}",
+                        where=(name,),
+                    )
+                )
+
+    async def stopped_syncing(self, i: int, why: str) -> None:
+        """Report an honest replica that stopped syncing; then see if its file still opens.
+
+        A replica that stored an update pycrdt cannot apply never opens its file again
+        (DESIGN: integrity); :meth:`restart` reports that as a violation of its own.
+        """
+        name = self.worker_name(i)
+        worker = self.workers[i]
+        assert worker is not None
+        await worker.kill()
+        self.workers[i] = None
+        self.problem(name, f"{name} stopped syncing: {why}")
+        self.unusable.add(name)
+        if await self.restart(i):
+            worker = self.workers[i]
+            assert worker is not None
+            await worker.quit()
+            self.workers[i] = None
 
     async def final_states(self) -> list[FinalState]:
         deadline = time.monotonic() + self.config.settle_s
-        for worker in self.workers:
-            assert worker is not None
+        for i in self.honest():
             left = max(1.0, deadline - time.monotonic())
-            answer = await worker.call({"cmd": "sync", "timeout": left}, timeout_s=left + 10)
-            if not answer.get("ok"):
+            answer = await self.call(i, {"cmd": "sync", "timeout": left}, timeout_s=left + 10)
+            if answer.get("stopped"):
+                await self.stopped_syncing(i, answer["stopped"])
+            elif answer and not answer.get("ok"):
                 self.log("sync-timeout", error=answer.get("error"))
-        await self.poll_acknowledgements()
+        # After the honest replicas synced: the relays' answers to the last attacks are in.
+        await self.hostile_statuses()
+        for status in await self.poll_acknowledgements():
+            self.problems += self.judge_status(status)
         finals: list[FinalState] = []
         # States may still be in flight between replicas: poll until equal, bounded.
         while True:
             finals = []
-            for i, worker in enumerate(self.workers):
-                assert worker is not None
-                answer = await worker.call({"cmd": "state"})
-                finals.append(final_state(self.worker_name(i), base64.b64decode(answer["update"])))
-            finals += await self.relay_states()
-            same = all(
-                (f.state_vector, f.deletes) == (finals[0].state_vector, finals[0].deletes)
-                for f in finals
-            )
+            for i in self.honest():
+                answer = await self.call(i, {"cmd": "state"})
+                name = self.worker_name(i)
+                if answer.get("ok"):
+                    finals.append(final_state(name, base64.b64decode(answer["update"])))
+                elif answer:
+                    self.problem(name, f"{name} cannot encode its document: {answer['error']}")
+                    self.unusable.add(name)
+            relay_finals, relay_problems = await self.relay_states()
+            finals += relay_finals
+            same = all(converged(finals[0], f) for f in finals[1:])
             if same or time.monotonic() > deadline:
+                self.problems += relay_problems
+                for v in relay_problems:
+                    self.log("unusable", participant=v.where[0], message=v.message)
                 return finals
             await asyncio.sleep(0.1)
 
-    async def relay_states(self) -> list[FinalState]:
-        """A fresh replica per relay, syncing straight from it; in local mode, the store file."""
+    async def relay_states(self) -> tuple[list[FinalState], list[Violation]]:
+        """A fresh replica per relay, syncing straight from it; in local mode, the store file.
+
+        Returns the states, and violations: a fresh replica that stopped syncing, a
+        store that holds two contents for one id or no longer loads into a document.
+        """
         out: list[FinalState] = []
+        problems: list[Violation] = []
         for r, url in enumerate(self.relay_urls):
+            name = f"fresh replica of relay {r}"
             fresh = WorkerChild(
                 db=self.folder / f"fresh-{r}-{time.monotonic_ns()}.db",
                 relay=url,
@@ -440,23 +685,48 @@ class _Run:
             )
             await fresh.start()
             try:
-                await fresh.call({"cmd": "synced", "timeout": 10}, timeout_s=20)
+                synced = await fresh.call({"cmd": "synced", "timeout": 10}, timeout_s=20)
+                if synced.get("stopped"):
+                    why = synced["stopped"]
+                    problems.append(Violation("unusable", f"{name} stopped syncing: {why}"))
+                    continue
+                status = await fresh.call({"cmd": "status"})
+                status["name"] = name
+                problems += self.judge_status(status)
                 answer = await fresh.call({"cmd": "state"})
-                out.append(
-                    final_state(f"fresh replica of relay {r}", base64.b64decode(answer["update"]))
-                )
+                out.append(final_state(name, base64.b64decode(answer["update"])))
+            except ProcessFailed:
+                problems.append(Violation("unusable", f"{name}'s worker {fresh.death()}"))
             finally:
                 await fresh.quit()
         for r, relay in enumerate(self.relays):
             try:
                 with UpdateLog(relay.store) as log:
-                    merged = log.load(DOCUMENT).merged()
+                    stored = log.load(DOCUMENT)
+                    merged = stored.merged()
             except StoreError as exc:
                 raise StoreError(f"relay {r}'s store does not open cleanly: {exc}") from exc
+            problems += stored_conflicts(
+                f"the store of relay {r}",
+                stored.all_updates(),
+                list(self.edits.values()),
+                self.writes,
+            )
             doc: Doc[Any] = Doc()
-            doc.apply_update(merged)
+            try:
+                doc.apply_update(merged)
+            except Exception as exc:  # pycrdt refuses what the store holds together
+                problems.append(
+                    Violation(
+                        "unusable",
+                        f"the store of relay {r} no longer loads into a document: "
+                        f"{type(exc).__name__}: {exc}",
+                        where=(f"store file of relay {r}",),
+                    )
+                )
+                continue
             out.append(final_state(f"store file of relay {r}", doc.get_update()))
-        return out
+        return out, problems
 
     async def close(self) -> None:
         for worker in self.workers:
@@ -491,14 +761,15 @@ async def run_campaign(
                 await run.step(n, step)
             await run.heal_all()
             finals = await run.final_states()
-        edits = list(run.edits.values())
         edits = [
-            EditRecord(
-                e.id, e.replica, e.step, e.starts, e.ends, e.deletes, e.id in run.acknowledged
-            )
-            for e in edits
+            dataclasses.replace(e, acknowledged=e.id in run.acknowledged)
+            for e in run.edits.values()
         ]
-        report.violations = check_history(edits, finals, lost_files=run.lost)
+        # A replica that stopped working may not have passed on what nobody acknowledged
+        # (its "unusable" violation says why); what was acknowledged must be everywhere.
+        report.violations = run.problems + check_history(
+            edits, finals, lost_files=run.lost | run.unusable, writes=run.writes
+        )
     except TimeoutError:
         report.error = f"the run did not finish within --duration {config.duration_s} s"
     except (ProcessFailed, CrdtsyncError, OSError) as exc:
@@ -508,10 +779,14 @@ async def run_campaign(
         report.edits = len(run.edits)
         report.acknowledged = len(run.acknowledged)
         report.faults = dict(run.faults)
+        report.attacks = dict(run.attacks)
+        report.refused = run.refused + sum(run.refused_by.values())
         for key in ("duplicated", "reordered", "delayed", "aborted", "refused"):
             total = sum(proxy.stats.get(key, 0) for proxy in run.proxies)
             if total:
                 report.faults[f"messages {key}"] = total
+        if report.error is not None and not report.violations and run.problems:
+            report.violations = list(run.problems)  # what broke before the run gave up
         for v in report.violations:
             run.log("violation", kind=v.kind, message=v.message, edit=v.edit)
         run.log("verdict", ok=report.ok, error=report.error)

@@ -77,6 +77,7 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
             raise UsageError(f"cannot create --out {out}: {exc.strerror or exc}") from None
     return CampaignConfig(
         replicas=args.replicas,
+        hostile=args.hostile,
         relays=tuple(args.relay),
         steps=args.steps,
         faults=tuple(faults),
@@ -87,12 +88,15 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
     )
 
 
-def _table(reports: list[CampaignReport]) -> Table:
+def _table(reports: list[CampaignReport], hostile: bool) -> Table:
     table = Table(title="crdtsync check")
-    for column in ("seed", "verdict", "steps", "edits", "acked", "faults", "violations", "s"):
+    columns = ["seed", "verdict", "steps", "edits", "acked", "faults", "violations", "s"]
+    if hostile:
+        columns[6:6] = ["attacks", "refused"]
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("verdict",) else "left")
     for r in reports:
-        table.add_row(
+        row = [
             str(r.seed),
             "ok" if r.ok else "[bold red]FAILED[/]",
             str(len(r.schedule)),
@@ -101,7 +105,11 @@ def _table(reports: list[CampaignReport]) -> Table:
             str(sum(n for k, n in r.faults.items() if not k.startswith("messages "))),
             str(len(r.violations) + (1 if r.error else 0)),
             f"{r.seconds:.1f}",
-        )
+        ]
+        if hostile:
+            # attacks counts each action once by kind, and again by "kind variant"
+            row[6:6] = [str(sum(n for k, n in r.attacks.items() if " " not in k)), str(r.refused)]
+        table.add_row(*row)
     return table
 
 
@@ -143,7 +151,7 @@ async def _run(args: argparse.Namespace, config: CampaignConfig, console: Consol
                 if report.out:
                     console.print(f"  history: {report.out}/history.jsonl")
             reports.append(report)
-    console.print(_table(reports))
+    console.print(_table(reports, config.hostile > 0))
     failed = [r.seed for r in reports if not r.ok]
     edits = sum(r.edits for r in reports)
     console.print(

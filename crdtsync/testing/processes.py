@@ -1,7 +1,8 @@
 """Child processes a campaign drives: relays and replica workers, on loopback only.
 
 Every process starts in its own session, announces itself on stdout (a relay its bound
-URL, a worker ``ready``) under a deadline, and is stopped with SIGTERM, then SIGKILL.
+URL, a worker or hostile participant ``ready``) under a deadline, and is stopped with
+SIGTERM, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ChildProcess", "ProcessFailed", "RelayChild", "WorkerChild"]
+__all__ = [
+    "ChildProcess",
+    "CommandChild",
+    "HostileChild",
+    "ProcessFailed",
+    "RelayChild",
+    "WorkerChild",
+]
 
 
 class ProcessFailed(RuntimeError):
@@ -74,6 +82,21 @@ class ChildProcess:
                 if isinstance(data, dict):
                     return data
 
+    def death(self) -> str:
+        """How the process ended, for a report: exit status or signal, and its last words."""
+        code = None if self.proc is None else self.proc.returncode
+        if code is None:
+            how = "is still running"
+        elif code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with status {code}"
+        lines = [line for line in self.stderr_tail().splitlines() if line.strip()]
+        return how + (f" ({lines[-1].strip()})" if lines else "")
+
     async def kill(self) -> None:
         """SIGKILL the whole process group: no shutdown code runs."""
         if self.proc is None or self.proc.returncode is not None:
@@ -129,24 +152,10 @@ class RelayChild(ChildProcess):
         return self.url
 
 
-class WorkerChild(ChildProcess):
-    """A replica worker (``crdtsync.testing.worker``) answering one JSON line per command."""
+class CommandChild(ChildProcess):
+    """A child that announces ``ready`` and then answers one JSON line per command."""
 
-    def __init__(
-        self,
-        *,
-        db: Path,
-        relay: str,
-        doc: str,
-        workload: str,
-        seed: int,
-        cwd: Path,
-        log: Path,
-    ) -> None:
-        argv = [
-            sys.executable, "-m", "crdtsync.testing.worker", "--db", str(db), "--relay", relay,
-            "--doc", doc, "--workload", workload, "--seed", str(seed),
-        ]  # fmt: skip
+    def __init__(self, argv: Sequence[str], *, cwd: Path, log: Path) -> None:
         super().__init__(argv, cwd=cwd, log=log)
         self.client_id: int | None = None
 
@@ -180,3 +189,37 @@ class WorkerChild(ChildProcess):
         with contextlib.suppress(ProcessFailed, TimeoutError):
             await self.call({"cmd": "quit"}, timeout_s=10)
         await self.stop()
+
+
+class WorkerChild(CommandChild):
+    """A replica worker (``crdtsync.testing.worker``) answering one JSON line per command."""
+
+    def __init__(
+        self,
+        *,
+        db: Path,
+        relay: str,
+        doc: str,
+        workload: str,
+        seed: int,
+        cwd: Path,
+        log: Path,
+    ) -> None:
+        argv = [
+            sys.executable, "-m", "crdtsync.testing.worker", "--db", str(db), "--relay", relay,
+            "--doc", doc, "--workload", workload, "--seed", str(seed),
+        ]  # fmt: skip
+        super().__init__(argv, cwd=cwd, log=log)
+
+
+class HostileChild(CommandChild):
+    """A hostile participant (``crdtsync.testing.hostile``): a stock client that attacks."""
+
+    def __init__(
+        self, *, relay: str, doc: str, workload: str, seed: int, cwd: Path, log: Path
+    ) -> None:
+        argv = [
+            sys.executable, "-m", "crdtsync.testing.hostile", "--relay", relay, "--doc", doc,
+            "--workload", workload, "--seed", str(seed),
+        ]  # fmt: skip
+        super().__init__(argv, cwd=cwd, log=log)

@@ -63,6 +63,7 @@ def test_check_same_seed_reproduces_schedule(tmp_path):
         (["--relay", "ws://127.0.0.1:9"], "cannot reach relay ws://127.0.0.1:9"),
         (["--relay", "http://x"], "--relay must be a ws:// or wss:// URL"),
         (["--replicas", "0"], "argument --replicas: must be at least 1, got 0"),
+        (["--hostile", "-1"], "argument --hostile: must be 0 or more, got -1"),
         (["--duration", "-3"], "argument --duration: must be positive, got -3"),
         (["--faults", "partition,meteor"], "unknown fault kind 'meteor'"),
         (["--fault-rate", "1.5"], "argument --fault-rate: must be between 0 and 1, got 1.5"),
