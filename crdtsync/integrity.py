@@ -112,12 +112,17 @@ class Writer:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """Content of one client in one update that was refused, and why."""
+    """Content of one client in one update that was refused, and why.
+
+    ``unproven``: refused only because the writer has not proven that it owns the client
+    id; a writer that can prove it (and whose proof was lost or overtaken) may retry.
+    """
 
     client: int
     start: int
     end: int
     reason: str
+    unproven: bool = False
 
 
 @dataclass(slots=True)  # one per stored update: a frozen __init__ costs too much here
@@ -306,6 +311,7 @@ class Ledger:
         if callable(stored):
             stored = _Lazy(stored)
         refused: dict[int, str] = {}
+        unproven: set[int] = set()  # refused for want of a proof of ownership only
         trim: dict[int, int] = {}  # client -> first clock to keep (repeated prefix cut)
         stored_units: dict[int, dict[int, Unit]] = {}
         needed = self._repeated(info)
@@ -328,11 +334,7 @@ class Ledger:
             if not new:
                 trim[client] = info.state[client]  # all of it repeats what is stored
                 continue
-            if (
-                not ranges
-                and self.max_clients is not None
-                and len(self.ranges) >= self.max_clients
-            ):
+            if not ranges and self.max_clients is not None and len(self.ranges) >= self.max_clients:
                 refused[client] = (
                     f"the document already has {len(self.ranges)} client ids, the limit: "
                     f"content of client {client} refused"
@@ -340,12 +342,17 @@ class Ledger:
                 continue
             owner = self.owners.get(client)
             if writer is not None and not writer.may_write(client, owner):
+                unproven.add(client)
                 refused[client] = (
                     f"client {client} belongs to another writer: new content at clocks "
                     f"{new[0][0]}-{new[-1][1] - 1} refused"
                 )
                 continue
-            if ranges and len(ranges) + len(new) > MAX_RANGES_PER_CLIENT:
+            if (
+                ranges
+                and len(ranges) + len(new) > MAX_RANGES_PER_CLIENT
+                and (_ranges_after(ranges, new) > MAX_RANGES_PER_CLIENT)
+            ):
                 refused[client] = (
                     f"client {client} would leave more than {MAX_RANGES_PER_CLIENT} gaps "
                     "in its clocks: fill them first"
@@ -370,6 +377,7 @@ class Ledger:
                         (parent_client, parent_clock),
                         created,
                         own_ranges,
+                        info.gone,
                         stored,
                         stored_units,
                     )
@@ -394,10 +402,16 @@ class Ledger:
                     self.owners[client] = owner
         self._add_types(t for t in info.types if t[0] not in refused)
         for client, _, parent_client, parent_clock in info.parents:
-            if client not in refused and parent_client == client:
+            if (
+                client not in refused
+                and parent_client == client
+                and (parent_client, parent_clock) not in self.types
+                and not any(lo <= parent_clock < hi for lo, hi in info.ranges(client))
+                and not _contains(self.ranges.get(client, []), parent_clock)
+            ):
                 self._add_claim(parent_client, parent_clock)
         refusals = [
-            Refusal(client, info.starts[client], info.state[client], reason)
+            Refusal(client, info.starts[client], info.state[client], reason, client in unproven)
             for client, reason in refused.items()
         ]
         if not refused and not trim:
@@ -467,6 +481,7 @@ class Ledger:
         parent: ID,
         created: set[ID],
         own_ranges: dict[int, list[tuple[int, int]]],
+        gone: list[tuple[int, int, int]],
         stored: Sequence[bytes],
         stored_units: dict[int, dict[int, Unit]],
     ) -> str | None:
@@ -475,6 +490,8 @@ class Ledger:
         if parent in self.types or parent in created:
             return None
         if any(lo <= parent_clock < hi for lo, hi in own_ranges.get(parent_client, ())):
+            if any(c == parent_client and lo <= parent_clock < hi for c, lo, hi in gone):
+                return None  # written deleted: Yjs and Yrs both drop the child
             # written by this very update, and not as a shared type
             return (
                 f"item at client {client} clock {clock} names ({parent_client}, "
@@ -509,7 +526,11 @@ class Ledger:
             return None
         created = set(info.types)
         for clock in claims:
-            if any(lo <= clock < hi for lo, hi in new) and (client, clock) not in created:
+            if (
+                any(lo <= clock < hi for lo, hi in new)
+                and (client, clock) not in created
+                and not any(c == client and lo <= clock < hi for c, lo, hi in info.gone)
+            ):
                 return (
                     f"client {client} clock {clock} was named as a parent before it was "
                     "written, and the content now written there is not a shared type"
@@ -537,6 +558,14 @@ class _Lazy(Sequence[bytes]):
 
     def __iter__(self) -> Iterator[bytes]:
         return iter(self._get())
+
+
+def _ranges_after(ranges: list[tuple[int, int]], new: list[tuple[int, int]]) -> int:
+    """How many ranges ``ranges`` would hold with ``new`` added (filling gaps merges)."""
+    after = list(ranges)
+    for start, end in new:
+        _add_range(after, start, end)
+    return len(after)
 
 
 def _subtract(rng: tuple[int, int], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -759,6 +788,8 @@ class _Reader:
                 ">f" if size == 4 else ">d", self.data[self.pos : self.pos + size]
             )
             self.pos += size
+            if value != value:
+                return ("nan",)  # NaN equals nothing, not even itself: name it instead
             return ("n", int(value) if value.is_integer() else value)
         if kind == 122:
             (value,) = struct.unpack(">q", self.data[self.pos : self.pos + 8])
@@ -833,7 +864,11 @@ class _Reader:
             type_ref = self.uint()
             values = [(type_ref, self.string() if type_ref == 3 else None)]
         elif ref == 9:
-            values = [(self.string(), self.any())]
+            # A subdocument is its guid: its options differ between the Doc that made it
+            # (shouldLoad true) and every re-encoding (false), for the same content.
+            guid = self.string()
+            self.any()
+            values = [guid]
         else:  # JSON content (2) is refused by check_update
             raise AssertionError(f"content ref {ref} in a validated update")
         length = len(values)

@@ -171,6 +171,8 @@ class UpdateInfo:
         parents: ``(client, clock, parent_client, parent_clock)`` of every item that
             names its parent by ID (an item inserted into a nested type with no
             neighbour to its left or right).
+        gone: ``(client, start, end)`` of garbage-collected structs and deleted items
+            (their content is gone: as parents they make a child deleted too).
     """
 
     state: dict[int, int]
@@ -179,6 +181,7 @@ class UpdateInfo:
     holes: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     types: list[tuple[int, int]] = field(default_factory=list)
     parents: list[tuple[int, int, int, int]] = field(default_factory=list)
+    gone: list[tuple[int, int, int]] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -275,6 +278,7 @@ def _scan(data: bytes, max_clients: int | None, max_structs: int | None) -> Upda
     holes: dict[int, list[tuple[int, int]]] = {}
     types: list[tuple[int, int]] = []
     parents: list[tuple[int, int, int, int]] = []
+    gone: list[tuple[int, int, int]] = []
     try:
         num_clients = data[0]
         pos = 1
@@ -357,6 +361,7 @@ def _scan(data: bytes, max_clients: int | None, max_structs: int | None) -> Upda
                         if first < 0:
                             first = clock
                         end = clock + length
+                        gone.append((client, clock, end))
                     elif first >= 0:  # a skip after content: a hole (one before is a start)
                         holes.setdefault(client, []).append((clock, clock + length))
                     clock += length
@@ -431,6 +436,8 @@ def _scan(data: bytes, max_clients: int | None, max_structs: int | None) -> Upda
                     pos += 1
                     if length > 0x7F:
                         length, pos = _uint_tail(data, pos, length)
+                    if length:
+                        gone.append((client, clock, clock + length))
                 else:
                     pos = _skip_rare_content(data, pos, ref, start)
                     length = 1
@@ -533,7 +540,7 @@ def _scan(data: bytes, max_clients: int | None, max_structs: int | None) -> Upda
         raise MalformedMessage(
             f"update has {extra} trailing byte{'' if extra == 1 else 's'} after the delete set"
         )
-    return UpdateInfo(state, starts, deletes, holes, types, parents)
+    return UpdateInfo(state, starts, deletes, holes, types, parents, gone)
 
 
 def _uint_tail(data: bytes, pos: int, first: int) -> tuple[int, int]:
