@@ -66,6 +66,7 @@ log = logging.getLogger("crdtsync.replica")
 
 EXTENSION_QUERY = "crdtsync=1"
 AWARENESS_TIMEOUT_S = 30.0  # y-protocols: a state not renewed for 30 s is gone
+MAX_RECLAIMS = 8  # per connection: claims resent after "not proven" refusals
 HEALTHY_AFTER_S = 5.0  # a connection synced and up this long resets the reconnect backoff
 
 
@@ -154,6 +155,7 @@ class _Connection:
     deferred: asyncio.TimerHandle | None = None  # a paced answer or resync, waiting
     deferred_request: bytes | None = None
     deferred_resync: bool = False
+    reclaims: int = 0  # claims sent again after a refusal for want of them
 
 
 @dataclass(eq=False)
@@ -867,10 +869,14 @@ class Replica:
 
         That is how offline edits are confirmed after a reconnect.
         """
+        update = d.doc.get_update(relay_state)
+        pending = list(self._pending_seqs(d))
+        if update == EMPTY_UPDATE and not pending:
+            return  # nothing the relay lacks, nothing to confirm
         key = conn.next_key
         conn.next_key += 1
-        conn.in_flight[key] = list(self._pending_seqs(d))
-        conn.session.send_update(d.doc.get_update(relay_state), key)
+        conn.in_flight[key] = pending
+        conn.session.send_update(update, key)
 
     def _pending_seqs(self, d: _Document) -> deque[int]:
         if d.pending_seqs is None:
@@ -954,8 +960,15 @@ class Replica:
             if seqs:
                 self._confirm(d, seqs)
         elif isinstance(event, Refused):
-            # Never acknowledged: what it carried stays pending (and is reported).
+            # Never acknowledged: what it carried stays pending.
             conn.in_flight.pop(event.key, None)
+            if event.unproven and conn.reclaims < MAX_RECLAIMS and conn.relay_state is not None:
+                # Our claim was overtaken (a reordering path) or lost: our ids are ours,
+                # so prove them again and resend what is pending.
+                conn.reclaims += 1
+                self._send_claims(d, conn)
+                self._send_catch_up(d, conn, conn.relay_state)
+                return
             d.refused += 1
             d.last_error = f"the relay refused content: {event.reason}"
             self._notify(d)

@@ -251,15 +251,21 @@ class ExtClaim:
 
 @dataclass(frozen=True, slots=True)
 class ExtRefused:
-    """Content of the update sent under ``key`` (0: an unkeyed one) was refused, and why."""
+    """Content of the update sent under ``key`` (0: an unkeyed one) was refused, and why.
+
+    ``unproven``: (part of) it was refused only because the sender had not proven that
+    it owns the client ids: its claim was lost or overtaken; claim again and resend.
+    """
 
     key: int
     reason: str
+    unproven: bool = False
 
     def encode(self) -> bytes:
         return (
             bytes((MessageType.CRDTSYNC, ExtType.REFUSED))
             + write_var_uint(self.key)
+            + write_var_uint(int(self.unproven))
             + _var_bytes(self.reason.encode("utf-8"))
         )
 
@@ -352,8 +358,9 @@ def decode_message(data: bytes, *, max_bytes: int | None = None) -> Message:
             msg = ExtClaim(tuple(claims))
         elif sub == ExtType.REFUSED:
             key, pos = read_var_uint(data, pos)
+            flags, pos = read_var_uint(data, pos)
             reason, pos = _read_var_string(data, pos, "refusal reason")
-            msg = ExtRefused(key, reason)
+            msg = ExtRefused(key, reason, bool(flags & 1))
         else:
             raise MalformedMessage(f"unknown crdtsync extension message type {sub}")
     else:

@@ -542,6 +542,19 @@ class UpdateLog:
             doc, snapshot, [r[1] for r in rows], last, snapshot_seq, [r[0] for r in rows]
         )
 
+    def size(self, doc: str) -> tuple[int, int]:
+        """``(updates, bytes)`` of ``doc`` as stored: tail rows, and their bytes plus the
+        snapshot's (SQLite keeps blob lengths in the row header: no blob is read)."""
+        with self._lock, _store_errors(self.path):
+            rows, tail_bytes = self.conn.execute(
+                "SELECT count(*), coalesce(sum(length(data)), 0) FROM updates WHERE doc = ?",
+                (doc,),
+            ).fetchone()
+            snap = self.conn.execute(
+                "SELECT coalesce(length(snapshot), 0) FROM documents WHERE name = ?", (doc,)
+            ).fetchone()
+        return int(rows), int(tail_bytes) + (int(snap[0]) if snap else 0)
+
     def tail_length(self, doc: str) -> int:
         """How many updates wait in ``doc``'s log since its snapshot."""
         with self._lock, _store_errors(self.path):

@@ -145,10 +145,14 @@ class ClientsClaimed:
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """The relay refused content of the update we sent under ``key`` (0: unkeyed)."""
+    """The relay refused content of the update we sent under ``key`` (0: unkeyed).
+
+    ``unproven``: only for want of our proof of owning the client ids (claim again).
+    """
 
     key: int
     reason: str
+    unproven: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,7 +352,7 @@ class SyncSession:
             self.claimed = claimed
             self._events.append(ClientsClaimed(claimed))
         elif isinstance(msg, ExtRefused):
-            self._events.append(Refused(msg.key, msg.reason))
+            self._events.append(Refused(msg.key, msg.reason, msg.unproven))
 
     # -- output -----------------------------------------------------------------------
 
@@ -413,12 +417,12 @@ class SyncSession:
         for i in range(0, len(items), MAX_CLAIMS_PER_MESSAGE):
             self._out.append(ExtClaim(tuple(items[i : i + MAX_CLAIMS_PER_MESSAGE])).encode())
 
-    def refuse(self, key: int | None, reason: str) -> None:
+    def refuse(self, key: int | None, reason: str, *, unproven: bool = False) -> None:
         """Tell the peer content it sent was refused: an extension message to crdtsync
         peers, the y-protocols "permission denied" to stock clients (which only log it
         and keep their connection: closing would make them resend it forever)."""
         if self.extensions:
-            self._out.append(ExtRefused(key or 0, reason).encode())
+            self._out.append(ExtRefused(key or 0, reason, unproven).encode())
         else:
             self._out.append(PermissionDenied(reason).encode())
 

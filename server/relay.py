@@ -66,7 +66,10 @@ log = logging.getLogger("crdtsync.relay")
 EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for extensions (DESIGN: wire protocol)
 MAX_HELD_FRAMES = 10_000  # a peer that never sends step 1 goes live after this many
 HOLD_LIMIT_S = 5.0  # ... or after this long
-HTTP_PATHS = ("/healthz", "/readyz")  # answered to plain HTTP requests only
+# A stored document larger than this is merged in a worker process, off the event loop
+# (merge_updates holds the GIL: a thread would not help; DESIGN: measured facts).
+READ_INLINE_UPDATES = 256
+READ_INLINE_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +156,10 @@ class Room:
     awareness: dict[int, AwarenessEntry] = field(default_factory=dict)
     awareness_bytes: int = 0  # the states' JSON sizes, summed
     appended: int = 0  # updates in the store's tail, as far as this process knows
+    # Reads of the stored document shared by the peers that need one (joins, resyncs): the
+    # one in flight, and the one that starts when it is done, for those who came later.
+    reading: asyncio.Future[bytes] | None = None
+    read_next: asyncio.Future[bytes] | None = None
 
 
 @dataclass(eq=False)
@@ -161,7 +168,9 @@ class _Pending:
     update: bytes | None  # None: nothing to store (an empty update), only acknowledge
     key: int | None
     info: UpdateInfo | None = None
+    writer: Writer | None = None  # what the connection had proven when the update came
     refusal: str | None = None  # why (part of) the update was refused: never acknowledged
+    unproven: bool = False  # ... only for want of a proof of ownership (the sender may retry)
 
 
 class Relay:
@@ -187,8 +196,9 @@ class Relay:
         self._batch: list[_Pending] = []
         self._flush_handle: asyncio.Handle | None = None
         self._pool: ProcessPoolExecutor | None = None
+        self._read_pool: ProcessPoolExecutor | None = None  # started on the first big read
         self._compactions: set[asyncio.Future[Any]] = set()
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._compacting: set[str] = set()  # documents with a compaction running
         # Integrity ledgers of the documents with a room here (a cache of the store's:
         # dropped with the room, and whenever a commit fails).
@@ -206,6 +216,8 @@ class Relay:
             "updates_refused": 0,
             "limits_hit": 0,
             "closed_over_limits": 0,
+            "document_reads": 0,
+            "document_reads_in_worker": 0,
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -268,6 +280,8 @@ class Relay:
             await asyncio.gather(*self._compactions, return_exceptions=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._read_pool is not None:
+            self._read_pool.shutdown(wait=True, cancel_futures=True)
         if self.store is not None:
             self.store.close()
 
@@ -393,8 +407,11 @@ class Relay:
         self._per_address[address] = self._per_address.get(address, 0) + 1
         try:
             if extensions:
+                # First, before anything the room may broadcast while the store is read:
+                # the replica takes a first message that is not the hello as "no extensions".
                 session.send_hello()
-            peer.joined = self.stored_document(document)
+                await self._send(peer)
+            peer.joined = await self._fresh_read(room)
             session.send_step1(get_state(peer.joined))
             if room.awareness:
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
@@ -453,6 +470,63 @@ class Relay:
         assert self.store is not None
         return self.store.load(document).merged()
 
+    async def _fresh_read(self, room: Room) -> bytes:
+        """The stored document, read by a read that starts now or later, never earlier.
+
+        A peer asks after it joined the room's fan-out, so such a read misses nothing
+        that the fan-out does not bring it. Every peer that asks while a read is in
+        flight shares the next one: at most two reads per document at a time, however
+        many peers join or resync (DESIGN: bounded work).
+        """
+        if room.read_next is None:
+            room.read_next = asyncio.get_running_loop().create_future()
+            future = self._begin_read(room) if room.reading is None else room.read_next
+        else:
+            future = room.read_next
+        # Shielded: a peer that leaves while waiting must not cancel the others' read.
+        return await asyncio.shield(future)
+
+    def _begin_read(self, room: Room) -> asyncio.Future[bytes]:
+        future, room.read_next = room.read_next, None
+        assert future is not None
+        room.reading = future
+        task = asyncio.get_running_loop().create_task(self._read(room.name))
+
+        def done(t: asyncio.Task[bytes]) -> None:
+            room.reading = None
+            if not future.done():
+                exc = None if t.cancelled() else t.exception()
+                if t.cancelled():
+                    future.cancel()
+                elif exc is not None:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(t.result())
+            if room.read_next is not None:
+                self._begin_read(room)
+
+        task.add_done_callback(done)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return future
+
+    async def _read(self, name: str) -> bytes:
+        assert self.store is not None
+        self.stats["document_reads"] += 1
+        updates, size = self.store.size(name)
+        if (updates <= READ_INLINE_UPDATES and size <= READ_INLINE_BYTES) or self._stopping:
+            return self.stored_document(name)
+        self.stats["document_reads_in_worker"] += 1
+        stored = self.store.load(name).all_updates()
+        if self._read_pool is None:
+            self._read_pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+        try:
+            return await asyncio.wrap_future(self._read_pool.submit(merge_in_batches, stored))
+        except BrokenProcessPool:
+            log.error("read worker died while merging %r; merging here", name)
+            self._read_pool = None
+            return merge_in_batches(stored)
+
     async def _send(self, peer: Peer) -> None:
         for frame in peer.session.data_to_send():
             await peer.ws.send(frame)
@@ -482,7 +556,7 @@ class Relay:
                         # Queued all the same, so acknowledgements keep their order.
                         self._submit(_Pending(peer, None, event.key))
                     continue
-                self._submit(_Pending(peer, event.update, event.key, event.info))
+                self._submit(_Pending(peer, event.update, event.key, event.info, peer.writer))
             elif isinstance(event, StateRequested):
                 peer.engaged = True
                 if i != last_request:
@@ -494,7 +568,9 @@ class Relay:
                     await asyncio.sleep(wait)
                     if peer.ws.close_code is not None:
                         return 0.0
-                merged = peer.joined if peer.joined is not None else self.stored_document(room.name)
+                merged = peer.joined
+                if merged is None:
+                    merged = await self._fresh_read(room)
                 peer.joined = None
                 session.answer_state_request(get_update(merged, event.state_vector))
                 answered = True
@@ -658,7 +734,7 @@ class Relay:
         for item in batch:
             session = item.peer.session
             if item.refusal is not None:
-                session.refuse(item.key, item.refusal)
+                session.refuse(item.key, item.refusal, unproven=item.unproven)
             elif item.key is not None:
                 session.acknowledge(item.key)
             else:
@@ -702,12 +778,13 @@ class Relay:
                     loaded[name] = self.store.load(name).all_updates()
                 return loaded[name] + accepted.get(name, [])
 
-            verdict = ledger.judge(item.update, item.info, item.peer.writer, stored)
+            verdict = ledger.judge(item.update, item.info, item.writer or Writer(), stored)
             item.update = verdict.update
             if verdict.update is not None:
                 accepted.setdefault(name, []).append(verdict.update)
             if verdict.refusals:
                 item.refusal = "; ".join(r.reason for r in verdict.refusals)[:1000]
+                item.unproven = any(r.unproven for r in verdict.refusals)
                 self.stats["updates_refused"] += 1
                 log.warning("refused content on %r: %s", name, item.refusal)
 

@@ -30,7 +30,9 @@ from crdtsync.protocol import (
     AwarenessEntry,
     AwarenessMessage,
     ExtAck,
+    ExtClaim,
     ExtHello,
+    ExtRefused,
     ExtUpdate,
     Message,
     PermissionDenied,
@@ -88,6 +90,9 @@ EXACT_ENCODINGS: list[tuple[Message, bytes]] = [
     (ExtUpdate(128, b"\x00\x00"), b"\x64\x01\x80\x01\x02\x00\x00"),
     (ExtAck(7), b"\x64\x02\x07"),
     (ExtAck(MAX_SAFE), b"\x64\x02" + b"\xff" * 7 + b"\x0f"),
+    (ExtClaim(((5, b"k" * 32),)), b"\x64\x03\x01\x05\x20" + b"k" * 32),
+    (ExtRefused(3, "no"), b"\x64\x04\x03\x00\x02no"),
+    (ExtRefused(0, "", unproven=True), b"\x64\x04\x00\x01\x00"),
 ]
 
 
@@ -161,7 +166,22 @@ ROUND_TRIP_MESSAGES: list[Message] = [
     ExtUpdate(5, b""),
     ExtAck(0),
     ExtAck(2**40),
+    ExtClaim(()),
+    ExtClaim(((MAX_SAFE, bytes(32)), (1, b"\xff" * 32))),
+    ExtRefused(2**40, "client 7 clock 0 rewritten ✋", unproven=False),
+    ExtRefused(1, "client 7 belongs to another writer", unproven=True),
 ]
+
+CLAIM_REFUSED = [
+    (b"\x64\x03\x01\x05\x1f" + b"k" * 31, "client key for client 5 has 31 bytes, not 32"),
+    (b"\x64\x03\x81\x08", "claim message declares 1025 client ids, more than 1024"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), CLAIM_REFUSED)
+def test_malformed_claim_is_refused_naming_the_problem(data: bytes, message: str) -> None:
+    with pytest.raises(MalformedMessage, match=message):
+        decode_message(data)
 
 
 @pytest.mark.parametrize("message", ROUND_TRIP_MESSAGES, ids=repr)

@@ -18,6 +18,10 @@ from websockets.exceptions import ConnectionClosed
 
 from crdtsync.client import Replica
 from crdtsync.protocol import (
+    ExtAck,
+    ExtClaim,
+    ExtRefused,
+    ExtUpdate,
     PermissionDenied,
     SyncStep1,
     SyncStep2,
@@ -353,3 +357,36 @@ async def test_an_exception_in_the_sync_task_is_reported_retried_and_never_raise
         doc.get("text", type=Text).insert(0, "after the error")
         await replica.wait_synced(ROOM, timeout=timeout_s(10))  # it retried
     # leaving the context (stop/close) raised nothing
+
+
+async def test_update_overtaking_its_claim_is_refused_as_unproven_and_the_replica_retries(
+    relay, tmp_path
+):
+    """A reordering path can deliver a replica's update before its claim: the relay says
+    "unproven" (not "rewritten"), and a crdtsync replica claims again and resends."""
+    async with Replica(tmp_path / "r.db", relay=relay.url) as owner:
+        doc = await owner.open(ROOM)
+        doc.get("text", type=Text).insert(0, "mine")
+        await owner.wait_synced(ROOM, timeout=timeout_s(10))
+        client = doc.client_id
+        assert owner.store is not None
+        key = owner.store.own_clients(ROOM)[client]
+    follow = Doc(client_id=client)
+    follow.apply_update(stored_document(relay.store, ROOM).get_update())
+    before = follow.get_state()
+    follow.get("text", type=Text).insert(4, "!")
+    update = follow.get_update(before)
+    async with asyncio.timeout(timeout_s(10)), connect(f"{relay.url}/{ROOM}?crdtsync=1") as ws:
+        await ws.send(ExtUpdate(1, update).encode())  # before the claim
+        await ws.send(ExtClaim(((client, key),)).encode())
+        await ws.send(ExtUpdate(2, update).encode())  # after it
+        replies = []
+        while len(replies) < 2:
+            msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+            if isinstance(msg, (ExtRefused, ExtAck)):
+                replies.append(msg)
+    refused, acked = replies
+    assert isinstance(refused, ExtRefused)
+    assert (refused.key, refused.unproven) == (1, True)
+    assert acked == ExtAck(2)
+    assert str(stored_document(relay.store, ROOM).get("text", type=Text)) == "mine!"

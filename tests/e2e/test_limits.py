@@ -31,6 +31,7 @@ from crdtsync.protocol import (
     encode_awareness,
     write_var_uint,
 )
+from crdtsync.store import UpdateLog
 
 pytestmark = pytest.mark.anyio
 
@@ -338,3 +339,35 @@ async def test_edit_while_another_process_locks_the_file_does_not_block_the_loop
         await eventually(lambda: replica.status(ROOM).last_error is None, what="saved on retry")
         assert replica.store is not None
         assert replica.store.pending_count(ROOM) == 1
+
+
+async def test_concurrent_joins_share_reads_merged_off_the_loop(relay_factory, tmp_path):
+    """20 joiners of a 5,000-update document: a few shared reads, merged in a worker."""
+    store = tmp_path / "big.db"
+    writer: Doc[Any] = Doc()
+    updates: list[bytes] = []
+    writer.observe(lambda event: updates.append(event.update))
+    text = writer.get("text", type=Text)
+    for i in range(5000):
+        text.insert(i, "x")
+    with UpdateLog(store) as log:
+        log.append_many([(ROOM, u) for u in updates])
+    relay = relay_factory("big.db", "--compact-after-updates", "1000000")
+
+    async def join(i: int) -> int:
+        async with asyncio.timeout(timeout_s(30)), connect(f"{relay.url}/{ROOM}") as ws:
+            await ws.send(SyncStep1(b"\x00").encode())
+            while True:
+                msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+                if isinstance(msg, SyncStep2):
+                    reader: Doc[Any] = Doc()
+                    reader.apply_update(msg.update)
+                    return len(str(reader.get("text", type=Text)))
+
+    other = asyncio.create_task(honest_round_trip(relay, tmp_path, "during-joins"))
+    lengths = await asyncio.gather(*(join(i) for i in range(20)))
+    await other
+    assert lengths == [5000] * 20
+    stats = health(relay)
+    assert 1 <= stats["document_reads"] <= 6  # 20 joins shared a handful of reads
+    assert stats["document_reads_in_worker"] >= 1
