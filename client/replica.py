@@ -38,7 +38,7 @@ from crdtsync.errors import (
     StoreError,
     SyncTimeout,
 )
-from crdtsync.integrity import Ledger, client_id_of_key
+from crdtsync.integrity import KEY_OWNER, Ledger, Writer, client_id_of_key
 from crdtsync.limits import TokenBucket
 from crdtsync.protocol import CLIENT_KEY_BYTES, decode_state_vector, encode_state_vector
 from crdtsync.settings import validate_document_name
@@ -356,7 +356,7 @@ class Replica:
         if snapshot:
             doc.apply_update(snapshot)  # our own compaction of a Doc that applied it
         guard = Ledger.of_state(decode_state_vector(doc.get_state()))
-        guard.types, guard.claims = types, claims
+        guard.types, guard.claims, guard.shared = types, claims, False
         batch: list[tuple[int, bytes]] = []
         quarantined = 0
 
@@ -671,12 +671,15 @@ class Replica:
         """
         state = decode_state_vector(d.doc.get_state())
         clients = set(info.starts) | {parent[2] for parent in info.parents}
+        own = d.doc.client_id
         guard = Ledger(
             ranges={c: [(0, state[c])] for c in clients if state.get(c)},
+            owners={own: KEY_OWNER},  # only this replica writes its current id
             types=d.types,
             claims=d.claims,
+            shared=False,
         )
-        verdict = guard.judge(update, info, None, lambda: [_content_for(d.doc, info)])
+        verdict = guard.judge(update, info, Writer(), lambda: [_content_for(d.doc, info)])
         if verdict.refusals:
             self._quarantine_remote(d, update, "; ".join(r.reason for r in verdict.refusals))
         return verdict.update, {r.client for r in verdict.refusals}
@@ -858,11 +861,13 @@ class Replica:
         the relay refuses new content under an owned id from anyone else.
         """
         claims = self._store().own_clients(d.name)
-        if len(claims) > MAX_CLAIMED_CLIENTS:
-            current = d.doc.client_id
-            kept = sorted(c for c in claims if c != current)[-(MAX_CLAIMED_CLIENTS - 1) :]
-            claims = {c: claims[c] for c in [*kept, current]}
-        conn.session.send_claim(claims)
+        current = d.doc.client_id
+        others = sorted(c for c in claims if c != current)[-(MAX_CLAIMED_CLIENTS - 1) :]
+        ordered = {c: claims[c] for c in [current, *others] if c in claims}
+        # The current id before its first edit is fresh: the relay records its owner at
+        # once, so that nobody who saw it (in our presence) can write there first.
+        fresh = current in ordered and not decode_state_vector(d.doc.get_state()).get(current)
+        conn.session.send_claim(ordered, frozenset({current}) if fresh else frozenset())
 
     def _send_catch_up(self, d: _Document, conn: _Connection, relay_state: bytes) -> None:
         """Send what the relay lacks as one update acknowledged for every pending transaction.

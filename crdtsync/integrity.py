@@ -207,6 +207,9 @@ class Ledger:
         known: the store holds this ledger (otherwise its first write records it).
         max_clients: content of further client ids is refused beyond this many (each
             costs every sync request a state-vector entry); None: no limit.
+        shared: what is accepted goes to other peers (a relay's ledger), who may still
+            hold live what this store holds deleted; False for a replica judging what
+            reaches its own document.
     """
 
     ranges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
@@ -217,6 +220,7 @@ class Ledger:
     new_types: list[tuple[int, int, bool]] = field(default_factory=list)
     known: bool = False
     max_clients: int | None = None
+    shared: bool = True
 
     @classmethod
     def of_updates(cls, updates: Iterable[bytes]) -> Ledger:
@@ -245,6 +249,28 @@ class Ledger:
                 _add_range(ranges, start, end)
             self.dirty.add(client)
         self._add_types(info.types)
+
+    def claim(self, clients: Iterable[int], writer: Writer, limit: int = 16) -> None:
+        """Record ``writer`` as the owner of fresh client ids it proved, before it writes.
+
+        A replica's id is visible (in its presence) before its first edit: owning it from
+        the proof on means nobody can write there first. Only for ids with no content
+        (the caller's word: the claimant says so); ids with content here are skipped. At
+        most ``limit`` ids per call (rows without content must stay few); the others
+        become owned by their first proven write.
+        """
+        recorded = 0
+        for client in clients:
+            if recorded >= limit:
+                break
+            if client in self.owners or client not in writer.proven or self.ranges.get(client):
+                continue
+            if self.max_clients is not None and len(self.ranges) >= self.max_clients:
+                break
+            self.owners[client] = KEY_OWNER
+            self.ranges.setdefault(client, [])
+            self.dirty.add(client)
+            recorded += 1
 
     def _add_types(self, type_ids: Iterable[tuple[int, int]]) -> None:
         for client, clock in type_ids:
@@ -314,14 +340,25 @@ class Ledger:
         unproven: set[int] = set()  # refused for want of a proof of ownership only
         trim: dict[int, int] = {}  # client -> first clock to keep (repeated prefix cut)
         stored_units: dict[int, dict[int, Unit]] = {}
+        inexact: set[int] = set()  # repeats that matched only thanks to deleted units
         needed = self._repeated(info)
         if needed:
-            stored_units = _collect_units(stored, needed, self._ends())
-            incoming = read_units(update, needed)
+            # Deleted and collected units of the update match anything: only the others
+            # are compared, so a short GC struct claiming a long range costs nothing.
+            incoming = read_units(update, needed, skip_wildcards=True)
             for client, clocks in needed.items():
-                reason = _compare(client, clocks, incoming.get(client, {}), stored_units)
+                units = incoming.get(client, {})
+                if len(units) < sum(hi - lo for lo, hi in clocks):
+                    inexact.add(client)  # deleted (or skipped) units in its repeat
+            needed = {c: _runs(sorted(u)) for c, u in incoming.items() if u}
+            if needed:
+                stored_units = _collect_units(stored, needed, self._ends())
+            for client in needed:
+                reason, exact = _compare(client, incoming[client], stored_units)
                 if reason is not None:
                     refused[client] = reason
+                elif not exact:
+                    inexact.add(client)
         for client, start in info.starts.items():
             if client in refused:
                 continue
@@ -370,7 +407,8 @@ class Ledger:
             before = len(refused)
             created = {t for t in info.types if t[0] not in refused}
             for client, clock, parent_client, parent_clock in info.parents:
-                if client not in refused:
+                if client not in refused and not _contains(self.ranges.get(client, []), clock):
+                    # (a child the store holds already is a repeat: trimmed, not judged)
                     reason = self._parent_problem(
                         client,
                         clock,
@@ -385,6 +423,18 @@ class Ledger:
                         refused[client] = reason
             if len(refused) == before:
                 break
+        result: bytes | None = update
+        if refused or trim:
+            cut = {client: info.state[client] for client in refused}
+            cut.update(trim)
+            result, untrimmed = _cut(update, info, cut, inexact)
+            for client in untrimmed:
+                # Its repeat could only be stored whole, and it differs from what is
+                # stored where the store's copy is deleted: storing it would be a rewrite.
+                refused[client] = (
+                    f"client {client}: a repeat that matches only deleted content cannot be "
+                    "cut exactly (a string split between surrogate halves)"
+                )
         # Record what is accepted.
         for client in info.state:
             if client in refused or trim.get(client) == info.state[client]:
@@ -414,11 +464,7 @@ class Ledger:
             Refusal(client, info.starts[client], info.state[client], reason, client in unproven)
             for client, reason in refused.items()
         ]
-        if not refused and not trim:
-            return Verdict(update, refusals)
-        cut = {client: info.state[client] for client in refused}
-        cut.update(trim)
-        return Verdict(_cut(update, info, cut), refusals, trimmed=bool(trim))
+        return Verdict(result, refusals, trimmed=bool(trim))
 
     def _append_only(self, info: UpdateInfo, writer: Writer | None) -> bool:
         """The fast path: record an update that only appends after what is stored.
@@ -433,7 +479,7 @@ class Ledger:
             if ranges and (start < ranges[-1][1] or len(ranges) >= MAX_RANGES_PER_CLIENT):
                 return False
             if (
-                ranges is None
+                not ranges
                 and self.max_clients is not None
                 and len(ranges_of) + len(info.starts) > self.max_clients
             ):
@@ -446,7 +492,7 @@ class Ledger:
         state = info.state
         for client, start in info.starts.items():
             ranges = ranges_of.get(client)
-            if ranges is None:
+            if not ranges:
                 ranges_of[client] = [(start, state[client])]
             elif ranges[-1][1] == start:
                 ranges[-1] = (ranges[-1][0], state[client])
@@ -487,34 +533,41 @@ class Ledger:
     ) -> str | None:
         """Why an item at ``(client, clock)`` may not name ``parent`` (None: it may)."""
         parent_client, parent_clock = parent
-        if parent in self.types or parent in created:
+        if parent in self.types:
             return None
-        if any(lo <= parent_clock < hi for lo, hi in own_ranges.get(parent_client, ())):
-            if any(c == parent_client and lo <= parent_clock < hi for c, lo, hi in gone):
-                return None  # written deleted: Yjs and Yrs both drop the child
-            # written by this very update, and not as a shared type
+        if not _contains(self.ranges.get(parent_client, []), parent_clock):
+            if parent in created:
+                return None  # a shared type this very update creates
+            if any(lo <= parent_clock < hi for lo, hi in own_ranges.get(parent_client, ())):
+                if any(c == parent_client and lo <= parent_clock < hi for c, lo, hi in gone):
+                    return None  # written deleted: Yjs and Yrs both drop the child
+                return (
+                    f"item at client {client} clock {clock} names ({parent_client}, "
+                    f"{parent_clock}) as parent, which the same update writes as no shared type"
+                )
+            if parent_clock in self.claims.get(parent_client, ()) or parent_client == client:
+                return None  # the writer's own earlier clock, not stored yet: a claim
             return (
                 f"item at client {client} clock {clock} names ({parent_client}, "
-                f"{parent_clock}) as parent, which the same update writes as no shared type"
+                f"{parent_clock}) as parent, which this document does not hold"
             )
-        if parent_clock in self.claims.get(parent_client, ()):
-            return None
-        if _contains(self.ranges.get(parent_client, []), parent_clock):
-            unit = _stored_unit(stored, stored_units, parent, self._ends())
-            if isinstance(unit, _Wildcard):
-                return None  # a deleted parent: Yjs and Yrs both drop the child
-            if unit is not None and unit[4] == _TYPE_REF:
-                self._add_types([parent])  # a type the ledger did not know (a replica's)
-                return None
+        # Stored: what is stored there decides, whatever this update says of it.
+        unit = _stored_unit(stored, stored_units, parent, self._ends())
+        if isinstance(unit, _Wildcard):
+            if not self.shared:
+                return None  # deleted here: Yjs and Yrs both drop the child
+            # Deleted in the store, but a peer may still hold it live: unless it was a
+            # shared type, the child would break that peer's document.
             return (
                 f"item at client {client} clock {clock} names ({parent_client}, "
-                f"{parent_clock}) as parent, which is not a shared type"
+                f"{parent_clock}) as parent, a deleted item not known as a shared type"
             )
-        if parent_client == client:
-            return None  # the writer's own earlier clock, not stored yet: a claim
+        if unit is not None and unit[4] == _TYPE_REF:
+            self._add_types([parent])  # a type the ledger did not know (a replica's)
+            return None
         return (
-            f"item at client {client} clock {clock} names ({parent_client}, {parent_clock}) "
-            "as parent, which this document does not hold"
+            f"item at client {client} clock {clock} names ({parent_client}, "
+            f"{parent_clock}) as parent, which is not a shared type"
         )
 
     def _claims_broken(
@@ -581,31 +634,49 @@ def _subtract(rng: tuple[int, int], ranges: list[tuple[int, int]]) -> list[tuple
     return out
 
 
-def _cut(update: bytes, info: UpdateInfo, cut: dict[int, int]) -> bytes | None:
+def _cut(
+    update: bytes, info: UpdateInfo, cut: dict[int, int], inexact: set[int]
+) -> tuple[bytes | None, set[int]]:
     """Drop each client's structs below ``cut[client]``; None if nothing is left.
 
     pycrdt 0.14 cuts strings by UTF-16 offset but keeps them as UTF-8: a cut between the
     halves of a surrogate pair loses a unit and shifts every later clock of that block
     (found by tests/test_integrity.py). A cut that did not land where asked is undone for
-    that client: its repeated prefix, already found equal, is then stored again, which
-    is harmless, where shifted clocks would be a rewrite.
+    that client: its repeated prefix, found equal, is then stored again, which is
+    harmless, where shifted clocks would be a rewrite. A client in ``inexact`` (its
+    repeat matched only thanks to deleted units) is dropped instead, and returned: its
+    repeat is not the same content as the store's, so it cannot be stored again.
     """
     if all(cut.get(c) == end for c, end in info.state.items()) and not info.deletes:
-        return None
+        return None, set()
     sv = {client: cut.get(client, 0) for client in info.state}
     result = get_update(update, encode_state_vector(sv))
     sliced = [c for c, clock in cut.items() if clock < info.state[c]]
     if not sliced:
-        return result
+        return result, set()
     got = check_update(result)
     misplaced = [
         c for c in sliced if got.starts.get(c) != cut[c] or got.state.get(c) != info.state[c]
     ]
     if not misplaced:
-        return result
+        return result, set()
+    dropped = {c for c in misplaced if c in inexact}
     for client in misplaced:
-        sv[client] = 0
-    return get_update(update, encode_state_vector(sv))
+        sv[client] = info.state[client] if client in dropped else 0
+    if all(sv[c] == end for c, end in info.state.items()) and not info.deletes:
+        return None, dropped
+    return get_update(update, encode_state_vector(sv)), dropped
+
+
+def _runs(clocks: list[int]) -> list[tuple[int, int]]:
+    """Sorted clocks as ``[start, end)`` runs."""
+    runs: list[tuple[int, int]] = []
+    for clock in clocks:
+        if runs and runs[-1][1] == clock:
+            runs[-1] = (runs[-1][0], clock + 1)
+        else:
+            runs.append((clock, clock + 1))
+    return runs
 
 
 # -- units: what one clock of content is ------------------------------------------------
@@ -680,24 +751,24 @@ def _same(a: Unit, b: Unit) -> bool:
 
 
 def _compare(
-    client: int,
-    clocks: list[tuple[int, int]],
-    incoming: dict[int, Unit],
-    stored: dict[int, dict[int, Unit]],
-) -> str | None:
+    client: int, incoming: dict[int, Unit], stored: dict[int, dict[int, Unit]]
+) -> tuple[str | None, bool]:
+    """Why the incoming units differ from the stored ones (None: they do not), and
+    whether they matched without the help of a deleted stored unit."""
     mine = stored.get(client, {})
-    for lo, hi in clocks:
-        for clock in range(lo, hi):
-            new = incoming.get(clock)
-            old = mine.get(clock)
-            if new is None or old is None:
-                continue  # a hole on either side (a skip): nothing to compare
-            if not _same(new, old):
-                return (
-                    f"client {client} clock {clock} rewritten: it differs from the stored "
-                    f"content ({_describe(new)} instead of {_describe(old)})"
-                )
-    return None
+    exact = True
+    for clock, new in incoming.items():
+        old = mine.get(clock)
+        if old is None:
+            continue  # a hole in the store's copy (a skip): nothing to compare
+        if isinstance(old, _Wildcard):
+            exact = False
+        elif not _same(new, old):
+            return (
+                f"client {client} clock {clock} rewritten: it differs from the stored "
+                f"content ({_describe(new)} instead of {_describe(old)})"
+            ), False
+    return None, exact
 
 
 def _describe(unit: Unit) -> str:
@@ -709,14 +780,16 @@ def _describe(unit: Unit) -> str:
 
 
 def read_units(
-    update: bytes, wanted: dict[int, list[tuple[int, int]]]
+    update: bytes, wanted: dict[int, list[tuple[int, int]]], *, skip_wildcards: bool = False
 ) -> dict[int, dict[int, Unit]]:
     """Read the content units of ``update`` at the wanted clocks of the wanted clients.
 
     ``update`` must be valid (:func:`~crdtsync.updates.check_update` passed): this
     reader trusts its framing. It walks the whole update; only wanted units are kept.
+    With ``skip_wildcards``, deleted and collected units are left out (they match
+    anything), so a huge deleted range costs no more than its few bytes.
     """
-    r = _Reader(update)
+    r = _Reader(update, skip_wildcards)
     out: dict[int, dict[int, Unit]] = {}
     for _ in range(r.uint()):
         num_structs = r.uint()
@@ -732,9 +805,10 @@ def read_units(
 class _Reader:
     """A cursor over a validated v1 update (lib0 encoding)."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, skip_wildcards: bool = False) -> None:
         self.data = data
         self.pos = 0
+        self.skip_wildcards = skip_wildcards
 
     def uint(self) -> int:
         data, pos = self.data, self.pos
@@ -829,7 +903,7 @@ class _Reader:
         ref = info & 0x1F
         if ref in (0, 10):  # GC, skip
             length = self.uint()
-            if ref == 0 and units is not None and ranges is not None:
+            if ref == 0 and units is not None and ranges is not None and not self.skip_wildcards:
                 for k in _wanted(ranges, clock, clock + length):
                     units[k] = WILDCARD
             return clock + length
@@ -849,7 +923,7 @@ class _Reader:
             values = [self.any() for _ in range(self.uint())]
         elif ref == 1:  # deleted
             length = self.uint()
-            if units is not None and ranges is not None:
+            if units is not None and ranges is not None and not self.skip_wildcards:
                 for k in _wanted(ranges, clock, clock + length):
                     units[k] = WILDCARD
             return clock + length

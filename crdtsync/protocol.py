@@ -237,15 +237,22 @@ MAX_CLAIMS_PER_MESSAGE = 1024
 
 @dataclass(frozen=True, slots=True)
 class ExtClaim:
-    """The sender owns these client ids: ``(client id, key)`` pairs (crdtsync.integrity)."""
+    """The sender owns these client ids: ``(client id, key)`` pairs (crdtsync.integrity).
+
+    ``fresh``: those of them that have no content yet anywhere (only their owner can
+    write them, and it has not): the relay may record their owner at once.
+    """
 
     claims: tuple[tuple[int, bytes], ...]
+    fresh: tuple[int, ...] = ()
 
     def encode(self) -> bytes:
         out = [bytes((MessageType.CRDTSYNC, ExtType.CLAIM)), write_var_uint(len(self.claims))]
         for client, key in self.claims:
             out.append(write_var_uint(client))
             out.append(_var_bytes(key))
+        out.append(write_var_uint(len(self.fresh)))
+        out.extend(write_var_uint(client) for client in self.fresh)
         return b"".join(out)
 
 
@@ -355,7 +362,19 @@ def decode_message(data: bytes, *, max_bytes: int | None = None) -> Message:
                         f"not {CLIENT_KEY_BYTES}"
                     )
                 claims.append((client, key_bytes))
-            msg = ExtClaim(tuple(claims))
+            fresh = []
+            count, pos = read_var_uint(data, pos)
+            if count > len(claims):
+                raise MalformedMessage(
+                    f"claim message names {count} fresh ids of {len(claims)} claimed"
+                )
+            claimed = {client for client, _ in claims}
+            for _ in range(count):
+                client, pos = read_var_uint(data, pos)
+                if client not in claimed:
+                    raise MalformedMessage(f"fresh id {client} is not claimed")
+                fresh.append(client)
+            msg = ExtClaim(tuple(claims), tuple(fresh))
         elif sub == ExtType.REFUSED:
             key, pos = read_var_uint(data, pos)
             flags, pos = read_var_uint(data, pos)

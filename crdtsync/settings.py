@@ -77,7 +77,7 @@ class RelaySettings(BaseSettings):
     max_update_structs: int = Field(default=2_000_000, ge=1)  # structs + Any values (1008)
     max_document_clients: int = Field(default=50_000, ge=1)  # client ids one document keeps
     # a connection's updates are paced (its reading pauses) beyond these rates
-    updates_per_s: float = Field(default=100_000.0, gt=0)
+    updates_per_s: float = Field(default=200_000.0, gt=0)
     update_bytes_per_s: float = Field(default=32 * 1024 * 1024, gt=0)
     # sync requests (step 1) per connection: paced, and answered once per batch
     sync_requests_per_s: float = Field(default=2.0, gt=0)

@@ -386,7 +386,7 @@ class UpdateLog:
         if known:
             ledger = Ledger(known=True)
             for client, ranges, owner in clients:
-                ledger.ranges[client] = decode_ranges(ranges)
+                ledger.ranges[client] = decode_ranges(ranges)  # empty: owned, nothing yet
                 if owner is not None:
                     ledger.owners[client] = owner
             for client, clock, claimed in types:

@@ -1097,7 +1097,7 @@ def test_item_naming_a_stored_non_type_as_parent_is_refused() -> None:
     assert text_of(relay.doc()) == "ab"
 
 
-def test_item_naming_a_deleted_type_as_parent_is_accepted() -> None:
+def test_item_naming_a_deleted_type_as_parent_is_accepted_where_it_is_known_as_a_type() -> None:
     # a deletes the list while b inserts into it; the relay holds a's compacted state
     a, created = _shared_array(D)
     b: Doc[Any] = Doc(client_id=C)
@@ -1106,23 +1106,42 @@ def test_item_naming_a_deleted_type_as_parent_is_accepted() -> None:
     transact(a, lambda: a.get("m", type=Map).pop("list"))
     snapshot = a.get_update()
     assert units(snapshot, D)[0] is WILDCARD  # premise: the type is gone
+    # A relay that saw the list created knows it was a type: the child is harmless.
+    relay = Relay()
+    relay.store_all([created, snapshot])
+    assert relay.offer(child) == Verdict(child, [])
+    assert map_of(relay.doc()) == {}
+    # One that only ever saw it deleted (a refill from a compacted copy) cannot tell a
+    # deleted type from a deleted string, which a peer may still hold live: it refuses.
     relay = Relay()
     relay.store_all([snapshot])
     assert relay.ledger.types == set()
-    assert relay.offer(child) == Verdict(child, [])
-    assert map_of(relay.doc()) == {}
+    [refusal] = relay.offer(child).refusals
+    assert "a deleted item not known as a shared type" in refusal.reason
+    # A replica judges its own document only, where the parent is deleted: it applies it.
+    replica = Relay()
+    replica.ledger.shared = False
+    replica.store_all([snapshot])
+    assert replica.offer(child) == Verdict(child, [])
 
 
-def test_item_naming_a_deleted_non_type_as_parent_is_accepted() -> None:
+def test_item_naming_a_deleted_non_type_as_parent_is_refused_by_a_relay_only() -> None:
     writer: Doc[Any] = Doc(client_id=D)
     keystrokes(writer, "ab")
     t = writer.get("t", type=Text)
     transact(writer, lambda: t.__delitem__(slice(0, 2)))
+    child = update_of(block(C, 0, in_parent(ANY, (D, 1), anys(any_int(1)))))
+    # A peer that still holds "b" live could not apply the child (the relay's concern)...
     relay = Relay()
     relay.store_all([writer.get_update()])
-    child = update_of(block(C, 0, in_parent(ANY, (D, 1), anys(any_int(1)))))
-    assert relay.offer(child) == Verdict(child, [])
-    assert text_of(relay.doc()) == ""
+    [refusal] = relay.offer(child).refusals
+    assert "a deleted item not known as a shared type" in refusal.reason
+    # ...a replica where "b" is deleted can: Yjs and Yrs drop the child.
+    replica = Relay()
+    replica.ledger.shared = False
+    replica.store_all([writer.get_update()])
+    assert replica.offer(child) == Verdict(child, [])
+    assert text_of(replica.doc()) == ""
 
 
 def test_item_naming_a_clock_of_another_client_the_document_does_not_hold_is_refused() -> None:
@@ -1289,7 +1308,7 @@ def test_child_of_a_type_created_in_the_same_update_is_accepted() -> None:
 
 
 @pytest.mark.parametrize("stored", ["nothing", "the deleting snapshot"])
-def test_merge_of_a_deleted_type_and_a_concurrent_insert_into_it_is_accepted(stored: str) -> None:
+def test_merge_of_a_deleted_type_and_a_concurrent_insert_into_it(stored: str) -> None:
     a, created = _shared_array(D)
     b: Doc[Any] = Doc(client_id=C)
     b.apply_update(created)
@@ -1302,7 +1321,12 @@ def test_merge_of_a_deleted_type_and_a_concurrent_insert_into_it_is_accepted(sto
     if stored != "nothing":
         relay.store_all([snapshot])
     verdict = relay.offer(merged)
-    assert verdict.refusals == []
+    if stored == "nothing":
+        assert verdict.refusals == []  # the list arrives deleted with its child
+    else:
+        # The store holds the list deleted and never saw it as a type: see
+        # test_item_naming_a_deleted_type_as_parent_is_accepted.
+        assert [r.client for r in verdict.refusals] == [C]
 
 
 def test_repeat_naming_a_deleted_parent_of_its_own_client_records_no_claim() -> None:

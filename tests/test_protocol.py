@@ -90,7 +90,8 @@ EXACT_ENCODINGS: list[tuple[Message, bytes]] = [
     (ExtUpdate(128, b"\x00\x00"), b"\x64\x01\x80\x01\x02\x00\x00"),
     (ExtAck(7), b"\x64\x02\x07"),
     (ExtAck(MAX_SAFE), b"\x64\x02" + b"\xff" * 7 + b"\x0f"),
-    (ExtClaim(((5, b"k" * 32),)), b"\x64\x03\x01\x05\x20" + b"k" * 32),
+    (ExtClaim(((5, b"k" * 32),)), b"\x64\x03\x01\x05\x20" + b"k" * 32 + b"\x00"),
+    (ExtClaim(((5, b"k" * 32),), (5,)), b"\x64\x03\x01\x05\x20" + b"k" * 32 + b"\x01\x05"),
     (ExtRefused(3, "no"), b"\x64\x04\x03\x00\x02no"),
     (ExtRefused(0, "", unproven=True), b"\x64\x04\x00\x01\x00"),
 ]
@@ -175,6 +176,7 @@ ROUND_TRIP_MESSAGES: list[Message] = [
 CLAIM_REFUSED = [
     (b"\x64\x03\x01\x05\x1f" + b"k" * 31, "client key for client 5 has 31 bytes, not 32"),
     (b"\x64\x03\x81\x08", "claim message declares 1025 client ids, more than 1024"),
+    (b"\x64\x03\x01\x05\x20" + b"k" * 32 + b"\x01\x06", "fresh id 6 is not claimed"),
 ]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import urllib.request
 from typing import Any
 
 import pytest
@@ -50,8 +52,29 @@ async def test_stock_yjs_client_and_replica_converge_through_relay_with_offline_
         assert sorted(text.split()) == ["replica", "yjs-offline"]
         # wait_state fails (showing the last state) unless the stock client holds exactly this
         await in_thread(yjs.wait_state, text={"text": text}, map={"map": mapping})
-    # The stock client never saw a message type it does not know.
+
+        # It goes offline, both sides edit, it comes back: its resync repeats nothing the
+        # integrity rule may refuse.
+        await in_thread(yjs.disconnect)
+        await in_thread(yjs.edit, ["map_set", "map", "yjs-again", 4])
+        doc.get("map", type=Map)["replica-again"] = 5
+        await replica.wait_synced("shared/doc", timeout=10)
+        await in_thread(yjs.connect)
+        await in_thread(yjs.wait_synced)
+        await eventually(lambda: "yjs-again" in replica_state()[1], what="the offline edit")
+        text, mapping = replica_state()
+        await in_thread(yjs.wait_state, text={"text": text}, map={"map": mapping})
+    # The stock client never saw a message type it does not know, nor a refusal.
     assert await in_thread(yjs.errors) == []
+    assert relay_counters(relay.url)["updates_refused"] == 0
+
+
+def relay_counters(url: str) -> dict[str, Any]:
+    """The relay's /healthz?verbose=1 counters."""
+    http = url.replace("ws://", "http://", 1)
+    with urllib.request.urlopen(f"{http}/healthz?verbose=1", timeout=10) as resp:
+        counters: dict[str, Any] = json.loads(resp.read())
+    return counters
 
 
 class WebsocketChannel:
