@@ -122,6 +122,7 @@ class Peer:
     writer: Writer = field(default_factory=Writer)  # the client ids it proved (integrity)
     engaged: bool = False  # it sent a sync message (step 1, step 2 or an update)
     owed_updates: int = 0  # not yet charged to its budget
+    closing: bool = False  # closed over limits: the close is under way
     owed_bytes: int = 0
     presence_bytes: dict[int, int] = field(default_factory=dict)  # client id -> state size
     awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
@@ -473,6 +474,9 @@ class Relay:
             )
 
     def _close_over_limits(self, peer: Peer, reason: str) -> None:
+        if peer.closing:
+            return  # once: strikes keep coming until the close completes
+        peer.closing = True
         self.stats["closed_over_limits"] += 1
         log.info("closing a connection on %r: %s", peer.document, reason)
         self._close_later(peer.ws, CloseCode.POLICY_VIOLATION, close_reason(reason))
