@@ -396,7 +396,11 @@ class SyncSession:
         The last piece goes as sync step 2, the others as updates, so a client that
         marks itself synced on step 2 has everything by then.
         """
-        pieces = split_update(update, self.answer_piece_bytes, info)
+        self.answer_with_pieces(split_update(update, self.answer_piece_bytes, info))
+
+    def answer_with_pieces(self, pieces: list[bytes]) -> None:
+        """Answer a step 1 with an answer already cut (:func:`split_update`), e.g. one
+        shared by several peers that asked the same."""
         for piece in pieces[:-1]:
             self._out.append(SyncUpdate(piece).encode())
         self._out.append(SyncStep2(pieces[-1]).encode())

@@ -57,6 +57,7 @@ from crdtsync.sync import (
     StateRequested,
     SyncSession,
     UpdateReceived,
+    split_update,
 )
 from crdtsync.updates import UpdateInfo, check_update
 
@@ -72,6 +73,7 @@ HOLD_LIMIT_S = 5.0  # ... or after this long
 PACE_MIN_S = 0.005  # a connection is paced once it owes at least this much time
 PACE_BATCH = 64  # updates charged to a connection's budget together
 PACE_BATCH_BYTES = 256 * 1024
+MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
 READ_INLINE_UPDATES = 256
 READ_INLINE_BYTES = 1024 * 1024
 
@@ -167,6 +169,11 @@ class Room:
     # one in flight, and the one that starts when it is done, for those who came later.
     reading: asyncio.Future[bytes] | None = None
     read_next: asyncio.Future[bytes] | None = None
+    # Answers computed from the latest read, by state vector (dropped with the room).
+    answers: tuple[bytes | None, dict[bytes, list[bytes]]] = field(
+        default_factory=lambda: (None, {})
+    )
+    read_state: tuple[bytes | None, bytes] = (None, b"")
 
 
 @dataclass(eq=False)
@@ -429,7 +436,7 @@ class Relay:
                 session.send_hello()
                 await self._send(peer)
             peer.joined = await self._fresh_read(room)
-            session.send_step1(get_state(peer.joined))
+            session.send_step1(self._state_of(room, peer.joined))
             if room.awareness:
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
             await self._send(peer)
@@ -491,6 +498,31 @@ class Relay:
         """The whole stored document as one update: snapshot and tail, merged (never a Doc)."""
         assert self.store is not None
         return self.store.load(document).merged()
+
+    @staticmethod
+    def _state_of(room: Room, merged: bytes) -> bytes:
+        """The state vector of a read, computed once for all the peers that share it."""
+        cached, state = room.read_state
+        if cached is not merged:
+            state = get_state(merged)
+            room.read_state = (merged, state)
+        return state
+
+    def _answer(self, room: Room, merged: bytes, state_vector: bytes) -> list[bytes]:
+        """The answer to a step 1, cut into pieces; shared by peers that ask the same of
+        the same read (a crowd of new joiners all send an empty state vector)."""
+        cached, answers = room.answers
+        if cached is not merged:
+            answers = {}
+            room.answers = (merged, answers)
+        pieces = answers.get(state_vector)
+        if pieces is None:
+            pieces = split_update(
+                get_update(merged, state_vector), self.settings.answer_piece_bytes
+            )
+            if len(answers) < MAX_CACHED_ANSWERS:
+                answers[state_vector] = pieces
+        return pieces
 
     async def _fresh_read(self, room: Room) -> bytes:
         """The stored document, read by a read that starts now or later, never earlier.
@@ -596,7 +628,7 @@ class Relay:
                 if merged is None:
                     merged = await self._fresh_read(room)
                 peer.joined = None
-                session.answer_state_request(get_update(merged, event.state_vector))
+                session.answer_with_pieces(self._answer(room, merged, event.state_vector))
                 answered = True
             elif isinstance(event, AwarenessReceived):
                 self._on_awareness(peer, room, event, time.monotonic())
