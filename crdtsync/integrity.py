@@ -332,7 +332,7 @@ class Ledger:
         Returns:
             The part to store (the update itself when nothing is cut) and the refusals.
         """
-        if not info.parents and not info.holes and self._append_only(info, writer):
+        if not info.parents and not info.holes and self.append_only(info, writer):
             return Verdict(update, [])
         if callable(stored):
             stored = _Lazy(stored)
@@ -466,8 +466,11 @@ class Ledger:
         ]
         return Verdict(result, refusals, trimmed=bool(trim))
 
-    def _append_only(self, info: UpdateInfo, writer: Writer | None) -> bool:
+    def append_only(self, info: UpdateInfo, writer: Writer | None) -> bool:
         """The fast path: record an update that only appends after what is stored.
+
+        True: accepted as it is and recorded (what :meth:`judge` would do). Callers
+        check first that ``info`` has no ``parents`` and no ``holes``.
 
         This is nearly every update (one writer typing): nothing repeats, nothing is
         owned by another writer, no claim is involved. Returns False, changing

@@ -73,6 +73,7 @@ HOLD_LIMIT_S = 5.0  # ... or after this long
 PACE_MIN_S = 0.005  # a connection is paced once it owes at least this much time
 PACE_BATCH = 64  # updates charged to a connection's budget together
 PACE_BATCH_BYTES = 256 * 1024
+_ANONYMOUS = Writer()
 MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
 READ_INLINE_UPDATES = 256
 READ_INLINE_BYTES = 1024 * 1024
@@ -818,28 +819,38 @@ class Relay:
             StoreError: a ledger or a document could not be read.
         """
         assert self.store is not None
-        accepted: dict[str, list[bytes]] = {}  # this turn's, not in the store yet
         loaded: dict[str, list[bytes]] = {}
-        for item in batch:
-            if item.update is None or item.info is None:
+        last_name, ledger = "", None
+        for i, item in enumerate(batch):
+            info = item.info
+            if item.update is None or info is None:
                 continue
             name = item.peer.document
-            ledger = ledgers.get(name)
-            if ledger is None:
-                ledger = ledgers[name] = self._ledger(name)
+            if name != last_name or ledger is None:
+                ledger = ledgers.get(name)
+                if ledger is None:
+                    ledger = ledgers[name] = self._ledger(name)
+                last_name = name
+            writer = item.writer or _ANONYMOUS
+            if not info.parents and not info.holes and ledger.append_only(info, writer):
+                continue  # the fast path: appended after what is stored, as it is
 
-            def stored(name: str = name) -> list[bytes]:
+            def stored(name: str = name, upto: int = i) -> list[bytes]:
                 # The slow path: the update repeats stored clocks (a reconnecting stock
                 # client, a catch-up, a duplicate) or names a parent not known as a type.
+                # The stored document, and what this turn accepted before this update.
                 if name not in loaded:
                     assert self.store is not None
                     loaded[name] = self.store.load(name).all_updates()
-                return loaded[name] + accepted.get(name, [])
+                earlier = [
+                    it.update
+                    for it in batch[:upto]
+                    if it.peer.document == name and it.update is not None and it.info
+                ]
+                return loaded[name] + earlier
 
-            verdict = ledger.judge(item.update, item.info, item.writer or Writer(), stored)
+            verdict = ledger.judge(item.update, info, writer, stored)
             item.update = verdict.update
-            if verdict.update is not None:
-                accepted.setdefault(name, []).append(verdict.update)
             if verdict.refusals:
                 item.refusal = "; ".join(r.reason for r in verdict.refusals)[:1000]
                 item.unproven = any(r.unproven for r in verdict.refusals)
@@ -856,7 +867,8 @@ class Relay:
             StoreError: the ledger could not be read or written (the connection gets 1013).
         """
         assert self.store is not None
-        self._flush()  # what this connection sent before the claim is judged without it
+        # (What the connection sent before its claim keeps the writer it had then: the
+        # updates of this turn are judged at the flush with what each was submitted with.)
         ledger = self._ledger(peer.document)
         ledger.claim(clients, peer.writer)
         if ledger.dirty:

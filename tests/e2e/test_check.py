@@ -88,8 +88,10 @@ def test_checker_catches_relay_that_acknowledges_before_persisting(tmp_path):
     report = failed.value.report
     lost = [v for v in report.violations if v.kind == "lost-acknowledged"]
     assert lost, report.summary()
-    assert all(v.edit and "replica-0" in v.message for v in lost)
-    assert "acknowledged by the relay on replica-0" in lost[0].message
+    # Replica-0's acknowledged edits are lost; other replicas' edits that the broken relay
+    # acknowledged but had not fanned out yet may be missing elsewhere too (flaky before).
+    assert all(v.edit for v in lost)
+    assert any("acknowledged by the relay on replica-0" in v.message for v in lost)
     assert report.shrunk is not None
     assert len(report.shrunk) < len(schedule)
     assert "seed 7: FAILED" in str(failed.value)
