@@ -3,7 +3,7 @@
 ``python broken_relay.py MODE --host H --port P --store F [relay flags]``, where MODE is
 
 - ``ack-before-persist``: acknowledges each update on receipt and commits (then fans
-  out) only every 5 seconds, so a SIGKILL loses acknowledged writes (Hocuspocus, y-sweet);
+  out) only every 60 seconds, so a SIGKILL loses acknowledged writes (Hocuspocus, y-sweet);
 - ``drop-1-in-50``: acknowledges every update but silently stores and forwards only
   49 of every 50;
 - ``no-tail``: answers sync step 1 from the snapshot only, never with the update tail.
@@ -31,7 +31,7 @@ class AckBeforePersist(Relay):
             item = _Pending(item.peer, item.update, None)
         self._batch.append(item)
         if self._flush_handle is None:
-            self._flush_handle = asyncio.get_running_loop().call_later(5.0, self._flush)
+            self._flush_handle = asyncio.get_running_loop().call_later(60.0, self._flush)
 
 
 class DropOneInFifty(Relay):

@@ -76,7 +76,7 @@ def test_checker_catches_relay_that_acknowledges_before_persisting(tmp_path):
         Step("quiet"),
         Step("edit", 1, count=2),
         Step("lose-replica", 0),  # the replica's own copy is gone: only the relay had it
-        Step("kill-relay", 0),  # before its every-5-seconds commit
+        Step("kill-relay", 0),  # before its every-60-seconds commit
         Step("edit", 2, count=1),
         Step("restart-relay", 0),
         Step("restart-replica", 0),
@@ -88,10 +88,10 @@ def test_checker_catches_relay_that_acknowledges_before_persisting(tmp_path):
     report = failed.value.report
     lost = [v for v in report.violations if v.kind == "lost-acknowledged"]
     assert lost, report.summary()
-    # Replica-0's acknowledged edits are lost; other replicas' edits that the broken relay
-    # acknowledged but had not fanned out yet may be missing elsewhere too (flaky before).
-    assert all(v.edit for v in lost)
-    assert any("acknowledged by the relay on replica-0" in v.message for v in lost)
+    # Which acknowledged edits the checker sees lost depends on when it polled the acks
+    # and on what the broken relay fanned out before it was killed (replica-0's, with its
+    # file gone, or others' it acknowledged and never passed on): some always are.
+    assert all(v.edit and "acknowledged by the relay on replica-" in v.message for v in lost)
     assert report.shrunk is not None
     assert len(report.shrunk) < len(schedule)
     assert "seed 7: FAILED" in str(failed.value)
