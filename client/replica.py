@@ -441,6 +441,18 @@ class Replica:
                 log.exception("sync task of %r ended with an error", name)
         self._flush_remote()
         self._retry_unsaved(d)
+        try:
+            store = self._store()
+            if d.remote_buffer:  # no longer open: _flush_remote skipped it
+                store.append_many([(d.name, u) for u in d.remote_buffer])
+                d.tail += len(d.remote_buffer)
+                d.remote_buffer.clear()
+            if d.tail >= self.compact_after_updates:
+                # A compaction scheduled for this document would find it closed: do it
+                # now, so that the next open does not replay a long tail.
+                store.compact(d.name, live=d.doc)
+        except StoreError as exc:
+            log.warning("closing %r: %s", name, exc)
 
     def pending(self, name: str) -> int:
         """Local transactions of ``name`` not yet acknowledged as durably stored by the relay.
