@@ -820,6 +820,7 @@ class Relay:
         """
         assert self.store is not None
         loaded: dict[str, list[bytes]] = {}
+        accepted: dict[str, tuple[int, list[bytes]]] = {}  # this turn's so far, per document
         last_name, ledger = "", None
         for i, item in enumerate(batch):
             info = item.info
@@ -842,11 +843,15 @@ class Relay:
                 if name not in loaded:
                     assert self.store is not None
                     loaded[name] = self.store.load(name).all_updates()
-                earlier = [
+                # Extended from where the last slow path of this document stopped: a turn
+                # full of repeats costs one pass over the batch, not one per update.
+                start, earlier = accepted.get(name, (0, []))
+                earlier.extend(
                     it.update
-                    for it in batch[:upto]
+                    for it in batch[start:upto]
                     if it.peer.document == name and it.update is not None and it.info
-                ]
+                )
+                accepted[name] = (upto, earlier)
                 return loaded[name] + earlier
 
             verdict = ledger.judge(item.update, info, writer, stored)
