@@ -55,11 +55,14 @@ from .updates import UpdateInfo, check_update
 __all__ = [
     "KEY_OWNER",
     "MAX_RANGES_PER_CLIENT",
+    "Comparison",
     "Ledger",
+    "Lookup",
     "Refusal",
     "Verdict",
     "Writer",
     "client_id_of_key",
+    "compare_stored",
     "read_units",
 ]
 
@@ -317,6 +320,7 @@ class Ledger:
         info: UpdateInfo,
         writer: Writer | None,
         stored: Sequence[bytes] | Callable[[], Sequence[bytes]] = (),
+        comparison: Comparison | None = None,
     ) -> Verdict:
         """Decide what of ``update`` may be stored, and record it in this ledger.
 
@@ -328,6 +332,9 @@ class Ledger:
             stored: the stored content of the document (snapshot and tail, or a Doc's
                 encoding), or a function returning it: it is needed (and called, once)
                 only when :meth:`overlaps` would say so.
+            comparison: what :func:`compare_stored` found for this update, computed
+                ahead (e.g. in a worker process); used if the ledger's :meth:`lookup`
+                for the update is still the same, else computed again here.
 
         Returns:
             The part to store (the update itself when nothing is cut) and the refusals.
@@ -336,29 +343,15 @@ class Ledger:
             return Verdict(update, [])
         if callable(stored):
             stored = _Lazy(stored)
-        refused: dict[int, str] = {}
         unproven: set[int] = set()  # refused for want of a proof of ownership only
         trim: dict[int, int] = {}  # client -> first clock to keep (repeated prefix cut)
-        stored_units: dict[int, dict[int, Unit]] = {}
-        inexact: set[int] = set()  # repeats that matched only thanks to deleted units
-        needed = self._repeated(info)
-        if needed:
-            # Deleted and collected units of the update match anything: only the others
-            # are compared, so a short GC struct claiming a long range costs nothing.
-            incoming = read_units(update, needed, skip_wildcards=True)
-            for client, clocks in needed.items():
-                units = incoming.get(client, {})
-                if len(units) < sum(hi - lo for lo, hi in clocks):
-                    inexact.add(client)  # deleted (or skipped) units in its repeat
-            needed = {c: _runs(sorted(u)) for c, u in incoming.items() if u}
-            if needed:
-                stored_units = _collect_units(stored, needed, self._ends())
-            for client in needed:
-                reason, exact = _compare(client, incoming[client], stored_units)
-                if reason is not None:
-                    refused[client] = reason
-                elif not exact:
-                    inexact.add(client)
+        lookup = self.lookup(info)
+        if comparison is None or comparison.lookup != lookup:
+            # (Computed ahead for another state of the ledger: the store grew meanwhile.)
+            comparison = compare_stored(update, lookup, stored)
+        refused = dict(comparison.refused)
+        inexact = set(comparison.inexact)  # repeats that matched only thanks to deleted units
+        stored_units = {c: dict(u) for c, u in comparison.units.items()}
         for client, start in info.starts.items():
             if client in refused:
                 continue
@@ -508,6 +501,28 @@ class Ledger:
             self._add_types(info.types)
         return True
 
+    def lookup(self, info: UpdateInfo) -> Lookup:
+        """What judging ``info`` would read of the stored content (nothing for most updates).
+
+        The clocks it repeats, and the stored items it names as parents that the ledger
+        does not know as types; with every stored client's end clock, which lets the
+        reader cut each stored update down to those clients first.
+        """
+        needed = self._repeated(info)
+        parents = sorted(
+            {
+                (pc, pk)
+                for c, k, pc, pk in info.parents
+                if (pc, pk) not in self.types
+                and not _contains(self.ranges.get(c, []), k)
+                and _contains(self.ranges.get(pc, []), pk)
+            }
+        )
+        if not needed and not parents:
+            return _NO_LOOKUP
+        ends = self._ends()
+        return Lookup(needed, parents, ends)
+
     def _ends(self) -> dict[int, int]:
         return {client: ranges[-1][1] for client, ranges in self.ranges.items() if ranges}
 
@@ -592,6 +607,80 @@ class Ledger:
                     "written, and the content now written there is not a shared type"
                 )
         return None
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """What judging one update reads of the stored content (:meth:`Ledger.lookup`)."""
+
+    needed: dict[int, list[tuple[int, int]]]  # repeated clock ranges per client
+    parents: list[ID]  # stored items named as parents, not known as types
+    # Every stored client's end clock: only lets the reader skip other clients' content,
+    # so a lookup made before others appended is still the same lookup.
+    ends: dict[int, int] = field(compare=False)
+
+    def __bool__(self) -> bool:
+        return bool(self.needed or self.parents)
+
+
+_NO_LOOKUP = Lookup({}, [], {})
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """What the stored content says of an update's repeats (:func:`compare_stored`)."""
+
+    lookup: Lookup
+    refused: dict[int, str]  # client -> why its repeat differs from what is stored
+    inexact: frozenset[int]  # clients whose repeat matched only thanks to deleted units
+    units: dict[int, dict[int, Unit]]  # the stored units read (parents' included)
+
+
+def compare_stored(
+    update: bytes, lookup: Lookup, stored: Sequence[bytes] | Callable[[], Sequence[bytes]]
+) -> Comparison:
+    """Compare an update's repeats with the stored content, and read the named parents.
+
+    The part of a judgement that costs in proportion to the repeat and the document:
+    pure, so a relay can run it in a worker process (``stored`` is read only if
+    ``lookup`` asks for something).
+    """
+    if not lookup:
+        return Comparison(lookup, {}, frozenset(), {})
+    if callable(stored):
+        stored = _Lazy(stored)
+    refused: dict[int, str] = {}
+    inexact: set[int] = set()
+    stored_units: dict[int, dict[int, Unit]] = {}
+    needed = lookup.needed
+    if needed:
+        # Deleted and collected units of the update match anything: only the others
+        # are compared, so a short GC struct claiming a long range costs nothing.
+        incoming = read_units(update, needed, skip_wildcards=True)
+        for client, clocks in needed.items():
+            units = incoming.get(client, {})
+            if len(units) < sum(hi - lo for lo, hi in clocks):
+                inexact.add(client)  # deleted (or skipped) units in its repeat
+        needed = {c: _runs(sorted(u)) for c, u in incoming.items() if u}
+        if needed:
+            stored_units = _collect_units(stored, needed, lookup.ends)
+        for client in needed:
+            reason, exact = _compare(client, incoming[client], stored_units)
+            if reason is not None:
+                refused[client] = reason
+            elif not exact:
+                inexact.add(client)
+    for parent in lookup.parents:
+        _stored_unit(stored, stored_units, parent, lookup.ends)
+    if needed:
+        # Only what the judgement reads again is kept: the parents' units (a worker
+        # sends this back; the repeats' units can be megabytes).
+        wanted = set(lookup.parents)
+        stored_units = {
+            c: {k: u for k, u in units.items() if (c, k) in wanted}
+            for c, units in stored_units.items()
+        }
+    return Comparison(lookup, refused, frozenset(inexact), stored_units)
 
 
 class _Lazy(Sequence[bytes]):

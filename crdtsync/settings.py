@@ -66,8 +66,12 @@ class RelaySettings(BaseSettings):
     answer_piece_bytes: int = Field(default=512 * 1024, ge=1024)
     compact_after_updates: int = Field(default=1000, ge=1)
     max_connections: int = Field(default=10_000, ge=1)
-    # a reader whose unsent backlog passes this is closed (1013) and resyncs on reconnect
+    # a reader whose unsent backlog stays above this for slow_reader_grace_s is closed
+    # (1013) and resyncs on reconnect; above it by more than the largest update: at once
     max_write_buffer_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
+    slow_reader_grace_s: float = Field(default=5.0, ge=0)
+    # the backlogs of all connections together: over it, the largest are closed (1013)
+    max_write_buffer_total_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     close_timeout_s: float = Field(default=5.0, gt=0)
     # -- caps on what one connection may make the relay do (README: limits) --
     # an update larger than this is refused (1009); the automerge-paper trace's whole
@@ -76,6 +80,12 @@ class RelaySettings(BaseSettings):
     max_update_clients: int = Field(default=10_000, ge=1)  # client ids in one update (1008)
     max_update_structs: int = Field(default=2_000_000, ge=1)  # structs + Any values (1008)
     max_document_clients: int = Field(default=50_000, ge=1)  # client ids one document keeps
+    # stored bytes of one document (snapshot and log): new content beyond it is refused
+    max_document_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    # messages at least this large are checked in a worker process, off the event loop
+    offload_update_bytes: int = Field(default=256 * 1024, ge=1024)
+    # seconds of worker time per second one connection's repeats may take (paced beyond)
+    work_share: float = Field(default=0.25, gt=0)
     # a connection's updates are paced (its reading pauses) beyond these rates
     updates_per_s: float = Field(default=200_000.0, gt=0)
     update_bytes_per_s: float = Field(default=32 * 1024 * 1024, gt=0)

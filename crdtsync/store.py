@@ -28,7 +28,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .errors import MalformedMessage, StoreError
-from .integrity import Ledger, decode_ranges, encode_ranges
+from .integrity import Comparison, Ledger, Lookup, compare_stored, decode_ranges, encode_ranges
 from .protocol import decode_state_vector
 from .updates import check_update
 
@@ -41,6 +41,7 @@ __all__ = [
     "UpdateLog",
     "compact_file",
     "compact_updates",
+    "compare_file",
     "merge_in_batches",
 ]
 
@@ -642,3 +643,20 @@ def compact_file(path: str, doc: str, synchronous: Synchronous = "NORMAL") -> Co
     """
     with UpdateLog(path, synchronous=synchronous) as log:
         return log.compact(doc)
+
+
+_worker_logs: dict[str, UpdateLog] = {}  # a worker process's open stores, by path
+
+
+def compare_file(path: str, doc: str, update: bytes, lookup: Lookup) -> Comparison:
+    """:func:`~crdtsync.integrity.compare_stored` against ``doc`` as stored in ``path``.
+
+    For the relay's work process: the comparison costs in proportion to the document
+    (reading it, cutting each stored update, walking the repeat in Python), so it runs
+    off the event loop. The store is read in its own transaction, after the ledger the
+    lookup came from was committed: it holds at least what that ledger describes.
+    """
+    log = _worker_logs.get(path)
+    if log is None:
+        log = _worker_logs[path] = UpdateLog(path)
+    return compare_stored(update, lookup, lambda: log.load(doc).all_updates())

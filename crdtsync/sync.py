@@ -71,6 +71,7 @@ __all__ = [
     "StateRequested",
     "SyncSession",
     "UpdateReceived",
+    "check_message_update",
     "split_update",
 ]
 
@@ -192,6 +193,28 @@ Event = (
 
 
 MAX_ANSWER_PIECES = 32  # each piece is one pass of pycrdt over the whole answer
+
+
+def check_message_update(
+    data: bytes, validate: Callable[[bytes], UpdateInfo]
+) -> tuple[int, UpdateInfo | CrdtsyncError] | None:
+    """Validate the update a message carries, ahead of :meth:`SyncSession.receive_data`.
+
+    For a worker process: the relay checks large updates off its event loop and hands
+    the result to the session (see ``SyncSession(validate=...)``). Returns the update's
+    length with its :class:`UpdateInfo` or the error checking it raised, or None when the
+    message carries no update or does not decode (the session then finds out itself).
+    """
+    try:
+        msg = decode_message(data)
+    except CrdtsyncError:
+        return None
+    if isinstance(msg, (SyncStep2, SyncUpdate, ExtUpdate)):
+        try:
+            return len(msg.update), validate(msg.update)
+        except CrdtsyncError as exc:
+            return len(msg.update), exc
+    return None
 
 
 def split_update(update: bytes, max_bytes: int, info: UpdateInfo | None = None) -> list[bytes]:

@@ -26,7 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from multiprocessing import get_context
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 from urllib.parse import parse_qs
 
 from pycrdt import get_state, get_update
@@ -41,11 +41,11 @@ from crdtsync.errors import (
     StoreError,
     close_reason,
 )
-from crdtsync.integrity import Ledger, Writer
+from crdtsync.integrity import Comparison, Ledger, Lookup, Writer
 from crdtsync.limits import Strikes, TokenBucket
 from crdtsync.protocol import AwarenessEntry, AwarenessMessage, SyncUpdate, encode_awareness
 from crdtsync.settings import RelaySettings, validate_document_name
-from crdtsync.store import UpdateLog, compact_file, merge_in_batches
+from crdtsync.store import UpdateLog, compact_file, compare_file, merge_in_batches
 from crdtsync.sync import (
     AwarenessQueried,
     AwarenessReceived,
@@ -57,6 +57,7 @@ from crdtsync.sync import (
     StateRequested,
     SyncSession,
     UpdateReceived,
+    check_message_update,
     split_update,
 )
 from crdtsync.updates import UpdateInfo, check_update
@@ -64,6 +65,7 @@ from crdtsync.updates import UpdateInfo, check_update
 __all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
 
 log = logging.getLogger("crdtsync.relay")
+_T = TypeVar("_T")
 
 EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for extensions (DESIGN: wire protocol)
 MAX_HELD_FRAMES = 10_000  # a peer that never sends step 1 goes live after this many
@@ -77,6 +79,7 @@ _ANONYMOUS = Writer()
 MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
 READ_INLINE_UPDATES = 256
 READ_INLINE_BYTES = 1024 * 1024
+BACKLOG_CHECK_S = 1.0  # how often every peer's backlog is checked, and the relay's total
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,7 @@ class Budget:
     sync_requests: TokenBucket
     presence: TokenBucket
     strikes: Strikes
+    work: TokenBucket  # seconds of the work process this connection's updates took
 
     @classmethod
     def of(cls, s: RelaySettings) -> Budget:
@@ -110,6 +114,7 @@ class Budget:
             TokenBucket(s.sync_requests_per_s, s.sync_request_burst),
             TokenBucket(s.presence_per_s, s.presence_burst),
             Strikes(s.max_strikes, s.strike_window_s),
+            TokenBucket(s.work_share, max(1.0, 4 * s.work_share)),
         )
 
 
@@ -128,6 +133,7 @@ class Peer:
     closing: bool = False  # closed over limits: the close is under way
     owed_bytes: int = 0
     presence_bytes: dict[int, int] = field(default_factory=dict)  # client id -> state size
+    behind_since: float | None = None  # since when its backlog is over the limit
     awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
     # Live updates held back until this peer's step 1 is answered (None: live). A live
     # update must not overtake the answer: Yrs (pycrdt 0.14) can lose a Map change when
@@ -138,6 +144,8 @@ class Peer:
     # step 1: whatever is stored after that read reaches the peer through the fan-out it
     # joined first (held until the answer), so the store is read once per join, not twice.
     joined: bytes | None = None
+    # The next message's update, checked in the work process: (its length, the result).
+    checked: tuple[int, UpdateInfo | Exception] | None = None
 
     def send_update_frame(self, frame: bytes) -> None:
         """Send a live update now, or hold it until the peer's sync answer went out."""
@@ -166,6 +174,7 @@ class Room:
     awareness: dict[int, AwarenessEntry] = field(default_factory=dict)
     awareness_bytes: int = 0  # the states' JSON sizes, summed
     appended: int = 0  # updates in the store's tail, as far as this process knows
+    stored_bytes: int = 0  # the document's snapshot and tail, as far as this process knows
     # Reads of the stored document shared by the peers that need one (joins, resyncs): the
     # one in flight, and the one that starts when it is done, for those who came later.
     reading: asyncio.Future[bytes] | None = None
@@ -184,6 +193,7 @@ class _Pending:
     key: int | None
     info: UpdateInfo | None = None
     writer: Writer | None = None  # what the connection had proven when the update came
+    comparison: Comparison | None = None  # its repeats compared ahead, off the loop
     refusal: str | None = None  # why (part of) the update was refused: never acknowledged
     unproven: bool = False  # ... only for want of a proof of ownership (the sender may retry)
 
@@ -211,7 +221,8 @@ class Relay:
         self._batch: list[_Pending] = []
         self._flush_handle: asyncio.Handle | None = None
         self._pool: ProcessPoolExecutor | None = None
-        self._read_pool: ProcessPoolExecutor | None = None  # started on the first big read
+        # Merges of big reads and checks of big updates (started on first use).
+        self._work_pool: ProcessPoolExecutor | None = None
         self._store_lock: IO[bytes] | None = None
         self._compactions: set[asyncio.Future[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -224,6 +235,7 @@ class Relay:
             ipaddress.ip_network(p, strict=False) for p in self.settings.trusted_proxies
         ]
         self._stopping = False
+        self._watcher: asyncio.Task[None] | None = None
         self.stats = {
             "updates_stored": 0,
             "commits": 0,
@@ -232,8 +244,11 @@ class Relay:
             "updates_refused": 0,
             "limits_hit": 0,
             "closed_over_limits": 0,
+            "closed_slow": 0,
             "document_reads": 0,
             "document_reads_in_worker": 0,
+            "comparisons_in_worker": 0,
+            "checks_in_worker": 0,
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -264,6 +279,7 @@ class Relay:
             close_timeout=s.close_timeout_s,
             compression=None,
         )
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_backlogs())
 
     @property
     def url(self) -> str:
@@ -288,6 +304,8 @@ class Relay:
         if self._stopping:
             return
         self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._server is not None:
             self._server.close(close_connections=False)
         self._flush()
@@ -302,8 +320,8 @@ class Relay:
             await asyncio.gather(*self._compactions, return_exceptions=True)
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-        if self._read_pool is not None:
-            self._read_pool.shutdown(wait=True, cancel_futures=True)
+        if self._work_pool is not None:
+            self._work_pool.shutdown(wait=True, cancel_futures=True)
         if self.store is not None:
             self.store.close()
         if self._store_lock is not None:
@@ -400,17 +418,29 @@ class Relay:
         # Only crdtsync=1 asks for extensions: anything else (crdtsync=0) is a stock client.
         extensions = parse_qs(query).get(EXTENSION_QUERY) == ["1"]
         s = self.settings
+        check = functools.partial(
+            check_update,
+            max_bytes=s.max_update_bytes,
+            max_clients=s.max_update_clients,
+            max_structs=s.max_update_structs,
+        )
+
+        def validate(update: bytes) -> UpdateInfo:
+            # A large update was checked in the work process just before the session
+            # read its message (see below): take that result instead of walking it here.
+            checked, peer.checked = peer.checked, None
+            if checked is None or checked[0] != len(update):
+                return check(update)
+            if isinstance(checked[1], Exception):
+                raise checked[1]
+            return checked[1]
+
         session = SyncSession(
             max_message_bytes=s.max_message_bytes,
             answer_piece_bytes=s.answer_piece_bytes,
             extensions=extensions,
             can_write=rights.write,
-            validate=functools.partial(
-                check_update,
-                max_bytes=s.max_update_bytes,
-                max_clients=s.max_update_clients,
-                max_structs=s.max_update_structs,
-            ),
+            validate=validate,
             max_presence_bytes=s.max_presence_state_bytes * s.max_presence_states_per_connection
             + 1024,
             max_presence_state_bytes=s.max_presence_state_bytes,
@@ -420,7 +450,8 @@ class Relay:
         room = self.rooms.get(document)
         if room is None:
             assert self.store is not None
-            room = self.rooms[document] = Room(document, appended=self.store.tail_length(document))
+            updates, size = self.store.size(document)
+            room = self.rooms[document] = Room(document, appended=updates, stored_bytes=size)
         # Join the fan-out before reading the store: no update slips between the two.
         room.peers.add(peer)
         loop = asyncio.get_running_loop()
@@ -442,6 +473,11 @@ class Relay:
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
             await self._send(peer)
             async for data in ws:
+                if len(data) >= s.offload_update_bytes and isinstance(data, bytes):
+                    # Walking a large update costs milliseconds per megabyte in Python,
+                    # under the GIL: do it in the work process (DESIGN: bounded work).
+                    self.stats["checks_in_worker"] += 1
+                    peer.checked = await self._off_loop(check_message_update, data, check)
                 session.receive_data(data)
                 delay = await self._dispatch(peer, room)
                 if session.failure is not None:
@@ -572,15 +608,23 @@ class Relay:
         if (updates <= READ_INLINE_UPDATES and size <= READ_INLINE_BYTES) or self._stopping:
             return self.stored_document(name)
         self.stats["document_reads_in_worker"] += 1
-        stored = self.store.load(name).all_updates()
-        if self._read_pool is None:
-            self._read_pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+        return await self._off_loop(merge_in_batches, self.store.load(name).all_updates())
+
+    async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
+        """Run pure CPU work (pycrdt merges, update validation) in the work process.
+
+        pycrdt and the validator hold the GIL: a thread would stall the loop all the same.
+        If the worker dies (hostile content crashing pycrdt), the work is done here
+        once and a fresh worker starts with the next call.
+        """
+        if self._work_pool is None:
+            self._work_pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
         try:
-            return await asyncio.wrap_future(self._read_pool.submit(merge_in_batches, stored))
+            return await asyncio.wrap_future(self._work_pool.submit(fn, *args))
         except BrokenProcessPool:
-            log.error("read worker died while merging %r; merging here", name)
-            self._read_pool = None
-            return merge_in_batches(stored)
+            log.error("work process died in %s; doing it on the loop", fn.__name__)
+            self._work_pool = None
+            return fn(*args)
 
     async def _send(self, peer: Peer) -> None:
         for frame in peer.session.data_to_send():
@@ -613,7 +657,17 @@ class Relay:
                         # Queued all the same, so acknowledgements keep their order.
                         self._submit(_Pending(peer, None, event.key))
                     continue
-                self._submit(_Pending(peer, event.update, event.key, event.info, peer.writer))
+                comparison = None
+                if self.settings.integrity:
+                    lookup = self._ledger(peer.document).lookup(event.info)
+                    if lookup:
+                        comparison, spent = await self._compare(peer, event.update, lookup)
+                        delay = max(delay, budget.work.take(time.monotonic(), spent))
+                        if peer.ws.close_code is not None:
+                            return 0.0
+                self._submit(
+                    _Pending(peer, event.update, event.key, event.info, peer.writer, comparison)
+                )
             elif isinstance(event, StateRequested):
                 peer.engaged = True
                 if any(isinstance(later, StateRequested) for later in events[i + 1 :]):
@@ -727,20 +781,74 @@ class Relay:
             room.awareness_bytes -= entry.size
 
     def _deliver(self, peers: set[Peer], frame: bytes) -> None:
-        """Send a frame to peers; one whose unsent backlog passes the limit is closed (1013).
+        """Send a frame to peers, under the backlog rule (:meth:`_check_backlog`).
 
         Every frame goes under this rule (presence included): a peer that does not read
-        cannot make the relay hold more than ``max_write_buffer_bytes`` for it.
+        cannot make the relay hold more than its share for it.
         """
-        broadcast([p.ws for p in peers], frame)
+        broadcast([p.ws for p in peers if not p.closing], frame)
         self._check_backlog(peers)
 
-    def _check_backlog(self, peers: Iterable[Peer]) -> None:
-        limit = self.settings.max_write_buffer_bytes
+    def _check_backlog(self, peers: Iterable[Peer], now: float | None = None) -> int:
+        """Close the peers that fell too far behind (1013); return the others' backlog.
+
+        A peer is behind while its unsent backlog is over ``max_write_buffer_bytes``; it
+        is closed when it stays behind for ``slow_reader_grace_s``, or at once when the
+        backlog passes that limit by more than the largest update (so one large update
+        to a fast reader on a real network is not a reason to close it).
+        """
+        s = self.settings
+        limit = s.max_write_buffer_bytes
+        hard = limit + max(limit, s.max_update_bytes + 64 * 1024)
+        now = time.monotonic() if now is None else now
+        total = 0
         for p in peers:
             transport = p.ws.transport
-            if transport is not None and transport.get_write_buffer_size() > limit:
-                self._close_later(p.ws, CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
+            if p.closing or transport is None:
+                continue
+            size = transport.get_write_buffer_size()
+            if size <= limit:
+                p.behind_since = None
+            elif size > hard:
+                self._close_slow(p, f"reader too slow: {size} bytes unsent; reconnect")
+                continue
+            elif p.behind_since is None:
+                p.behind_since = now
+            elif now - p.behind_since > s.slow_reader_grace_s:
+                self._close_slow(p, "reader too slow; reconnect")
+                continue
+            total += size
+        return total
+
+    def _close_slow(self, peer: Peer, reason: str) -> None:
+        peer.closing = True
+        self.stats["closed_slow"] += 1
+        self._close_later(peer.ws, CloseCode.TRY_AGAIN_LATER, reason)
+
+    async def _watch_backlogs(self) -> None:
+        """Apply the backlog rule to everyone, and the relay-wide budget, every second.
+
+        Over ``max_write_buffer_total_bytes`` in all, the largest backlogs are closed
+        first (1013) until the rest fits: many silent readers together cannot take the
+        relay's memory either (DESIGN: bounded work).
+        """
+        while True:
+            await asyncio.sleep(BACKLOG_CHECK_S)
+            peers = [p for room in self.rooms.values() for p in room.peers]
+            total = self._check_backlog(peers)
+            budget = self.settings.max_write_buffer_total_bytes
+            if total <= budget:
+                continue
+            sized = [
+                (p.ws.transport.get_write_buffer_size(), id(p), p)
+                for p in peers
+                if not p.closing and p.ws.transport is not None
+            ]
+            for size, _, p in sorted(sized, reverse=True):
+                if total <= budget or size == 0:
+                    break
+                self._close_slow(p, "relay write budget exhausted: reader too slow; reconnect")
+                total -= size
 
     # -- persist, then fan out ----------------------------------------------------------
 
@@ -763,6 +871,7 @@ class Relay:
         try:
             if self.settings.integrity:
                 self._judge(batch, ledgers)
+            self._apply_quota(batch)
             stored = [item for item in batch if item.update is not None]
             self.store.append_many(
                 ((item.peer.document, item.update) for item in stored if item.update is not None),
@@ -789,6 +898,7 @@ class Relay:
             room = self.rooms.get(name)
             if room is not None:
                 room.appended += len(items)
+                room.stored_bytes += sum(len(item.update or b"") for item in items)
                 self._fan_out(room, items)
         for item in batch:
             session = item.peer.session
@@ -807,6 +917,32 @@ class Relay:
             self._check_backlog(room.peers)
             if room.appended >= self.settings.compact_after_updates:
                 self._schedule_compaction(room)
+
+    def _apply_quota(self, batch: list[_Pending]) -> None:
+        """Refuse content that would take a document past ``max_document_bytes`` stored.
+
+        Deletions alone are always accepted (they are how a document gets smaller again,
+        once compaction folds them in); so are empty updates.
+        """
+        quota = self.settings.max_document_bytes
+        growth: dict[str, int] = {}
+        for item in batch:
+            if item.update is None or item.info is None or not item.info.state:
+                continue
+            room = self.rooms.get(item.peer.document)
+            if room is None:
+                continue
+            size = room.stored_bytes + growth.get(room.name, 0) + len(item.update)
+            if size <= quota:
+                growth[room.name] = size - room.stored_bytes
+                continue
+            item.update = None
+            item.refusal = (
+                f"document over its quota of {quota} bytes stored: new content refused "
+                "(deletions are accepted)"
+            )
+            self.stats["updates_refused"] += 1
+            self._strike(item.peer, "document over its size quota")
 
     def _judge(self, batch: list[_Pending], ledgers: dict[str, Ledger]) -> None:
         """Apply the integrity rule to one turn's updates, in order (crdtsync.integrity).
@@ -854,13 +990,37 @@ class Relay:
                 accepted[name] = (upto, earlier)
                 return loaded[name] + earlier
 
-            verdict = ledger.judge(item.update, info, writer, stored)
+            verdict = ledger.judge(item.update, info, writer, stored, item.comparison)
             item.update = verdict.update
             if verdict.refusals:
                 item.refusal = "; ".join(r.reason for r in verdict.refusals)[:1000]
                 item.unproven = any(r.unproven for r in verdict.refusals)
                 self.stats["updates_refused"] += 1
                 log.warning("refused content on %r: %s", name, item.refusal)
+
+    async def _compare(
+        self, peer: Peer, update: bytes, lookup: Lookup
+    ) -> tuple[Comparison | None, float]:
+        """Compare an update's repeats with the store in the work process; and how long
+        it took (charged to the sender: its share of the work process is bounded).
+
+        Reading and walking a document costs in proportion to its size, in Python: on
+        the loop, a stock client resending a large document stalled every room.
+        """
+        assert self.store is not None
+        # What this turn holds is committed first: the comparison then reads a store
+        # that matches the ledger (otherwise it is redone at the flush, on the loop).
+        self._flush()
+        started = time.monotonic()
+        self.stats["comparisons_in_worker"] += 1
+        try:
+            comparison = await self._off_loop(
+                compare_file, self.store.path, peer.document, update, lookup
+            )
+        except StoreError as exc:
+            log.error("store error comparing an update on %r: %s", peer.document, exc)
+            comparison = None  # judged on the loop at the flush, which reports it
+        return comparison, time.monotonic() - started
 
     def _record_claims(self, peer: Peer, clients: tuple[int, ...]) -> None:
         """Own fresh claimed ids from now on, before their first write (crdtsync.integrity).
@@ -894,28 +1054,47 @@ class Relay:
         return ledger
 
     def _fan_out(self, room: Room, items: list[_Pending]) -> None:
-        """Send one turn's stored updates of a room: one merged frame per peer, not one per update.
+        """Send one turn's stored updates of a room: merged frames per peer, not one per update.
 
         Stock clients get every update, their own included, as the reference server does.
         Extension peers get acknowledgements instead of their own updates echoed back.
         """
-        updates = [item.update for item in items if item.update is not None]
-        merged = updates[0] if len(updates) == 1 else merge_in_batches(updates)
-        frame = SyncUpdate(merged).encode()
+        frames = self._frames([item.update for item in items if item.update is not None])
         ext_senders = {item.peer for item in items if item.peer.session.extensions}
-        live = [p for p in room.peers if p not in ext_senders]
-        broadcast([p.ws for p in live if p.held is None], frame)
-        for p in live:
-            if p.held is not None:
-                p.send_update_frame(frame)
+        live = [p for p in room.peers if p not in ext_senders and not p.closing]
+        for frame in frames:
+            broadcast([p.ws for p in live if p.held is None], frame)
+            for p in live:
+                if p.held is not None:
+                    p.send_update_frame(frame)
         for sender in ext_senders:
-            if sender not in room.peers:
+            if sender not in room.peers or sender.closing:
                 continue
             others = [
                 item.update for item in items if item.peer is not sender and item.update is not None
             ]
-            if others:
-                sender.send_update_frame(SyncUpdate(merge_in_batches(others)).encode())
+            for frame in self._frames(others):
+                sender.send_update_frame(frame)
+
+    def _frames(self, updates: list[bytes]) -> list[bytes]:
+        """Update frames for ``updates``, in order: runs of small ones merged into one.
+
+        A merge costs the loop time in proportion to what it merges, so runs stop at
+        ``answer_piece_bytes`` and a large update goes out as it came.
+        """
+        frames: list[bytes] = []
+        run: list[bytes] = []
+        size = 0
+        limit = self.settings.answer_piece_bytes
+        for update in updates:
+            if run and size + len(update) > limit:
+                frames.append(SyncUpdate(merge_in_batches(run)).encode())
+                run, size = [], 0
+            run.append(update)
+            size += len(update)
+        if run:
+            frames.append(SyncUpdate(merge_in_batches(run)).encode())
+        return frames
 
     def _close_later(self, ws: ServerConnection, code: int, reason: str) -> None:
         """Close a connection from synchronous code; the task is kept until it finishes."""
@@ -942,6 +1121,10 @@ class Relay:
             self._compacting.discard(name)
             if f.cancelled():
                 return
+            room = self.rooms.get(name)
+            if room is not None and self.store is not None and f.exception() is None:
+                with contextlib.suppress(StoreError):
+                    room.stored_bytes = self.store.size(name)[1]
             exc = f.exception()
             if isinstance(exc, BrokenProcessPool):
                 # The worker died (e.g. pycrdt crashed on hostile content): the relay and

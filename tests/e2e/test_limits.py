@@ -371,3 +371,70 @@ async def test_concurrent_joins_share_reads_merged_off_the_loop(relay_factory, t
     stats = health(relay)
     assert 1 <= stats["document_reads"] <= 6  # 20 joins shared a handful of reads
     assert stats["document_reads_in_worker"] >= 1
+
+
+async def test_resent_documents_are_compared_off_the_loop_and_rewrites_still_refused(
+    relay, tmp_path
+):
+    """A stock client resending a whole document (as each reconnect does) costs the relay
+    a comparison in its work process, not its event loop; a rewrite is still refused."""
+    author: Doc[Any] = Doc(client_id=4242)
+    text = author.get("text", type=Text)
+    url = f"{relay.url}/{ROOM}"
+    async with asyncio.timeout(timeout_s(60)), connect(url, max_size=2**27) as ws:
+        await ws.send(SyncStep1(b"\x00").encode())
+        for i in range(200):
+            before = author.get_state()
+            text.insert(len(text), f"line {i} " + "y" * 500 + "\n")
+            await ws.send(SyncUpdate(author.get_update(before)).encode())
+        whole = author.get_update()
+        async with Replica(tmp_path / "same.db", relay=relay.url) as same:
+            doc = await same.open(ROOM)
+            await eventually(lambda: len(doc.get("text", type=Text)) == len(text))
+            other = asyncio.create_task(honest_round_trip(relay, tmp_path, "during-repeats"))
+            for _ in range(10):
+                await ws.send(SyncUpdate(whole).encode())
+            await other
+            # A different content at the same ids: refused, whatever the path.
+            forger: Doc[Any] = Doc(client_id=4242)
+            forger.get("text", type=Text).insert(0, "z" * len(text))
+            await ws.send(SyncUpdate(forger.get_update()).encode())
+            # (The resender's comparisons are paced: its share of the work process.)
+            await eventually(lambda: health(relay)["updates_refused"] == 1, timeout=60)
+            assert same.status(ROOM).connected
+            assert str(doc.get("text", type=Text)) == str(text)
+    stats = health(relay)
+    assert stats["comparisons_in_worker"] >= 11
+    assert stats["updates_refused"] == 1
+
+
+async def test_document_over_its_stored_quota_refuses_new_content_but_not_deletions(
+    relay_factory, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CRDTSYNC_MAX_DOCUMENT_BYTES", str(64 * 1024))
+    relay = relay_factory("quota.db")
+    async with (
+        Replica(tmp_path / "a.db", relay=relay.url) as a,
+        Replica(tmp_path / "b.db", relay=relay.url) as b,
+    ):
+        doc_a = await a.open(ROOM)
+        doc_b = await b.open(ROOM)
+        text_a = doc_a.get("text", type=Text)
+        text_a.insert(0, "k" * 40_000)
+        await a.wait_synced(ROOM, timeout=timeout_s(10))
+        text_a.insert(0, "o" * 40_000)  # past the quota: refused, kept pending in a
+        await eventually(lambda: a.status(ROOM).refused >= 1)
+        assert a.status(ROOM).pending >= 1
+        text_b = doc_b.get("text", type=Text)
+        await eventually(lambda: len(text_b) == 40_000)
+        # Deletions still go through (they are how the document gets smaller).
+        del text_b[0:10_000]
+        await b.wait_synced(ROOM, timeout=timeout_s(10))
+        assert b.status(ROOM).refused == 0
+        await eventually(lambda: "k" * 30_000 in str(text_a))
+    # What the store holds: the first 40,000 characters, less the deleted ones.
+    async with Replica(tmp_path / "c.db", relay=relay.url) as c:
+        doc_c = await c.open(ROOM)
+        await eventually(lambda: c.status(ROOM).synced)
+        assert str(doc_c.get("text", type=Text)) == "k" * 30_000
+    await honest_round_trip(relay, tmp_path, "quota")

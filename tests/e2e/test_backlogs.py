@@ -1,0 +1,195 @@
+"""What the relay holds for readers: large updates reach fast readers, silent readers are
+closed (1013) and, all together, cannot take more than the relay-wide budget (real relay
+processes on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+import pytest
+from helpers import eventually, timeout_s
+from pycrdt import Doc, Text
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from crdtsync.client import Replica
+from crdtsync.protocol import SyncStep1, SyncStep2, SyncUpdate, decode_message
+from crdtsync.store import UpdateLog
+
+pytestmark = pytest.mark.anyio
+
+ROOM = "backlogs/room"
+MiB = 1024 * 1024
+
+
+def health(relay: Any) -> dict[str, Any]:
+    url = relay.url.replace("ws://", "http://", 1)
+    with urllib.request.urlopen(f"{url}/healthz?verbose=1", timeout=10) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
+
+
+def text_update(doc: Doc, text: str) -> bytes:
+    """An update appending ``text`` to the doc's Y.Text (one transaction)."""
+    before = doc.get_state()
+    t = doc.get("text", type=Text)
+    t.insert(len(t), text)
+    return doc.get_update(before)
+
+
+async def joined(url: str, **kwargs: Any) -> ClientConnection:
+    """A stock connection that sent its step 1 (so the relay counts it as syncing)."""
+    ws = await connect(url, max_size=2**27, **kwargs)
+    await ws.send(SyncStep1(b"\x00").encode())
+    return ws
+
+
+async def writing(url: str, tasks: set[asyncio.Task[Any]]) -> ClientConnection:
+    """A stock writer that reads (and drops) the echoes of what it sends."""
+    ws = await joined(url)
+    task = asyncio.create_task(close_code(ws, 120))
+    tasks.add(task)
+    return ws
+
+
+async def send_megabytes(ws: ClientConnection, count: int, char: str) -> int:
+    """Send ``count`` updates of 1 MiB of text, paced at about 20 MiB/s; bytes sent."""
+    doc = Doc()
+    for _ in range(count):
+        await ws.send(SyncUpdate(text_update(doc, char * MiB)).encode())
+        await asyncio.sleep(0.05)
+    return count * MiB
+
+
+async def read_text(ws: ClientConnection, want: int, limit_s: float) -> str:
+    """Apply what the relay sends until the text is ``want`` characters long."""
+    doc = Doc()
+    text = doc.get("text", type=Text)
+    async with asyncio.timeout(timeout_s(limit_s)):
+        while len(text) < want:
+            msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+            if isinstance(msg, (SyncStep2, SyncUpdate)):
+                doc.apply_update(msg.update)
+    return str(text)
+
+
+async def close_code(ws: ClientConnection, limit_s: float) -> int | None:
+    """Read (and drop) everything until the relay closes; its close code."""
+    try:
+        async with asyncio.timeout(timeout_s(limit_s)):
+            while True:
+                await ws.recv()
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd is not None else None
+
+
+async def keep_editing(replica: Replica, name: str, stop: asyncio.Event) -> int:
+    """An honest replica in another room edits until told to stop; its edit count."""
+    doc = await replica.open(name)
+    text = doc.get("text", type=Text)
+    edits = 0
+    for _ in range(600):  # bounded: at most a minute of edits
+        if stop.is_set():
+            break
+        text.insert(len(text), "x")
+        edits += 1
+        await asyncio.sleep(0.1)
+    await replica.wait_synced(name, timeout=timeout_s(20))
+    return edits
+
+
+async def test_large_update_reaches_fast_readers_and_none_is_closed(
+    relay_factory, tmp_path, monkeypatch
+):
+    # The backlog limit is far below the update: the update itself is no reason to close
+    # a reader that reads (it was: issue 8, a valid 60 MB update closed every peer 1013).
+    monkeypatch.setenv("CRDTSYNC_MAX_UPDATE_BYTES", str(40 * MiB))
+    monkeypatch.setenv("CRDTSYNC_MAX_MESSAGE_BYTES", str(48 * MiB))
+    monkeypatch.setenv("CRDTSYNC_MAX_WRITE_BUFFER_BYTES", str(2 * MiB))
+    monkeypatch.setenv("CRDTSYNC_UPDATE_BYTES_PER_S", str(64 * MiB))
+    relay = relay_factory("big.db")
+    url = f"{relay.url}/{ROOM}"
+    big = "b" * (30 * MiB)
+    writer_doc = Doc()
+    update = text_update(writer_doc, big)
+    stop = asyncio.Event()
+    async with Replica(tmp_path / "other.db", relay=relay.url) as other:
+        editing = asyncio.create_task(keep_editing(other, "backlogs/other", stop))
+        readers = [await joined(url) for _ in range(3)]
+        writer = await joined(url)
+        try:
+            reading = [asyncio.create_task(read_text(r, len(big) + 4, 120)) for r in readers]
+            await writer.send(SyncUpdate(update).encode())
+            await writer.send(SyncUpdate(text_update(writer_doc, "tail")).encode())
+            texts = await asyncio.gather(*reading)
+            assert all(t == big + "tail" for t in texts)
+            assert all(r.close_code is None for r in readers)
+            assert health(relay)["closed_slow"] == 0
+        finally:
+            stop.set()
+            for ws in [*readers, writer]:
+                await ws.close()
+        edits = await editing
+    assert edits > 0
+    with UpdateLog(tmp_path / "big.db") as log:
+        assert len(log.load(ROOM).all_updates()) >= 2
+
+
+async def test_reader_that_stops_reading_is_closed_with_1013_and_the_room_goes_on(
+    relay_factory, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("CRDTSYNC_MAX_WRITE_BUFFER_BYTES", str(4 * MiB))
+    monkeypatch.setenv("CRDTSYNC_SLOW_READER_GRACE_S", "2")
+    monkeypatch.setenv("CRDTSYNC_CLOSE_TIMEOUT_S", "30")
+    relay = relay_factory("slow.db")
+    url = f"{relay.url}/{ROOM}"
+    async with Replica(tmp_path / "honest.db", relay=relay.url) as honest:
+        doc = await honest.open(ROOM)
+        # max_queue=1: the client library stops reading its socket once a frame waits.
+        silent = await joined(url, max_queue=1)
+        echoes: set[asyncio.Task[Any]] = set()
+        writer = await writing(url, echoes)
+        async with asyncio.timeout(timeout_s(60)):
+            # 48 MB: past what loopback socket buffers absorb
+            sent = await send_megabytes(writer, 48, "s")
+            await eventually(lambda: health(relay)["closed_slow"] >= 1, timeout=timeout_s(30))
+        # The silent reader gets the close code once it reads through its backlog.
+        assert await close_code(silent, 60) == 1013
+        # The honest replica in the same room stays and has everything.
+        await eventually(lambda: len(doc.get("text", type=Text)) == sent, timeout=30)
+        assert honest.status(ROOM).connected
+        await writer.close()
+        await asyncio.gather(*echoes)
+        await asyncio.gather(*echoes)
+    assert health(relay)["closed_slow"] == 1
+
+
+async def test_silent_readers_together_cannot_pass_the_relay_budget(
+    relay_factory, tmp_path, monkeypatch
+):
+    # Each silent reader stays under its own limit; together they pass the relay's.
+    monkeypatch.setenv("CRDTSYNC_MAX_WRITE_BUFFER_BYTES", str(64 * MiB))
+    monkeypatch.setenv("CRDTSYNC_SLOW_READER_GRACE_S", "600")
+    monkeypatch.setenv("CRDTSYNC_MAX_WRITE_BUFFER_TOTAL_BYTES", str(4 * MiB))
+    monkeypatch.setenv("CRDTSYNC_CLOSE_TIMEOUT_S", "30")
+    relay = relay_factory("budget.db")
+    url = f"{relay.url}/{ROOM}"
+    async with Replica(tmp_path / "honest.db", relay=relay.url) as honest:
+        doc = await honest.open(ROOM)
+        silent = [await joined(url, max_queue=1) for _ in range(3)]
+        echoes: set[asyncio.Task[Any]] = set()
+        writer = await writing(url, echoes)
+        async with asyncio.timeout(timeout_s(60)):
+            sent = await send_megabytes(writer, 40, "t")
+            await eventually(lambda: health(relay)["closed_slow"] >= 1, timeout=timeout_s(30))
+        codes = await asyncio.gather(*(close_code(ws, 60) for ws in silent))
+        assert 1013 in codes
+        # only silent readers were closed: not the honest replica, not the writer
+        assert health(relay)["closed_slow"] == codes.count(1013)
+        await eventually(lambda: len(doc.get("text", type=Text)) == sent, timeout=30)
+        assert honest.status(ROOM).connected
+        await writer.close()
+        await asyncio.gather(*echoes)
