@@ -73,6 +73,8 @@ class RelaySettings(BaseSettings):
     # the backlogs of all connections together: over it, the largest are closed (1013)
     max_write_buffer_total_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     close_timeout_s: float = Field(default=5.0, gt=0)
+    # on SIGTERM: what is queued is stored at once; connections and compactions get this long
+    drain_timeout_s: float = Field(default=10.0, gt=0)
     # -- caps on what one connection may make the relay do (README: limits) --
     # an update larger than this is refused (1009); the automerge-paper trace's whole
     # document, sent as one update, is 4.5 MB merged, 0.4 MB as a Doc encodes it

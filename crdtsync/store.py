@@ -15,6 +15,7 @@ The store touches only its own file, synchronously; callers choose where it runs
 
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -28,7 +29,7 @@ from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
 from .errors import MalformedMessage, StoreError
-from .integrity import Comparison, Ledger, Lookup, compare_stored, decode_ranges, encode_ranges
+from .integrity import Ledger, decode_ranges, encode_ranges
 from .protocol import decode_state_vector
 from .updates import check_update
 
@@ -39,15 +40,16 @@ __all__ = [
     "QuarantinedUpdate",
     "Synchronous",
     "UpdateLog",
+    "checkpoint_file",
     "compact_file",
     "compact_updates",
-    "compare_file",
     "merge_in_batches",
 ]
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
 EMPTY_UPDATE = b"\x00\x00"
 MERGE_BATCH = 64  # DESIGN: merge_updates is super-linear; merge in bounded batches, as a tree
+SNAPSHOT_CHUNK_BYTES = 1024 * 1024  # a larger snapshot is written a chunk per transaction
 
 migrations = Migrations("crdtsync")
 
@@ -123,6 +125,24 @@ def m002_integrity(db: Database) -> None:
         )"""
     )
     db.execute("CREATE INDEX quarantine_doc ON quarantine (doc)")
+
+
+@migrations()
+def m003_snapshot_chunks(db: Database) -> None:
+    # A large snapshot is written in chunks, each in its own short transaction, then made
+    # current by setting documents.snapshot_gen (DESIGN: bounded work): one write of
+    # megabytes held SQLite's write lock, and every other document's appends waited.
+    db.execute(
+        """CREATE TABLE snapshot_chunks (
+            id INTEGER PRIMARY KEY,
+            doc TEXT NOT NULL,
+            gen INTEGER NOT NULL,
+            idx INTEGER NOT NULL,
+            data BLOB NOT NULL
+        )"""
+    )
+    db.execute("CREATE UNIQUE INDEX snapshot_chunks_key ON snapshot_chunks (doc, gen, idx)")
+    db.execute("ALTER TABLE documents ADD COLUMN snapshot_gen INTEGER")
 
 
 def merge_in_batches(updates: Sequence[bytes], batch: int = MERGE_BATCH) -> bytes:
@@ -244,6 +264,10 @@ class UpdateLog:
         synchronous: SQLite ``synchronous``: ``NORMAL`` survives a killed process,
             ``FULL`` survives power loss too.
         busy_timeout_s: how long a write waits for another process's lock (compaction).
+        autocheckpoint: let commits copy the write-ahead log into the database when it
+            grows (SQLite's default). The relay turns it off and calls
+            :func:`checkpoint_file` from a thread: a commit that checkpoints megabytes
+            holds up the event loop it runs on.
 
     Raises:
         StoreError: the file is not a database, is corrupt, or has a newer schema.
@@ -257,6 +281,7 @@ class UpdateLog:
         *,
         synchronous: Synchronous = "NORMAL",
         busy_timeout_s: float = 10.0,
+        autocheckpoint: bool = True,
     ) -> None:
         if synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
@@ -271,6 +296,8 @@ class UpdateLog:
                 self.db = Database(conn, execute_plugins=False)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute(f"PRAGMA synchronous={synchronous}")
+                if not autocheckpoint:
+                    conn.execute("PRAGMA wal_autocheckpoint=0")
                 self._check_schema()
                 migrations.apply(self.db)
             except BaseException:
@@ -525,11 +552,23 @@ class UpdateLog:
             conn.execute("BEGIN")
             try:
                 row = conn.execute(
-                    "SELECT snapshot, snapshot_seq FROM documents WHERE name = ?", (doc,)
+                    "SELECT snapshot, snapshot_seq, snapshot_gen FROM documents WHERE name = ?",
+                    (doc,),
                 ).fetchone()
-                snapshot, snapshot_seq = (row[0], row[1]) if row else (None, 0)
+                snapshot, snapshot_seq, gen = row if row else (None, 0, None)
                 if snapshot_seq > after_seq:
-                    after_seq = 0  # the tail below the snapshot is gone; start from it
+                    # The tail up to the snapshot is in it (what is left of those rows
+                    # waits for deletion); start from the snapshot.
+                    after_seq = snapshot_seq
+                    if gen is not None:
+                        snapshot = b"".join(
+                            r[0]
+                            for r in conn.execute(
+                                "SELECT data FROM snapshot_chunks WHERE doc = ? AND gen = ? "
+                                "ORDER BY idx",
+                                (doc, gen),
+                            )
+                        )
                 else:
                     snapshot = None
                 rows = conn.execute(
@@ -547,19 +586,54 @@ class UpdateLog:
         """``(updates, bytes)`` of ``doc`` as stored: tail rows, and their bytes plus the
         snapshot's (SQLite keeps blob lengths in the row header: no blob is read)."""
         with self._lock, _store_errors(self.path):
+            seq, snap = self._snapshot_of(doc)
             rows, tail_bytes = self.conn.execute(
-                "SELECT count(*), coalesce(sum(length(data)), 0) FROM updates WHERE doc = ?",
-                (doc,),
+                "SELECT count(*), coalesce(sum(length(data)), 0) FROM updates "
+                "WHERE doc = ? AND seq > ?",
+                (doc, seq),
             ).fetchone()
-            snap = self.conn.execute(
-                "SELECT coalesce(length(snapshot), 0) FROM documents WHERE name = ?", (doc,)
+        return int(rows), int(tail_bytes) + snap
+
+    def size_within(self, doc: str, max_updates: int, max_bytes: int) -> tuple[int, int] | None:
+        """:meth:`size` if ``doc`` has at most ``max_updates`` tail updates and
+        ``max_bytes`` in all, else None; reads at most ``max_updates + 1`` row headers
+        (:meth:`size` counts every row: tens of milliseconds for a long tail)."""
+        with self._lock, _store_errors(self.path):
+            seq, snap = self._snapshot_of(doc)
+            rows, tail_bytes = self.conn.execute(
+                "SELECT count(*), coalesce(sum(n), 0) FROM (SELECT length(data) AS n "
+                "FROM updates WHERE doc = ? AND seq > ? LIMIT ?)",
+                (doc, seq, max_updates + 1),
             ).fetchone()
-        return int(rows), int(tail_bytes) + (int(snap[0]) if snap else 0)
+        if rows > max_updates or snap + tail_bytes > max_bytes:
+            return None
+        return int(rows), int(snap + tail_bytes)
+
+    def _snapshot_of(self, doc: str) -> tuple[int, int]:
+        """``(snapshot_seq, snapshot bytes)`` of ``doc``, without reading the snapshot."""
+        row = self.conn.execute(
+            "SELECT snapshot_seq, coalesce(length(snapshot), 0), snapshot_gen FROM documents "
+            "WHERE name = ?",
+            (doc,),
+        ).fetchone()
+        if row is None:
+            return 0, 0
+        seq, size, gen = row
+        if gen is not None:
+            size = self.conn.execute(
+                "SELECT coalesce(sum(length(data)), 0) FROM snapshot_chunks "
+                "WHERE doc = ? AND gen = ?",
+                (doc, gen),
+            ).fetchone()[0]
+        return int(seq), int(size)
 
     def tail_length(self, doc: str) -> int:
         """How many updates wait in ``doc``'s log since its snapshot."""
         with self._lock, _store_errors(self.path):
-            row = self.conn.execute("SELECT count(*) FROM updates WHERE doc = ?", (doc,)).fetchone()
+            seq = self._snapshot_of(doc)[0]
+            row = self.conn.execute(
+                "SELECT count(*) FROM updates WHERE doc = ? AND seq > ?", (doc, seq)
+            ).fetchone()
         return int(row[0])
 
     def documents(self) -> list[str]:
@@ -595,22 +669,72 @@ class UpdateLog:
                 f"left uncompacted: {exc}",
                 path=self.path,
             ) from exc
+        # Every write below is its own short transaction: a compaction never holds the
+        # write lock long enough to make other documents' appends wait (DESIGN: bounded
+        # work). The snapshot becomes current in one small commit; crashing anywhere
+        # leaves either the old snapshot and tail or the new ones (plus rows to clean).
+        gen = None
+        if len(snapshot) > SNAPSHOT_CHUNK_BYTES:
+            gen = secrets.randbits(62)
+            for idx, start in enumerate(range(0, len(snapshot), SNAPSHOT_CHUNK_BYTES)):
+                with self._write() as conn:
+                    conn.execute(
+                        "INSERT INTO snapshot_chunks (doc, gen, idx, data) VALUES (?, ?, ?, ?)",
+                        (doc, gen, idx, snapshot[start : start + SNAPSHOT_CHUNK_BYTES]),
+                    )
         with self._write() as conn:
             row = conn.execute(
                 "SELECT snapshot_seq FROM documents WHERE name = ?", (doc,)
             ).fetchone()
-            if (row[0] if row else 0) != log.snapshot_seq:
-                # Another compaction folded this document meanwhile; writing ours would
-                # replace its newer snapshot with an older one.
-                return CompactionResult(doc, 0, len(log.snapshot or b""))
-            conn.execute(
-                "INSERT INTO documents (name, snapshot, snapshot_seq) VALUES (?, ?, ?) "
-                "ON CONFLICT(name) DO UPDATE SET snapshot = excluded.snapshot, "
-                "snapshot_seq = excluded.snapshot_seq",
-                (doc, snapshot, log.last_seq),
-            )
-            conn.execute("DELETE FROM updates WHERE doc = ? AND seq <= ?", (doc, log.last_seq))
+            current = (row[0] if row else 0) == log.snapshot_seq
+            if current and gen is not None:
+                # Another compaction's cleanup may have taken chunks of ours (it saw them
+                # as an abandoned generation): then this one is abandoned.
+                (count,) = conn.execute(
+                    "SELECT count(*) FROM snapshot_chunks WHERE doc = ? AND gen = ?", (doc, gen)
+                ).fetchone()
+                current = count == -(-len(snapshot) // SNAPSHOT_CHUNK_BYTES)
+            if current:
+                conn.execute(
+                    "INSERT INTO documents (name, snapshot, snapshot_seq, snapshot_gen) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET "
+                    "snapshot = excluded.snapshot, snapshot_seq = excluded.snapshot_seq, "
+                    "snapshot_gen = excluded.snapshot_gen",
+                    (doc, None if gen is not None else snapshot, log.last_seq, gen),
+                )
+        self._clean(doc)
+        if not current:
+            # Another compaction folded this document meanwhile; writing ours would
+            # replace its newer snapshot with an older one.
+            return CompactionResult(doc, 0, len(log.snapshot or b""))
         return CompactionResult(doc, len(log.updates), len(snapshot))
+
+    def _clean(self, doc: str) -> None:
+        """Delete what the current snapshot made obsolete, a few rows per transaction:
+        tail rows it holds, and chunks of other snapshots (older ones, or a compaction's
+        that lost the race or crashed)."""
+        while True:
+            with self._write() as conn:
+                row = conn.execute(
+                    "SELECT snapshot_seq, snapshot_gen FROM documents WHERE name = ?", (doc,)
+                ).fetchone()
+                seq, gen = row if row else (0, None)
+                done = 0
+                chunk = conn.execute(
+                    "SELECT id FROM snapshot_chunks WHERE doc = ? AND gen IS NOT ? LIMIT 8",
+                    (doc, gen),
+                ).fetchall()
+                if chunk:
+                    conn.executemany("DELETE FROM snapshot_chunks WHERE id = ?", chunk)
+                    done += len(chunk)
+                tail = conn.execute(
+                    "SELECT seq FROM updates WHERE doc = ? AND seq <= ? LIMIT 256", (doc, seq)
+                ).fetchall()
+                if tail:
+                    conn.executemany("DELETE FROM updates WHERE seq = ?", tail)
+                    done += len(tail)
+            if not done:
+                return
 
 
 def _write_ledger(conn: sqlite3.Connection, doc: str, ledger: Ledger) -> None:
@@ -645,18 +769,21 @@ def compact_file(path: str, doc: str, synchronous: Synchronous = "NORMAL") -> Co
         return log.compact(doc)
 
 
-_worker_logs: dict[str, UpdateLog] = {}  # a worker process's open stores, by path
+_checkpointers = threading.local()
 
 
-def compare_file(path: str, doc: str, update: bytes, lookup: Lookup) -> Comparison:
-    """:func:`~crdtsync.integrity.compare_stored` against ``doc`` as stored in ``path``.
+def checkpoint_file(path: str) -> tuple[int, int]:
+    """Copy what the write-ahead log holds into the database, without blocking writers.
 
-    For the relay's work process: the comparison costs in proportion to the document
-    (reading it, cutting each stored update, walking the repeat in Python), so it runs
-    off the event loop. The store is read in its own transaction, after the ledger the
-    lookup came from was committed: it holds at least what that ledger describes.
+    A PASSIVE checkpoint on a connection of the calling thread's own (sqlite3 releases
+    the GIL while it works, so a thread keeps an event loop free). Returns the WAL's
+    frames and how many of them are now in the database.
     """
-    log = _worker_logs.get(path)
-    if log is None:
-        log = _worker_logs[path] = UpdateLog(path)
-    return compare_stored(update, lookup, lambda: log.load(doc).all_updates())
+    conns: dict[str, sqlite3.Connection] = getattr(_checkpointers, "conns", None) or {}
+    _checkpointers.conns = conns
+    with _store_errors(path):
+        conn = conns.get(path)
+        if conn is None:
+            conn = conns[path] = sqlite3.connect(path, timeout=1.0, isolation_level=None)
+        _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    return int(frames), int(copied)

@@ -20,8 +20,9 @@ import json
 import logging
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -45,7 +46,7 @@ from crdtsync.integrity import Comparison, Ledger, Lookup, Writer
 from crdtsync.limits import Strikes, TokenBucket
 from crdtsync.protocol import AwarenessEntry, AwarenessMessage, SyncUpdate, encode_awareness
 from crdtsync.settings import RelaySettings, validate_document_name
-from crdtsync.store import UpdateLog, compact_file, compare_file, merge_in_batches
+from crdtsync.store import UpdateLog, checkpoint_file, compact_file, merge_in_batches
 from crdtsync.sync import (
     AwarenessQueried,
     AwarenessReceived,
@@ -61,6 +62,7 @@ from crdtsync.sync import (
     split_update,
 )
 from crdtsync.updates import UpdateInfo, check_update
+from crdtsync.work import Read, answer_read, compare_file, forget_read, read_file
 
 __all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
 
@@ -79,6 +81,11 @@ _ANONYMOUS = Writer()
 MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
 READ_INLINE_UPDATES = 256
 READ_INLINE_BYTES = 1024 * 1024
+# Frames of at least LARGE_FRAME_BYTES go out in fragments of FRAGMENT_BYTES (Peer.push).
+# (Not smaller ones: a peer closed while a fragmented frame is under way gets 1011, all
+# websockets can send then, instead of the code its close was meant to have.)
+LARGE_FRAME_BYTES = 4 * 1024 * 1024
+FRAGMENT_BYTES = 1024 * 1024
 BACKLOG_CHECK_S = 1.0  # how often every peer's backlog is checked, and the relay's total
 
 
@@ -143,26 +150,74 @@ class Peer:
     # The stored document as read at join, kept for the answer to this peer's first
     # step 1: whatever is stored after that read reaches the peer through the fan-out it
     # joined first (held until the answer), so the store is read once per join, not twice.
-    joined: bytes | None = None
+    joined: Read | None = None
     # The next message's update, checked in the work process: (its length, the result).
     checked: tuple[int, UpdateInfo | Exception] | None = None
+
+    # Frames queued behind a large one that goes out in fragments (None: nothing is).
+    outbox: deque[bytes] | None = None
+    outbox_bytes: int = 0
+    sender: asyncio.Task[None] | None = None
+
+    def push(self, frame: bytes) -> None:
+        """Send a frame, in order with every other frame pushed to this peer.
+
+        A large frame goes out in fragments, each written once the previous one left
+        (websockets waits for the socket to drain): one frame of tens of megabytes to
+        several peers was copied into every transport's buffer in one event-loop turn
+        (about a second for 60 MB to six peers) and each buffer was then shifted after
+        every partial write. What comes meanwhile waits in ``outbox``, in order.
+        """
+        if self.outbox is None and len(frame) < LARGE_FRAME_BYTES:
+            broadcast([self.ws], frame)
+            return
+        if self.outbox is None:
+            self.outbox = deque()
+            self.sender = asyncio.get_running_loop().create_task(self._send_outbox())
+        self.outbox.append(frame)
+        self.outbox_bytes += len(frame)
+
+    async def _send_outbox(self) -> None:
+        try:
+            while self.outbox:
+                frame = self.outbox.popleft()
+                if len(frame) < LARGE_FRAME_BYTES:
+                    await self.ws.send(frame)
+                else:
+                    view = memoryview(frame)
+                    await self.ws.send(
+                        view[i : i + FRAGMENT_BYTES] for i in range(0, len(view), FRAGMENT_BYTES)
+                    )
+                self.outbox_bytes -= len(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.outbox = None
+            self.outbox_bytes = 0
+            self.sender = None
+
+    def backlog(self) -> int:
+        """Bytes waiting to be sent to this peer: queued frames and the transport's buffer."""
+        transport = self.ws.transport
+        size = transport.get_write_buffer_size() if transport is not None else 0
+        return size + self.outbox_bytes
 
     def send_update_frame(self, frame: bytes) -> None:
         """Send a live update now, or hold it until the peer's sync answer went out."""
         if self.held is None:
-            broadcast([self.ws], frame)
+            self.push(frame)
         elif len(self.held) < MAX_HELD_FRAMES:
             self.held.append(frame)
         else:
             self.release()
-            broadcast([self.ws], frame)
+            self.push(frame)
 
     def release(self) -> None:
         """Go live: send what was held, in order."""
         self.joined = None
         held, self.held = self.held, None
         for frame in held or ():
-            broadcast([self.ws], frame)
+            self.push(frame)
 
 
 @dataclass(eq=False)
@@ -177,13 +232,14 @@ class Room:
     stored_bytes: int = 0  # the document's snapshot and tail, as far as this process knows
     # Reads of the stored document shared by the peers that need one (joins, resyncs): the
     # one in flight, and the one that starts when it is done, for those who came later.
-    reading: asyncio.Future[bytes] | None = None
-    read_next: asyncio.Future[bytes] | None = None
-    # Answers computed from the latest read, by state vector (dropped with the room).
-    answers: tuple[bytes | None, dict[bytes, list[bytes]]] = field(
+    reading: asyncio.Future[Read] | None = None
+    read_next: asyncio.Future[Read] | None = None
+    # Answers from the latest read (by its id), by state vector (dropped with the room).
+    answers: tuple[str | None, dict[bytes, asyncio.Task[list[bytes]]]] = field(
         default_factory=lambda: (None, {})
     )
-    read_state: tuple[bytes | None, bytes] = (None, b"")
+    measured: bool = False  # appended and stored_bytes were read from the store
+    kept_in_worker: bool = False  # the work process keeps a read of it (crdtsync.work)
 
 
 @dataclass(eq=False)
@@ -236,6 +292,10 @@ class Relay:
         ]
         self._stopping = False
         self._watcher: asyncio.Task[None] | None = None
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="crdtsync-checkpoint")
+        self._checkpointing: asyncio.Future[tuple[int, int]] | None = None
+        self._commits_checkpointed = 0
+        self._inline_reads = 0
         self.stats = {
             "updates_stored": 0,
             "commits": 0,
@@ -262,7 +322,7 @@ class Relay:
         """
         s = self.settings
         self._store_lock = _lock_store(str(s.store))
-        self.store = UpdateLog(s.store, synchronous=s.synchronous)
+        self.store = UpdateLog(s.store, synchronous=s.synchronous, autocheckpoint=False)
         if s.compaction_workers:
             self._pool = self._new_pool()
         self._server = await serve(
@@ -309,21 +369,40 @@ class Relay:
         if self._server is not None:
             self._server.close(close_connections=False)
         self._flush()
+        deadline = time.monotonic() + self.settings.drain_timeout_s
         peers = [p for room in self.rooms.values() for p in room.peers]
-        await asyncio.gather(
+        closing = asyncio.gather(
             *(p.ws.close(CloseCode.GOING_AWAY, "relay shutting down") for p in peers),
             return_exceptions=True,
         )
+        try:
+            # A peer that does not read never lets its close frame out (nor a ping, nor
+            # what its handler is sending): the drain is bounded, then the rest is cut.
+            await asyncio.wait_for(asyncio.shield(closing), _left(deadline))
+        except TimeoutError:
+            for p in peers:
+                if p.ws.transport is not None:
+                    p.ws.transport.abort()
+            with contextlib.suppress(Exception):
+                await closing
+        for p in peers:
+            if p.sender is not None:
+                p.sender.cancel()
         if self._server is not None:
             await self._server.wait_closed()
         if self._compactions:
-            await asyncio.gather(*self._compactions, return_exceptions=True)
+            # Compaction is crash-safe: one still running at the deadline is abandoned.
+            await asyncio.wait(self._compactions, timeout=_left(deadline))
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            _shut_down(self._pool, wait=not self._compactions)
         if self._work_pool is not None:
-            self._work_pool.shutdown(wait=True, cancel_futures=True)
+            _shut_down(self._work_pool, wait=False)  # reads and checks nobody awaits now
+        if self._checkpointing is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpointing
+        self._checkpointer.shutdown(wait=True)
         if self.store is not None:
-            self.store.close()
+            self.store.close()  # the last connection to close checkpoints what is left
         if self._store_lock is not None:
             self._store_lock.close()  # releases the lock
             self._store_lock = None
@@ -450,8 +529,8 @@ class Relay:
         room = self.rooms.get(document)
         if room is None:
             assert self.store is not None
-            updates, size = self.store.size(document)
-            room = self.rooms[document] = Room(document, appended=updates, stored_bytes=size)
+            # (Its size and tail length are learnt from its first read, off the loop.)
+            room = self.rooms[document] = Room(document)
         # Join the fan-out before reading the store: no update slips between the two.
         room.peers.add(peer)
         loop = asyncio.get_running_loop()
@@ -468,7 +547,7 @@ class Relay:
                 session.send_hello()
                 await self._send(peer)
             peer.joined = await self._fresh_read(room)
-            session.send_step1(self._state_of(room, peer.joined))
+            session.send_step1(peer.joined.state)
             if room.awareness:
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
             await self._send(peer)
@@ -536,32 +615,43 @@ class Relay:
         assert self.store is not None
         return self.store.load(document).merged()
 
-    @staticmethod
-    def _state_of(room: Room, merged: bytes) -> bytes:
-        """The state vector of a read, computed once for all the peers that share it."""
-        cached, state = room.read_state
-        if cached is not merged:
-            state = get_state(merged)
-            room.read_state = (merged, state)
-        return state
-
-    def _answer(self, room: Room, merged: bytes, state_vector: bytes) -> list[bytes]:
+    async def _answer(self, room: Room, read: Read, state_vector: bytes) -> list[bytes]:
         """The answer to a step 1, cut into pieces; shared by peers that ask the same of
         the same read (a crowd of new joiners all send an empty state vector)."""
         cached, answers = room.answers
-        if cached is not merged:
+        if cached != read.id:
             answers = {}
-            room.answers = (merged, answers)
-        pieces = answers.get(state_vector)
-        if pieces is None:
-            pieces = split_update(
-                get_update(merged, state_vector), self.settings.answer_piece_bytes
+            room.answers = (read.id, answers)
+        task = answers.get(state_vector)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(
+                self._compute_answer(room, read, state_vector)
             )
             if len(answers) < MAX_CACHED_ANSWERS:
-                answers[state_vector] = pieces
-        return pieces
+                answers[state_vector] = task
+        # Shielded: a peer that leaves while waiting must not cancel the others' answer.
+        return await asyncio.shield(task)
 
-    async def _fresh_read(self, room: Room) -> bytes:
+    async def _compute_answer(self, room: Room, read: Read, state_vector: bytes) -> list[bytes]:
+        piece_bytes = self.settings.answer_piece_bytes
+        if read.merged is not None:
+            return split_update(get_update(read.merged, state_vector), piece_bytes)
+        assert self.store is not None
+        for _ in range(2):
+            got = await self._off_loop(
+                answer_read, self.store.path, room.name, read.id, [state_vector], piece_bytes
+            )
+            if got is not None:
+                return got[0]
+            # The work process no longer keeps that read (it restarted, or kept newer
+            # ones): a newer read serves as well, since the asker is in the fan-out.
+            read = await self._fresh_read(room)
+            if read.merged is not None:
+                return split_update(get_update(read.merged, state_vector), piece_bytes)
+        merged = self.stored_document(room.name)
+        return split_update(get_update(merged, state_vector), piece_bytes)
+
+    async def _fresh_read(self, room: Room) -> Read:
         """The stored document, read by a read that starts now or later, never earlier.
 
         A peer asks after it joined the room's fan-out, so such a read misses nothing
@@ -577,13 +667,13 @@ class Relay:
         # Shielded: a peer that leaves while waiting must not cancel the others' read.
         return await asyncio.shield(future)
 
-    def _begin_read(self, room: Room) -> asyncio.Future[bytes]:
+    def _begin_read(self, room: Room) -> asyncio.Future[Read]:
         future, room.read_next = room.read_next, None
         assert future is not None
         room.reading = future
         task = asyncio.get_running_loop().create_task(self._read(room.name))
 
-        def done(t: asyncio.Task[bytes]) -> None:
+        def done(t: asyncio.Task[Read]) -> None:
             room.reading = None
             if not future.done():
                 exc = None if t.cancelled() else t.exception()
@@ -601,14 +691,35 @@ class Relay:
         task.add_done_callback(self._background.discard)
         return future
 
-    async def _read(self, name: str) -> bytes:
+    async def _read(self, name: str) -> Read:
+        """Read a stored document: on the loop when this process knows it is small, else
+        in the work process (which keeps a large one and answers from it)."""
         assert self.store is not None
         self.stats["document_reads"] += 1
-        updates, size = self.store.size(name)
-        if (updates <= READ_INLINE_UPDATES and size <= READ_INLINE_BYTES) or self._stopping:
-            return self.stored_document(name)
+        room = self.rooms.get(name)
+        if room is not None and room.measured:
+            small = room.appended <= READ_INLINE_UPDATES and room.stored_bytes <= READ_INLINE_BYTES
+        else:
+            size = self.store.size_within(name, READ_INLINE_UPDATES, READ_INLINE_BYTES)
+            small = size is not None
+            if size is not None and room is not None:
+                room.measured = True
+                room.appended = max(room.appended, size[0])
+                room.stored_bytes = max(room.stored_bytes, size[1])
+        if small or self._stopping:
+            merged = self.stored_document(name)
+            self._inline_reads += 1
+            return Read(f"loop:{self._inline_reads}", get_state(merged), -1, -1, merged)
         self.stats["document_reads_in_worker"] += 1
-        return await self._off_loop(merge_in_batches, self.store.load(name).all_updates())
+        read = await self._off_loop(read_file, self.store.path, name, READ_INLINE_BYTES)
+        room = self.rooms.get(name)
+        if room is not None:
+            room.kept_in_worker = room.kept_in_worker or read.merged is None
+            # What the store held at the read; appends since are counted as they commit.
+            room.measured = True
+            room.appended = max(room.appended, read.updates)
+            room.stored_bytes = max(room.stored_bytes, read.size)
+        return read
 
     async def _off_loop(self, fn: Callable[..., _T], *args: Any) -> _T:
         """Run pure CPU work (pycrdt merges, update validation) in the work process.
@@ -628,7 +739,10 @@ class Relay:
 
     async def _send(self, peer: Peer) -> None:
         for frame in peer.session.data_to_send():
-            await peer.ws.send(frame)
+            if peer.outbox is None and len(frame) < LARGE_FRAME_BYTES:
+                await peer.ws.send(frame)  # waits for the socket to drain: backpressure
+            else:
+                peer.push(frame)
 
     async def _dispatch(self, peer: Peer, room: Room) -> float:
         """Carry out the session's events; return how long to pause reading this peer."""
@@ -679,11 +793,11 @@ class Relay:
                     await asyncio.sleep(wait)
                     if peer.ws.close_code is not None:
                         return 0.0
-                merged = peer.joined
-                if merged is None:
-                    merged = await self._fresh_read(room)
+                read = peer.joined
+                if read is None:
+                    read = await self._fresh_read(room)
                 peer.joined = None
-                session.answer_with_pieces(self._answer(room, merged, event.state_vector))
+                session.answer_with_pieces(await self._answer(room, read, event.state_vector))
                 answered = True
             elif isinstance(event, AwarenessReceived):
                 self._on_awareness(peer, room, event, time.monotonic())
@@ -724,6 +838,9 @@ class Relay:
             # Nothing of a room outlives its last connection (DESIGN: stateless relay).
             self.rooms.pop(room.name, None)
             self._ledgers.pop(room.name, None)
+            if room.kept_in_worker and self._work_pool is not None and self.store is not None:
+                with contextlib.suppress(Exception):  # a broken pool has nothing to forget
+                    self._work_pool.submit(forget_read, self.store.path, room.name)
             # Compact what this process knows is a sizeable tail; a few updates can wait.
             if room.appended >= max(1, self.settings.compact_after_updates // 10):
                 self._schedule_compaction(room)
@@ -786,7 +903,10 @@ class Relay:
         Every frame goes under this rule (presence included): a peer that does not read
         cannot make the relay hold more than its share for it.
         """
-        broadcast([p.ws for p in peers if not p.closing], frame)
+        broadcast([p.ws for p in peers if not p.closing and p.outbox is None], frame)
+        for p in peers:
+            if p.outbox is not None and not p.closing:
+                p.push(frame)
         self._check_backlog(peers)
 
     def _check_backlog(self, peers: Iterable[Peer], now: float | None = None) -> int:
@@ -794,19 +914,18 @@ class Relay:
 
         A peer is behind while its unsent backlog is over ``max_write_buffer_bytes``; it
         is closed when it stays behind for ``slow_reader_grace_s``, or at once when the
-        backlog passes that limit by more than the largest update (so one large update
-        to a fast reader on a real network is not a reason to close it).
+        backlog passes that limit by more than two of the largest updates (so a large
+        update or two to a fast reader on a real network is no reason to close it).
         """
         s = self.settings
         limit = s.max_write_buffer_bytes
-        hard = limit + max(limit, s.max_update_bytes + 64 * 1024)
+        hard = limit + max(limit, 2 * (s.max_update_bytes + 64 * 1024))
         now = time.monotonic() if now is None else now
         total = 0
         for p in peers:
-            transport = p.ws.transport
-            if p.closing or transport is None:
+            if p.closing or p.ws.transport is None:
                 continue
-            size = transport.get_write_buffer_size()
+            size = p.backlog()
             if size <= limit:
                 p.behind_since = None
             elif size > hard:
@@ -819,6 +938,25 @@ class Relay:
                 continue
             total += size
         return total
+
+    def _checkpoint(self) -> None:
+        """Copy the write-ahead log into the database from a thread, once a second when
+        something was committed (the relay's own commits never do it: see UpdateLog)."""
+        if self.store is None or self._checkpointing is not None:
+            return
+        if self.stats["commits"] == self._commits_checkpointed:
+            return
+        self._commits_checkpointed = self.stats["commits"]
+        self._checkpointing = asyncio.get_running_loop().run_in_executor(
+            self._checkpointer, checkpoint_file, self.store.path
+        )
+
+        def done(f: asyncio.Future[tuple[int, int]]) -> None:
+            self._checkpointing = None
+            if not f.cancelled() and f.exception() is not None:
+                log.warning("checkpoint of the store failed: %s", f.exception())
+
+        self._checkpointing.add_done_callback(done)
 
     def _close_slow(self, peer: Peer, reason: str) -> None:
         peer.closing = True
@@ -834,13 +972,14 @@ class Relay:
         """
         while True:
             await asyncio.sleep(BACKLOG_CHECK_S)
+            self._checkpoint()
             peers = [p for room in self.rooms.values() for p in room.peers]
             total = self._check_backlog(peers)
             budget = self.settings.max_write_buffer_total_bytes
             if total <= budget:
                 continue
             sized = [
-                (p.ws.transport.get_write_buffer_size(), id(p), p)
+                (p.backlog(), id(p), p)
                 for p in peers
                 if not p.closing and p.ws.transport is not None
             ]
@@ -909,7 +1048,7 @@ class Relay:
             else:
                 continue
             for frame in session.data_to_send():
-                broadcast([item.peer.ws], frame)
+                item.peer.push(frame)
         for name in by_room:
             room = self.rooms.get(name)
             if room is None:
@@ -1063,9 +1202,13 @@ class Relay:
         ext_senders = {item.peer for item in items if item.peer.session.extensions}
         live = [p for p in room.peers if p not in ext_senders and not p.closing]
         for frame in frames:
-            broadcast([p.ws for p in live if p.held is None], frame)
-            for p in live:
-                if p.held is not None:
+            if len(frame) < LARGE_FRAME_BYTES:
+                broadcast([p.ws for p in live if p.held is None and p.outbox is None], frame)
+                for p in live:
+                    if p.held is not None or p.outbox is not None:
+                        p.send_update_frame(frame)
+            else:
+                for p in live:
                     p.send_update_frame(frame)
         for sender in ext_senders:
             if sender not in room.peers or sender.closing:
@@ -1146,6 +1289,20 @@ class Relay:
             return
         old, self._pool = self._pool, self._new_pool()
         old.shutdown(wait=False, cancel_futures=True)
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
+
+
+def _shut_down(pool: ProcessPoolExecutor, wait: bool) -> None:
+    """Stop a worker pool; without ``wait``, its processes are terminated (the work is
+    abandoned: compaction leaves the old snapshot and tail, a read is not needed)."""
+    if not wait:
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                process.terminate()
+    pool.shutdown(wait=wait, cancel_futures=True)
 
 
 def _lock_store(path: str) -> IO[bytes]:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pycrdt import Doc, Map, Text, merge_updates
@@ -487,7 +488,11 @@ def test_fresh_file_gets_the_schema(path: Path) -> None:
     finally:
         conn.close()
     assert {"documents", "updates", "pending", "ledger_clients", "quarantine"} <= tables
-    assert applied == [("crdtsync", "m001_update_log"), ("crdtsync", "m002_integrity")]
+    assert applied == [
+        ("crdtsync", "m001_update_log"),
+        ("crdtsync", "m002_integrity"),
+        ("crdtsync", "m003_snapshot_chunks"),
+    ]
 
 
 # -- settings of the store ---------------------------------------------------------------------
@@ -605,3 +610,79 @@ def test_merge_in_batches_refuses_a_batch_below_two(batch: int) -> None:
     updates, _ = many_updates(3)
     with bounded_lines(10_000), pytest.raises(ValueError, match="batch"):
         merge_in_batches(updates, batch)
+
+
+def test_large_snapshot_is_written_in_chunks_and_the_tail_removed_in_small_steps(tmp_path):
+    """A compaction's writes are short transactions: a snapshot over 1 MiB is stored in
+    chunks, made current in one small commit, and the folded tail rows are deleted a few
+    at a time; the document reads the same before and after, and again after a second
+    compaction (which removes the first one's chunks)."""
+    path = tmp_path / "chunks.db"
+    doc: Doc[Any] = Doc()
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(event.update))
+    text = doc.get("text", type=Text)
+    for i in range(600):
+        text.insert(len(text), f"{i:05d}" + "c" * 5000)  # ~3 MB in all: 3 chunks
+    with UpdateLog(path) as log:
+        log.append_many([("big", u) for u in updates])
+        before = log.load("big").merged()
+        result = log.compact("big")
+        assert result.folded == 600
+        rows = log.conn.execute(
+            "SELECT count(*), max(length(data)) FROM snapshot_chunks WHERE doc = 'big'"
+        ).fetchone()
+        assert rows[0] == 3
+        assert rows[1] <= 1024 * 1024
+        assert log.conn.execute("SELECT count(*) FROM updates").fetchone()[0] == 0
+        assert log.tail_length("big") == 0
+        assert log.size("big") == (0, result.snapshot_bytes)
+        after: Doc[Any] = Doc()
+        after.apply_update(log.load("big").merged())
+        reference: Doc[Any] = Doc()
+        reference.apply_update(before)
+        assert str(after.get("text", type=Text)) == str(reference.get("text", type=Text))
+        # More content and a second compaction: the first generation's chunks go.
+        text.insert(0, "head ")
+        log.append_many([("big", updates[-1])])
+        log.compact("big")
+        gens = log.conn.execute(
+            "SELECT count(DISTINCT gen) FROM snapshot_chunks WHERE doc = 'big'"
+        ).fetchone()[0]
+        assert gens == 1
+        again: Doc[Any] = Doc()
+        again.apply_update(log.load("big").merged())
+        assert str(again.get("text", type=Text)) == str(text)
+
+
+def test_compaction_whose_chunks_were_taken_is_abandoned(tmp_path):
+    """Chunks of a compaction still being written look abandoned to another compaction's
+    cleanup; the first one then does not make its incomplete snapshot current."""
+    path = tmp_path / "race.db"
+    doc: Doc[Any] = Doc()
+    updates: list[bytes] = []
+    doc.observe(lambda event: updates.append(event.update))
+    text = doc.get("text", type=Text)
+    for _ in range(300):
+        text.insert(len(text), "r" * 5000)
+    with UpdateLog(path) as log, UpdateLog(path) as other:
+        log.append_many([("doc", u) for u in updates])
+        real_write = log._write
+        writes = 0
+
+        @contextmanager
+        def write_then_interfere() -> Iterator[sqlite3.Connection]:
+            nonlocal writes
+            with real_write() as conn:
+                yield conn
+            writes += 1
+            if writes == 1:  # the first chunk is written: another process cleans up
+                other._clean("doc")
+
+        log._write = write_then_interfere  # type: ignore[method-assign]
+        assert log.compact("doc").folded == 0  # abandoned, not made current
+        log._write = real_write  # type: ignore[method-assign]
+        stored: Doc[Any] = Doc()
+        stored.apply_update(log.load("doc").merged())
+        assert str(stored.get("text", type=Text)) == str(text)
+        assert log.compact("doc").folded == 300  # the next one goes through

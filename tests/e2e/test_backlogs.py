@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,31 @@ def health(relay: Any) -> dict[str, Any]:
     with urllib.request.urlopen(f"{url}/healthz?verbose=1", timeout=10) as resp:
         data: dict[str, Any] = json.loads(resp.read())
     return data
+
+
+def own_rss_mb(pid: int) -> float:
+    """Resident memory of one process (MB)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children (the relay's work processes)."""
+    return sum(own_rss_mb(p) for p in [pid, *_children(pid)])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids] + [g for k in kids for g in _children(int(k))]
 
 
 def text_update(doc: Doc, text: str) -> bytes:
@@ -112,6 +138,7 @@ async def test_large_update_reaches_fast_readers_and_none_is_closed(
     monkeypatch.setenv("CRDTSYNC_UPDATE_BYTES_PER_S", str(64 * MiB))
     relay = relay_factory("big.db")
     url = f"{relay.url}/{ROOM}"
+    baseline = own_rss_mb(relay.proc.pid)
     big = "b" * (30 * MiB)
     writer_doc = Doc()
     update = text_update(writer_doc, big)
@@ -128,12 +155,21 @@ async def test_large_update_reaches_fast_readers_and_none_is_closed(
             assert all(t == big + "tail" for t in texts)
             assert all(r.close_code is None for r in readers)
             assert health(relay)["closed_slow"] == 0
+            peak = rss_mb(relay.proc.pid)
         finally:
             stop.set()
             for ws in [*readers, writer]:
                 await ws.close()
         edits = await editing
     assert edits > 0
+    # The relay gives the memory of the large payloads back (not a timing: a bound on
+    # what it keeps). Printed for the record: pytest -s shows it.
+    await eventually(lambda: own_rss_mb(relay.proc.pid) < baseline + 40, timeout=20)
+    print(
+        f"relay RSS: {baseline:.0f} MB before, {peak:.0f} MB at the end of the fan-out "
+        f"(with its work processes), {own_rss_mb(relay.proc.pid):.0f} MB after "
+        f"({rss_mb(relay.proc.pid):.0f} MB with its work processes)"
+    )
     with UpdateLog(tmp_path / "big.db") as log:
         assert len(log.load(ROOM).all_updates()) >= 2
 
