@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pycrdt import Awareness, Doc, Subscription, TransactionEvent
+from pycrdt import Awareness, Doc, Subscription, TransactionEvent, get_update
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -67,6 +67,7 @@ log = logging.getLogger("crdtsync.replica")
 EXTENSION_QUERY = "crdtsync=1"
 AWARENESS_TIMEOUT_S = 30.0  # y-protocols: a state not renewed for 30 s is gone
 MAX_RECLAIMS = 8  # per connection: claims resent after "not proven" refusals
+MAX_HELD_UPDATES = 256  # remote updates kept aside while a gap before them is open
 HEALTHY_AFTER_S = 5.0  # a connection synced and up this long resets the reconnect backoff
 
 
@@ -186,6 +187,9 @@ class _Document:
     claims: dict[int, set[int]] = field(default_factory=dict)
     quarantined: int = 0
     refused: int = 0
+    # Remote updates that start after a gap, kept until it is filled (at most
+    # MAX_HELD_UPDATES; the relay's answer to a step 1 brings whatever is dropped).
+    held: list[tuple[bytes, UpdateInfo]] = field(default_factory=list)
 
 
 class Replica:
@@ -923,6 +927,71 @@ class Replica:
             d.last_error = str(exc)
         self._notify(d)
 
+    def _receive(self, d: _Document, conn: _Connection, update: bytes, info: UpdateInfo) -> None:
+        """Apply a remote update, or keep it aside while something before it is missing."""
+        state = decode_state_vector(d.doc.get_state())
+        gaps = {c for c, start in info.starts.items() if start > state.get(c, 0)}
+        if gaps:
+            # Something before this update never arrived (a reordered or lost delivery).
+            # Yrs would keep it pending and retry it with each later update (a relay
+            # sending thousands cost quadratic time) and may apply it out of order
+            # (y-crdt#413): keep those clients' part here, apply it once the gap is
+            # filled, and ask again. The other clients' part applies now (a stored
+            # document may keep a gap for good: its other content must not wait on it).
+            held, rest = _split_clients(update, info, gaps)
+            if len(d.held) < MAX_HELD_UPDATES:
+                d.held.append((held, info if rest is None else check_update(held)))
+            # (Beyond that it is dropped: the answer to our step 1 brings it.)
+            self._ask_again(d, conn)
+            if rest is None:
+                return
+            update, info = rest, check_update(rest)
+        self._admit_and_apply(d, conn, update, info)
+        while d.held:
+            state = decode_state_vector(d.doc.get_state())
+            ready = [
+                held
+                for held in d.held
+                if all(start <= state.get(c, 0) for c, start in held[1].starts.items())
+            ]
+            if not ready:
+                break
+            taken = {id(held) for held in ready}
+            d.held = [held for held in d.held if id(held) not in taken]
+            for u, i in ready:
+                state = decode_state_vector(d.doc.get_state())
+                if all(end <= state.get(c, 0) for c, end in i.state.items()):
+                    # Its content arrived meanwhile (with the answer to our step 1): not
+                    # compared with the document again; Yrs skips known structs, so only
+                    # its delete set (which never conflicts) is applied.
+                    if i.deletes:
+                        self._apply_remote(d, u)
+                    continue
+                self._admit_and_apply(d, conn, u, i)
+
+    def _admit_and_apply(
+        self, d: _Document, conn: _Connection, update: bytes, info: UpdateInfo
+    ) -> None:
+        accepted, refused = self._admit(d, update, info)
+        if accepted is not None:
+            self._apply_remote(d, accepted)
+        ends = {c: end for c, end in info.state.items() if c not in refused}
+        if self._left_gap(d, ends):
+            # Applied but not integrated (it depends on content we lack): ask again;
+            # the relay's answer fills the gap.
+            self._ask_again(d, conn)
+
+    def _ask_again(self, d: _Document, conn: _Connection) -> None:
+        """Send our state vector (sync step 1) so the relay sends what we lack; paced."""
+        if conn.resyncing:
+            return
+        if conn.resyncs.allow(time.monotonic()):
+            conn.resyncing = True
+            conn.session.send_step1(d.doc.get_state())
+        else:
+            conn.deferred_resync = True
+            self._defer(d, conn)
+
     @staticmethod
     def _left_gap(d: _Document, ends: dict[int, int]) -> bool:
         state = decode_state_vector(d.doc.get_state())
@@ -947,20 +1016,7 @@ class Replica:
             self._notify(d)
         if isinstance(event, UpdateReceived):
             if not event.info.is_empty:
-                accepted, refused = self._admit(d, event.update, event.info)
-                if accepted is not None:
-                    self._apply_remote(d, accepted)
-                ends = {c: end for c, end in event.info.state.items() if c not in refused}
-                if not conn.resyncing and self._left_gap(d, ends):
-                    # Something before this update never arrived (a reordered or lost
-                    # delivery): ask again with our state vector; the relay's answer fills
-                    # the gap (and repairs what Yrs may have applied out of order).
-                    if conn.resyncs.allow(time.monotonic()):
-                        conn.resyncing = True
-                        conn.session.send_step1(d.doc.get_state())
-                    else:
-                        conn.deferred_resync = True
-                        self._defer(d, conn)
+                self._receive(d, conn, event.update, event.info)
             if event.answer:
                 conn.resyncing = False
                 d.synced = True
@@ -1031,3 +1087,18 @@ def _content_for(doc: Doc[Any], info: UpdateInfo) -> bytes:
         if client in sv:
             sv[client] = 0
     return doc.get_update(encode_state_vector(sv))
+
+
+def _split_clients(
+    update: bytes, info: UpdateInfo, clients: set[int]
+) -> tuple[bytes, bytes | None]:
+    """``update`` cut in two: the part of ``clients``, and the rest (None when the update
+    holds no other client). Each part carries the delete set (deleting is idempotent)."""
+    if len(clients) == len(info.starts):
+        return update, None
+    others = {c: end for c, end in info.state.items() if c not in clients}
+    theirs = {c: end for c, end in info.state.items() if c in clients}
+    return (
+        get_update(update, encode_state_vector(others)),
+        get_update(update, encode_state_vector(theirs)),
+    )

@@ -348,9 +348,10 @@ async def test_swapped_updates_converge_without_a_reconnect(
 ) -> None:
     """B gets A's second update before the first: Yrs leaves part of it pending.
 
-    The replica sees the gap and asks again with a step 1 (client/replica.py); without
-    that, B would show A's second edit's map key but not its text until A edited again
-    (test_pycrdt_integrates_a_gap_update_once_the_gap_fills).
+    The replica sees the gap, keeps the second update aside (client/replica.py) and
+    asks again with a step 1; it applies the kept update as soon as the first one fills
+    the gap. Applied as it came, Yrs would show A's second edit's map key but not its
+    text until A edited again (test_pycrdt_integrates_a_gap_update_once_the_gap_fills).
     """
     events: list[dict[str, Any]] = []
     async with (
@@ -385,7 +386,9 @@ async def test_swapped_updates_converge_without_a_reconnect(
         assert text(doc_b) == "base a1 a2 "
         assert proxy.stats["connections"] == 1  # no reconnect was needed
         up = [e["message"] for e in events if e["event"] == "forward" and e["direction"] == "up"]
-        assert up.count("SyncStep1") == 2  # on connect, and once more after the gap
+        # On connect, and once more after the gap (that one may still be in the proxy's
+        # hands: the first update filled the gap before the relay's answer was needed).
+        assert 1 <= up.count("SyncStep1") <= 2
 
 
 class StopHung(Exception):
