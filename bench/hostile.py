@@ -1,8 +1,10 @@
 """Hostile or heavy traffic on one document: what it costs another room, and relay memory.
 
-    python bench/hostile.py [--scale 1] [--only presence,heavy,join,gaps,sync,idle,answer]
+    python bench/hostile.py [--scale 1]
+                            [--only presence,heavy,join,gaps,sync,idle,answer,
+                                    compaction,repeats,bigupdate,silent]
                             [--probe-rate 20] [--idle-s 3] [--silent-peers N]
-                            [--markdown-out FILE]
+                            [--profile [--profile-rate 200]] [--markdown-out FILE]
 
 DESIGN: "one room's heavy traffic never stalls another's". Each scenario gets a fresh relay
 process (``python -m crdtsync relay --host 127.0.0.1 --port 0 --store <tmp>``) and a
@@ -30,6 +32,34 @@ Scenarios (``--scale`` multiplies the sizes and counts; see ``Scenario.describe`
    one-item client ids, all within the caps; one more client syncs. The relay cuts an
    answer over 512 KiB into pieces per client id, on its event loop.
 
+Added later, each from a question about the relay's event loop:
+
+8. ``compaction``: a document whose stored, uncompacted tail is 200 updates x 100 KB of
+   text (20 MB; the default ``compact_after_updates`` 1000, so the relay compacts it in
+   its worker process, ``compact_file``, when the room empties with 100 new updates or
+   more; not a few thousand updates: compacting n text appends of s bytes holds about
+   n^2 x s / 2 bytes in pycrdt 0.14, and 4,000 x 5 KB would need ~40 GB). 3 rounds: a
+   client that holds the document reconnects (step 1 with its state vector), sends 120
+   queued one-line edits and leaves (the room empties: a compaction); then 2 clients
+   join and append lines at 50/s each for 8 s, timing their own echoes, and leave
+   (another compaction). Does compaction's write transaction, or a WAL checkpoint,
+   stall the relay (it commits on its loop)?
+9. ``repeats``: a 200 KB text document of 400 stored updates; one stock connection
+   sends the whole document as a sync-update message 30 times in a row (a reconnecting
+   stock client resends everything): the integrity rule compares repeated content with
+   the stored one on the event loop (the slow path of ``_judge``);
+10. ``bigupdate``: the relay with ``max_update_bytes`` and ``--max-message-bytes`` at
+    64 MiB (a ``--config`` TOML file); 5 synced stock peers reading as fast as they can;
+    one more sends one valid 60 MB text update. The readers should not be closed (1013);
+11. ``silent``: 16 peers send presence within the rates and never read (as the
+    presence scenario's silent peer, x16, without the flooder); one more peer sends
+    updates and presence to the room so there is traffic. Relay memory should stay
+    bounded (per-connection write buffer limit, and a relay-wide budget).
+
+``--profile`` attaches py-spy (``py-spy record --idle --format chrometrace``) to the
+relay process for each scenario and reports its event loop's turns of 50 ms or more
+under load: how long each took and the deepest call that covers most of it.
+
 Targets (from the issue): another room's p99 under 100 ms on 2 cores in every scenario;
 relay RSS under 500 MB. Every loop is bounded in count and time, everything binds
 127.0.0.1, and every process started here is stopped (try/finally).
@@ -40,6 +70,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -110,9 +141,12 @@ def as_bytes(data: str | bytes) -> bytes:
     return data
 
 
-async def sync_stock(ws: ClientConnection, timeout_s: float = 30.0) -> int:
-    """Send step 1 with an empty state vector; read until the step 2 answer; its bytes."""
-    await ws.send(SyncStep1(b"\x00").encode())
+async def sync_stock(
+    ws: ClientConnection, timeout_s: float = 30.0, state_vector: bytes = b"\x00"
+) -> int:
+    """Send step 1 (by default with an empty state vector); read until the step 2 answer;
+    its bytes."""
+    await ws.send(SyncStep1(state_vector).encode())
     size = 0
     async with asyncio.timeout(timeout_s):
         while True:
@@ -672,6 +706,427 @@ class ManyClientAnswer(Scenario):
             await close_quietly(ws)
 
 
+def text_doc(chunks: Sequence[str], client_id: int) -> tuple[list[bytes], bytes, bytes]:
+    """Like :func:`text_updates`, plus the document's state vector and whole encoding."""
+    doc: Doc[Any] = Doc(client_id=client_id)
+    text = doc.get("text", type=Text)
+    updates: list[bytes] = []
+    sub = doc.observe(lambda event: updates.append(event.update))
+    for chunk in chunks:
+        text.insert(len(text), chunk)
+    doc.unobserve(sub)
+    return updates, doc.get_state(), doc.get_update()
+
+
+def stored_summary(store: Path, room: str) -> str:
+    """The room as stored (read-only, after the load): snapshot size and seq, tail rows."""
+    import sqlite3
+
+    try:
+        conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
+        try:
+            snap = conn.execute(
+                "SELECT coalesce(length(snapshot), 0), snapshot_seq FROM documents WHERE name = ?",
+                (room,),
+            ).fetchone()
+            tail = conn.execute("SELECT count(*) FROM updates WHERE doc = ?", (room,)).fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return f"store not readable: {exc}"
+    size, seq = snap if snap else (0, 0)
+    return f"stored after: snapshot {size / 1e6:.1f} MB (seq {seq:,}), tail {tail[0]:,} updates"
+
+
+def ms_summary(values: Sequence[float]) -> str:
+    """``p50 / p99 / max ms (n)`` of latencies in milliseconds."""
+    if not values:
+        return "none"
+    v = sorted(values)
+
+    def pct(p: float) -> float:
+        return v[max(0, math.ceil(p / 100 * len(v)) - 1)]
+
+    return f"{pct(50):.0f} / {pct(99):.0f} / {v[-1]:.0f} ms (n={len(v):,})"
+
+
+async def timed_writer(
+    url: str,
+    updates: Sequence[bytes],
+    client_id: int,
+    *,
+    state_vector: bytes,
+    rate: float | None,
+    deadline: float,
+) -> tuple[list[float], int, str]:
+    """A stock writer in the hostile room: sync (step 1 with ``state_vector``), then send
+    ``updates`` (one client id) at ``rate`` per second (None: all at once) until
+    ``deadline``; wait (at most 15 s) for the echo of the last one sent, then leave.
+
+    Returns the echo latencies (ms, send -> own echo), how many were sent, and how the
+    connection ended (``open`` when this side closed it).
+    """
+    ends = [check_update(u).state.get(client_id, 0) for u in updates]
+    sent_at: list[float] = []
+    latencies: list[float] = []
+    caught_up = asyncio.Event()
+    ws = await open_stock(url, ROOM)
+
+    async def reader() -> None:
+        got = 0
+        async for data in ws:
+            now = time.monotonic()
+            msg = decode_message(as_bytes(data))
+            if isinstance(msg, SyncUpdate | SyncStep2):
+                end = check_update(msg.update).state.get(client_id, 0)
+                while got < len(sent_at) and ends[got] <= end:
+                    latencies.append((now - sent_at[got]) * 1000)
+                    got += 1
+                if got == len(sent_at):
+                    caught_up.set()
+
+    state = "open"
+    task: asyncio.Task[None] | None = None
+    try:
+        await sync_stock(ws, timeout_s=60, state_vector=state_vector)
+        task = asyncio.create_task(reader())
+        t0 = time.monotonic()
+        for i, update in enumerate(updates):
+            if time.monotonic() >= deadline or task.done():
+                break
+            if rate is not None:
+                await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            caught_up.clear()
+            sent_at.append(time.monotonic())
+            await ws.send(SyncUpdate(update).encode())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(caught_up.wait(), 15)
+    except ConnectionClosed:
+        pass
+    finally:
+        if ws.close_code is not None:
+            state = close_code(ws)
+        await close_quietly(ws)
+        if task is not None:
+            task.cancel()
+    return latencies, len(sent_at), state
+
+
+class CompactionLoad(Scenario):
+    key = "compaction"
+    title = "8. compaction under load"
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale)
+        # Not a few thousand updates: compaction applies the tail to a scratch Doc in one
+        # transaction, and pycrdt 0.14 then holds about n^2 x size / 2 bytes for n text
+        # appends of `size` (measured: 400 x 5 KB 0.4 GB, 1,600 x 5 KB 6.2 GB; 4,000 x 5 KB
+        # would need ~40 GB). 200 x 100 KB: 20 MB of text, a ~2 GB worker; --scale scales
+        # the size of each update, so that memory grows linearly with it.
+        self.updates = 200
+        self.chunk = self.count(100_000)  # characters per stored update
+        self.rounds = self.count(3, at_least=2)
+        self.round_s = 8.0
+        self.visit_updates = 120  # over compact_after_updates / 10: the leave compacts
+        self.appenders = 2
+        self.append_rate = 50.0  # updates/s per appender
+        self.append_chunk = 100
+        self.cap_s = self.rounds * (self.round_s + 60) + 30
+        self.store: Path | None = None
+        self.state_vector = b"\x00"
+
+    def describe(self) -> str:
+        return (
+            f"a document with a stored, uncompacted tail of {self.updates:,} updates x "
+            f"{self.chunk / 1000:g} KB of text ({self.updates * self.chunk / 1e6:.0f} MB; "
+            f"default --compact-after-updates 1000, so the relay compacts it in its worker "
+            f"when the room empties). "
+            f"{self.rounds} rounds: a client that holds the document reconnects (step 1 with "
+            f"the document's state vector), sends {self.visit_updates} queued one-line edits "
+            f"at once, waits for their echo and leaves (the room empties: a compaction); "
+            f"then {self.appenders} clients join and append {self.append_chunk}-character "
+            f"lines at {self.append_rate:g}/s each for {self.round_s:g} s (timing their own "
+            f"echoes) and leave (another compaction once the first is done)"
+        )
+
+    def prepare(self, store: Path) -> list[str]:
+        self.store = store
+        updates, self.state_vector, _ = text_doc(["c" * self.chunk] * self.updates, 313_131)
+        with UpdateLog(store) as log:
+            log.append_many((ROOM, u) for u in updates)
+        return []
+
+    async def attack(self, url: str) -> None:
+        echoes: list[float] = []
+        closes: Counter[str] = Counter()
+        visits: list[str] = []
+        next_id = 600_000
+        line = "a" * (self.append_chunk - 1) + "\n"
+        for _ in range(self.rounds):
+            t0 = time.monotonic()
+            next_id += 1
+            burst = text_updates([line] * self.visit_updates, client_id=next_id)
+            lat, sent, state = await timed_writer(
+                url, burst, next_id, state_vector=self.state_vector, rate=None,
+                deadline=t0 + 60,
+            )  # fmt: skip
+            closes[state] += 1
+            took = f"{max(lat) / 1000:.2f} s" if len(lat) == sent else f"{len(lat)}/{sent} echoed"
+            visits.append(f"{time.monotonic() - t0:.1f} s (burst echoed: {took})")
+            deadline = time.monotonic() + self.round_s
+            count = int(self.append_rate * self.round_s) + 10
+            writers = []
+            for _ in range(self.appenders):
+                next_id += 1
+                writers.append(
+                    timed_writer(
+                        url,
+                        text_updates([line] * count, client_id=next_id),
+                        next_id,
+                        state_vector=self.state_vector,
+                        rate=self.append_rate,
+                        deadline=deadline,
+                    )
+                )
+            for lat, _, state in await asyncio.gather(*writers):
+                echoes.extend(lat)
+                closes[state] += 1
+            await asyncio.sleep(0.2)
+        self.outcome.append("visits (join, burst, echo, leave): " + ", ".join(visits))
+        self.outcome.append(
+            f"appenders' own echo p50 / p99 / max: {ms_summary(echoes)}; connections ended: "
+            + ", ".join(f"{k} x{n}" for k, n in closes.most_common())
+        )
+
+    async def finish(self) -> None:
+        if self.store is not None and not any("stored after" in o for o in self.outcome):
+            self.outcome.append(await asyncio.to_thread(stored_summary, self.store, ROOM))
+
+
+class RepeatedDocument(Scenario):
+    key = "repeats"
+    title = "9. repeated whole document"
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale)
+        self.updates = self.count(400)
+        self.chunk = 500  # 200 KB of text at scale 1
+        self.repeats = self.count(30)
+        self.cap_s = 120.0
+        self.whole = b""
+
+    def describe(self) -> str:
+        return (
+            f"a document of {self.updates:,} stored updates x {self.chunk} characters "
+            f"({self.updates * self.chunk / 1e3:.0f} KB of text, one client id); one stock "
+            f"connection syncs, then sends the whole document (its own encoding) as a "
+            f"sync-update message {self.repeats} times in "
+            f"a row, as fast as the socket takes them, then one new one-character update "
+            f"whose echo marks the end"
+        )
+
+    def prepare(self, store: Path) -> list[str]:
+        updates, _, self.whole = text_doc(["r" * self.chunk] * self.updates, 424_242)
+        with UpdateLog(store) as log:
+            log.append_many((ROOM, u) for u in updates)
+        return []
+
+    async def attack(self, url: str) -> None:
+        sentinel_id = 525_252
+        sentinel = text_updates(["!"], client_id=sentinel_id)[0]
+        ws = await open_stock(url, ROOM)
+        tally: Counter[str] = Counter()
+        echoed = asyncio.Event()
+
+        async def reader() -> None:
+            async for data in ws:
+                tally["frames"] += 1
+                tally["bytes"] += len(data)
+                tally["denied"] += as_bytes(data)[:2] == PERMISSION_DENIED_PREFIX
+                msg = decode_message(as_bytes(data))
+                if isinstance(msg, SyncUpdate) and check_update(msg.update).state.get(sentinel_id):
+                    echoed.set()
+
+        task: asyncio.Task[None] | None = None
+        frame = SyncUpdate(self.whole).encode()
+        sent = 0
+        t_send = t0 = time.monotonic()
+        try:
+            answer = await sync_stock(ws)
+            task = asyncio.create_task(reader())
+            t0 = time.monotonic()
+            for _ in range(self.repeats):
+                await ws.send(frame)
+                sent += 1
+            t_send = time.monotonic()
+            await ws.send(SyncUpdate(sentinel).encode())
+            async with asyncio.timeout(max(1.0, self.cap_s - 10)):
+                await echoed.wait()
+            done = time.monotonic() - t0
+            self.outcome.append(
+                f"synced {answer / 1e3:.0f} KB; {sent} x {len(frame) / 1e3:.0f} KB sent in "
+                f"{t_send - t0:.2f} s; the end marker echoed {done:.2f} s after the first "
+                f"repeat ({1000 * done / max(sent, 1):.0f} ms per repeat)"
+            )
+        except ConnectionClosed:
+            self.outcome.append(f"closed after {sent} repeats")
+        except TimeoutError:
+            self.outcome.append(f"end marker not echoed within {self.cap_s - 10:.0f} s")
+        finally:
+            state = close_code(ws)
+            await close_quietly(ws)
+            if task is not None:
+                task.cancel()
+        self.outcome.append(
+            f"frames back after the sync: {tally['frames']} ({tally['bytes'] / 1e3:.0f} KB), "
+            f"{tally['denied']} permission-denied; connection at the end: {state}"
+        )
+
+
+class BigUpdate(Scenario):
+    key = "bigupdate"
+    title = "10. 60 MB update, caps raised"
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale)
+        self.limit = 64 * 2**20
+        self.text_bytes = min(self.count(60_000_000), self.limit - 256 * 1024)
+        self.readers = 5
+        self.cap_s = 150.0
+        self.frame = b""
+        self.held: list[tuple[ClientConnection, asyncio.Task[None], dict[str, Any]]] = []
+
+    def describe(self) -> str:
+        return (
+            f"the relay runs with max_update_bytes and --max-message-bytes at "
+            f"{self.limit // 2**20} MiB (a --config TOML file: the CLI has no "
+            f"--max-update-bytes); {self.readers} stock peers sit in the room, synced and "
+            f"reading as fast as they can; one more sends one valid "
+            f"{self.text_bytes / 1e6:.0f} MB text update and waits for its echo"
+        )
+
+    def prepare(self, store: Path) -> list[str]:
+        config = store.parent / "bigupdate.toml"
+        config.write_text(f"max_update_bytes = {self.limit}\nmax_message_bytes = {self.limit}\n")
+        big: Doc[Any] = Doc()
+        big.get("text", type=Text).insert(0, "b" * self.text_bytes)
+        self.frame = SyncUpdate(big.get_update()).encode()
+        return ["--config", str(config), "--max-message-bytes", str(self.limit)]
+
+    async def arrange(self, url: str, workdir: Path) -> None:
+        for _ in range(self.readers):
+            ws = await open_stock(url, ROOM)
+            await sync_stock(ws)
+            seen: dict[str, Any] = {"big_at": None, "done": asyncio.Event()}
+            self.held.append((ws, asyncio.create_task(self._read(ws, seen)), seen))
+
+    async def _read(self, ws: ClientConnection, seen: dict[str, Any]) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for data in ws:
+                if len(data) >= len(self.frame) // 2:
+                    seen["big_at"] = time.monotonic()
+                    seen["done"].set()
+        seen["done"].set()  # closed
+
+    async def attack(self, url: str) -> None:
+        t0 = time.monotonic()
+        what = f"{self.text_bytes / 1e6:.0f} MB text"
+        self.outcome.append("sender: " + await HeavyUpdates._send_one(url, what, self.frame))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(1.0, 60 - (time.monotonic() - t0))):
+                await asyncio.gather(*(seen["done"].wait() for _, _, seen in self.held))
+        got = [seen["big_at"] - t0 for _, _, seen in self.held if seen["big_at"] is not None]
+        closes = Counter(
+            f"{close_code(ws)} ({(ws.close_reason or '')[:40]})" if ws.close_code else "open"
+            for ws, _, _ in self.held
+        )
+        when = f" (after {min(got):.1f}-{max(got):.1f} s)" if got else ""
+        self.outcome.append(
+            f"readers: {len(got)}/{len(self.held)} received it{when}; connections: "
+            + ", ".join(f"{k} x{n}" for k, n in closes.most_common())
+        )
+
+    async def finish(self) -> None:
+        held, self.held = self.held, []
+        await asyncio.gather(*(close_quietly(ws) for ws, _, _ in held))
+        for _, task, _ in held:
+            task.cancel()
+
+
+class SilentReaders(PresenceFlood):
+    key = "silent"
+    title = "11. silent readers"
+
+    def __init__(self, scale: float) -> None:
+        super().__init__(scale)
+        self.silent_peers = min(self.count(16), MAX_ADDRESS_SLOTS - 1)
+        self.update_rate = 20.0
+        self.presence_every = 4  # one presence message per 4 updates: 5/s
+        self.talker_state = json.dumps({"user": "t" * 2000}).encode()
+
+    def describe(self) -> str:
+        return (
+            f"{self.silent_peers} peers each send their own {self.per_message} presence states "
+            f"of {len(self.silent_state) / 1000:.0f} KB (a burst of {self.silent_burst}, then "
+            f"{self.silent_rate:g} messages/s: within the limits) and never read (8 KB socket "
+            f"receive buffer); one more stock peer sends a one-line update "
+            f"{self.update_rate:g} times a second and its presence "
+            f"({len(self.talker_state) / 1000:.0f} KB) every {self.presence_every}th time, "
+            f"reading everything; at most "
+            f"{self.cap_s:.0f} s"
+        )
+
+    async def attack(self, url: str) -> None:
+        deadline = time.monotonic() + self.cap_s
+        silent = [
+            asyncio.create_task(self._silent_peer(url, deadline, 900_000 + 100 * i))
+            for i in range(self.silent_peers)
+        ]
+        try:
+            await self._talk(url, deadline)
+        finally:
+            results = await asyncio.gather(*silent)
+        sent = sum(n for n, _, _ in results)
+        cut = sorted(t for _, t, _ in results if t is not None)
+        seen = Counter(code for _, _, code in results)
+        when = f"{len(cut)} cut off (after {cut[0]:.1f}-{cut[-1]:.1f} s)" if cut else "none cut off"
+        self.outcome.append(
+            f"silent peers: {sent:,} messages sent, {when}, they saw "
+            + ", ".join(f"{code} x{n}" for code, n in seen.most_common())
+        )
+
+    async def _talk(self, url: str, deadline: float) -> None:
+        client = 880_088
+        updates = text_updates(["t\n"] * int(self.update_rate * self.cap_s + 10), client)
+        ws = await open_stock(url, ROOM)
+        tally: Counter[str] = Counter()
+        sent = presence = 0
+        try:
+            await sync_stock(ws)
+            reader = asyncio.create_task(drain(ws, tally))
+            t0 = time.monotonic()
+            for i, update in enumerate(updates):
+                if time.monotonic() >= deadline or reader.done():
+                    break
+                await asyncio.sleep(max(0.0, t0 + i / self.update_rate - time.monotonic()))
+                await ws.send(SyncUpdate(update).encode())
+                sent += 1
+                if i % self.presence_every == 0:
+                    presence += 1
+                    await ws.send(presence_frame([client], presence, self.talker_state))
+            reader.cancel()
+        except ConnectionClosed:
+            pass
+        finally:
+            state = close_code(ws)
+            await close_quietly(ws)
+        self.outcome.append(
+            f"talker: {sent} updates and {presence} presence messages sent, "
+            f"{tally['frames']:,} frames ({tally['bytes'] / 1e6:.0f} MB) read; "
+            f"connection at the end: {state}"
+        )
+
+
 SCENARIOS: dict[str, Callable[[float], Scenario]] = {
     cls.key: cls
     for cls in (
@@ -682,6 +1137,10 @@ SCENARIOS: dict[str, Callable[[float], Scenario]] = {
         SyncFlood,
         IdleSlots,
         ManyClientAnswer,
+        CompactionLoad,
+        RepeatedDocument,
+        BigUpdate,
+        SilentReaders,
     )
 }
 
@@ -808,6 +1267,222 @@ def latency(samples: Sequence[tuple[float, float | None]], t0: float, t1: float)
     }
 
 
+# -- profiling the relay (--profile) ---------------------------------------------------
+
+Frame = tuple[str, str, int]  # function, file, line
+STALL_MS = 50.0  # an event-loop turn at least this long is a stall
+
+
+def _short(path: str) -> str:
+    return "/".join(Path(path).parts[-2:])
+
+
+def _project(path: str) -> bool:
+    return "site-packages" not in path and (
+        "crdtsync" in path or path.startswith(str(common.REPO_DIR))
+    )
+
+
+def _frame_label(frame: Frame) -> str:
+    return f"{frame[0]} ({_short(frame[1])}:{frame[2]})"
+
+
+class RelayProfiler:
+    """py-spy attached to the relay process (its main thread runs the event loop).
+
+    ``py-spy record --idle --format chrometrace`` gives the main thread's stack at every
+    change with a timestamp: the stretches where it is not waiting in ``select`` are the
+    event loop's turns, so a long turn (a stall) has a length and a culprit.
+    """
+
+    def __init__(self, pid: int, workdir: Path, rate: int) -> None:
+        self.pid = pid
+        self.rate = rate
+        self.out = workdir / "relay-profile.json"
+        self.err = workdir / "py-spy.stderr"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.t_start = 0.0
+        self.error: str | None = None
+
+    def start(self) -> None:
+        import shutil
+
+        pyspy = shutil.which("py-spy")
+        if pyspy is None:
+            self.error = "py-spy is not installed (`pip install py-spy`)"
+            return
+        with open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [pyspy, "record", "--pid", str(self.pid), "--rate", str(self.rate),
+                 "--format", "chrometrace", "--idle", "--nonblocking", "--full-filenames",
+                 "--output", str(self.out)],
+                stdout=subprocess.DEVNULL, stderr=err, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        self.t_start = time.monotonic()
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Stop py-spy (SIGINT: it writes its file); the trace events, or [] (see error)."""
+        if self.proc is None:
+            return []
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(60)
+        common.stop_group(self.proc)
+        try:
+            events = json.loads(self.out.read_text())
+        except (OSError, ValueError):
+            self.error = "py-spy wrote nothing: " + self.err.read_text(errors="replace")[-300:]
+            return []
+        return events if isinstance(events, list) else []
+
+
+def loop_timeline(events: list[dict[str, Any]]) -> list[tuple[float, tuple[Frame, ...]]]:
+    """The event-loop thread's stack from each change on: ``(seconds, stack root first)``."""
+    stacks: dict[int, list[Frame]] = {}
+    lines: dict[int, list[tuple[float, tuple[Frame, ...]]]] = {}
+    for e in events:
+        tid = e.get("tid")
+        if not isinstance(tid, int) or e.get("ph") not in ("B", "E"):
+            continue
+        args = e.get("args") or {}
+        frame = (str(e.get("name")), str(args.get("filename", "")), int(args.get("line") or 0))
+        stack = stacks.setdefault(tid, [])
+        if e["ph"] == "B":
+            stack.append(frame)
+        elif stack and stack[-1] == frame:
+            stack.pop()
+        elif frame in stack:
+            del stack[len(stack) - 1 - stack[::-1].index(frame)]
+        ts = float(e.get("ts", 0)) / 1e6
+        line = lines.setdefault(tid, [])
+        if line and line[-1][0] == ts:
+            line[-1] = (ts, tuple(stack))
+        else:
+            line.append((ts, tuple(stack)))
+
+    def loop_frames(tid: int) -> int:
+        return sum(any(f[0].endswith("_run_once") for f in st) for _, st in lines[tid])
+
+    if not lines:
+        return []
+    return lines[max(lines, key=loop_frames)]
+
+
+def _idle(stack: tuple[Frame, ...]) -> bool:
+    """Waiting for I/O: in the selector's ``select`` (py-spy names it ``EpollSelector.select``)."""
+    return not stack or any(
+        f[1].endswith("selectors.py") and f[0].rsplit(".", 1)[-1] == "select" for f in stack
+    )
+
+
+def loop_stalls(
+    timeline: list[tuple[float, tuple[Frame, ...]]], t0: float, t1: float, min_ms: float
+) -> tuple[float, list[dict[str, Any]]]:
+    """The event loop's busy fraction in ``[t0, t1)`` (py-spy seconds) and its stalls
+    (turns of at least ``min_ms``), each with its length and culprit: the deepest frame
+    of its most frequent stack that covers at least half of it."""
+    busy = 0.0
+    stalls: list[dict[str, Any]] = []
+    current: list[tuple[float, tuple[Frame, ...]]] = []
+    start = 0.0
+
+    def close(end: float) -> None:
+        length = end - start
+        if length * 1000 < min_ms or not current:
+            return
+        cover: Counter[tuple[str, str]] = Counter()
+        by_stack: Counter[tuple[Frame, ...]] = Counter()
+        leaves: Counter[Frame] = Counter()
+        for dur, stack in current:
+            by_stack[stack] += dur  # type: ignore[assignment]
+            leaves[stack[-1]] += dur  # type: ignore[assignment]
+            for key in {(f[0], f[1]) for f in stack}:
+                cover[key] += dur  # type: ignore[assignment]
+        dominant = by_stack.most_common(1)[0][0]
+        culprit = next(
+            (f for f in reversed(dominant) if cover[(f[0], f[1])] >= 0.5 * length), dominant[-1]
+        )
+        turn = max((i for i, f in enumerate(dominant) if f[0].endswith("_run_once")), default=-1)
+        frames = [f for f in dominant[turn + 1 :] if _project(f[1])]
+        if dominant and not _project(dominant[-1][1]):
+            frames.append(dominant[-1])
+        chain = [
+            f"{f[0] if _project(f[1]) else _frame_label(f)} {cover[(f[0], f[1])] / length:.0%}"
+            for f in frames
+        ]
+        top = ", ".join(f"`{_frame_label(f)}` {1000 * t:.0f}" for f, t in leaves.most_common(3))
+        stalls.append(
+            {"at": start, "ms": length * 1000, "culprit": _frame_label(culprit),
+             "chain": " > ".join(chain), "leaves": top}
+        )  # fmt: skip
+
+    for (ts, stack), (next_ts, _) in itertools.pairwise(timeline):
+        if next_ts <= t0 or ts >= t1:
+            continue
+        if _idle(stack):
+            close(ts)
+            current = []
+            continue
+        if not current:
+            start = ts
+        dur = min(next_ts, t1) - max(ts, t0)
+        busy += dur
+        current.append((dur, stack))
+    if current:
+        close(min(timeline[-1][0], t1))
+    return busy / max(t1 - t0, 1e-9), stalls
+
+
+def profile_report(report: Report, sc: Scenario, prof: dict[str, Any]) -> None:
+    """The stalls of the relay's event loop under load, as the profiler saw them."""
+    report.add(f"### Relay event loop under py-spy: {sc.title}", "")
+    if prof.get("error"):
+        report.add(f"Profile failed: {prof['error']}", "")
+        return
+    stalls = prof["stalls"]
+    report.add(
+        f"py-spy at {prof['rate']} Hz over the load phase ({prof['window_s']:.1f} s): the "
+        f"event loop was busy {prof['busy']:.0%} of it; {len(stalls)} turns of at least "
+        f"{STALL_MS:.0f} ms (culprit: the deepest frame of a turn's most frequent stack "
+        "that covers at least half of the turn).",
+        "",
+    )
+    if not stalls:
+        return
+    groups: dict[str, list[float]] = {}
+    for st in stalls:
+        groups.setdefault(st["culprit"], []).append(st["ms"])
+    report.table(
+        ["culprit", "turns", "total ms", "mean ms", "max ms"],
+        [
+            (f"`{k}`", len(v), f"{sum(v):,.0f}", f"{sum(v) / len(v):,.0f}", f"{max(v):,.0f}")
+            for k, v in sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:12]
+        ],
+    )
+    report.table(
+        [
+            "at s",
+            "turn ms",
+            "culprit",
+            "call chain (project frames, then the leaf; % of the turn)",
+            "top leaf frames, ms",
+        ],
+        [
+            (
+                f"{st['at']:.1f}",
+                f"{st['ms']:,.0f}",
+                f"`{st['culprit']}`",
+                st["chain"] or "—",
+                st["leaves"],
+            )
+            for st in sorted(stalls, key=lambda st: -st["ms"])[:12]
+        ],
+    )
+
+
 # -- measuring ----------------------------------------------------------------------
 
 
@@ -859,11 +1534,14 @@ async def measure(sc: Scenario, server: Server, workdir: Path, args: Any) -> dic
     sampler = RssSampler(server)
     sampler.start()
     probe = Probe(server.url, args.probe_rate, workdir)
+    profiler = RelayProfiler(server.pid, workdir, args.profile_rate) if args.profile else None
     out: dict[str, Any] = {}
     try:
         await asyncio.to_thread(probe.start)
         async with asyncio.timeout(60):
             await sc.arrange(server.url, workdir)
+        if profiler is not None:
+            profiler.start()  # attached during the baseline: none of the load is missed
         await asyncio.sleep(0.5)
         t_idle = time.monotonic()
         await asyncio.sleep(args.idle_s)
@@ -872,6 +1550,7 @@ async def measure(sc: Scenario, server: Server, workdir: Path, args: Any) -> dic
         out["rss_before_main_kb"] = server.rss_kb()
         health0 = await asyncio.to_thread(common.crdtsync_health, server)
         cpu0 = server.cpu_s()
+        main_cpu0 = server.main_cpu_s()
         try:
             async with asyncio.timeout(sc.cap_s + 30):
                 await sc.attack(server.url)
@@ -881,7 +1560,11 @@ async def measure(sc: Scenario, server: Server, workdir: Path, args: Any) -> dic
             sc.outcome.append(f"attack failed: {exc!r}"[:200])
         t_end = time.monotonic()
         out["relay_cpu_pct"] = 100 * (server.cpu_s() - cpu0) / max(t_end - t_load, 1e-9)
+        out["main_cpu_pct"] = 100 * (server.main_cpu_s() - main_cpu0) / max(t_end - t_load, 1e-9)
         out["load_s"] = t_end - t_load
+        if profiler is not None:
+            await asyncio.sleep(TAIL_S)
+            out["profile"] = profile_of(profiler, await asyncio.to_thread(profiler.stop), t_load)
         await sc.finish()
         await asyncio.sleep(SETTLE_S)
         out["rss_after_kb"] = server.group_rss_kb()
@@ -893,6 +1576,8 @@ async def measure(sc: Scenario, server: Server, workdir: Path, args: Any) -> dic
         )
         out["alive"] = server.alive()
     finally:
+        if profiler is not None and "profile" not in out:
+            await asyncio.to_thread(profiler.stop)
         with contextlib.suppress(Exception):
             await sc.finish()
         samples, probe_error = await asyncio.to_thread(probe.stop)
@@ -901,6 +1586,21 @@ async def measure(sc: Scenario, server: Server, workdir: Path, args: Any) -> dic
     out["load"] = latency(samples, t_load, t_end + TAIL_S)
     out["probe_error"] = probe_error
     return out
+
+
+def profile_of(
+    profiler: RelayProfiler, events: list[dict[str, Any]], t_load: float
+) -> dict[str, Any]:
+    """The event loop's stalls from the load's start until now (monotonic times mapped
+    onto py-spy's clock, which starts when it is spawned: within a few ms)."""
+    if profiler.error or not events:
+        return {"error": profiler.error or "no samples"}
+    t0 = t_load - profiler.t_start
+    t1 = time.monotonic() - profiler.t_start
+    busy, stalls = loop_stalls(loop_timeline(events), t0, t1, STALL_MS)
+    for st in stalls:
+        st["at"] -= t0  # seconds from the load's start
+    return {"rate": profiler.rate, "window_s": t1 - t0, "busy": busy, "stalls": stalls}
 
 
 def run_scenario(sc: Scenario, args: Any) -> dict[str, Any]:
@@ -965,7 +1665,8 @@ def write_report(report: Report, scenarios: list[Scenario], results: dict[str, A
                 lat_cell(idle),
                 lat_cell(load),
                 "met" if p99_met(r) else "**NOT met**",
-                f"{r['relay_cpu_pct']:.0f} % of {r['load_s']:.1f} s",
+                f"{r['relay_cpu_pct']:.0f} % (main {r['main_cpu_pct']:.0f} %) of "
+                f"{r['load_s']:.1f} s",
                 f"{mb(r['rss_before_kb'])} / {mb(r['rss_peak_kb'])} / {mb(r['rss_after_kb'])}",
                 "met" if r["rss_peak_kb"] < TARGET_RSS_MB * 1024 else "**NOT met**",
                 f"{mb(r['rss_before_main_kb'])} -> {mb(r['rss_after_main_kb'])}",
@@ -984,6 +1685,9 @@ def write_report(report: Report, scenarios: list[Scenario], results: dict[str, A
     )  # fmt: skip
     report.add("What the attacker saw, and the relay's counters during the scenario:", "")
     report.table(["scenario", "attacker", *COUNTERS], attacks)
+    for sc in scenarios:
+        if "profile" in results[sc.key]:
+            profile_report(report, sc, results[sc.key]["profile"])
     measured = [sc for sc in scenarios if "error" not in results[sc.key]]
     slow = [sc.title for sc in measured if not p99_met(results[sc.key])]
     heavy = [sc.title for sc in measured if results[sc.key]["rss_peak_kb"] >= TARGET_RSS_MB * 1024]
@@ -1011,8 +1715,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--silent-peers",
         type=int,
         default=0,
-        help="presence scenario: peers that never read (default: 1 x scale)",
+        help="presence and silent scenarios: peers that never read (default: 1 x scale, "
+        "16 x scale)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="attach py-spy to the relay and report its event loop's long turns (stalls)",
+    )
+    p.add_argument("--profile-rate", type=int, default=200, help="py-spy samples per second")
     p.add_argument(
         "--quiet-wait-s",
         type=float,
@@ -1046,13 +1757,15 @@ def main(argv: list[str] | None = None) -> int:
     report.machine(busy=common.cpu_busy_fraction())
     report.add(
         "How: each scenario gets a fresh relay (`python -m crdtsync relay --host 127.0.0.1 "
-        "--port 0 --store <tmp>`, default limits). A probe process holds two stock "
+        "--port 0 --store <tmp>`, default limits unless the scenario says otherwise). A "
+        "probe process holds two stock "
         f"connections to another room: one sends a one-character pycrdt update "
         f"{args.probe_rate:g} times a second, the other receives it; latency is send -> "
         "receive on one monotonic clock. Idle: the probe alone for "
         f"{args.idle_s:g} s; load: probes sent from the scenario's start until {TAIL_S:g} s "
         "after its end. A probe lost is one never received. Relay CPU: user+system seconds "
-        "of its process group over the load phase. Group RSS: the relay's process group "
+        "of its process group over the load phase (main: the relay process alone; the rest "
+        "is its compaction and read workers). Group RSS: the relay's process group "
         "(its worker processes and multiprocessing's resource tracker included) just before "
         "the load, its peak (sampled every 0.1 s, and the relay process's VmHWM), and "
         f'{SETTLE_S:g} s after the scenario ended; "back" compares the relay process '
