@@ -57,7 +57,7 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=["NORMAL", "FULL", "EXTRA"],
         help="SQLite durability: NORMAL survives a killed process, FULL also power loss",
     )
-    p.add_argument("--max-message-bytes", type=int, help="largest accepted message (64 MiB)")
+    p.add_argument("--max-message-bytes", type=int, help="largest accepted message (20 MiB)")
     p.add_argument("--compact-after-updates", type=int, help="compact a document after N updates")
     p.add_argument("--max-connections", type=int, help="refuse connections beyond this many")
     p.add_argument(

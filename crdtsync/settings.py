@@ -62,7 +62,8 @@ class RelaySettings(BaseSettings):
     port: int = Field(default=8765, ge=0, le=65535)
     store: Path = Path("crdtsync-relay.db")
     synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "NORMAL"
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # (the relay reads a few messages ahead per connection: each may be this large)
+    max_message_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     answer_piece_bytes: int = Field(default=512 * 1024, ge=1024)
     compact_after_updates: int = Field(default=1000, ge=1)
     max_connections: int = Field(default=10_000, ge=1)
@@ -71,7 +72,8 @@ class RelaySettings(BaseSettings):
     max_write_buffer_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)
     slow_reader_grace_s: float = Field(default=5.0, ge=0)
     # the backlogs of all connections together: over it, the largest are closed (1013)
-    max_write_buffer_total_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
+    # (None: 256 MiB, or 8 times max_update_bytes if that is more)
+    max_write_buffer_total_bytes: int | None = Field(default=None, ge=1024)
     close_timeout_s: float = Field(default=5.0, gt=0)
     # on SIGTERM: what is queued is stored at once; connections and compactions get this long
     drain_timeout_s: float = Field(default=10.0, gt=0)
@@ -88,6 +90,8 @@ class RelaySettings(BaseSettings):
     offload_update_bytes: int = Field(default=256 * 1024, ge=1024)
     # seconds of worker time per second one connection's repeats may take (paced beyond)
     work_share: float = Field(default=0.25, gt=0)
+    # stored clocks one update may repeat (compared one by one): beyond, it is refused
+    max_repeat_units: int = Field(default=1_000_000, ge=1)
     # a connection's updates are paced (its reading pauses) beyond these rates
     updates_per_s: float = Field(default=200_000.0, gt=0)
     update_bytes_per_s: float = Field(default=32 * 1024 * 1024, gt=0)

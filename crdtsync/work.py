@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import sys
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from .integrity import Comparison, Lookup, compare_stored
 from .store import UpdateLog, merge_in_batches
 from .sync import split_update
 
-__all__ = ["Read", "answer_read", "compare_file", "forget_read", "read_file"]
+__all__ = ["Read", "answer_read", "compare_file", "forget_read", "read_file", "worker_init"]
 
 MAX_KEPT_BYTES = 256 * 1024 * 1024  # reads kept for answers, all documents together
 
@@ -46,6 +48,24 @@ class Read:
     updates: int  # updates in the store's tail when it was read
     size: int  # bytes stored: snapshot and tail
     merged: bytes | None = None
+
+
+def worker_init(relay_pid: int) -> None:
+    """Run first in each worker process: it dies with the relay (Linux).
+
+    A relay killed with SIGKILL left its work and compaction processes running for good,
+    each holding the store open.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != relay_pid:  # the relay died before prctl took effect
+        os._exit(1)
 
 
 def _log(path: str) -> UpdateLog:

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import fcntl
 import functools
+import gc
 import ipaddress
 import json
 import logging
+import os
 import signal
 import time
 from collections import deque
@@ -62,7 +65,7 @@ from crdtsync.sync import (
     split_update,
 )
 from crdtsync.updates import UpdateInfo, check_update
-from crdtsync.work import Read, answer_read, compare_file, forget_read, read_file
+from crdtsync.work import Read, answer_read, compare_file, forget_read, read_file, worker_init
 
 __all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
 
@@ -86,6 +89,8 @@ READ_INLINE_BYTES = 1024 * 1024
 # websockets can send then, instead of the code its close was meant to have.)
 LARGE_FRAME_BYTES = 4 * 1024 * 1024
 FRAGMENT_BYTES = 1024 * 1024
+MAX_QUEUED_MESSAGES = 4  # per connection, read but not yet handled (see serve())
+BIG_CONNECTION_BYTES = 8 * 1024 * 1024  # one that received this much: collect at its end
 BACKLOG_CHECK_S = 1.0  # how often every peer's backlog is checked, and the relay's total
 
 
@@ -296,6 +301,9 @@ class Relay:
         self._checkpointing: asyncio.Future[tuple[int, int]] | None = None
         self._commits_checkpointed = 0
         self._inline_reads = 0
+        self._handlers: set[asyncio.Task[Any]] = set()  # connection handlers running
+        self._comparing = asyncio.Semaphore(1)
+        self._collect_handle: asyncio.TimerHandle | None = None
         self.stats = {
             "updates_stored": 0,
             "commits": 0,
@@ -331,7 +339,10 @@ class Relay:
             s.port,
             process_request=self._process_request,
             max_size=s.max_message_bytes,
-            max_queue=64,
+            # Messages read ahead while a handler waits (pacing, a read, the work
+            # process): at most this many, each up to max_message_bytes. 64 let one
+            # connection park 4 GB in the relay.
+            max_queue=MAX_QUEUED_MESSAGES,
             # websockets' pings keep NATs open; stock clients also need app-level traffic,
             # which relayed awareness gives them (DESIGN: facts from the anchors).
             ping_interval=20,
@@ -388,6 +399,15 @@ class Relay:
         for p in peers:
             if p.sender is not None:
                 p.sender.cancel()
+        # Handlers still running past the deadline (waiting on the work process, or
+        # paced) are cancelled: nothing they could still do is acknowledged anyway.
+        if self._handlers:
+            await asyncio.wait(set(self._handlers), timeout=_left(deadline))
+            for handler in self._handlers:
+                handler.cancel()
+        if self._work_pool is not None:
+            _shut_down(self._work_pool, wait=False)  # reads and checks nobody awaits now
+            self._work_pool = None
         if self._server is not None:
             await self._server.wait_closed()
         if self._compactions:
@@ -395,8 +415,6 @@ class Relay:
             await asyncio.wait(self._compactions, timeout=_left(deadline))
         if self._pool is not None:
             _shut_down(self._pool, wait=not self._compactions)
-        if self._work_pool is not None:
-            _shut_down(self._work_pool, wait=False)  # reads and checks nobody awaits now
         if self._checkpointing is not None:
             with contextlib.suppress(Exception):
                 await self._checkpointing
@@ -540,6 +558,10 @@ class Relay:
         )
         self.stats["connections"] += 1
         self._per_address[address] = self._per_address.get(address, 0) + 1
+        received = 0
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
         try:
             if extensions:
                 # First, before anything the room may broadcast while the store is read:
@@ -552,6 +574,9 @@ class Relay:
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
             await self._send(peer)
             async for data in ws:
+                received += len(data)
+                if self._stopping or peer.closing:
+                    continue  # what it sent after its close began is not handled
                 if len(data) >= s.offload_update_bytes and isinstance(data, bytes):
                     # Walking a large update costs milliseconds per megabyte in Python,
                     # under the GIL: do it in the work process (DESIGN: bounded work).
@@ -573,15 +598,22 @@ class Relay:
         except StoreError as exc:
             log.error("store error on %r: %s", document, exc)
             await ws.close(CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}"))
-        except ConnectionClosed:
+        except (ConnectionClosed, ConnectionClosedByStop):
             pass
         except Exception:
             log.exception("bug while serving %r", document)
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            if handler is not None:
+                self._handlers.discard(handler)
             release_timer.cancel()
             if sync_timer is not None:
                 sync_timer.cancel()
+            if received >= BIG_CONNECTION_BYTES:
+                # Large frames end up in reference cycles (websockets' assembler and
+                # its exceptions); with the relay's rare collections (cli) they could
+                # stay for good: gigabytes after a few such connections.
+                self._collect_soon()
             self.stats["connections"] -= 1
             left = self._per_address.get(address, 1) - 1
             if left:
@@ -589,6 +621,17 @@ class Relay:
             else:
                 self._per_address.pop(address, None)
             self._leave(room, peer)
+
+    def _collect_soon(self) -> None:
+        """A garbage collection, at most once a second (a full one costs milliseconds)."""
+        if self._collect_handle is not None:
+            return
+
+        def collect() -> None:
+            self._collect_handle = None
+            gc.collect()
+
+        self._collect_handle = asyncio.get_running_loop().call_later(1.0, collect)
 
     def _sync_timeout(self, peer: Peer) -> None:
         if not peer.engaged:
@@ -728,11 +771,20 @@ class Relay:
         If the worker dies (hostile content crashing pycrdt), the work is done here
         once and a fresh worker starts with the next call.
         """
+        if self._stopping:
+            raise ConnectionClosedByStop()
         if self._work_pool is None:
-            self._work_pool = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+            self._work_pool = ProcessPoolExecutor(
+                1,
+                mp_context=get_context("spawn"),
+                initializer=worker_init,
+                initargs=(os.getpid(),),
+            )
         try:
             return await asyncio.wrap_future(self._work_pool.submit(fn, *args))
         except BrokenProcessPool:
+            if self._stopping:
+                raise ConnectionClosedByStop() from None
             log.error("work process died in %s; doing it on the loop", fn.__name__)
             self._work_pool = None
             return fn(*args)
@@ -774,6 +826,19 @@ class Relay:
                 comparison = None
                 if self.settings.integrity:
                     lookup = self._ledger(peer.document).lookup(event.info)
+                    repeated = sum(hi - lo for rs in lookup.needed.values() for lo, hi in rs)
+                    if repeated > self.settings.max_repeat_units:
+                        # Comparing costs the work process ~3 us per clock: a client
+                        # resending a whole large document is told to send what the
+                        # relay lacks (what its step 1 asks for), as y-websocket does.
+                        reason = (
+                            f"update repeats {repeated} stored clocks, over the limit of "
+                            f"{self.settings.max_repeat_units}: send only what the relay lacks"
+                        )
+                        self._strike(peer, reason)
+                        self.stats["updates_refused"] += 1
+                        self._submit(_Pending(peer, None, event.key, refusal=reason))
+                        continue
                     if lookup:
                         comparison, spent = await self._compare(peer, event.update, lookup)
                         delay = max(delay, budget.work.take(time.monotonic(), spent))
@@ -962,6 +1027,18 @@ class Relay:
         peer.closing = True
         self.stats["closed_slow"] += 1
         self._close_later(peer.ws, CloseCode.TRY_AGAIN_LATER, reason)
+        # A reader that does not read never takes the close frame either (websockets
+        # waits for the socket to drain first, with no timeout): what is buffered for it
+        # stays until the connection is cut.
+        asyncio.get_running_loop().call_later(
+            self.settings.close_timeout_s, _abort_if_open, peer.ws
+        )
+
+    def _write_budget(self) -> int:
+        s = self.settings
+        if s.max_write_buffer_total_bytes is not None:
+            return s.max_write_buffer_total_bytes
+        return max(256 * 1024 * 1024, 8 * s.max_update_bytes)
 
     async def _watch_backlogs(self) -> None:
         """Apply the backlog rule to everyone, and the relay-wide budget, every second.
@@ -974,8 +1051,16 @@ class Relay:
             await asyncio.sleep(BACKLOG_CHECK_S)
             self._checkpoint()
             peers = [p for room in self.rooms.values() for p in room.peers]
-            total = self._check_backlog(peers)
-            budget = self.settings.max_write_buffer_total_bytes
+            self._check_backlog(peers)
+            budget = self._write_budget()
+            # Memory held for peers: transport buffers, and each large frame waiting in
+            # outboxes once (several peers' outboxes share it).
+            waiting = {id(f): len(f) for p in peers if p.outbox for f in p.outbox}
+            total = sum(waiting.values()) + sum(
+                p.ws.transport.get_write_buffer_size()
+                for p in peers
+                if not p.closing and p.ws.transport is not None
+            )
             if total <= budget:
                 continue
             sized = [
@@ -1009,8 +1094,9 @@ class Relay:
         ledgers: dict[str, Ledger] = {}
         try:
             if self.settings.integrity:
-                self._judge(batch, ledgers)
-            self._apply_quota(batch)
+                self._judge(batch, ledgers)  # the quota too: a refusal must not touch a ledger
+            else:
+                self._apply_quota(batch)
             stored = [item for item in batch if item.update is not None]
             self.store.append_many(
                 ((item.peer.document, item.update) for item in stored if item.update is not None),
@@ -1058,30 +1144,45 @@ class Relay:
                 self._schedule_compaction(room)
 
     def _apply_quota(self, batch: list[_Pending]) -> None:
-        """Refuse content that would take a document past ``max_document_bytes`` stored.
-
-        Deletions alone are always accepted (they are how a document gets smaller again,
-        once compaction folds them in); so are empty updates.
-        """
-        quota = self.settings.max_document_bytes
+        """The quota without integrity ledgers: :meth:`_over_quota` for each update."""
         growth: dict[str, int] = {}
         for item in batch:
-            if item.update is None or item.info is None or not item.info.state:
-                continue
-            room = self.rooms.get(item.peer.document)
-            if room is None:
-                continue
-            size = room.stored_bytes + growth.get(room.name, 0) + len(item.update)
-            if size <= quota:
-                growth[room.name] = size - room.stored_bytes
-                continue
-            item.update = None
-            item.refusal = (
-                f"document over its quota of {quota} bytes stored: new content refused "
-                "(deletions are accepted)"
-            )
-            self.stats["updates_refused"] += 1
-            self._strike(item.peer, "document over its size quota")
+            if item.update is not None and item.info is not None:
+                self._over_quota(item, growth, None)
+
+    def _over_quota(self, item: _Pending, growth: dict[str, int], ledger: Ledger | None) -> bool:
+        """Refuse ``item`` if it would take its document past ``max_document_bytes``.
+
+        ``growth`` holds what this turn adds per document so far (updated for an item
+        that fits). Deletions of content the document holds are always accepted (they
+        are how it gets smaller again, once compaction folds them in); deletions naming
+        clients it does not hold count like content (they are stored as they are).
+        """
+        assert item.update is not None
+        assert item.info is not None
+        room = self.rooms.get(item.peer.document)
+        if room is None:
+            return False
+        info = item.info
+        if not info.state and (
+            all(c in ledger.ranges for c in info.deletes)
+            if ledger is not None
+            else len(item.update) <= 64 * 1024
+        ):
+            return False
+        quota = self.settings.max_document_bytes
+        size = room.stored_bytes + growth.get(room.name, 0) + len(item.update)
+        if size <= quota:
+            growth[room.name] = size - room.stored_bytes
+            return False
+        item.update = None
+        item.refusal = (
+            f"document over its quota of {quota} bytes stored: new content refused "
+            "(deletions are accepted)"
+        )
+        self.stats["updates_refused"] += 1
+        self._strike(item.peer, "document over its size quota")
+        return True
 
     def _judge(self, batch: list[_Pending], ledgers: dict[str, Ledger]) -> None:
         """Apply the integrity rule to one turn's updates, in order (crdtsync.integrity).
@@ -1097,6 +1198,8 @@ class Relay:
         loaded: dict[str, list[bytes]] = {}
         accepted: dict[str, tuple[int, list[bytes]]] = {}  # this turn's so far, per document
         last_name, ledger = "", None
+        growth: dict[str, int] = {}  # bytes this turn adds per document (the quota)
+        quota = self.settings.max_document_bytes
         for i, item in enumerate(batch):
             info = item.info
             if item.update is None or info is None:
@@ -1108,34 +1211,65 @@ class Relay:
                     ledger = ledgers[name] = self._ledger(name)
                 last_name = name
             writer = item.writer or _ANONYMOUS
+            room = self.rooms.get(name)
+            backup = None
+            if room is not None and (
+                room.stored_bytes + growth.get(name, 0) + len(item.update) > quota
+            ):
+                # Near the quota: what the judgement records must be undone if what it
+                # accepts does not fit (a refused update never reaches the ledger).
+                backup = copy.deepcopy(ledger)
             if not info.parents and not info.holes and ledger.append_only(info, writer):
-                continue  # the fast path: appended after what is stored, as it is
+                pass  # the fast path: appended after what is stored, as it is
+            else:
+                self._judge_one(item, ledger, writer, batch, i, loaded, accepted)
+            if item.update is None:
+                continue
+            if self._over_quota(item, growth, ledger) and backup is not None:
+                ledgers[name] = ledger = backup
+                if name in self._ledgers:
+                    self._ledgers[name] = backup
 
-            def stored(name: str = name, upto: int = i) -> list[bytes]:
-                # The slow path: the update repeats stored clocks (a reconnecting stock
-                # client, a catch-up, a duplicate) or names a parent not known as a type.
-                # The stored document, and what this turn accepted before this update.
-                if name not in loaded:
-                    assert self.store is not None
-                    loaded[name] = self.store.load(name).all_updates()
-                # Extended from where the last slow path of this document stopped: a turn
-                # full of repeats costs one pass over the batch, not one per update.
-                start, earlier = accepted.get(name, (0, []))
-                earlier.extend(
-                    it.update
-                    for it in batch[start:upto]
-                    if it.peer.document == name and it.update is not None and it.info
-                )
-                accepted[name] = (upto, earlier)
-                return loaded[name] + earlier
+    def _judge_one(
+        self,
+        item: _Pending,
+        ledger: Ledger,
+        writer: Writer,
+        batch: list[_Pending],
+        i: int,
+        loaded: dict[str, list[bytes]],
+        accepted: dict[str, tuple[int, list[bytes]]],
+    ) -> None:
+        """The full judgement of one update of the turn (the slow path of :meth:`_judge`)."""
+        assert item.update is not None
+        assert item.info is not None
+        name = item.peer.document
 
-            verdict = ledger.judge(item.update, info, writer, stored, item.comparison)
-            item.update = verdict.update
-            if verdict.refusals:
-                item.refusal = "; ".join(r.reason for r in verdict.refusals)[:1000]
-                item.unproven = any(r.unproven for r in verdict.refusals)
-                self.stats["updates_refused"] += 1
-                log.warning("refused content on %r: %s", name, item.refusal)
+        def stored(name: str = name, upto: int = i) -> list[bytes]:
+            # The slow path: the update repeats stored clocks (a reconnecting stock
+            # client, a catch-up, a duplicate) or names a parent not known as a type.
+            # The stored document, and what this turn accepted before this update.
+            if name not in loaded:
+                assert self.store is not None
+                loaded[name] = self.store.load(name).all_updates()
+            # Extended from where the last slow path of this document stopped: a turn
+            # full of repeats costs one pass over the batch, not one per update.
+            start, earlier = accepted.get(name, (0, []))
+            earlier.extend(
+                it.update
+                for it in batch[start:upto]
+                if it.peer.document == name and it.update is not None and it.info
+            )
+            accepted[name] = (upto, earlier)
+            return loaded[name] + earlier
+
+        verdict = ledger.judge(item.update, item.info, writer, stored, item.comparison)
+        item.update = verdict.update
+        if verdict.refusals:
+            item.refusal = "; ".join(r.reason for r in verdict.refusals)[:1000]
+            item.unproven = any(r.unproven for r in verdict.refusals)
+            self.stats["updates_refused"] += 1
+            log.warning("refused content on %r: %s", name, item.refusal)
 
     async def _compare(
         self, peer: Peer, update: bytes, lookup: Lookup
@@ -1150,16 +1284,20 @@ class Relay:
         # What this turn holds is committed first: the comparison then reads a store
         # that matches the ledger (otherwise it is redone at the flush, on the loop).
         self._flush()
-        started = time.monotonic()
-        self.stats["comparisons_in_worker"] += 1
-        try:
-            comparison = await self._off_loop(
-                compare_file, self.store.path, peer.document, update, lookup
-            )
-        except StoreError as exc:
-            log.error("store error comparing an update on %r: %s", peer.document, exc)
-            comparison = None  # judged on the loop at the flush, which reports it
-        return comparison, time.monotonic() - started
+        # One comparison in the work process at a time, relay-wide: reads, answers and
+        # checks for everyone else queue behind at most one (each connection's own
+        # share is paced: work_share).
+        async with self._comparing:
+            started = time.monotonic()
+            self.stats["comparisons_in_worker"] += 1
+            try:
+                comparison = await self._off_loop(
+                    compare_file, self.store.path, peer.document, update, lookup
+                )
+            except StoreError as exc:
+                log.error("store error comparing an update on %r: %s", peer.document, exc)
+                comparison = None  # judged on the loop at the flush, which reports it
+            return comparison, time.monotonic() - started
 
     def _record_claims(self, peer: Peer, clients: tuple[int, ...]) -> None:
         """Own fresh claimed ids from now on, before their first write (crdtsync.integrity).
@@ -1281,7 +1419,10 @@ class Relay:
 
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            self.settings.compaction_workers, mp_context=get_context("spawn")
+            self.settings.compaction_workers,
+            mp_context=get_context("spawn"),
+            initializer=worker_init,
+            initargs=(os.getpid(),),
         )
 
     def _restart_pool(self) -> None:
@@ -1289,6 +1430,15 @@ class Relay:
             return
         old, self._pool = self._pool, self._new_pool()
         old.shutdown(wait=False, cancel_futures=True)
+
+
+class ConnectionClosedByStop(Exception):
+    """The relay is stopping: work for a connection is not started (or not finished)."""
+
+
+def _abort_if_open(ws: ServerConnection) -> None:
+    if ws.transport is not None and not ws.transport.is_closing():
+        ws.transport.abort()
 
 
 def _left(deadline: float) -> float:

@@ -97,7 +97,7 @@ def test_defaults_without_any_source() -> None:
     settings = RelaySettings.load()
     assert (settings.host, settings.port, settings.synchronous) == ("127.0.0.1", 8765, "NORMAL")
     assert settings.store == Path("crdtsync-relay.db")
-    assert settings.max_message_bytes == 64 * 1024 * 1024
+    assert settings.max_message_bytes == 20 * 1024 * 1024
 
 
 def test_toml_file_values_are_loaded(toml_file: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import sqlite3
 import urllib.request
 from pathlib import Path
@@ -492,3 +493,135 @@ async def test_document_over_its_stored_quota_refuses_new_content_but_not_deleti
         await eventually(lambda: c.status(ROOM).synced)
         assert str(doc_c.get("text", type=Text)) == "k" * 30_000
     await honest_round_trip(relay, tmp_path, "quota")
+
+
+async def test_content_refused_over_the_quota_is_stored_once_it_fits(
+    relay_factory, tmp_path, monkeypatch
+):
+    """A refusal over the quota leaves nothing behind: the content is not recorded as
+    stored (its resend would have been taken for a repeat and acknowledged unstored),
+    and once the quota allows it, the replica's resend stores it."""
+    monkeypatch.setenv("CRDTSYNC_MAX_DOCUMENT_BYTES", str(64 * 1024))
+    relay = relay_factory("quota2.db")
+    async with Replica(tmp_path / "a.db", relay=relay.url) as a:
+        text = (await a.open(ROOM)).get("text", type=Text)
+        text.insert(0, "k" * 40_000)
+        await a.wait_synced(ROOM, timeout=timeout_s(10))
+        text.insert(40_000, "o" * 40_000)
+        await eventually(lambda: a.status(ROOM).refused >= 1)
+    # Reconnecting: still over the quota, still refused, still pending.
+    async with Replica(tmp_path / "a.db", relay=relay.url) as a:
+        await a.open(ROOM)
+        await eventually(lambda: a.status(ROOM).refused >= 1)
+        assert a.pending(ROOM) == 1
+    # A larger quota: the resend is stored.
+    monkeypatch.setenv("CRDTSYNC_MAX_DOCUMENT_BYTES", str(1024 * 1024))
+    relay.restart()
+    async with Replica(tmp_path / "a.db", relay=relay.url) as a:
+        await a.open(ROOM)
+        await a.wait_synced(ROOM, timeout=timeout_s(10))
+    async with Replica(tmp_path / "fresh.db", relay=relay.url) as fresh:
+        doc = await fresh.open(ROOM)
+        await eventually(lambda: len(doc.get("text", type=Text)) == 80_000)
+        assert str(doc.get("text", type=Text)) == "k" * 40_000 + "o" * 40_000
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids] + [g for k in kids for g in _descendants(int(k))]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+async def test_sigterm_with_queued_resends_exits_within_the_drain_timeout(
+    relay_factory, tmp_path, monkeypatch
+):
+    """A connection that queued many resends of a stored document, each compared in the
+    work process at its paced share, cannot keep a stopping relay alive; the relay's
+    work processes go with it."""
+    monkeypatch.setenv("CRDTSYNC_DRAIN_TIMEOUT_S", "2")
+    relay = relay_factory("term.db")
+    author: Doc[Any] = Doc(client_id=99)
+    text = author.get("text", type=Text)
+    for _ in range(300):  # 300,000 characters: each resend costs the work process ~1 s
+        text.insert(len(text), "q" * 1000)
+    whole = author.get_update()
+
+    async def resend(ws: Any) -> None:
+        for _ in range(40):
+            await ws.send(SyncUpdate(whole).encode())
+
+    async with asyncio.timeout(timeout_s(60)):
+        ws = await connect(f"{relay.url}/{ROOM}", max_size=2**27)
+        await ws.send(SyncStep1(b"\x00").encode())
+        await ws.send(SyncUpdate(whole).encode())
+        await eventually(lambda: health(relay)["updates_stored"] == 1)
+        sending = asyncio.create_task(resend(ws))
+        await eventually(lambda: health(relay)["comparisons_in_worker"] >= 2)
+        sending.cancel()
+        ws.transport.abort()  # gone, with its resends read or on their way
+        workers = _descendants(relay.proc.pid)
+        assert workers  # the work process (and multiprocessing's resource tracker)
+        relay.proc.send_signal(signal.SIGTERM)
+        started = asyncio.get_running_loop().time()
+        while relay.proc.poll() is None:
+            assert asyncio.get_running_loop().time() - started < timeout_s(20), "no exit"
+            await asyncio.sleep(0.1)
+        assert relay.proc.returncode == 0
+        await eventually(lambda: not any(_alive(p) for p in workers), timeout=10)
+
+
+def _deletes_only(clients: range) -> bytes:
+    """An update with no structs and a delete range for each client (none it holds)."""
+    out = [b"\x00", write_var_uint(len(clients))]
+    for client in clients:
+        out.append(write_var_uint(client) + b"\x01" + b"\x00\x05")
+    return b"".join(out)
+
+
+async def test_deletions_of_content_a_document_does_not_hold_count_against_its_quota(
+    relay_factory, monkeypatch
+):
+    monkeypatch.setenv("CRDTSYNC_MAX_DOCUMENT_BYTES", str(64 * 1024))
+    relay = relay_factory("quota3.db")
+    updates = [_deletes_only(range(1 + i * 2000, 2001 + i * 2000)) for i in range(10)]
+    fit = sum(1 for i in range(10) if sum(map(len, updates[: i + 1])) <= 64 * 1024)
+    assert fit < 10
+    async with asyncio.timeout(timeout_s(30)), connect(f"{relay.url}/{ROOM}") as ws:
+        await ws.send(SyncStep1(b"\x00").encode())
+        for update in updates:
+            await ws.send(SyncUpdate(update).encode())
+        await eventually(lambda: health(relay)["updates_refused"] == 10 - fit)
+    assert health(relay)["updates_stored"] == fit
+
+
+async def test_update_repeating_more_stored_clocks_than_the_limit_is_refused(
+    relay_factory, monkeypatch
+):
+    monkeypatch.setenv("CRDTSYNC_MAX_REPEAT_UNITS", "1000")
+    relay = relay_factory("repeat.db")
+    author: Doc[Any] = Doc(client_id=5)
+    author.get("text", type=Text).insert(0, "r" * 5000)
+    whole = author.get_update()
+    async with asyncio.timeout(timeout_s(30)), connect(f"{relay.url}/{ROOM}") as ws:
+        await ws.send(SyncStep1(b"\x00").encode())
+        await ws.send(SyncUpdate(whole).encode())
+        await eventually(lambda: health(relay)["updates_stored"] == 1)
+        await ws.send(SyncUpdate(whole).encode())  # 5,000 repeated clocks: over the limit
+        while True:
+            msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+            if msg.__class__.__name__ == "PermissionDenied":
+                assert "repeats 5000 stored clocks, over the limit of 1000" in msg.reason
+                break
+    stats = health(relay)
+    assert stats["comparisons_in_worker"] == 0
+    assert stats["updates_refused"] == 1
