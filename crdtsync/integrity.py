@@ -348,7 +348,7 @@ class Ledger:
         lookup = self.lookup(info)
         if comparison is None or comparison.lookup != lookup:
             # (Computed ahead for another state of the ledger: the store grew meanwhile.)
-            comparison = compare_stored(update, lookup, stored)
+            comparison = compare_stored(update, lookup, stored, self.ends)
         refused = dict(comparison.refused)
         inexact = set(comparison.inexact)  # repeats that matched only thanks to deleted units
         stored_units = {c: dict(u) for c, u in comparison.units.items()}
@@ -520,10 +520,10 @@ class Ledger:
         )
         if not needed and not parents:
             return _NO_LOOKUP
-        ends = self._ends()
-        return Lookup(needed, parents, ends)
+        return Lookup(needed, parents)
 
-    def _ends(self) -> dict[int, int]:
+    def ends(self) -> dict[int, int]:
+        """Every stored client's end clock."""
         return {client: ranges[-1][1] for client, ranges in self.ranges.items() if ranges}
 
     def _repeated(self, info: UpdateInfo) -> dict[int, list[tuple[int, int]]]:
@@ -570,7 +570,7 @@ class Ledger:
                 f"{parent_clock}) as parent, which this document does not hold"
             )
         # Stored: what is stored there decides, whatever this update says of it.
-        unit = _stored_unit(stored, stored_units, parent, self._ends())
+        unit = _stored_unit(stored, stored_units, parent, self.ends())
         if isinstance(unit, _Wildcard):
             if not self.shared:
                 return None  # deleted here: Yjs and Yrs both drop the child
@@ -615,15 +615,12 @@ class Lookup:
 
     needed: dict[int, list[tuple[int, int]]]  # repeated clock ranges per client
     parents: list[ID]  # stored items named as parents, not known as types
-    # Every stored client's end clock: only lets the reader skip other clients' content,
-    # so a lookup made before others appended is still the same lookup.
-    ends: dict[int, int] = field(compare=False)
 
     def __bool__(self) -> bool:
         return bool(self.needed or self.parents)
 
 
-_NO_LOOKUP = Lookup({}, [], {})
+_NO_LOOKUP = Lookup({}, [])
 
 
 @dataclass(frozen=True)
@@ -637,18 +634,25 @@ class Comparison:
 
 
 def compare_stored(
-    update: bytes, lookup: Lookup, stored: Sequence[bytes] | Callable[[], Sequence[bytes]]
+    update: bytes,
+    lookup: Lookup,
+    stored: Sequence[bytes] | Callable[[], Sequence[bytes]],
+    ends: dict[int, int] | Callable[[], dict[int, int]],
 ) -> Comparison:
     """Compare an update's repeats with the stored content, and read the named parents.
 
     The part of a judgement that costs in proportion to the repeat and the document:
-    pure, so a relay can run it in a worker process (``stored`` is read only if
-    ``lookup`` asks for something).
+    pure, so a relay can run it in a worker process (``stored`` and ``ends`` are read
+    only if ``lookup`` asks for something). ``ends``: every stored client's end clock
+    (:meth:`Ledger.ends`), or a function returning them; it only lets the reader skip
+    other clients' content, so ends read later than the lookup serve as well.
     """
     if not lookup:
         return Comparison(lookup, {}, frozenset(), {})
     if callable(stored):
         stored = _Lazy(stored)
+    if callable(ends):
+        ends = ends()
     refused: dict[int, str] = {}
     inexact: set[int] = set()
     stored_units: dict[int, dict[int, Unit]] = {}
@@ -663,7 +667,7 @@ def compare_stored(
                 inexact.add(client)  # deleted (or skipped) units in its repeat
         needed = {c: _runs(sorted(u)) for c, u in incoming.items() if u}
         if needed:
-            stored_units = _collect_units(stored, needed, lookup.ends)
+            stored_units = _collect_units(stored, needed, ends)
         for client in needed:
             reason, exact = _compare(client, incoming[client], stored_units)
             if reason is not None:
@@ -671,7 +675,7 @@ def compare_stored(
             elif not exact:
                 inexact.add(client)
     for parent in lookup.parents:
-        _stored_unit(stored, stored_units, parent, lookup.ends)
+        _stored_unit(stored, stored_units, parent, ends)
     if needed:
         # Only what the judgement reads again is kept: the parents' units (a worker
         # sends this back; the repeats' units can be megabytes).

@@ -303,6 +303,7 @@ class Relay:
         self._inline_reads = 0
         self._handlers: set[asyncio.Task[Any]] = set()  # connection handlers running
         self._comparing = asyncio.Semaphore(1)
+        self._sent_since_check = 0  # bytes handed to peers since the budget was checked
         self._collect_handle: asyncio.TimerHandle | None = None
         self.stats = {
             "updates_stored": 0,
@@ -547,7 +548,7 @@ class Relay:
         room = self.rooms.get(document)
         if room is None:
             assert self.store is not None
-            # (Its size and tail length are learnt from its first read, off the loop.)
+            # (Its size and tail length are learnt from its first read.)
             room = self.rooms[document] = Room(document)
         # Join the fan-out before reading the store: no update slips between the two.
         room.peers.add(peer)
@@ -583,6 +584,7 @@ class Relay:
                     self.stats["checks_in_worker"] += 1
                     peer.checked = await self._off_loop(check_message_update, data, check)
                 session.receive_data(data)
+                peer.checked = None  # used by that message's update, or by none
                 delay = await self._dispatch(peer, room)
                 if session.failure is not None:
                     break
@@ -973,6 +975,14 @@ class Relay:
             if p.outbox is not None and not p.closing:
                 p.push(frame)
         self._check_backlog(peers)
+        self._count_sent(len(frame) * len(peers))
+
+    def _count_sent(self, size: int) -> None:
+        """Check the relay-wide budget early once much was sent since the last check (a
+        room fanning out fast fills many backlogs within the watcher's second)."""
+        self._sent_since_check += size
+        if self._sent_since_check > self._write_budget() // 4:
+            self._check_budget()
 
     def _check_backlog(self, peers: Iterable[Peer], now: float | None = None) -> int:
         """Close the peers that fell too far behind (1013); return the others' backlog.
@@ -994,7 +1004,7 @@ class Relay:
             if size <= limit:
                 p.behind_since = None
             elif size > hard:
-                self._close_slow(p, f"reader too slow: {size} bytes unsent; reconnect")
+                self._close_slow(p, f"reader too slow: {size} bytes unsent; reconnect", cut=True)
                 continue
             elif p.behind_since is None:
                 p.behind_since = now
@@ -1023,16 +1033,19 @@ class Relay:
 
         self._checkpointing.add_done_callback(done)
 
-    def _close_slow(self, peer: Peer, reason: str) -> None:
+    def _close_slow(self, peer: Peer, reason: str, *, cut: bool = False) -> None:
+        """Close a peer that fell behind (1013). A reader that does not read never takes
+        the close frame either (websockets waits for the socket to drain first, with no
+        timeout), and what is buffered for it stays until the connection is cut: after
+        ``close_timeout_s``, or at once with ``cut`` (the memory is needed now)."""
         peer.closing = True
         self.stats["closed_slow"] += 1
         self._close_later(peer.ws, CloseCode.TRY_AGAIN_LATER, reason)
-        # A reader that does not read never takes the close frame either (websockets
-        # waits for the socket to drain first, with no timeout): what is buffered for it
-        # stays until the connection is cut.
-        asyncio.get_running_loop().call_later(
-            self.settings.close_timeout_s, _abort_if_open, peer.ws
-        )
+        loop = asyncio.get_running_loop()
+        if cut:
+            loop.call_soon(_abort_if_open, peer.ws)
+        else:
+            loop.call_later(self.settings.close_timeout_s, _abort_if_open, peer.ws)
 
     def _write_budget(self) -> int:
         s = self.settings
@@ -1050,29 +1063,34 @@ class Relay:
         while True:
             await asyncio.sleep(BACKLOG_CHECK_S)
             self._checkpoint()
-            peers = [p for room in self.rooms.values() for p in room.peers]
-            self._check_backlog(peers)
-            budget = self._write_budget()
-            # Memory held for peers: transport buffers, and each large frame waiting in
-            # outboxes once (several peers' outboxes share it).
-            waiting = {id(f): len(f) for p in peers if p.outbox for f in p.outbox}
-            total = sum(waiting.values()) + sum(
-                p.ws.transport.get_write_buffer_size()
-                for p in peers
-                if not p.closing and p.ws.transport is not None
+            self._check_budget()
+
+    def _check_budget(self) -> None:
+        """The backlog rule for everyone, then the relay-wide budget (see above)."""
+        self._sent_since_check = 0
+        peers = [p for room in self.rooms.values() for p in room.peers]
+        self._check_backlog(peers)
+        budget = self._write_budget()
+        # Memory held for peers: transport buffers, and each large frame waiting in
+        # outboxes once (several peers' outboxes share it).
+        waiting = {id(f): len(f) for p in peers if p.outbox for f in p.outbox}
+        total = sum(waiting.values()) + sum(
+            p.ws.transport.get_write_buffer_size()
+            for p in peers
+            if not p.closing and p.ws.transport is not None
+        )
+        if total <= budget:
+            return
+        sized = [
+            (p.backlog(), id(p), p) for p in peers if not p.closing and p.ws.transport is not None
+        ]
+        for size, _, p in sorted(sized, reverse=True):
+            if total <= budget or size == 0:
+                break
+            self._close_slow(
+                p, "relay write budget exhausted: reader too slow; reconnect", cut=True
             )
-            if total <= budget:
-                continue
-            sized = [
-                (p.backlog(), id(p), p)
-                for p in peers
-                if not p.closing and p.ws.transport is not None
-            ]
-            for size, _, p in sorted(sized, reverse=True):
-                if total <= budget or size == 0:
-                    break
-                self._close_slow(p, "relay write budget exhausted: reader too slow; reconnect")
-                total -= size
+            total -= size
 
     # -- persist, then fan out ----------------------------------------------------------
 
@@ -1348,6 +1366,7 @@ class Relay:
             else:
                 for p in live:
                     p.send_update_frame(frame)
+        self._count_sent(sum(map(len, frames)) * len(live))
         for sender in ext_senders:
             if sender not in room.peers or sender.closing:
                 continue

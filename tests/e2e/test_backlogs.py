@@ -222,9 +222,12 @@ async def test_silent_readers_together_cannot_pass_the_relay_budget(
             sent = await send_megabytes(writer, 40, "t")
             await eventually(lambda: health(relay)["closed_slow"] >= 1, timeout=timeout_s(30))
         codes = await asyncio.gather(*(close_code(ws, 60) for ws in silent))
-        assert 1013 in codes
+        # Cut at once (the memory is needed now): no close frame gets through to them.
+        cut = [ws for ws in silent if ws.close_code is not None]
+        assert cut
+        assert all(code is None for code in codes)
         # only silent readers were closed: not the honest replica, not the writer
-        assert health(relay)["closed_slow"] == codes.count(1013)
+        assert health(relay)["closed_slow"] == len(cut)
         await eventually(lambda: len(doc.get("text", type=Text)) == sent, timeout=30)
         assert honest.status(ROOM).connected
         await writer.close()
