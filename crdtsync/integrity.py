@@ -509,6 +509,8 @@ class Ledger:
         reader cut each stored update down to those clients first.
         """
         needed = self._repeated(info)
+        if not info.parents:
+            return Lookup(needed, []) if needed else _NO_LOOKUP  # nearly every update
         parents = sorted(
             {
                 (pc, pk)

@@ -286,6 +286,7 @@ class SyncSession:
         self.extensions = extensions
         self.can_write = can_write
         self._validate = validate
+        self._checked: tuple[int, UpdateInfo | Exception] | None = None
         self._out: list[bytes] = []
         self._events: list[Event] = []
         self.failure: Failed | None = None
@@ -295,10 +296,18 @@ class SyncSession:
 
     # -- input ------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes | str) -> None:
-        """Take one websocket message from the peer. Never raises for the peer's input."""
+    def receive_data(
+        self, data: bytes | str, checked: tuple[int, UpdateInfo | Exception] | None = None
+    ) -> None:
+        """Take one websocket message from the peer. Never raises for the peer's input.
+
+        ``checked``: the result of checking this message's update ahead (e.g. in a worker
+        process, :func:`check_message_update`): its length and its info or error, used
+        instead of checking it again.
+        """
         if self.failure is not None:
             return
+        self._checked = checked
         if isinstance(data, str):
             self.fail(
                 ProtocolError("text frames are not part of the y-websocket protocol"),
@@ -324,7 +333,12 @@ class SyncSession:
         if not self.can_write:
             self._out.append(PermissionDenied("read-only access to this document").encode())
             raise AccessDenied("read-only access: updates are refused")
+        checked, self._checked = self._checked, None
         try:
+            if checked is not None and checked[0] == len(update):
+                if isinstance(checked[1], Exception):
+                    raise checked[1]
+                return checked[1]
             return self._validate(update)
         except MalformedMessage as exc:
             raise MalformedMessage(f"invalid update: {exc}") from exc

@@ -156,8 +156,6 @@ class Peer:
     # step 1: whatever is stored after that read reaches the peer through the fan-out it
     # joined first (held until the answer), so the store is read once per join, not twice.
     joined: Read | None = None
-    # The next message's update, checked in the work process: (its length, the result).
-    checked: tuple[int, UpdateInfo | Exception] | None = None
 
     # Frames queued behind a large one that goes out in fragments (None: nothing is).
     outbox: deque[bytes] | None = None
@@ -247,7 +245,7 @@ class Room:
     kept_in_worker: bool = False  # the work process keeps a read of it (crdtsync.work)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     peer: Peer
     update: bytes | None  # None: nothing to store (an empty update), only acknowledge
@@ -523,22 +521,12 @@ class Relay:
             max_structs=s.max_update_structs,
         )
 
-        def validate(update: bytes) -> UpdateInfo:
-            # A large update was checked in the work process just before the session
-            # read its message (see below): take that result instead of walking it here.
-            checked, peer.checked = peer.checked, None
-            if checked is None or checked[0] != len(update):
-                return check(update)
-            if isinstance(checked[1], Exception):
-                raise checked[1]
-            return checked[1]
-
         session = SyncSession(
             max_message_bytes=s.max_message_bytes,
             answer_piece_bytes=s.answer_piece_bytes,
             extensions=extensions,
             can_write=rights.write,
-            validate=validate,
+            validate=check,
             max_presence_bytes=s.max_presence_state_bytes * s.max_presence_states_per_connection
             + 1024,
             max_presence_state_bytes=s.max_presence_state_bytes,
@@ -578,13 +566,13 @@ class Relay:
                 received += len(data)
                 if self._stopping or peer.closing:
                     continue  # what it sent after its close began is not handled
+                checked = None
                 if len(data) >= s.offload_update_bytes and isinstance(data, bytes):
                     # Walking a large update costs milliseconds per megabyte in Python,
                     # under the GIL: do it in the work process (DESIGN: bounded work).
                     self.stats["checks_in_worker"] += 1
-                    peer.checked = await self._off_loop(check_message_update, data, check)
-                session.receive_data(data)
-                peer.checked = None  # used by that message's update, or by none
+                    checked = await self._off_loop(check_message_update, data, check)
+                session.receive_data(data, checked)
                 delay = await self._dispatch(peer, room)
                 if session.failure is not None:
                     break
@@ -828,7 +816,11 @@ class Relay:
                 comparison = None
                 if self.settings.integrity:
                     lookup = self._ledger(peer.document).lookup(event.info)
-                    repeated = sum(hi - lo for rs in lookup.needed.values() for lo, hi in rs)
+                    repeated = (
+                        sum(hi - lo for rs in lookup.needed.values() for lo, hi in rs)
+                        if lookup
+                        else 0
+                    )
                     if repeated > self.settings.max_repeat_units:
                         # Comparing costs the work process ~3 us per clock: a client
                         # resending a whole large document is told to send what the
@@ -1243,7 +1235,9 @@ class Relay:
                 self._judge_one(item, ledger, writer, batch, i, loaded, accepted)
             if item.update is None:
                 continue
-            if self._over_quota(item, growth, ledger) and backup is not None:
+            if backup is None:
+                growth[name] = growth.get(name, 0) + len(item.update)  # it fits
+            elif self._over_quota(item, growth, ledger):
                 ledgers[name] = ledger = backup
                 if name in self._ledgers:
                     self._ledgers[name] = backup
