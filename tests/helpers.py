@@ -237,3 +237,12 @@ class JsonLineProcess:
         self._thread.join(timeout_s(5))
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids below ``pid`` (a relay's work and compaction processes), Linux."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids] + [g for k in kids for g in descendants(int(k))]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, timeout_s
+from helpers import descendants, eventually, timeout_s
 from pycrdt import Doc, Text
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -47,15 +47,7 @@ def own_rss_mb(pid: int) -> float:
 
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (the relay's work processes)."""
-    return sum(own_rss_mb(p) for p in [pid, *_children(pid)])
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [int(k) for k in kids] + [g for k in kids for g in _children(int(k))]
+    return sum(own_rss_mb(p) for p in [pid, *descendants(pid)])
 
 
 def text_update(doc: Doc, text: str) -> bytes:

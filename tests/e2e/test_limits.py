@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, timeout_s
+from helpers import descendants, eventually, timeout_s
 from pycrdt import Array, Doc, Text
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
@@ -526,14 +526,6 @@ async def test_content_refused_over_the_quota_is_stored_once_it_fits(
         assert str(doc.get("text", type=Text)) == "k" * 40_000 + "o" * 40_000
 
 
-def _descendants(pid: int) -> list[int]:
-    try:
-        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
-    return [int(k) for k in kids] + [g for k in kids for g in _descendants(int(k))]
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -569,7 +561,7 @@ async def test_sigterm_with_queued_resends_exits_within_the_drain_timeout(
         await eventually(lambda: health(relay)["comparisons_in_worker"] >= 2)
         sending.cancel()
         ws.transport.abort()  # gone, with its resends read or on their way
-        workers = _descendants(relay.proc.pid)
+        workers = descendants(relay.proc.pid)
         assert workers  # the work process (and multiprocessing's resource tracker)
         relay.proc.send_signal(signal.SIGTERM)
         started = asyncio.get_running_loop().time()
