@@ -5,6 +5,7 @@
                                     compaction,repeats,bigupdate,silent]
                             [--probe-rate 20] [--idle-s 3] [--silent-peers N]
                             [--profile [--profile-rate 200]] [--markdown-out FILE]
+                            [--json-out FILE]
 
 DESIGN: "one room's heavy traffic never stalls another's". Each scenario gets a fresh relay
 process (``python -m crdtsync relay --host 127.0.0.1 --port 0 --store <tmp>``) and a
@@ -178,6 +179,10 @@ async def close_quietly(ws: ClientConnection | None) -> None:
     except TimeoutError:
         if ws.transport is not None:
             ws.transport.abort()
+    except AttributeError:
+        # websockets 17 aborts a transport asyncio already closed (the relay cut the
+        # connection while a large frame was still being written): nothing left to close
+        pass
 
 
 def close_code(ws: ClientConnection) -> str:
@@ -1707,6 +1712,9 @@ def write_report(report: Report, scenarios: list[Scenario], results: dict[str, A
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--markdown-out", help="also write the report (Markdown) to this file")
+    p.add_argument(
+        "--json-out", help="also write each scenario's figures and outcome (JSON) to this file"
+    )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sizes and counts")
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
     p.add_argument("--probe-rate", type=float, default=20.0, help="probes per second")
@@ -1792,6 +1800,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {time.monotonic() - t0:.0f} s", file=sys.stderr, flush=True)
     write_report(report, scenarios, results)
     report.write(args.markdown_out)
+    if args.json_out:
+        for sc in scenarios:
+            results[sc.key]["outcome"] = sc.outcome
+        Path(args.json_out).write_text(json.dumps(results, indent=1, default=str))
     return 0
 
 

@@ -134,6 +134,16 @@ def _var_bytes(payload: bytes) -> bytes:
     return write_var_uint(len(payload)) + payload
 
 
+def _framed(header: bytes, payload: bytes) -> bytes:
+    """``header`` then ``payload`` with its length: one copy of a payload of megabytes."""
+    return b"".join((header, write_var_uint(len(payload)), payload))
+
+
+_STEP2 = bytes((MessageType.SYNC, YSyncMessageType.SYNC_STEP2))
+_UPDATE = bytes((MessageType.SYNC, YSyncMessageType.SYNC_UPDATE))
+_AWARENESS = bytes((MessageType.AWARENESS,))
+
+
 @dataclass(frozen=True, slots=True)
 class SyncStep1:
     """Sync step 1: "here is my state vector, send me what I lack"."""
@@ -153,7 +163,7 @@ class SyncStep2:
     update: bytes
 
     def encode(self) -> bytes:
-        return bytes((MessageType.SYNC, YSyncMessageType.SYNC_STEP2)) + _var_bytes(self.update)
+        return _framed(_STEP2, self.update)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +173,7 @@ class SyncUpdate:
     update: bytes
 
     def encode(self) -> bytes:
-        return bytes((MessageType.SYNC, YSyncMessageType.SYNC_UPDATE)) + _var_bytes(self.update)
+        return _framed(_UPDATE, self.update)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +183,7 @@ class AwarenessMessage:
     payload: bytes
 
     def encode(self) -> bytes:
-        return bytes((MessageType.AWARENESS,)) + _var_bytes(self.payload)
+        return _framed(_AWARENESS, self.payload)
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,7 +65,15 @@ from crdtsync.sync import (
     split_update,
 )
 from crdtsync.updates import UpdateInfo, check_update
-from crdtsync.work import Read, answer_read, compare_file, forget_read, read_file, worker_init
+from crdtsync.work import (
+    Read,
+    answer_read,
+    compare_file,
+    forget_read,
+    read_file,
+    release,
+    worker_init,
+)
 
 __all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
 
@@ -282,6 +290,7 @@ class Relay:
         self._pool: ProcessPoolExecutor | None = None
         # Merges of big reads and checks of big updates (started on first use).
         self._work_pool: ProcessPoolExecutor | None = None
+        self._work_calls = 0  # calls to the work process in flight
         self._store_lock: IO[bytes] | None = None
         self._compactions: set[asyncio.Future[Any]] = set()
         self._background: set[asyncio.Task[Any]] = set()
@@ -316,6 +325,8 @@ class Relay:
             "document_reads_in_worker": 0,
             "comparisons_in_worker": 0,
             "checks_in_worker": 0,
+            "compactions": 0,
+            "compactions_failed": 0,
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -447,7 +458,12 @@ class Relay:
 
     def health(self) -> dict[str, Any]:
         """Counters for /healthz?verbose=1: rooms held in memory, connections, updates stored."""
-        return {"status": "ok", "rooms": len(self.rooms), **self.stats}
+        return {
+            "status": "ok",
+            "rooms": len(self.rooms),
+            "compacting": len(self._compacting),
+            **self.stats,
+        }
 
     # -- HTTP -------------------------------------------------------------------------
 
@@ -770,14 +786,21 @@ class Relay:
                 initializer=worker_init,
                 initargs=(os.getpid(),),
             )
+        pool = self._work_pool
+        self._work_calls += 1
         try:
-            return await asyncio.wrap_future(self._work_pool.submit(fn, *args))
+            return await asyncio.wrap_future(pool.submit(fn, *args))
         except BrokenProcessPool:
             if self._stopping:
                 raise ConnectionClosedByStop() from None
             log.error("work process died in %s; doing it on the loop", fn.__name__)
             self._work_pool = None
             return fn(*args)
+        finally:
+            self._work_calls -= 1
+            if not self._work_calls and pool is self._work_pool and not self._stopping:
+                with contextlib.suppress(BrokenProcessPool, RuntimeError):
+                    pool.submit(release)  # see release(): nobody waits for it
 
     async def _send(self, peer: Peer) -> None:
         for frame in peer.session.data_to_send():
@@ -1420,6 +1443,7 @@ class Relay:
                 with contextlib.suppress(StoreError):
                     room.stored_bytes = self.store.size(name)[1]
             exc = f.exception()
+            self.stats["compactions" if exc is None else "compactions_failed"] += 1
             if isinstance(exc, BrokenProcessPool):
                 # The worker died (e.g. pycrdt crashed on hostile content): the relay and
                 # the store are fine; start a fresh worker for the next compaction.

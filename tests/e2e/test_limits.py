@@ -617,3 +617,71 @@ async def test_update_repeating_more_stored_clocks_than_the_limit_is_refused(
     stats = health(relay)
     assert stats["comparisons_in_worker"] == 0
     assert stats["updates_refused"] == 1
+
+
+async def test_other_rooms_keep_syncing_while_a_large_document_is_compacted(
+    relay_factory, tmp_path
+):
+    """Compaction (merge in the worker, snapshot written in ~1 MiB transactions) never
+    holds the store long enough to stop another room: edits there are stored and
+    acknowledged while it runs, and the compacted document reads back whole."""
+    relay = relay_factory("relay.db", "--compact-after-updates", "24")
+    doc: Doc[Any] = Doc()
+    text = doc.get("text", type=Text)
+
+    def append(i: int) -> bytes:
+        before = doc.get_state()
+        text.insert(len(text), f"{i:04d}" + "x" * 400_000)
+        return SyncUpdate(doc.get_update(before)).encode()
+
+    async def answered(ws: Any) -> None:
+        # The relay handles a connection's messages in order: this comes after the updates.
+        await ws.send(SyncStep1(doc.get_state()).encode())
+        async with asyncio.timeout(timeout_s(30)):
+            while not isinstance(decode_message(await ws.recv()), SyncStep2):
+                pass
+
+    acked_while_compacting = 0
+    async with (
+        connect(f"{relay.url}/{ROOM}", max_size=None) as ws,
+        Replica(tmp_path / "other.db", relay=relay.url) as replica,
+    ):
+        for i in range(23):  # 24 x 400 KB appends: a 9.6 MB tail (pycrdt compacts it in ~0.1 GB)
+            await ws.send(append(i))
+        await answered(ws)
+        assert health(relay)["compactions"] == 0
+        other = (await replica.open("other/room")).get("text", type=Text)
+        await ws.send(append(23))  # the 24th: the relay compacts the document
+        async with asyncio.timeout(timeout_s(60)):
+            for n in range(2_000):
+                before = await asyncio.to_thread(health, relay)
+                other.insert(len(other), f"{n} ")
+                await replica.wait_synced("other/room", timeout=timeout_s(15))
+                after = await asyncio.to_thread(health, relay)
+                if before["compacting"] and after["compacting"]:
+                    acked_while_compacting += before["compactions"] == after["compactions"]
+                if after["compactions"] + after["compactions_failed"] >= 1:
+                    break
+        await answered(ws)
+    final = health(relay)
+    assert final["compactions"] >= 1, final
+    assert final["compactions_failed"] == 0, final
+    assert acked_while_compacting >= 1, ("no edit of another room stored while compacting", final)
+    assert str(other).startswith("0 1 2 ")
+    with sqlite3.connect(relay.store) as db:
+        (tail,) = db.execute(
+            "SELECT count(*) FROM updates u JOIN documents d ON u.doc = d.name "
+            "WHERE d.name = ? AND u.seq > d.snapshot_seq",
+            (ROOM,),
+        ).fetchone()
+    assert tail < 24, "the document was not compacted"
+    joiner: Doc[Any] = Doc()
+    async with connect(f"{relay.url}/{ROOM}", max_size=None) as ws:
+        await ws.send(SyncStep1(b"\x00").encode())
+        async with asyncio.timeout(timeout_s(30)):
+            # (an answer may come in pieces: step 2, then updates)
+            while len(joiner.get("text", type=Text)) < len(text):
+                msg = decode_message(await ws.recv())
+                if isinstance(msg, SyncStep2 | SyncUpdate):
+                    joiner.apply_update(msg.update)
+    assert str(joiner.get("text", type=Text)) == str(text)
