@@ -1,7 +1,7 @@
 """crdtsync: offline-first CRDT sync for Python.
 
-The core (this package) is pure: wire protocol, sync session, SQLite update store,
-settings. ``crdtsync.client`` holds the Replica; ``crdtsync.server`` the relay.
+The core (this package) is pure: wire protocol, sync session, SQLite update store, access
+tokens, settings. ``crdtsync.client`` holds the Replica; ``crdtsync.server`` the relay.
 """
 
 from .errors import (
@@ -14,6 +14,7 @@ from .errors import (
     ProtocolError,
     StoreError,
     SyncTimeout,
+    TokenRefused,
 )
 from .store import UpdateLog
 from .sync import SyncSession
@@ -31,6 +32,7 @@ __all__ = [
     "StoreError",
     "SyncSession",
     "SyncTimeout",
+    "TokenRefused",
     "UpdateLog",
     "__version__",
 ]

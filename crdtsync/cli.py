@@ -1,4 +1,4 @@
-"""The ``crdtsync`` command line: ``crdtsync relay`` runs a relay.
+"""The ``crdtsync`` command line: ``crdtsync relay`` runs a relay, ``crdtsync token`` mints.
 
 The CLI is a composition root: it may import ``crdtsync.server`` and
 ``crdtsync.client``; nothing imports it.
@@ -14,11 +14,15 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from .errors import StoreError
+
+if TYPE_CHECKING:
+    from .settings import RelaySettings
 
 __all__ = ["main"]
 
@@ -67,10 +71,75 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         const=False,
         help="switch off the integrity rule (for showing what it prevents; never in production)",
     )
+    p.add_argument(
+        "--token-secret",
+        action="append",
+        metavar="[kid=NAME,]SECRET",
+        help="HS256 secret of at least 32 bytes that access tokens may be signed with "
+        "(repeatable: rotation); any key makes tokens required. Visible to other local "
+        "users in the process list: prefer CRDTSYNC_TOKEN_SECRETS or --config",
+    )
+    p.add_argument(
+        "--token-public-key",
+        action="append",
+        metavar="[kid=NAME,]FILE",
+        help="PEM public key or certificate (RSA, EC P-256/P-384, Ed25519) that access "
+        "tokens may be signed with (repeatable)",
+    )
+    p.add_argument("--token-issuer", help="require this iss claim in access tokens")
+    p.add_argument("--token-audience", help="require this aud claim in access tokens")
     p.add_argument("--config", help="TOML file with the same settings")
     p.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="JSON log level (INFO)"
     )
+
+
+def _token_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "token",
+        help="mint an access token (for development and tests)",
+        description=(
+            "Sign an access token granting rights on document patterns and print it on "
+            "stdout. Pass it to a relay that has the matching key as ?token=... or as "
+            "'Authorization: Bearer ...'. Rights are r (read), w (write), p (peer), or - "
+            "(none); in a pattern, * matches within one path segment, ** across segments."
+        ),
+    )
+    key = p.add_mutually_exclusive_group(required=True)
+    key.add_argument(
+        "--secret",
+        metavar="[kid=NAME,]SECRET",
+        help="HS256 secret (at least 32 bytes), written as for crdtsync relay --token-secret",
+    )
+    key.add_argument(
+        "--private-key",
+        metavar="[kid=NAME,]FILE",
+        help="PEM private key (RSA, EC P-256/P-384, Ed25519): RS256, ES256, ES384 or EdDSA",
+    )
+    p.add_argument("--kid", help="key id for the token header (or kid=NAME, in the key)")
+    p.add_argument("--sub", help="subject: who the token is for")
+    p.add_argument(
+        "--doc",
+        action="append",
+        required=True,
+        metavar="PATTERN=RIGHTS",
+        help="grant RIGHTS on documents matching PATTERN, e.g. 'team/*=rw' (repeatable)",
+    )
+    life = p.add_mutually_exclusive_group()
+    life.add_argument(
+        "--ttl",
+        type=_positive_float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="seconds until the token expires (3600)",
+    )
+    life.add_argument(
+        "--no-exp",
+        action="store_true",
+        help="no expiry (refused by relays unless token_allow_no_exp is set)",
+    )
+    p.add_argument("--iss", help="issuer claim")
+    p.add_argument("--aud", help="audience claim")
 
 
 def _positive_int(text: str) -> int:
@@ -186,12 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _relay_parser(sub)
     _check_parser(sub)
+    _token_parser(sub)
     return parser
 
 
-def _run_relay(args: argparse.Namespace) -> int:
-    from crdtsync.server import Relay
-
+def _relay_settings(args: argparse.Namespace) -> RelaySettings | None:
+    """The relay's settings from flags, environment and file; None after an error line."""
     from .settings import RelaySettings
 
     values = {
@@ -206,6 +275,10 @@ def _run_relay(args: argparse.Namespace) -> int:
             "max_connections": args.max_connections,
             "log_level": args.log_level,
             "integrity": args.integrity,
+            "token_secrets": args.token_secret,
+            "token_public_keys": args.token_public_key,
+            "token_issuer": args.token_issuer,
+            "token_audience": args.token_audience,
         }.items()
         if v is not None
     }
@@ -214,11 +287,26 @@ def _run_relay(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
-        print(f"crdtsync relay: invalid setting {where}: {first['msg']}", file=sys.stderr)
-        return 2
+        message = first["msg"].removeprefix("Value error, ")
+        print(f"crdtsync relay: invalid setting {where}: {message}", file=sys.stderr)
+        return None
     except (OSError, ValueError) as exc:
         print(f"crdtsync relay: cannot read settings: {exc}", file=sys.stderr)
+        return None
+    try:
+        settings.token_verifier()  # reads the key files: a bad one stops the start here
+    except ValueError as exc:
+        print(f"crdtsync relay: invalid token key: {exc}", file=sys.stderr)
+        return None
+    return settings
+
+
+def _run_relay(args: argparse.Namespace) -> int:
+    settings = _relay_settings(args)
+    if settings is None:
         return 2
+    from crdtsync.server import Relay
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
@@ -248,6 +336,49 @@ def _run_relay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_token(args: argparse.Namespace) -> int:
+    from .auth import mint_token, split_key_entry
+
+    def fail(message: str) -> int:
+        print(f"crdtsync token: {message}", file=sys.stderr)
+        return 2
+
+    docs: dict[str, str] = {}
+    for item in args.doc:
+        # rights never hold "=", a pattern may: split at the last one
+        pattern, equals, rights = item.rpartition("=")
+        if not equals or not pattern:
+            return fail(f"--doc {item!r} is not PATTERN=RIGHTS")
+        if pattern in docs:
+            return fail(f"--doc pattern {pattern!r} given twice")
+        docs[pattern] = rights
+    try:
+        kid, value = split_key_entry(args.secret if args.secret is not None else args.private_key)
+        if args.kid is not None and kid is not None and args.kid != kid:
+            return fail(f"--kid {args.kid!r} differs from the key's kid={kid}")
+        kid = args.kid if args.kid is not None else kid
+        if args.secret is not None:
+            key: str | bytes = value
+        else:
+            try:
+                key = Path(value).read_bytes()
+            except OSError as exc:
+                return fail(f"cannot read private key {value}: {exc.strerror or exc}")
+        token = mint_token(
+            key,
+            subject=args.sub,
+            docs=docs,
+            ttl_s=None if args.no_exp else args.ttl,
+            issuer=args.iss,
+            audience=args.aud,
+            kid=kid,
+        )
+    except ValueError as exc:
+        return fail(str(exc))
+    print(token)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``crdtsync`` console script."""
     args = build_parser().parse_args(argv)
@@ -257,6 +388,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .testing.command import run_check
 
         return run_check(args)
+    if args.command == "token":
+        return _run_token(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects others
 
 

@@ -8,6 +8,7 @@
     │   ├── MessageTooLarge    over the message or update size limit (close 1009)
     │   └── LimitExceeded      over another cap: clients or structs per update, ... (1008)
     ├── AccessDenied           the connection may not read or write this document (close 1008)
+    │   └── TokenRefused       its access token is missing or does not verify (``reason``)
     ├── InvalidDocumentName    also a ValueError (close 1008)
     ├── StoreError             disk full, corrupt file, schema newer than this code
     ├── AcknowledgementsUnsupported  the relay does not confirm durable storage
@@ -21,6 +22,7 @@ a close frame allows, in :func:`close_reason`). Any other exception is a bug.
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Literal, get_args
 
 __all__ = [
     "AccessDenied",
@@ -34,6 +36,8 @@ __all__ = [
     "ProtocolError",
     "StoreError",
     "SyncTimeout",
+    "TokenRefusalReason",
+    "TokenRefused",
     "close_reason",
 ]
 
@@ -96,6 +100,40 @@ class AccessDenied(CrdtsyncError):
     """The connection may not read, or may not write, this document."""
 
     close_code: int = CloseCode.POLICY_VIOLATION
+
+
+TokenRefusalReason = Literal[
+    "missing",  # no token where one is required
+    "malformed",  # not a compact JWS, undecodable header or payload, over the size cap
+    "expired",  # exp passed (beyond the leeway)
+    "not_yet_valid",  # nbf still ahead (beyond the leeway)
+    "bad_signature",  # no configured key verifies it (wrong key, alg not accepted, unsigned)
+    "wrong_audience",  # aud does not name this relay's audience
+    "wrong_issuer",  # iss is not the configured issuer
+    "unknown_key",  # its kid header names no configured key
+    "no_expiry",  # no exp claim, and tokens without one are not allowed
+    "bad_claims",  # a claim of the wrong type, or a missing or invalid docs claim
+]
+
+
+class TokenRefused(AccessDenied):
+    """An access token that is missing or does not verify.
+
+    The message is for people and never holds the token; ``reason`` is one of
+    :data:`TokenRefusalReason`, for metrics and for clients that react to it (e.g. fetch
+    a new token on "expired").
+
+    Attributes:
+        reason: the short machine reason.
+    """
+
+    REASONS: frozenset[str] = frozenset(get_args(TokenRefusalReason))
+
+    def __init__(self, reason: TokenRefusalReason, message: str) -> None:
+        if reason not in self.REASONS:
+            raise ValueError(f"unknown token refusal reason {reason!r}")
+        super().__init__(message)
+        self.reason: TokenRefusalReason = reason
 
 
 class InvalidDocumentName(CrdtsyncError, ValueError):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,6 +21,9 @@ from pydantic_settings import (
 )
 
 from .errors import InvalidDocumentName
+
+if TYPE_CHECKING:
+    from .auth import TokenVerifier
 
 __all__ = ["MAX_DOCUMENT_NAME_BYTES", "RelaySettings", "validate_document_name"]
 
@@ -56,7 +59,10 @@ def validate_document_name(name: str) -> str:
 class RelaySettings(BaseSettings):
     """Settings of one relay process. Every limit has a unit in its name."""
 
-    model_config = SettingsConfigDict(env_prefix="CRDTSYNC_", extra="forbid")
+    # hide_input_in_errors: a refused token secret must not be echoed in a validation error
+    model_config = SettingsConfigDict(
+        env_prefix="CRDTSYNC_", extra="forbid", hide_input_in_errors=True
+    )
 
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
@@ -118,6 +124,57 @@ class RelaySettings(BaseSettings):
     # The integrity rule (README: what the relay guarantees). Off only to show what it
     # prevents (crdtsync check's negative control); never in a deployment.
     integrity: bool = True
+    # -- access tokens (README: access tokens); required exactly when a key is configured --
+    # HS256 secrets, "[kid=NAME,]SECRET", at least 32 bytes each; never in a repr
+    token_secrets: list[str] = Field(default_factory=list, repr=False)
+    # PEM public key or certificate files, "[kid=NAME,]PATH" (RS256/ES256/ES384/EdDSA)
+    token_public_keys: list[str] = Field(default_factory=list)
+    token_issuer: str | None = None  # if set, the iss claim must equal it
+    token_audience: str | None = None  # if set, aud must name it; if not, aud must be absent
+    token_leeway_s: float = Field(default=30.0, ge=0)  # clock skew allowed on exp and nbf
+    token_allow_no_exp: bool = False  # accept tokens without exp (they never expire)
+    # how often a connection's token is re-checked against the revocation hook
+    token_recheck_s: float = Field(default=60.0, gt=0)
+
+    @field_validator("token_secrets")
+    @classmethod
+    def _check_token_secrets(cls, entries: list[str]) -> list[str]:
+        from .auth import check_secret_entry  # here: auth imports this module
+
+        for index, entry in enumerate(entries, 1):
+            check_secret_entry(entry, f"token secret #{index}")
+        return entries
+
+    @field_validator("token_public_keys")
+    @classmethod
+    def _check_token_public_keys(cls, entries: list[str]) -> list[str]:
+        from .auth import split_key_entry
+
+        for entry in entries:
+            split_key_entry(entry)  # the files are read by token_verifier()
+        return entries
+
+    @property
+    def tokens_required(self) -> bool:
+        """Whether connections need an access token: at least one key is configured."""
+        return bool(self.token_secrets or self.token_public_keys)
+
+    def token_verifier(self) -> TokenVerifier | None:
+        """The verifier of these settings (reads the key files); None without keys.
+
+        Raises:
+            ValueError: a key file unreadable or not a supported public key.
+        """
+        from .auth import verifier_from_values
+
+        return verifier_from_values(
+            secrets=self.token_secrets,
+            public_key_files=self.token_public_keys,
+            issuer=self.token_issuer,
+            audience=self.token_audience,
+            leeway_s=self.token_leeway_s,
+            allow_no_exp=self.token_allow_no_exp,
+        )
 
     @classmethod
     def settings_customise_sources(
@@ -148,7 +205,10 @@ class RelaySettings(BaseSettings):
 
         class RelaySettingsFile(cls):  # type: ignore[valid-type,misc]
             model_config = SettingsConfigDict(
-                env_prefix="CRDTSYNC_", extra="forbid", toml_file=str(toml_file)
+                env_prefix="CRDTSYNC_",
+                extra="forbid",
+                hide_input_in_errors=True,
+                toml_file=str(toml_file),
             )
 
         return cls.model_validate(RelaySettingsFile(**values).model_dump())

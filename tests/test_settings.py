@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -196,3 +197,75 @@ def test_missing_toml_file_is_an_error(tmp_path: Path) -> None:
     missing = tmp_path / "missing.toml"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
         RelaySettings.load(missing)
+
+
+# -- access token settings -------------------------------------------------------------------
+
+TOKEN_SECRET = "a shared secret of at least 32 bytes"
+
+
+def test_tokens_are_not_required_without_keys() -> None:
+    settings = RelaySettings.load()
+    assert (settings.token_secrets, settings.token_public_keys) == ([], [])
+    assert (settings.token_issuer, settings.token_audience) == (None, None)
+    assert (settings.token_leeway_s, settings.token_allow_no_exp) == (30.0, False)
+    assert settings.token_recheck_s == 60.0
+    assert not settings.tokens_required
+    assert settings.token_verifier() is None
+
+
+def test_token_secrets_make_tokens_required_and_stay_out_of_the_repr() -> None:
+    settings = RelaySettings.load(
+        token_secrets=[TOKEN_SECRET], token_issuer="me", token_audience="relay"
+    )
+    assert settings.tokens_required
+    assert TOKEN_SECRET not in repr(settings)
+    verifier = settings.token_verifier()
+    assert verifier is not None
+    assert (verifier.issuer, verifier.audience, verifier.leeway_s) == ("me", "relay", 30.0)
+
+
+def test_token_secrets_from_the_environment_and_the_toml_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        f'token_secrets = ["kid=k1,{TOKEN_SECRET}"]\ntoken_leeway_s = 5\n'
+        'token_public_keys = ["kid=k2,/etc/crdtsync/key.pem"]\n'
+    )
+    settings = RelaySettings.load(path)
+    assert settings.token_secrets == [f"kid=k1,{TOKEN_SECRET}"]
+    assert settings.token_public_keys == ["kid=k2,/etc/crdtsync/key.pem"]
+    assert settings.token_leeway_s == 5
+    monkeypatch.setenv("CRDTSYNC_TOKEN_SECRETS", f'["{TOKEN_SECRET}x"]')
+    monkeypatch.setenv("CRDTSYNC_TOKEN_ALLOW_NO_EXP", "true")
+    settings = RelaySettings.load(path)
+    assert settings.token_secrets == [f"{TOKEN_SECRET}x"]
+    assert settings.token_allow_no_exp
+
+
+def test_short_token_secret_is_a_validation_error_that_does_not_repeat_it() -> None:
+    with pytest.raises(ValidationError, match="token secret #2 is 9 bytes") as excinfo:
+        RelaySettings.load(token_secrets=[TOKEN_SECRET, "tooshort!"])
+    assert "tooshort" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"token_public_keys": ["kid=k1"]}, "needs a comma"),
+        ({"token_public_keys": [""]}, "empty key entry"),
+        ({"token_leeway_s": -1}, "token_leeway_s"),
+        ({"token_recheck_s": 0}, "token_recheck_s"),
+    ],
+)
+def test_bad_token_settings_are_validation_errors(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        RelaySettings.load(**values)
+
+
+def test_token_verifier_reads_the_key_files(tmp_path: Path) -> None:
+    settings = RelaySettings.load(token_public_keys=[str(tmp_path / "missing.pem")])
+    assert settings.tokens_required
+    with pytest.raises(ValueError, match="cannot read token public key"):
+        settings.token_verifier()
