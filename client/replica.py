@@ -16,12 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
+import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from urllib.parse import quote
 
 from pycrdt import Awareness, Doc, Subscription, TransactionEvent, get_update
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from crdtsync.errors import (
     AcknowledgementsUnsupported,
@@ -60,7 +62,7 @@ from crdtsync.updates import UpdateInfo, check_update
 
 from .backoff import Backoff
 
-__all__ = ["DocumentStatus", "Replica", "ThreadSafeDoc"]
+__all__ = ["DocumentStatus", "Replica", "ThreadSafeDoc", "TokenSource"]
 
 log = logging.getLogger("crdtsync.replica")
 
@@ -68,6 +70,12 @@ EXTENSION_QUERY = "crdtsync=1"
 AWARENESS_TIMEOUT_S = 30.0  # y-protocols: a state not renewed for 30 s is gone
 MAX_RECLAIMS = 8  # per connection: claims resent after "not proven" refusals
 MAX_HELD_UPDATES = 256  # remote updates kept aside while a gap before them is open
+# After the relay refused our rights (HTTP 403, close 4403 or 1008): try again this much
+# later, with a fresh token, never in a tight loop and never giving up for good.
+ACCESS_RETRY_S = 60.0
+# A token, or a function giving one (asked again before each connection attempt and
+# after the relay said the token expired); it may be a coroutine function.
+TokenSource = str | Callable[[], "str | Awaitable[str]"]
 HEALTHY_AFTER_S = 5.0  # a connection synced and up this long resets the reconnect backoff
 
 
@@ -200,7 +208,14 @@ class Replica:
     Args:
         path: the replica's SQLite file (created if missing).
         relay: ``ws://`` or ``wss://`` URL of a relay; None works fully offline.
-        token: sent to the relay as the ``token`` query parameter.
+        token: a token (README: access tokens), or a function returning one (a
+            coroutine function too), asked before each connection attempt: an
+            expired token is replaced without reconnecting by hand. Sent in an
+            ``Authorization: Bearer`` header. A refusal for rights (HTTP 401/403,
+            close 4401/4403/1008) is reported in ``status()`` and retried.
+        ssl_context: TLS settings for a ``wss://`` relay, e.g. a context trusting
+            your own CA (``ssl.create_default_context(cafile=...)``); by default the
+            system's trusted CAs verify the relay's certificate.
         synchronous: local durability: ``NORMAL`` survives a killed process, ``FULL``
             survives power loss too.
         max_message_bytes: the largest message accepted from the relay.
@@ -221,8 +236,9 @@ class Replica:
         self,
         path: str | Path,
         relay: str | None = None,
-        token: str | None = None,
+        token: TokenSource | None = None,
         *,
+        ssl_context: ssl.SSLContext | None = None,
         synchronous: Synchronous = "NORMAL",
         max_message_bytes: int = 64 * 1024 * 1024,
         compact_after_updates: int = 2000,
@@ -237,9 +253,13 @@ class Replica:
     ) -> None:
         if relay is not None and not relay.startswith(("ws://", "wss://")):
             raise ValueError(f"relay must be a ws:// or wss:// URL, not {relay!r}")
+        if ssl_context is not None and relay is not None and not relay.startswith("wss://"):
+            # (it would connect in plain text, token and all, and ignore the context)
+            raise ValueError(f"ssl_context needs a wss:// relay, not {relay!r}")
         self.path = Path(path)
         self.relay = relay.rstrip("/") if relay else None
         self.token = token
+        self.ssl_context = ssl_context
         self.synchronous = synchronous
         self.max_message_bytes = max_message_bytes
         self.compact_after_updates = compact_after_updates
@@ -432,6 +452,13 @@ class Replica:
                         await conn.ws.send(frame)
         if d.subscription is not None:
             d.doc.unobserve(d.subscription)
+        d.stop_reconnecting = True
+        if conn is not None:
+            # A normal close (1000) first: cancelling the task inside websockets'
+            # context would end the connection with 1011, which reads as a failure.
+            with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
+                async with asyncio.timeout(1.0):
+                    await conn.ws.close()
         if d.task is not None:
             d.task.cancel()
             try:
@@ -752,20 +779,43 @@ class Replica:
 
     def _url(self, name: str) -> str:
         params = [EXTENSION_QUERY]
-        if self.token is not None:
-            params.append(f"token={quote(self.token, safe='')}")
         params += [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.params.items()]
         return f"{self.relay}/{name}?{'&'.join(params)}"
+
+    async def _token(self) -> str | None:
+        """The token for the next connection attempt (asking its source again)."""
+        if self.token is None or isinstance(self.token, str):
+            return self.token
+        token = self.token()
+        if inspect.isawaitable(token):
+            token = await token
+        if not isinstance(token, str):
+            raise TypeError(f"the token function returned {type(token).__name__}, not str")
+        return token
+
+    @staticmethod
+    def _authorization(token: str | None) -> dict[str, str] | None:
+        """The header carrying ``token``; its value never goes into an error message."""
+        if not token:
+            return None
+        token = token.strip()  # e.g. read from a file with its newline
+        if not token.isascii() or not token.isprintable() or " " in token:
+            raise ValueError("the token has characters an HTTP header cannot carry")
+        return {"Authorization": f"Bearer {token}"}
 
     async def _connect_loop(self, d: _Document) -> None:
         backoff = self._backoff()
         while not d.stop_reconnecting:
+            delay: float | None = None  # None: the backoff's next delay
             try:
+                headers = self._authorization(await self._token())
                 async with connect(
                     self._url(d.name),
+                    additional_headers=headers,
                     max_size=self.max_message_bytes,
                     open_timeout=self.open_timeout_s,
                     compression=None,
+                    ssl=self.ssl_context if self.relay and self.relay.startswith("wss:") else None,
                 ) as ws:
                     began = time.monotonic()
                     try:
@@ -777,17 +827,28 @@ class Replica:
                             backoff.reset()
             except ConnectionClosed as exc:
                 d.last_error = _describe_close(exc)
-                if exc.rcvd is not None and exc.rcvd.code in (
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                if code in (
                     CloseCode.MESSAGE_TOO_BIG,
-                    CloseCode.POLICY_VIOLATION,
                     CloseCode.INVALID_DATA,
                     CloseCode.UNSUPPORTED_DATA,
                 ):
                     # Resending the same refused data forever helps nobody
                     # (y-websocket#189): stop, and say why in the status.
                     d.stop_reconnecting = True
+                elif code in (CloseCode.POLICY_VIOLATION, CloseCode.FORBIDDEN):
+                    # Refused (rights, limits): rights can come back, so try again much
+                    # later with a fresh token; never a tight loop.
+                    delay = ACCESS_RETRY_S
+                # 4401 (the token expired or was revoked): the backoff, then a fresh token
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                body = exc.response.body.decode("utf-8", "replace").strip()[:200]
+                d.last_error = f"the relay refused the connection: HTTP {status} {body}".rstrip()
+                if status == 403 or (status == 401 and isinstance(self.token, str)):
+                    delay = ACCESS_RETRY_S  # the same token would be refused again now
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-                d.last_error = f"cannot connect to {self.relay}: {exc}"
+                d.last_error = f"cannot connect to {self.relay}: {_describe_connect_error(exc)}"
             except Exception as exc:
                 # Whatever went wrong, syncing goes on after a backoff and the app can
                 # see why in status(): a sync task never dies silently.
@@ -801,7 +862,8 @@ class Replica:
             if d.stop_reconnecting:
                 log.warning("stopped syncing %r: %s", d.name, d.last_error)
                 return
-            await asyncio.sleep(backoff.next_delay())
+            next_delay = backoff.next_delay()
+            await asyncio.sleep(next_delay if delay is None else max(delay, next_delay))
 
     async def _writer(self, conn: _Connection) -> None:
         while True:
@@ -1057,6 +1119,18 @@ class Replica:
                 )
         elif isinstance(event, Failed):
             d.last_error = f"relay sent bad data: {event.reason}"
+
+
+def _describe_connect_error(exc: BaseException) -> str:
+    """A connection failure in words; a certificate the relay's CA does not vouch for
+    says so plainly (the usual cause: a self-signed or private CA not trusted here)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate verification failed ({exc.verify_message}): pass "
+            "ssl_context=ssl.create_default_context(cafile=<your CA>) if the relay "
+            "uses a private CA"
+        )
+    return str(exc) or type(exc).__name__
 
 
 def _describe_close(exc: ConnectionClosed) -> str:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from pycrdt import Doc
 
-from .replica import DocumentStatus, Replica
+from .replica import DocumentStatus, Replica, TokenSource
 
 __all__ = ["SyncReplica"]
 
@@ -38,7 +38,7 @@ class SyncReplica:
         self,
         path: str | Path,
         relay: str | None = None,
-        token: str | None = None,
+        token: TokenSource | None = None,
         *,
         timeout_s: float = 30.0,
         **options: Any,

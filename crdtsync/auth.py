@@ -76,6 +76,9 @@ _COMPACT_JWS = re.compile(r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 _KID_CHARS = re.compile(r"[!-+\--~]+")  # printable ASCII without space and ","
 
 
+MAX_SUBJECT_BYTES = 256
+
+
 def _short(text: str, limit: int = 40) -> str:
     """``repr(text)``, cut to about ``limit`` characters (messages end up in close frames)."""
     return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
@@ -512,6 +515,7 @@ _MESSAGES: dict[TokenRefusalReason, str] = {
     "unknown_key": "access token names an unknown key id",
     "no_expiry": "access token has no expiry (exp)",
     "bad_claims": "access token claims invalid",
+    "revoked": "access token revoked",
 }
 
 
@@ -526,9 +530,15 @@ def _number(claims: Mapping[str, Any], name: str) -> float | None:
         if name in claims:
             raise _refuse("bad_claims", f"{name} is null")
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _refuse("bad_claims", f"{name} is not a number")
-    return float(value)
+    try:
+        number = float(value)  # an int beyond a float's range raises OverflowError
+    except OverflowError:
+        raise _refuse("bad_claims", f"{name} is out of range") from None
+    if not math.isfinite(number):
+        raise _refuse("bad_claims", f"{name} is not a finite number")
+    return number
 
 
 class TokenVerifier:
@@ -676,6 +686,9 @@ class TokenVerifier:
         subject = claims.get("sub")
         if subject is not None and not isinstance(subject, str):
             raise _refuse("bad_claims", "sub is not a string")
+        if subject is not None and len(subject.encode("utf-8")) > MAX_SUBJECT_BYTES:
+            # (the relay records it as the owner of each client id the subject writes)
+            raise _refuse("bad_claims", f"sub is longer than {MAX_SUBJECT_BYTES} bytes")
         if "docs" not in claims:
             raise _refuse("bad_claims", "no docs claim")
         try:

@@ -10,12 +10,11 @@ import argparse
 import asyncio
 import gc
 import json
-import logging
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -25,21 +24,6 @@ if TYPE_CHECKING:
     from .settings import RelaySettings
 
 __all__ = ["main"]
-
-
-class JsonFormatter(logging.Formatter):
-    """Structured logs: one JSON object per line, with connection/document context."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": round(record.created, 3),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
 
 
 def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -88,9 +72,16 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--token-issuer", help="require this iss claim in access tokens")
     p.add_argument("--token-audience", help="require this aud claim in access tokens")
+    p.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// (with --tls-key)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--config", help="TOML file with the same settings")
     p.add_argument(
-        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="JSON log level (INFO)"
+        "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (INFO)"
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["json", "text"],
+        help="json: one object per line with each event's context (default); text: for a terminal",
     )
 
 
@@ -182,9 +173,12 @@ def _rate(text: str) -> float:
     return value
 
 
-def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .testing.campaign import FAULT_KINDS
+# crdtsync.testing.campaign.FAULT_KINDS, written out: importing the campaign to build the
+# parser cost every `crdtsync relay` start 15 ms (tests/e2e/test_check_cli.py compares them).
+FAULT_KINDS_HELP = "partition,drop,duplicate,reorder,delay,kill-relay,kill-replica,lose-replica"
 
+
+def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "check",
         help="run the merge-convergence test suite (faults, then a convergence check)",
@@ -233,8 +227,8 @@ def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument(
         "--faults",
-        default=",".join(FAULT_KINDS),
-        help=f"comma-separated fault kinds (default all: {','.join(FAULT_KINDS)})",
+        default=None,
+        help=f"comma-separated fault kinds (default all: {FAULT_KINDS_HELP})",
     )
     p.add_argument(
         "--fault-rate", type=_rate, default=0.35, help="share of steps that are faults (0.35)"
@@ -274,11 +268,14 @@ def _relay_settings(args: argparse.Namespace) -> RelaySettings | None:
             "compact_after_updates": args.compact_after_updates,
             "max_connections": args.max_connections,
             "log_level": args.log_level,
+            "log_format": args.log_format,
             "integrity": args.integrity,
             "token_secrets": args.token_secret,
             "token_public_keys": args.token_public_key,
             "token_issuer": args.token_issuer,
             "token_audience": args.token_audience,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
         }.items()
         if v is not None
     }
@@ -298,6 +295,13 @@ def _relay_settings(args: argparse.Namespace) -> RelaySettings | None:
     except ValueError as exc:
         print(f"crdtsync relay: invalid token key: {exc}", file=sys.stderr)
         return None
+    from crdtsync.server.relay import tls_context
+
+    try:
+        tls_context(settings)
+    except ValueError as exc:
+        print(f"crdtsync relay: {exc}", file=sys.stderr)
+        return None
     return settings
 
 
@@ -307,9 +311,9 @@ def _run_relay(args: argparse.Namespace) -> int:
         return 2
     from crdtsync.server import Relay
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=settings.log_level, handlers=[handler], force=True)
+    from .logs import configure
+
+    configure(settings.log_level, settings.log_format)
 
     def listening(url: str) -> None:
         line = {"event": "listening", "url": url, "store": str(settings.store), "time": time.time()}

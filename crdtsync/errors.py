@@ -50,10 +50,15 @@ class CloseCode(IntEnum):
     PROTOCOL_ERROR = 1002
     UNSUPPORTED_DATA = 1003
     INVALID_DATA = 1007
+    ABNORMAL = 1006  # never sent: the connection ended without a close frame
     POLICY_VIOLATION = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013
+    # Application codes (4000-4999), as Hocuspocus uses them: the token expired or was
+    # revoked (fetch a fresh one and reconnect); the rights to the document are gone.
+    UNAUTHORIZED = 4401
+    FORBIDDEN = 4403
 
 
 MAX_CLOSE_REASON_BYTES = 123  # RFC 6455 section 5.5: control frame payload <= 125, minus the code
@@ -113,6 +118,7 @@ TokenRefusalReason = Literal[
     "unknown_key",  # its kid header names no configured key
     "no_expiry",  # no exp claim, and tokens without one are not allowed
     "bad_claims",  # a claim of the wrong type, or a missing or invalid docs claim
+    "revoked",  # the relay's revoked hook says so (checked at connect, then periodically)
 ]
 
 

@@ -99,9 +99,15 @@ class Writer:
     subject: str | None = None
 
     def owner_for(self, client: int) -> str | None:
-        """The owner a first write of ``client`` by this writer records (None: none)."""
+        """The owner a first write of ``client`` by this writer records (None: none).
+
+        An id it proved is owned by its key; any other id it writes first is owned by
+        its token's subject (every connection with that subject may write there).
+        """
         if client in self.proven:
             return KEY_OWNER
+        if self.subject is not None:
+            return f"sub:{self.subject}"
         return None
 
     def may_write(self, client: int, owner: str | None) -> bool:
@@ -495,8 +501,10 @@ class Ledger:
             else:
                 ranges.append((start, state[client]))
             self.dirty.add(client)
-            if writer is not None and client not in owners and client in writer.proven:
-                owners[client] = KEY_OWNER
+            if writer is not None and client not in owners:
+                owner = writer.owner_for(client)
+                if owner is not None:
+                    owners[client] = owner
         if info.types:
             self._add_types(info.types)
         return True

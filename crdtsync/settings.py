@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -121,6 +121,9 @@ class RelaySettings(BaseSettings):
     sync_timeout_s: float = Field(default=30.0, gt=0)
     compaction_workers: int = Field(default=1, ge=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    # GET /metrics (Prometheus) needs "Authorization: Bearer <this>" when set
+    metrics_token: str | None = Field(default=None, repr=False)
     # The integrity rule (README: what the relay guarantees). Off only to show what it
     # prevents (crdtsync check's negative control); never in a deployment.
     integrity: bool = True
@@ -135,6 +138,15 @@ class RelaySettings(BaseSettings):
     token_allow_no_exp: bool = False  # accept tokens without exp (they never expire)
     # how often a connection's token is re-checked against the revocation hook
     token_recheck_s: float = Field(default=60.0, gt=0)
+    # -- TLS: both set, the relay serves wss:// (PEM files: certificate chain, private key)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> RelaySettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        return self
 
     @field_validator("token_secrets")
     @classmethod

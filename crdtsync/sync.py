@@ -79,6 +79,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_ANSWER_PIECE_BYTES = 512 * 1024  # under every client's default frame limit (1 MiB)
 DEFAULT_MAX_PRESENCE_BYTES = 1024 * 1024  # one presence message
 DEFAULT_MAX_PRESENCE_STATE_BYTES = 64 * 1024  # one client's presence state (JSON)
+READ_ONLY_REASON = "read-only access to this document"
 MAX_CLAIMED_CLIENTS = 4096  # client ids one connection may prove (a replica's pending history)
 
 
@@ -261,8 +262,11 @@ class SyncSession:
         extensions: this side speaks crdtsync's extensions (the relay: the peer
             asked for them; the replica: it asked). Extension messages from a peer
             that did not ask are refused, and none are ever sent to it.
-        can_write: the peer may send updates; otherwise its updates are refused
-            with a permission-denied message and close 1008 (DESIGN: security).
+        can_write: the peer may send updates. Otherwise its updates are dropped and
+            the connection stays open (stock clients resend their offline edits in
+            every step 2: closing would loop): a stock peer gets one permission-denied
+            message, a crdtsync peer a refusal per keyed update (its edits stay
+            pending); its step 2 answers are dropped without a word.
         validate: checks an update and says what it holds (caps may be bound in).
         max_presence_bytes, max_presence_state_bytes: presence messages and states over
             these are dropped unread (a :class:`LimitHit` event), never decoded.
@@ -293,6 +297,7 @@ class SyncSession:
         self.synced = False  # we received a step 2 (the answer to our step 1)
         self.messages_received = 0
         self.claimed: frozenset[int] = frozenset()  # client ids the peer proved
+        self.writes_dropped = 0  # updates of a read-only peer, dropped
 
     # -- input ------------------------------------------------------------------------
 
@@ -329,10 +334,15 @@ class SyncSession:
         self.failure = Failed(exc, int(code), close_reason(str(exc)))
         self._events.append(self.failure)
 
+    def _drop_write(self, key: int | None) -> None:
+        """A read-only peer's update: dropped, and said so (once to a stock client)."""
+        self.writes_dropped += 1
+        if key is not None:
+            self._out.append(ExtRefused(key, READ_ONLY_REASON, False).encode())
+        elif self.writes_dropped == 1:
+            self._out.append(PermissionDenied(READ_ONLY_REASON).encode())
+
     def _check_update(self, update: bytes) -> UpdateInfo:
-        if not self.can_write:
-            self._out.append(PermissionDenied("read-only access to this document").encode())
-            raise AccessDenied("read-only access: updates are refused")
         checked, self._checked = self._checked, None
         try:
             if checked is not None and checked[0] == len(update):
@@ -357,6 +367,9 @@ class SyncSession:
                 )
             self.synced = True
         elif isinstance(msg, SyncUpdate):
+            if not self.can_write:
+                self._drop_write(None)
+                return
             self._events.append(UpdateReceived(msg.update, self._check_update(msg.update)))
         elif isinstance(msg, AwarenessMessage):
             if len(msg.payload) > self.max_presence_bytes:
@@ -386,12 +399,17 @@ class SyncSession:
         elif isinstance(msg, ExtHello):
             self._events.append(ExtensionsConfirmed(msg.version))
         elif isinstance(msg, ExtUpdate):
+            if not self.can_write:
+                self._drop_write(msg.key)
+                return
             self._events.append(
                 UpdateReceived(msg.update, self._check_update(msg.update), key=msg.key)
             )
         elif isinstance(msg, ExtAck):
             self._events.append(Acknowledged(msg.key))
         elif isinstance(msg, ExtClaim):
+            if not self.can_write:
+                return  # proofs of ownership matter to writes only: a reader's change nothing
             for client, key in msg.claims:
                 if client_id_of_key(key) != client:
                     raise AccessDenied(f"claim of client {client} does not match its key")

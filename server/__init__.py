@@ -1,5 +1,7 @@
 """crdtsync.server: the stateless y-websocket relay."""
 
-from .relay import EXTENSION_QUERY, Relay, Rights, allow_all
+from crdtsync.auth import Rights
 
-__all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
+from .relay import EXTENSION_QUERY, Access, Relay, allow_all
+
+__all__ = ["EXTENSION_QUERY", "Access", "Relay", "Rights", "allow_all"]

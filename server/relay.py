@@ -17,14 +17,18 @@ import copy
 import fcntl
 import functools
 import gc
+import hmac
+import inspect
 import ipaddress
 import json
 import logging
 import os
 import signal
+import ssl
 import time
-from collections import deque
-from collections.abc import Callable, Iterable
+import weakref
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -38,11 +42,13 @@ from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from crdtsync.auth import Rights, TokenClaims, TokenVerifier, token_from_request
 from crdtsync.errors import (
     AccessDenied,
     CloseCode,
     InvalidDocumentName,
     StoreError,
+    TokenRefused,
     close_reason,
 )
 from crdtsync.integrity import Comparison, Ledger, Lookup, Writer
@@ -75,7 +81,9 @@ from crdtsync.work import (
     worker_init,
 )
 
-__all__ = ["EXTENSION_QUERY", "Relay", "Rights", "allow_all"]
+from .metrics import RelayMetrics, Snapshot, exposition
+
+__all__ = ["EXTENSION_QUERY", "Access", "Relay", "Rights", "allow_all"]
 
 log = logging.getLogger("crdtsync.relay")
 _T = TypeVar("_T")
@@ -90,7 +98,13 @@ PACE_BATCH = 64  # updates charged to a connection's budget together
 PACE_BATCH_BYTES = 256 * 1024
 _ANONYMOUS = Writer()
 MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
-READ_INLINE_UPDATES = 256
+# A stored document of at most this many tail updates and bytes is read and merged on
+# the loop (measured: 1,000 updates of 1 KB merge in 5 ms); beyond, in the work process.
+# Above compact_after_updates' default (1000), so the first read of a document this relay
+# compacted never waits for the work process to start (~130 ms at a cold start).
+READ_INLINE_UPDATES = 1024
+# A turn whose updates hold this many bytes is committed in a thread (Relay._commit_in_thread).
+COMMIT_IN_THREAD_BYTES = 4 * 1024 * 1024
 READ_INLINE_BYTES = 1024 * 1024
 # Frames of at least LARGE_FRAME_BYTES go out in fragments of FRAGMENT_BYTES (Peer.push).
 # (Not smaller ones: a peer closed while a fragmented frame is under way gets 1011, all
@@ -102,17 +116,48 @@ BIG_CONNECTION_BYTES = 8 * 1024 * 1024  # one that received this much: collect a
 BACKLOG_CHECK_S = 1.0  # how often every peer's backlog is checked, and the relay's total
 
 
-@dataclass(frozen=True, slots=True)
-class Rights:
-    """What one connection may do with its document, decided once at connect."""
+AUTHORIZE_TIMEOUT_S = 10.0  # an authorize or revoked hook that takes longer fails
 
-    read: bool = True
-    write: bool = True
+
+def tls_context(settings: RelaySettings) -> ssl.SSLContext | None:
+    """The server TLS context of ``tls_cert`` and ``tls_key``; None without TLS.
+
+    Raises:
+        ValueError: a file unreadable, or not a matching PEM certificate and key.
+    """
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(
+            f"cannot load TLS certificate {settings.tls_cert} with key {settings.tls_key}: {exc}"
+        ) from exc
+    return context
 
 
 def allow_all(request: Request, document: str) -> Rights:
-    """The default authorizer: everyone reads and writes (tokens come later)."""
+    """An authorizer that lets everyone read and write (the default without tokens)."""
     return Rights()
+
+
+# (request, document) -> rights; may be a coroutine function.
+Authorizer = Callable[[Request, str], "Rights | Awaitable[Rights]"]
+# (claims, document) -> whether the token was revoked; may be a coroutine function.
+RevocationCheck = Callable[[TokenClaims, str], "bool | Awaitable[bool]"]
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """What one connection may do, decided at its handshake (README: access tokens)."""
+
+    rights: Rights
+    claims: TokenClaims | None = None  # its verified token, when the relay requires one
+
+    @property
+    def subject(self) -> str | None:
+        return self.claims.subject if self.claims is not None else None
 
 
 @dataclass(eq=False)
@@ -147,6 +192,14 @@ class Peer:
     document: str
     budget: Budget
     address: str = ""
+    access: Access = field(default_factory=lambda: Access(Rights()))
+    id: str = ""  # short, for logs
+    opened: float = 0.0  # time.monotonic() at its handshake
+    messages_in: int = 0
+    bytes_in: int = 0
+    updates_stored: int = 0
+    updates_refused: int = 0
+    answered: bool = False  # its first sync request was answered (join latency)
     writer: Writer = field(default_factory=Writer)  # the client ids it proved (integrity)
     engaged: bool = False  # it sent a sync message (step 1, step 2 or an update)
     owed_updates: int = 0  # not yet charged to its budget
@@ -169,6 +222,15 @@ class Peer:
     outbox: deque[bytes] | None = None
     outbox_bytes: int = 0
     sender: asyncio.Task[None] | None = None
+
+    def context(self) -> dict[str, Any]:
+        """This connection in a log line (crdtsync.logs): never its token."""
+        return {
+            "document": self.document,
+            "connection": self.id,
+            "peer": self.address,
+            "subject": self.access.subject,
+        }
 
     def push(self, frame: bytes) -> None:
         """Send a frame, in order with every other frame pushed to this peer.
@@ -269,19 +331,36 @@ class Relay:
     """A relay server. Use ``async with Relay(settings) as relay: await relay.serve_forever()``.
 
     Args:
-        settings: limits, store path and durability.
-        authorize: the one seam deciding a connection's rights at connect
-            (``(request, document) -> Rights``); raise :class:`AccessDenied` to refuse.
+        settings: limits, store path and durability; its ``token_*`` settings make the
+            relay require a token (README: access tokens).
+        authorize: decides a connection's rights at its handshake,
+            ``(request, document) -> Rights`` (a coroutine function too); raise
+            :class:`AccessDenied` to refuse (HTTP 403). With tokens, the connection
+            gets what both the token and this allow.
+        revoked: asked every ``token_recheck_s`` for each connection with a token,
+            ``(claims, document) -> bool`` (a coroutine function too): True closes the
+            connection (4401, "token revoked").
     """
 
     def __init__(
         self,
         settings: RelaySettings | None = None,
         *,
-        authorize: Callable[[Request, str], Rights] = allow_all,
+        authorize: Authorizer | None = None,
+        revoked: RevocationCheck | None = None,
     ) -> None:
         self.settings = settings or RelaySettings()
         self.authorize = authorize
+        self.revoked = revoked
+        self._verifier: TokenVerifier | None = None
+        # What each connection may do, from its handshake until its handler takes it.
+        self._access: weakref.WeakKeyDictionary[ServerConnection, Access] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._rechecker: asyncio.Task[None] | None = None
+        self.metrics = RelayMetrics()
+        self._committing: asyncio.Task[None] | None = None  # a commit in a thread
+        self._claims_waiting: list[tuple[Peer, tuple[int, ...]]] = []  # ... and claims after it
         self.rooms: dict[str, Room] = {}
         self.store: UpdateLog | None = None
         self._server: Server | None = None
@@ -327,6 +406,17 @@ class Relay:
             "checks_in_worker": 0,
             "compactions": 0,
             "compactions_failed": 0,
+            "refused_unauthorized": 0,  # handshakes refused for their token (401)
+            "refused_forbidden": 0,  # handshakes with no right to the document (403)
+            "closed_unauthorized": 0,  # connections closed at expiry or revocation (4401)
+            "writes_dropped": 0,  # updates of read-only connections (counted at close)
+            "messages_in": 0,  # (counted at close, as bytes_in)
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "acknowledgements": 0,
+            "frames_fanned_out": 0,
+            "store_errors": 0,
+            "connections_opened": 0,
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -339,14 +429,20 @@ class Relay:
                 (one relay per SQLite file: each keeps a cache of the integrity ledgers).
         """
         s = self.settings
+        self._verifier = s.token_verifier()  # reads the key files: a bad one fails here
         self._store_lock = _lock_store(str(s.store))
         self.store = UpdateLog(s.store, synchronous=s.synchronous, autocheckpoint=False)
-        if s.compaction_workers:
-            self._pool = self._new_pool()
+        # (The compaction pool starts with the first compaction: a process started here
+        # competed with the first joins for the machine's cores, at every cold start.)
+        tls = tls_context(s)
+        # (asyncio's default: 60 s for a client that stalls mid-TLS-handshake)
+        tls_options: dict[str, Any] = {} if tls is None else {"ssl_handshake_timeout": 10.0}
         self._server = await serve(
             self._handle,
             s.host,
             s.port,
+            ssl=tls,
+            **tls_options,
             process_request=self._process_request,
             max_size=s.max_message_bytes,
             # Messages read ahead while a handler waits (pacing, a read, the work
@@ -361,17 +457,20 @@ class Relay:
             compression=None,
         )
         self._watcher = asyncio.get_running_loop().create_task(self._watch_backlogs())
+        if self.revoked is not None and self._verifier is not None:
+            self._rechecker = asyncio.get_running_loop().create_task(self._recheck_tokens())
 
     @property
     def url(self) -> str:
-        """``ws://host:port`` as bound."""
+        """``ws://host:port`` as bound (``wss://`` with TLS)."""
         if self._server is None:
             raise RuntimeError("relay not started")
         sock = next(iter(self._server.sockets))
         host, port = sock.getsockname()[:2]
         if ":" in host:
             host = f"[{host}]"
-        return f"ws://{host}:{port}"
+        scheme = "wss" if self.settings.tls_cert is not None else "ws"
+        return f"{scheme}://{host}:{port}"
 
     async def serve_forever(self) -> None:
         """Serve until :meth:`stop` (or SIGINT/SIGTERM via :meth:`run`)."""
@@ -387,10 +486,17 @@ class Relay:
         self._stopping = True
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._rechecker is not None:
+            self._rechecker.cancel()
         if self._server is not None:
             self._server.close(close_connections=False)
-        self._flush()
         deadline = time.monotonic() + self.settings.drain_timeout_s
+        if self._committing is not None:
+            # A commit in a thread cannot be cut short: wait for it (it flushes what
+            # came meanwhile, on the loop now that the relay is stopping).
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._committing)
+        self._flush()
         peers = [p for room in self.rooms.values() for p in room.peers]
         closing = asyncio.gather(
             *(p.ws.close(CloseCode.GOING_AWAY, "relay shutting down") for p in peers),
@@ -467,7 +573,7 @@ class Relay:
 
     # -- HTTP -------------------------------------------------------------------------
 
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path, _, query = request.path.partition("?")
         upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
         # Health checks are plain HTTP; a websocket to the same path is a document.
@@ -475,10 +581,21 @@ class Relay:
             if "verbose" in parse_qs(query):
                 return conn.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
             return conn.respond(HTTPStatus.OK, "ok\n")
+        if not upgrade and path == "/metrics":
+            return self._metrics_response(conn, request)
         if not upgrade and path == "/readyz":
             if self._stopping or self.store is None:
                 return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "stopping\n")
             return conn.respond(HTTPStatus.OK, "ready\n")
+        response = await self._upgrade_or_refuse(conn, request, path)
+        if response is not None:
+            self.metrics.handshakes_refused[str(response.status_code)] += 1
+        return response
+
+    async def _upgrade_or_refuse(
+        self, conn: ServerConnection, request: Request, path: str
+    ) -> Response | None:
+        """None lets the websocket handshake go on; a response refuses it."""
         if self._stopping:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "relay shutting down\n")
         if self.stats["connections"] >= self.settings.max_connections:
@@ -489,7 +606,93 @@ class Relay:
             return conn.respond(
                 HTTPStatus.TOO_MANY_REQUESTS, "too many connections from this address\n"
             )
+        try:
+            document = validate_document_name(path[1:])
+        except InvalidDocumentName:
+            return None  # the handler closes it with 1008 and the reason
+        try:
+            access = await self._decide_access(request, document)
+        except TokenRefused as exc:
+            self.stats["refused_unauthorized"] += 1
+            log.info(
+                "refused a connection: token %s",
+                exc.reason,
+                extra={"document": document, "peer": self._address(conn, request), "status": 401},
+            )
+            return conn.respond(HTTPStatus.UNAUTHORIZED, f"token refused ({exc.reason}): {exc}\n")
+        except AccessDenied as exc:
+            self.stats["refused_forbidden"] += 1
+            return conn.respond(HTTPStatus.FORBIDDEN, f"{exc}\n")
+        except TimeoutError:
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "authorization timed out\n")
+        except Exception:
+            log.exception("authorize hook failed", extra={"document": document})
+            return conn.respond(HTTPStatus.INTERNAL_SERVER_ERROR, "authorization failed\n")
+        if not access.rights.read:
+            self.stats["refused_forbidden"] += 1
+            return conn.respond(HTTPStatus.FORBIDDEN, f"no access to {document!r}\n")
+        self._access[conn] = access
         return None
+
+    def _metrics_response(self, conn: ServerConnection, request: Request) -> Response:
+        expected = self.settings.metrics_token
+        if expected is not None:
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer":
+                given = ""
+            given = given.strip()
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return conn.respond(HTTPStatus.UNAUTHORIZED, "metrics need the metrics token\n")
+        body, content_type = exposition(self._snapshot)
+        response = conn.respond(HTTPStatus.OK, "")
+        response.body = body
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = content_type
+        del response.headers["Content-Length"]
+        response.headers["Content-Length"] = str(len(body))
+        return response
+
+    def _snapshot(self) -> Snapshot:
+        connections: Counter[tuple[str, str]] = Counter()
+        presence = 0
+        for room in self.rooms.values():
+            presence += len(room.awareness)
+            for p in room.peers:
+                ext = "yes" if p.session.extensions else "no"
+                connections[ext, "rw" if p.access.rights.write else "r"] += 1
+        return Snapshot(
+            dict(self.stats), self.metrics, connections, len(self.rooms), presence,
+            len(self._compacting),
+        )  # fmt: skip
+
+    async def _decide_access(self, request: Request, document: str) -> Access:
+        """The token's rights to ``document``, and what ``authorize`` allows.
+
+        Raises:
+            TokenRefused: tokens are required and this one is missing or invalid (401).
+            AccessDenied: ``authorize`` refused (403).
+            TimeoutError: ``authorize`` took longer than AUTHORIZE_TIMEOUT_S.
+        """
+        claims = None
+        rights = Rights()
+        if self._verifier is not None:
+            claims = self._verifier.verify(token_from_request(request.path, request.headers))
+            rights = claims.grants.rights_for(document)
+            # Asked at connect too: a token closed as revoked must not come straight back
+            # with full access until the next periodic check.
+            if (
+                self.revoked is not None
+                and rights.read
+                and await self._revoked_now(claims, document)
+            ):
+                raise TokenRefused("revoked", "access token revoked")
+        if self.authorize is not None and rights.read:
+            allowed = self.authorize(request, document)
+            if inspect.isawaitable(allowed):
+                async with asyncio.timeout(AUTHORIZE_TIMEOUT_S):
+                    allowed = await allowed
+            rights &= allowed
+        return Access(rights, claims)
 
     def _address(self, conn: ServerConnection, request: Request) -> str:
         """The client's address: the socket's, or the one a trusted proxy forwarded."""
@@ -520,11 +723,12 @@ class Relay:
         try:
             # The room is the raw path up to "?", not URL-decoded (DESIGN: facts from the anchors).
             document = validate_document_name(raw_path[1:])
-            rights = self.authorize(request, document)
-            if not rights.read:
-                raise AccessDenied(f"no read access to {document!r}")
+            access = self._access.pop(ws, None)
+            if access is None:  # decided at the handshake: never missing for a valid name
+                raise AccessDenied(f"no access to {document!r}")
         except (InvalidDocumentName, AccessDenied) as exc:
             self.stats["refused"] += 1
+            self.metrics.closed(exc.close_code)
             await ws.close(exc.close_code, close_reason(str(exc)))
             return
         # Only crdtsync=1 asks for extensions: anything else (crdtsync=0) is a stock client.
@@ -541,14 +745,27 @@ class Relay:
             max_message_bytes=s.max_message_bytes,
             answer_piece_bytes=s.answer_piece_bytes,
             extensions=extensions,
-            can_write=rights.write,
+            can_write=access.rights.write,
             validate=check,
             max_presence_bytes=s.max_presence_state_bytes * s.max_presence_states_per_connection
             + 1024,
             max_presence_state_bytes=s.max_presence_state_bytes,
         )
         address = self._address(ws, request)
-        peer = Peer(ws, session, document, Budget.of(s), address)
+        peer = Peer(ws, session, document, Budget.of(s), address, access)
+        peer.writer = Writer(frozenset(), access.subject)
+        peer.id = ws.id.hex[:12]
+        peer.opened = time.monotonic()
+        rights = access.rights
+        log.info(
+            "connection opened",
+            extra={
+                **peer.context(),
+                "event": "open",
+                "access": "rw" if rights.write else "r",
+                "extensions": extensions,
+            },
+        )
         room = self.rooms.get(document)
         if room is None:
             assert self.store is not None
@@ -561,7 +778,16 @@ class Relay:
         sync_timer: asyncio.TimerHandle | None = loop.call_later(
             s.sync_timeout_s, self._sync_timeout, peer
         )
+        expiry_timer = None
+        if access.claims is not None and access.claims.exp is not None:
+            # A token is good until its exp, plus the leeway allowed for clock skew
+            # (the handshake accepted it on the same terms).
+            left = access.claims.exp + s.token_leeway_s - time.time()
+            expiry_timer = loop.call_later(
+                max(0.0, left), self._close_access, peer, "token expired"
+            )
         self.stats["connections"] += 1
+        self.stats["connections_opened"] += 1
         self._per_address[address] = self._per_address.get(address, 0) + 1
         received = 0
         handler = asyncio.current_task()
@@ -580,6 +806,7 @@ class Relay:
             await self._send(peer)
             async for data in ws:
                 received += len(data)
+                peer.messages_in += 1
                 if self._stopping or peer.closing:
                     continue  # what it sent after its close began is not handled
                 checked = None
@@ -602,12 +829,12 @@ class Relay:
                     # message would cost more than the message.
                     await asyncio.sleep(delay)
         except StoreError as exc:
-            log.error("store error on %r: %s", document, exc)
+            log.error("store error: %s", exc, extra=peer.context())
             await ws.close(CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}"))
         except (ConnectionClosed, ConnectionClosedByStop):
             pass
         except Exception:
-            log.exception("bug while serving %r", document)
+            log.exception("bug while serving a connection", extra=peer.context())
             await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             if handler is not None:
@@ -615,6 +842,8 @@ class Relay:
             release_timer.cancel()
             if sync_timer is not None:
                 sync_timer.cancel()
+            if expiry_timer is not None:
+                expiry_timer.cancel()
             if received >= BIG_CONNECTION_BYTES:
                 # Large frames end up in reference cycles (websockets' assembler and
                 # its exceptions); with the relay's rare collections (cli) they could
@@ -627,6 +856,26 @@ class Relay:
             else:
                 self._per_address.pop(address, None)
             self._leave(room, peer)
+            self.stats["writes_dropped"] += session.writes_dropped
+            self.metrics.refusals["read_only"] += session.writes_dropped
+            self.stats["bytes_in"] += received
+            self.stats["messages_in"] += peer.messages_in
+            code = ws.close_code if ws.close_code is not None else CloseCode.ABNORMAL
+            self.metrics.closed(code)
+            log.info(
+                "connection closed",
+                extra={
+                    **peer.context(),
+                    "event": "close",
+                    "code": int(code),
+                    "reason": ws.close_reason or "",
+                    "duration_s": round(time.monotonic() - peer.opened, 3),
+                    "messages_in": peer.messages_in,
+                    "bytes_in": received,
+                    "updates_stored": peer.updates_stored,
+                    "updates_refused": peer.updates_refused,
+                },
+            )
 
     def _collect_soon(self) -> None:
         """A garbage collection, at most once a second (a full one costs milliseconds)."""
@@ -639,6 +888,74 @@ class Relay:
 
         self._collect_handle = asyncio.get_running_loop().call_later(1.0, collect)
 
+    def _close_access(self, peer: Peer, reason: str) -> None:
+        """Close a connection whose token expired or was revoked (4401: get a new one)."""
+        if peer.closing:
+            return
+        peer.closing = True
+        self.stats["closed_unauthorized"] += 1
+        log.info("closing a connection: %s", reason, extra=peer.context())
+        self._close_later(peer.ws, CloseCode.UNAUTHORIZED, reason)
+
+    async def _ask_revoked(self, claims: TokenClaims, document: str) -> bool:
+        """The ``revoked`` hook's answer, within AUTHORIZE_TIMEOUT_S.
+
+        Raises:
+            Exception: whatever the hook raised (TimeoutError when it took too long).
+        """
+        assert self.revoked is not None
+        answer = self.revoked(claims, document)
+        if inspect.isawaitable(answer):
+            async with asyncio.timeout(AUTHORIZE_TIMEOUT_S):
+                answer = await answer
+        return bool(answer)
+
+    async def _revoked_now(self, claims: TokenClaims, document: str) -> bool:
+        """The hook's answer at a handshake. A hook that fails or times out lets the
+        connection in, as at the periodic checks (the token itself is valid: revocation
+        is a deny list, and its service being down must not take every document down)."""
+        try:
+            return await self._ask_revoked(claims, document)
+        except BaseException as exc:
+            task = asyncio.current_task()
+            if (task is not None and task.cancelling()) or isinstance(
+                exc, KeyboardInterrupt | SystemExit
+            ):
+                raise
+            log.error("revoked hook failed: %r", exc, extra={"document": document})
+            return False
+
+    async def _recheck_tokens(self) -> None:
+        """Ask the ``revoked`` hook about every connection with a token, periodically."""
+
+        async def ask(peer: Peer) -> None:
+            assert peer.access.claims is not None
+            try:
+                revoked = await self._ask_revoked(peer.access.claims, peer.document)
+            except BaseException as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the relay is stopping: not the hook's doing
+                if isinstance(exc, KeyboardInterrupt | SystemExit):
+                    raise
+                # A failing hook (even one raising CancelledError) keeps the connection
+                # (its token is still valid) and the checks: it is asked again next round.
+                log.error("revoked hook failed: %r", exc, extra=peer.context())
+                return
+            if revoked:
+                self._close_access(peer, "token revoked")
+
+        while True:
+            await asyncio.sleep(self.settings.token_recheck_s)
+            peers = [
+                p
+                for room in list(self.rooms.values())
+                for p in room.peers
+                if p.access.claims is not None and not p.closing
+            ]
+            for i in range(0, len(peers), 256):  # bounded concurrency towards the hook
+                await asyncio.gather(*(ask(p) for p in peers[i : i + 256]))
+
     def _sync_timeout(self, peer: Peer) -> None:
         if not peer.engaged:
             self._close_over_limits(
@@ -650,12 +967,13 @@ class Relay:
             return  # once: strikes keep coming until the close completes
         peer.closing = True
         self.stats["closed_over_limits"] += 1
-        log.info("closing a connection on %r: %s", peer.document, reason)
+        log.info("closing a connection: %s", reason, extra=peer.context())
         self._close_later(peer.ws, CloseCode.POLICY_VIOLATION, close_reason(reason))
 
     def _strike(self, peer: Peer, reason: str) -> None:
         """Count a refusal; a connection that keeps going over a cap is closed (1008)."""
         self.stats["limits_hit"] += 1
+        self.metrics.refusals["limit"] += 1
         if peer.budget.strikes.strike(time.monotonic()):
             self._close_over_limits(peer, f"over limits: {reason}")
 
@@ -875,11 +1193,17 @@ class Relay:
                     await asyncio.sleep(wait)
                     if peer.ws.close_code is not None:
                         return 0.0
+                started = time.monotonic()
                 read = peer.joined
                 if read is None:
                     read = await self._fresh_read(room)
                 peer.joined = None
                 session.answer_with_pieces(await self._answer(room, read, event.state_vector))
+                now = time.monotonic()
+                self.metrics.answer_seconds.observe(now - started)
+                if not peer.answered:
+                    peer.answered = True
+                    self.metrics.join_seconds.observe(now - peer.opened)
                 answered = True
             elif isinstance(event, AwarenessReceived):
                 self._on_awareness(peer, room, event, time.monotonic())
@@ -888,14 +1212,19 @@ class Relay:
             elif isinstance(event, ClientsClaimed):
                 peer.writer = Writer(event.clients, peer.writer.subject)
                 if self.settings.integrity:
-                    self._record_claims(peer, event.fresh)
+                    if self._committing is not None:
+                        self._claims_waiting.append((peer, event.fresh))
+                    else:
+                        self._record_claims(peer, event.fresh)
             elif isinstance(event, LimitHit):
                 self._strike(peer, event.reason)
             elif isinstance(event, (PermissionRefused, Refused)):
                 pass  # a client has no business refusing the relay's content; ignore it
             elif isinstance(event, Failed):
                 log.info(
-                    "closing connection on %r: %s (%d)", room.name, event.reason, event.close_code
+                    "closing a connection: %s",
+                    event.reason,
+                    extra={**peer.context(), "code": event.close_code},
                 )
                 await self._send(peer)
                 await peer.ws.close(event.close_code, event.reason)
@@ -996,6 +1325,7 @@ class Relay:
         """Check the relay-wide budget early once much was sent since the last check (a
         room fanning out fast fills many backlogs within the watcher's second)."""
         self._sent_since_check += size
+        self.stats["bytes_out"] += size
         if self._sent_since_check > self._write_budget() // 4:
             self._check_budget()
 
@@ -1121,6 +1451,8 @@ class Relay:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._committing is not None:
+            return  # a commit is under way in a thread: it flushes again when done
         batch, self._batch = self._batch, []
         if not batch or self.store is None:
             return
@@ -1131,28 +1463,84 @@ class Relay:
             else:
                 self._apply_quota(batch)
             stored = [item for item in batch if item.update is not None]
-            self.store.append_many(
-                ((item.peer.document, item.update) for item in stored if item.update is not None),
-                ledgers,
-            )
-        except StoreError as exc:
-            # Nothing was stored, so nothing is broadcast or acknowledged; the senders
-            # are closed and resend on reconnect (their replicas still hold the edits).
-            # The ledgers judged this turn ran ahead of the store: read them again.
-            for name in ledgers:
-                self._ledgers.pop(name, None)
-            log.error("store append failed: %s", exc)
-            for peer in {item.peer for item in batch}:
-                self._close_later(
-                    peer.ws, CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}")
+            rows = [(item.peer.document, item.update) for item in stored if item.update]
+            if sum(len(update) for _, update in rows) >= COMMIT_IN_THREAD_BYTES and not (
+                self._stopping
+            ):
+                task = asyncio.get_running_loop().create_task(
+                    self._commit_in_thread(batch, stored, rows, ledgers)
                 )
+                self._committing = task
+                return
+            started = time.perf_counter()
+            self.store.append_many(rows, ledgers)
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        except StoreError as exc:
+            self._commit_failed(batch, ledgers, exc)
             return
+        self._committed(batch, stored, ledgers)
+
+    async def _commit_in_thread(
+        self,
+        batch: list[_Pending],
+        stored: list[_Pending],
+        rows: list[tuple[str, bytes]],
+        ledgers: dict[str, Ledger],
+    ) -> None:
+        """Commit a turn holding megabytes in a thread (sqlite3 releases the GIL while it
+        writes): 60 MB took 155 ms of the loop. Later turns wait for it, in order; claims
+        meanwhile wait too (they write the ledgers this commit is writing)."""
+        assert self.store is not None
+        try:
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(self.store.append_many, rows, ledgers)
+            except StoreError as exc:
+                self._commit_failed(batch, ledgers, exc)
+                return
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+            self._committed(batch, stored, ledgers)
+        finally:
+            self._committing = None
+            claims, self._claims_waiting = self._claims_waiting, []
+            for peer, fresh in claims:
+                if peer.closing or peer.ws.close_code is not None:
+                    continue
+                try:
+                    self._record_claims(peer, fresh)
+                except StoreError as exc:
+                    reason = close_reason(f"store unavailable: {exc}")
+                    self._close_later(peer.ws, CloseCode.TRY_AGAIN_LATER, reason)
+            if self._batch:
+                self._flush()
+
+    def _commit_failed(
+        self, batch: list[_Pending], ledgers: dict[str, Ledger], exc: StoreError
+    ) -> None:
+        """Nothing was stored, so nothing is broadcast or acknowledged; the senders are
+        closed and resend on reconnect (their replicas still hold the edits)."""
+        self.stats["store_errors"] += 1
+        # The ledgers judged this turn ran ahead of the store: read them again.
+        for name in ledgers:
+            self._ledgers.pop(name, None)
+        log.error("store append failed: %s", exc)
+        for peer in {item.peer for item in batch}:
+            self._close_later(
+                peer.ws, CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}")
+            )
+
+    def _committed(
+        self, batch: list[_Pending], stored: list[_Pending], ledgers: dict[str, Ledger]
+    ) -> None:
+        """After a commit: fan out, acknowledge and refuse, in the order received."""
         self.stats["updates_stored"] += len(stored)
         self.stats["commits"] += 1
         by_room: dict[str, list[_Pending]] = {}
         for item in stored:
             by_room.setdefault(item.peer.document, []).append(item)
         for name, items in by_room.items():
+            for item in items:
+                item.peer.updates_stored += 1
             room = self.rooms.get(name)
             if room is not None:
                 room.appended += len(items)
@@ -1164,6 +1552,7 @@ class Relay:
                 session.refuse(item.key, item.refusal, unproven=item.unproven)
             elif item.key is not None:
                 session.acknowledge(item.key)
+                self.stats["acknowledgements"] += 1
             else:
                 continue
             for frame in session.data_to_send():
@@ -1214,6 +1603,7 @@ class Relay:
             "(deletions are accepted)"
         )
         self.stats["updates_refused"] += 1
+        self.metrics.refusals["quota"] += 1
         self._strike(item.peer, "document over its size quota")
         return True
 
@@ -1304,7 +1694,9 @@ class Relay:
             item.refusal = "; ".join(r.reason for r in verdict.refusals)[:1000]
             item.unproven = any(r.unproven for r in verdict.refusals)
             self.stats["updates_refused"] += 1
-            log.warning("refused content on %r: %s", name, item.refusal)
+            item.peer.updates_refused += 1
+            self.metrics.refusals["integrity"] += 1
+            log.warning("refused content: %s", item.refusal, extra=item.peer.context())
 
     async def _compare(
         self, peer: Peer, update: bytes, lookup: Lookup
@@ -1330,7 +1722,7 @@ class Relay:
                     compare_file, self.store.path, peer.document, update, lookup
                 )
             except StoreError as exc:
-                log.error("store error comparing an update on %r: %s", peer.document, exc)
+                log.error("store error comparing an update: %s", exc, extra=peer.context())
                 comparison = None  # judged on the loop at the flush, which reports it
             return comparison, time.monotonic() - started
 
@@ -1384,6 +1776,7 @@ class Relay:
                 for p in live:
                     p.send_update_frame(frame)
         self._count_sent(sum(map(len, frames)) * len(live))
+        self.stats["frames_fanned_out"] += len(frames) * len(live)
         for sender in ext_senders:
             if sender not in room.peers or sender.closing:
                 continue
@@ -1423,8 +1816,10 @@ class Relay:
 
     def _schedule_compaction(self, room: Room) -> None:
         name = room.name
-        if self._pool is None or self._stopping or name in self._compacting:
+        if not self.settings.compaction_workers or self._stopping or name in self._compacting:
             return
+        if self._pool is None:
+            self._pool = self._new_pool()
         self._compacting.add(name)
         room.appended = 0
         future: Future[Any] = self._pool.submit(
@@ -1447,10 +1842,13 @@ class Relay:
             if isinstance(exc, BrokenProcessPool):
                 # The worker died (e.g. pycrdt crashed on hostile content): the relay and
                 # the store are fine; start a fresh worker for the next compaction.
-                log.error("compaction worker died while compacting %r; restarting it", name)
+                log.error(
+                    "compaction worker died while compacting; restarting it",
+                    extra={"document": name},
+                )
                 self._restart_pool()
             elif exc is not None:
-                log.error("compaction of %r failed: %s", name, exc)
+                log.error("compaction failed: %s", exc, extra={"document": name})
 
         wrapped.add_done_callback(done)
 

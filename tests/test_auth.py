@@ -349,7 +349,7 @@ def test_token_refused_is_access_denied_with_a_fixed_reason() -> None:
     assert exc.close_code == 1008
     assert exc.reason == "missing"
     assert exc.reason in TokenRefused.REASONS
-    assert len(TokenRefused.REASONS) == 10
+    assert len(TokenRefused.REASONS) == 11  # README: access tokens lists each
     with pytest.raises(ValueError, match="unknown token refusal reason"):
         TokenRefused("nope", "x")  # type: ignore[arg-type]
 

@@ -980,10 +980,22 @@ def test_anonymously_written_client_id_stays_writable() -> None:
     typed = keystrokes(first, "abcd")
     relay = Relay()
     relay.store_all(typed[:2], ANON)
-    relay.store_all(typed[2:3], Writer(subject="bob"))  # a token without a key proves nothing
+    relay.store_all(typed[2:3], Writer(frozenset({D})))  # a key for another id
     assert relay.ledger.owners == {}
-    relay.store_all(typed[3:], Writer(frozenset({D})))  # a key for another id
-    assert relay.ledger.owners == {}
+    relay.store_all(typed[3:], ANON)
+    assert text_of(relay.doc()) == "abcd"
+
+
+def test_first_write_with_a_token_makes_an_anonymously_written_id_the_subjects() -> None:
+    first: Doc[Any] = Doc(client_id=C)
+    typed = keystrokes(first, "abcd")
+    relay = Relay()
+    relay.store_all(typed[:2], ANON)
+    relay.store_all(typed[2:3], Writer(subject="bob"))  # the token proves its subject
+    assert relay.ledger.owners == {C: "sub:bob"}
+    assert refused_clients(relay.offer(typed[3], Writer(subject="eve"))) == {C}
+    assert refused_clients(relay.offer(typed[3], ANON)) == {C}
+    relay.store_all(typed[3:], Writer(subject="bob"))
     assert text_of(relay.doc()) == "abcd"
 
 
@@ -1016,7 +1028,8 @@ def test_writer_permissions() -> None:
     assert ANON.owner_for(C) is None
     assert OWNER.owner_for(C) == KEY_OWNER
     assert OWNER.owner_for(D) is None
-    assert Writer(subject="alice").owner_for(C) is None
+    assert Writer(subject="alice").owner_for(C) == "sub:alice"  # its first write owns it
+    assert Writer(frozenset({C}), "alice").owner_for(C) == KEY_OWNER  # a proven key first
     assert ANON.may_write(C, None)
     assert OWNER.may_write(D, None)
     assert OWNER.may_write(C, KEY_OWNER)

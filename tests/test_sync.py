@@ -17,12 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycrdt import Array, Doc, Map, Text, handle_sync_message
 
-from crdtsync.errors import AccessDenied, MalformedMessage, MessageTooLarge, ProtocolError
+from crdtsync.errors import MalformedMessage, MessageTooLarge, ProtocolError
 from crdtsync.protocol import (
     AwarenessEntry,
     AwarenessMessage,
     ExtAck,
     ExtHello,
+    ExtRefused,
     ExtUpdate,
     PermissionDenied,
     QueryAwareness,
@@ -320,21 +321,27 @@ def test_keyed_update_is_acknowledged_through_the_pair() -> None:
 READ_ONLY_FRAME = b"\x02\x00\x21read-only access to this document"
 
 
-def test_read_only_peer_update_fails_with_1008_and_permission_denied() -> None:
+def test_read_only_peer_updates_are_dropped_with_one_permission_denied() -> None:
     session = SyncSession(can_write=False)
-    failure = only_failure(received(session, SyncUpdate(make_update(5, "sneaky")).encode()))
-    assert failure.close_code == 1008
-    assert type(failure.error) is AccessDenied
-    assert failure.reason == "read-only access: updates are refused"
-    assert session.data_to_send() == [READ_ONLY_FRAME]
+    for n in range(3):
+        assert received(session, SyncUpdate(make_update(5, f"sneaky {n}")).encode()) == []
+    assert session.failure is None  # the connection stays open: a stock client would loop
+    assert session.writes_dropped == 3
+    assert session.data_to_send() == [READ_ONLY_FRAME]  # said once
     assert decode_message(READ_ONLY_FRAME) == PermissionDenied("read-only access to this document")
+    (event,) = received(session, SyncStep1(b"\x00").encode())
+    assert event == StateRequested(b"\x00")
 
 
-def test_read_only_peer_keyed_update_fails_with_1008() -> None:
+def test_read_only_peer_keyed_updates_are_each_refused() -> None:
     session = SyncSession(can_write=False, extensions=True)
-    failure = only_failure(received(session, ExtUpdate(1, make_update(5, "x")).encode()))
-    assert failure.close_code == 1008
-    assert session.data_to_send() == [READ_ONLY_FRAME]
+    assert received(session, ExtUpdate(1, make_update(5, "x")).encode()) == []
+    assert received(session, ExtUpdate(2, make_update(5, "y")).encode()) == []
+    assert session.failure is None
+    assert [decode_message(f) for f in session.data_to_send()] == [
+        ExtRefused(1, "read-only access to this document", False),
+        ExtRefused(2, "read-only access to this document", False),
+    ]
 
 
 def test_read_only_peer_step2_answer_is_dropped_without_failure() -> None:

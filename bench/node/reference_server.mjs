@@ -3,7 +3,13 @@
 // ws 8), memory only, exactly as the package's own bin sets it up (setupWSConnection on a
 // ws WebSocketServer behind a plain http server).
 //
-//   node reference_server.mjs [--host 127.0.0.1] [--port 0]
+//   node reference_server.mjs [--host 127.0.0.1] [--port 0] [--load-dir DIR]
+//
+// --load-dir DIR (bench/coldstart.py's stored document; off by default): a persistence
+// set with the package's setPersistence() whose bindState reads DIR/<encodeURIComponent(name)>.bin
+// (one Yjs update) synchronously when a document is first opened, so the first answer
+// already holds it; writeState writes nothing. The package's own persistence (y-leveldb)
+// needs a native module that bench/node does not build.
 //
 // Prints one JSON line on stdout once bound: {"event": "listening", "url": "ws://127.0.0.1:PORT",
 // "pid": PID}. Everything else goes to stderr. SIGTERM/SIGINT: close everything and exit 0.
@@ -31,14 +37,35 @@ register('data:text/javascript,' + encodeURIComponent(HOOKS))
 console.log = console.info = console.debug = (...args) => console.error(...args)
 
 const { WebSocketServer } = await import('ws')
-const { setupWSConnection, docs } = await import('@y/websocket-server/utils')
+const { setupWSConnection, setPersistence, docs } = await import('@y/websocket-server/utils')
 
-const opts = { host: '127.0.0.1', port: 0 }
+const opts = { host: '127.0.0.1', port: 0, loadDir: null }
 const argv = process.argv.slice(2)
 for (let i = 0; i < argv.length; i += 2) {
   if (argv[i] === '--host') opts.host = argv[i + 1]
   else if (argv[i] === '--port') opts.port = Number.parseInt(argv[i + 1], 10)
-  else throw new Error(`unknown argument ${argv[i]}; usage: --host H --port P`)
+  else if (argv[i] === '--load-dir') opts.loadDir = argv[i + 1]
+  else throw new Error(`unknown argument ${argv[i]}; usage: --host H --port P [--load-dir DIR]`)
+}
+
+if (opts.loadDir !== null) {
+  const { readFileSync } = await import('node:fs')
+  const path = await import('node:path')
+  const Y = await import('yjs')
+  setPersistence({
+    provider: null,
+    bindState: (docName, ydoc) => {
+      let data
+      try {
+        data = readFileSync(path.join(opts.loadDir, encodeURIComponent(docName) + '.bin'))
+      } catch (err) {
+        if (err.code === 'ENOENT') return // a new document
+        throw err
+      }
+      Y.applyUpdate(ydoc, new Uint8Array(data.buffer, data.byteOffset, data.byteLength))
+    },
+    writeState: async () => {}
+  })
 }
 
 const server = http.createServer((_request, response) => {

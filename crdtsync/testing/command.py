@@ -49,13 +49,15 @@ def _check_relay(url: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> CampaignConfig:
-    faults = [f.strip() for f in args.faults.split(",") if f.strip()]
+    every = args.faults is None  # the default: every kind
+    faults = list(FAULT_KINDS) if every else [f.strip() for f in args.faults.split(",")]
+    faults = [f for f in faults if f]
     unknown = [f for f in faults if f not in FAULT_KINDS]
     if unknown:
         raise UsageError(f"unknown fault kind {unknown[0]!r}; choose from {', '.join(FAULT_KINDS)}")
     if args.relay:
         local_only = [f for f in faults if f in LOCAL_ONLY]
-        if local_only and args.faults != ",".join(FAULT_KINDS):
+        if local_only and not every:
             raise UsageError(f"{local_only[0]} needs local relays (it cannot kill yours)")
         for url in args.relay:
             _check_relay(url)

@@ -5,6 +5,7 @@ processes on loopback)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import urllib.request
 from pathlib import Path
@@ -224,3 +225,48 @@ async def test_silent_readers_together_cannot_pass_the_relay_budget(
         assert honest.status(ROOM).connected
         await writer.close()
         await asyncio.gather(*echoes)
+
+
+async def test_replicas_joining_while_a_large_update_is_committed_lose_nothing(
+    relay_factory, tmp_path, monkeypatch
+):
+    """A turn holding megabytes is committed in a thread; meanwhile the loop goes on:
+    replicas join (their claims wait for the commit), edit, and everything is stored in
+    order, none of it refused."""
+    monkeypatch.setenv("CRDTSYNC_MAX_UPDATE_BYTES", str(24 * MiB))
+    monkeypatch.setenv("CRDTSYNC_MAX_MESSAGE_BYTES", str(32 * MiB))
+    relay = relay_factory("commit.db")
+    writer: Doc = Doc()
+    big = text_update(writer, "w" * (20 * MiB))
+    async with connect(f"{relay.url}/{ROOM}", max_size=None) as ws:
+        await ws.send(SyncStep1(b"\x00").encode())
+        for round_ in range(3):
+            await ws.send(SyncUpdate(big if round_ == 0 else text_update(writer, "x")).encode())
+            replicas = [
+                Replica(
+                    tmp_path / f"r{round_}-{i}.db",
+                    relay=relay.url,
+                    max_update_bytes=32 * MiB,  # the document they sync is over the default
+                )
+                for i in range(3)
+            ]
+            async with contextlib.AsyncExitStack() as stack:
+                for i, replica in enumerate(replicas):
+                    await stack.enter_async_context(replica)
+                    doc = await replica.open(ROOM)
+                    doc.get("other", type=Text).insert(0, f"r{round_}-{i} ")
+                for replica in replicas:
+                    await replica.wait_synced(ROOM, timeout=timeout_s(60))
+            big = b""
+    stats = health(relay)
+    assert stats["updates_refused"] == 0
+    log = UpdateLog(relay.store)
+    try:
+        doc: Doc = Doc()
+        for update in log.load(ROOM).all_updates():
+            doc.apply_update(update)
+    finally:
+        log.close()
+    assert str(doc.get("text", type=Text)) == "w" * (20 * MiB) + "xx"
+    other = str(doc.get("other", type=Text)).split()
+    assert sorted(other) == sorted(f"r{r}-{i}" for r in range(3) for i in range(3))

@@ -76,3 +76,10 @@ def test_check_refuses_bad_input_with_one_clear_line(tmp_path, args, message):
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().splitlines()[-1].startswith("crdtsync check:")
+
+
+def test_the_fault_kinds_in_the_help_are_the_campaigns() -> None:
+    from crdtsync.cli import FAULT_KINDS_HELP
+    from crdtsync.testing.campaign import FAULT_KINDS
+
+    assert ",".join(FAULT_KINDS) == FAULT_KINDS_HELP

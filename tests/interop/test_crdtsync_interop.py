@@ -174,3 +174,33 @@ async def test_presence_is_shared_between_stock_yjs_client_and_replica(
 
         await eventually(lambda: in_thread(yjs_sees_replica), what="replica presence at yjs")
     assert await in_thread(yjs.errors) == []
+
+
+async def test_stock_yjs_client_with_a_token_in_params_syncs_and_a_bad_one_is_refused(
+    relay_factory, tmp_path, make_yjs_client: MakeYjsClient
+):
+    from crdtsync.auth import mint_token
+
+    secret = "interop-secret-of-at-least-32-bytes-000"
+    relay = relay_factory("relay.db", "--token-secret", secret)
+    good = mint_token(secret, subject="yjs", docs={"team/*": "rw"}, ttl_s=600)
+    bad = mint_token(secret + "x", subject="yjs", docs={"team/*": "rw"}, ttl_s=600)
+    yjs = make_yjs_client(relay.url, "team/doc", params={"token": good})
+    intruder = make_yjs_client(relay.url, "team/doc", params={"token": bad}, max_backoff_ms=200)
+    await in_thread(yjs.wait_synced)
+    await in_thread(yjs.edit, ["text_insert", "text", 0, "from yjs"])
+    token = mint_token(secret, subject="py", docs={"team/*": "rw"}, ttl_s=600)
+    async with Replica(tmp_path / "r.db", relay=relay.url, token=token) as replica:
+        text = (await replica.open("team/doc")).get("text", type=Text)
+        await eventually(lambda: str(text) == "from yjs", what="the stock client's edit")
+        await in_thread(intruder.edit, ["text_insert", "text", 0, "intruder "])
+
+        def refused_attempts() -> int:
+            status = intruder.status()
+            assert not status["synced"]
+            assert not status["connected"]
+            return int(status["unsuccessful_reconnects"])
+
+        await eventually(lambda: refused_attempts() >= 2, what="refused reconnects")
+        assert str(text) == "from yjs"
+    assert relay_counters(relay.url)["refused_unauthorized"] >= 2
