@@ -724,23 +724,20 @@ def text_doc(chunks: Sequence[str], client_id: int) -> tuple[list[bytes], bytes,
 
 
 def stored_summary(store: Path, room: str) -> str:
-    """The room as stored (read-only, after the load): snapshot size and seq, tail rows."""
-    import sqlite3
+    """The room as stored (after the load): snapshot size and seq, tail rows."""
+    from crdtsync.errors import StoreError
+    from crdtsync.store import UpdateLog
 
     try:
-        conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)
-        try:
-            snap = conn.execute(
-                "SELECT coalesce(length(snapshot), 0), snapshot_seq FROM documents WHERE name = ?",
-                (room,),
-            ).fetchone()
-            tail = conn.execute("SELECT count(*) FROM updates WHERE doc = ?", (room,)).fetchone()
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
+        with UpdateLog(store) as log:
+            stored = log.load(room)
+    except StoreError as exc:
         return f"store not readable: {exc}"
-    size, seq = snap if snap else (0, 0)
-    return f"stored after: snapshot {size / 1e6:.1f} MB (seq {seq:,}), tail {tail[0]:,} updates"
+    size = len(stored.snapshot or b"")
+    return (
+        f"stored after: snapshot {size / 1e6:.1f} MB (seq {stored.snapshot_seq:,}), "
+        f"tail {len(stored.updates):,} updates"
+    )
 
 
 def ms_summary(values: Sequence[float]) -> str:

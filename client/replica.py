@@ -184,6 +184,7 @@ class _Document:
     synced: bool = False
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     stop_reconnecting: bool = False
+    closing: bool = False  # Replica.close() is closing it: no reconnect, nothing to report
     compaction_scheduled: bool = False
     awareness: Awareness | None = None
     # local seqs not yet confirmed, ascending; loaded from the file on first use, so that
@@ -452,7 +453,7 @@ class Replica:
                         await conn.ws.send(frame)
         if d.subscription is not None:
             d.doc.unobserve(d.subscription)
-        d.stop_reconnecting = True
+        d.closing = True
         if conn is not None:
             # A normal close (1000) first: cancelling the task inside websockets'
             # context would end the connection with 1011, which reads as a failure.
@@ -805,7 +806,7 @@ class Replica:
 
     async def _connect_loop(self, d: _Document) -> None:
         backoff = self._backoff()
-        while not d.stop_reconnecting:
+        while not d.stop_reconnecting and not d.closing:
             delay: float | None = None  # None: the backoff's next delay
             try:
                 headers = self._authorization(await self._token())
@@ -859,6 +860,8 @@ class Replica:
                     d.conn = None
                 d.synced = False
                 self._notify(d)
+            if d.closing:
+                return
             if d.stop_reconnecting:
                 log.warning("stopped syncing %r: %s", d.name, d.last_error)
                 return

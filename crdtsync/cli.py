@@ -285,7 +285,8 @@ def _relay_settings(args: argparse.Namespace) -> RelaySettings | None:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         message = first["msg"].removeprefix("Value error, ")
-        print(f"crdtsync relay: invalid setting {where}: {message}", file=sys.stderr)
+        what = f"invalid setting {where}" if where else "invalid settings"
+        print(f"crdtsync relay: {what}: {message}", file=sys.stderr)
         return None
     except (OSError, ValueError) as exc:
         print(f"crdtsync relay: cannot read settings: {exc}", file=sys.stderr)

@@ -99,10 +99,10 @@ PACE_BATCH_BYTES = 256 * 1024
 _ANONYMOUS = Writer()
 MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
 # A stored document of at most this many tail updates and bytes is read and merged on
-# the loop (measured: 1,000 updates of 1 KB merge in 5 ms); beyond, in the work process.
-# Above compact_after_updates' default (1000), so the first read of a document this relay
-# compacted never waits for the work process to start (~130 ms at a cold start).
-READ_INLINE_UPDATES = 1024
+# the loop (measured: 1,000 updates of 1 KB merge in 5 ms, 20,000 one-character ones in
+# 17 ms); beyond, in the work process. The first read of a document of a megabyte never
+# waits for the work process to start (~110 ms at a cold start: bench/coldstart.py).
+READ_INLINE_UPDATES = 32_768
 # A turn whose updates hold this many bytes is committed in a thread (Relay._commit_in_thread).
 COMMIT_IN_THREAD_BYTES = 4 * 1024 * 1024
 READ_INLINE_BYTES = 1024 * 1024
@@ -344,9 +344,10 @@ class Relay:
             ``(request, document) -> Rights`` (a coroutine function too); raise
             :class:`AccessDenied` to refuse (HTTP 403). With tokens, the connection
             gets what both the token and this allow.
-        revoked: asked every ``token_recheck_s`` for each connection with a token,
-            ``(claims, document) -> bool`` (a coroutine function too): True closes the
-            connection (4401, "token revoked").
+        revoked: ``(claims, document) -> bool`` (a coroutine function too), asked at
+            each handshake with a token (True: 401, ``revoked``) and every
+            ``token_recheck_s`` for each open connection with one (True: closed with
+            4401, "token revoked"). A hook that fails or times out counts as False.
     """
 
     def __init__(

@@ -397,20 +397,24 @@ async def test_edit_while_another_process_locks_the_file_does_not_block_the_loop
 
 
 async def test_concurrent_joins_share_reads_merged_off_the_loop(relay_factory, tmp_path):
-    """20 joiners of a 5,000-update document: a few shared reads, merged in a worker."""
+    """20 joiners of a 1.1 MB document (over a megabyte: merged in the work process): a
+    few shared reads."""
     store = tmp_path / "big.db"
     writer: Doc[Any] = Doc()
     updates: list[bytes] = []
     writer.observe(lambda event: updates.append(event.update))
     text = writer.get("text", type=Text)
-    for i in range(5000):
-        text.insert(i, "x")
+    for _ in range(200):  # (few, large appends: pycrdt applies many appends slowly)
+        text.insert(len(text), "x" * 5500)
     with UpdateLog(store) as log:
         log.append_many([(ROOM, u) for u in updates])
     relay = relay_factory("big.db", "--compact-after-updates", "1000000")
 
     async def join(i: int) -> int:
-        async with asyncio.timeout(timeout_s(30)), connect(f"{relay.url}/{ROOM}") as ws:
+        async with (
+            asyncio.timeout(timeout_s(30)),
+            connect(f"{relay.url}/{ROOM}", max_size=None) as ws,
+        ):
             await ws.send(SyncStep1(b"\x00").encode())
             while True:
                 msg = decode_message(await ws.recv())  # type: ignore[arg-type]
@@ -422,9 +426,10 @@ async def test_concurrent_joins_share_reads_merged_off_the_loop(relay_factory, t
     other = asyncio.create_task(honest_round_trip(relay, tmp_path, "during-joins"))
     lengths = await asyncio.gather(*(join(i) for i in range(20)))
     await other
-    assert lengths == [5000] * 20
+    assert lengths == [200 * 5500] * 20
     stats = health(relay)
-    assert 1 <= stats["document_reads"] <= 6  # 20 joins shared a handful of reads
+    # 20 joins shared a handful of reads (the other room's replica reads too)
+    assert 1 <= stats["document_reads"] <= 8
     assert stats["document_reads_in_worker"] >= 1
 
 
@@ -685,3 +690,32 @@ async def test_other_rooms_keep_syncing_while_a_large_document_is_compacted(
                 if isinstance(msg, SyncStep2 | SyncUpdate):
                     joiner.apply_update(msg.update)
     assert str(joiner.get("text", type=Text)) == str(text)
+
+
+async def test_replica_drops_presence_nested_too_deep_and_goes_on(tmp_path):
+    """A relay sending presence nested 20,000 arrays deep, 40 KB (under the size cap:
+    issue 8 saw a RecursionError in the replica): dropped; the presence after it and the
+    connection go on."""
+    deep = "[" * 20_000 + "]" * 20_000
+    payload = write_var_uint(1) + write_var_uint(7) + write_var_uint(1)
+    payload += write_var_uint(len(deep)) + deep.encode()
+    frame = bytes([MessageType.AWARENESS]) + write_var_uint(len(payload)) + payload
+
+    async def behave(fake: FakeRelay, ws: Any) -> None:
+        await ws.send(ExtHello().encode())
+        await ws.send(SyncStep1(b"\x00").encode())
+        for _ in range(20):
+            await ws.send(frame)
+        await ws.send(presence(8, 1, {"user": "after"}))
+        async for data in ws:
+            fake.received.append(data)
+
+    async with FakeRelay(behave) as fake, Replica(tmp_path / "r.db", relay=fake.url) as replica:
+        await replica.open(ROOM)
+        states = replica.awareness(ROOM).states
+        await eventually(lambda: states.get(8) == {"user": "after"}, what="the later presence")
+        assert 7 not in states
+        status = replica.status(ROOM)
+        assert status.connected
+        assert "Recursion" not in (status.last_error or "")
+        assert fake.connections == 1  # never dropped the connection over it
