@@ -13,6 +13,7 @@ scaled-down versions of the same cases (test_limits.py, test_backlogs.py).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_full_size(scenario: str, tmp_path: Path) -> None:
         assert "readers: 5/5 received it" in outcome, outcome
         assert "open x5" in outcome, outcome  # no honest reader closed
     elif scenario == "silent":
-        assert c["closed_slow"] + c["closed_over_limits"] >= 1, outcome
+        cut = re.search(r"([\d,]+) cut off", outcome)  # the relay-wide write budget at work
+        assert cut is not None, outcome
+        assert int(cut.group(1).replace(",", "")) >= 1, outcome
     elif scenario == "idle":
         assert c["refused"] >= 1, outcome
