@@ -6,28 +6,24 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
 from helpers import eventually, timeout_s
 from pycrdt import Doc, Text
-from websockets.asyncio.client import ClientConnection, connect
+from stock import close_of, messages_within, read_document, stored_text, text_update
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from crdtsync.auth import mint_token
 from crdtsync.client import Replica
 from crdtsync.protocol import (
     PermissionDenied,
-    SyncStep1,
-    SyncStep2,
     SyncUpdate,
-    decode_message,
 )
 from crdtsync.server import Relay
 from crdtsync.settings import RelaySettings
-from crdtsync.store import UpdateLog, merge_in_batches
 
 pytestmark = pytest.mark.anyio
 
@@ -64,49 +60,6 @@ def token(grant: dict[str, str], validity: str = "valid", subject: str = "alice"
     )
 
 
-def text_update(doc: Doc[Any], text: str) -> bytes:
-    before = doc.get_state()
-    doc.get("text", type=Text).insert(len(doc.get("text", type=Text)), text)
-    return doc.get_update(before)
-
-
-def stored_text(store: Path, name: str) -> str:
-    log = UpdateLog(store)
-    try:
-        doc: Doc[Any] = Doc()
-        doc.apply_update(merge_in_batches(log.load(name).all_updates()))
-        return str(doc.get("text", type=Text))
-    finally:
-        log.close()
-
-
-async def read_document(ws: ClientConnection) -> tuple[str, list[object]]:
-    """Sync as a stock client: the document's text, and every message received."""
-    await ws.send(SyncStep1(b"\x00").encode())
-    doc: Doc[Any] = Doc()
-    seen: list[object] = []
-    async with asyncio.timeout(timeout_s(10)):
-        while True:
-            msg = decode_message(await ws.recv())
-            seen.append(msg)
-            if isinstance(msg, SyncStep2 | SyncUpdate):
-                doc.apply_update(msg.update)
-            if isinstance(msg, SyncStep2):
-                return str(doc.get("text", type=Text)), seen
-
-
-async def close_of(ws: ClientConnection, seconds: float) -> tuple[int, str]:
-    """Read until the relay closes ``ws``: its close code and reason."""
-    try:
-        async with asyncio.timeout(timeout_s(seconds)):
-            while True:
-                await ws.recv()
-    except ConnectionClosed as exc:
-        assert exc.rcvd is not None
-        return exc.rcvd.code, exc.rcvd.reason
-    raise AssertionError("unreachable")
-
-
 async def try_session(url: str) -> None:
     """Connect and sync once; whatever happens (only the relay's log matters)."""
     try:
@@ -114,16 +67,6 @@ async def try_session(url: str) -> None:
             await read_document(ws)
     except (InvalidStatus, ConnectionClosed):
         pass
-
-
-async def quiet_messages(ws: ClientConnection, seconds: float) -> list[object]:
-    out: list[object] = []
-    try:
-        async with asyncio.timeout(seconds):
-            while True:
-                out.append(decode_message(await ws.recv()))
-    except TimeoutError:
-        return out
 
 
 @pytest.fixture
@@ -157,7 +100,7 @@ async def test_token_matrix_gives_exactly_the_rights_granted(token_relay):
                         await ws.send(SyncUpdate(text_update(Doc(), marker)).encode())
                         # a second write: still one permission-denied, and still open
                         await ws.send(SyncUpdate(text_update(Doc(), marker)).encode())
-                        after = await quiet_messages(ws, 0.3)
+                        after = await messages_within(ws, 0.3)
                         denied = [m for m in after if isinstance(m, PermissionDenied)]
                         await read_document(ws)  # still served
                         outcomes[name, grant_name, validity] = (
@@ -309,7 +252,7 @@ async def test_a_subject_owns_the_client_ids_it_writes(token_relay):
     async with connect(f"{token_relay.url}/team/plans?token={bob}") as ws:
         await read_document(ws)
         await ws.send(SyncUpdate(text_update(bob_doc, "bob as alice. ")).encode())
-        denied = [m for m in await quiet_messages(ws, 1.0) if isinstance(m, PermissionDenied)]
+        denied = [m for m in await messages_within(ws, 1.0) if isinstance(m, PermissionDenied)]
         assert denied, "bob's write under alice's client id was not refused"
     # Alice, on another connection, goes on under her id.
     async with connect(f"{token_relay.url}/team/plans?token={alice}") as ws:
@@ -348,7 +291,7 @@ async def test_revoked_token_closes_its_connections(tmp_path):
             await read_document(wa)
             await read_document(wb)
             revoked_subjects.add("mallory")
-            assert await quiet_messages(wa, 0.6) == []  # nobody revoked yet
+            assert await messages_within(wa, 0.6) == []  # nobody revoked yet
             revoked_subjects.add("alice")
             assert await close_of(wa, 10) == (4401, "token revoked")
             assert wb.close_code is None
@@ -375,7 +318,7 @@ async def test_async_authorize_hook_narrows_token_rights(tmp_path):
         async with connect(f"{relay.url}/public/news?token={tok}") as ws:
             await read_document(ws)
             await ws.send(SyncUpdate(text_update(Doc(), "nope")).encode())
-            got = await quiet_messages(ws, 0.5)
+            got = await messages_within(ws, 0.5)
             assert any(isinstance(m, PermissionDenied) for m in got)
         await eventually(lambda: relay.health()["writes_dropped"] == 1, what="the count")
     finally:

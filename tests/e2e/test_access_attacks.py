@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from helpers import eventually, timeout_s
 from pycrdt import Doc, Text, merge_updates
-from websockets.asyncio.client import ClientConnection, connect
+from stock import close_of, messages_within, read_document, stored_text, text_update
+from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -52,7 +53,6 @@ from crdtsync.protocol import (
 )
 from crdtsync.server import Relay
 from crdtsync.settings import RelaySettings
-from crdtsync.store import UpdateLog, merge_in_batches
 
 pytestmark = pytest.mark.anyio
 
@@ -98,62 +98,6 @@ def forge(header: dict[str, Any], payload: dict[str, Any], signature: bytes | No
 
 def hs256(signing_input: str, key: bytes) -> bytes:
     return hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
-
-
-def text_update(doc: Doc[Any], text: str) -> bytes:
-    before = doc.get_state()
-    t = doc.get("text", type=Text)
-    t.insert(len(t), text)
-    return doc.get_update(before)
-
-
-def stored_text(store: Path, name: str) -> str:
-    log = UpdateLog(store)
-    try:
-        doc: Doc[Any] = Doc()
-        updates = log.load(name).all_updates()
-        if updates:
-            doc.apply_update(merge_in_batches(updates))
-        return str(doc.get("text", type=Text))
-    finally:
-        log.close()
-
-
-async def read_document(ws: ClientConnection, seconds: float = 10) -> tuple[str, list[object]]:
-    """Sync as a stock client: the document's text, and every message received."""
-    await ws.send(SyncStep1(b"\x00").encode())
-    doc: Doc[Any] = Doc()
-    seen: list[object] = []
-    async with asyncio.timeout(timeout_s(seconds)):
-        while True:
-            msg = decode_message(await ws.recv())
-            seen.append(msg)
-            if isinstance(msg, SyncStep2 | SyncUpdate):
-                doc.apply_update(msg.update)
-            if isinstance(msg, SyncStep2):
-                return str(doc.get("text", type=Text)), seen
-
-
-async def quiet_messages(ws: ClientConnection, seconds: float) -> list[object]:
-    out: list[object] = []
-    try:
-        async with asyncio.timeout(seconds):
-            while True:
-                out.append(decode_message(await ws.recv()))
-    except TimeoutError:
-        return out
-
-
-async def close_of(ws: ClientConnection, seconds: float) -> tuple[int, str]:
-    """Read until the relay closes ``ws``: its close code and reason."""
-    try:
-        async with asyncio.timeout(timeout_s(seconds)):
-            while True:
-                await ws.recv()
-    except ConnectionClosed as exc:
-        assert exc.rcvd is not None, "closed without a close frame"
-        return exc.rcvd.code, exc.rcvd.reason
-    raise AssertionError("unreachable")
 
 
 async def outcome(url: str, headers: Any = None) -> str:
@@ -587,7 +531,7 @@ async def test_read_only_token_cannot_write_by_any_message_kind(token_relay):
             await ws.send(SyncUpdate(text_update(Doc(), "[ro big]" + "x" * 300_000)).encode())
             text, seen = await read_document(ws)
             denied = [m for m in seen if isinstance(m, PermissionDenied)]
-            denied += [m for m in await quiet_messages(ws, 0.3) if isinstance(m, PermissionDenied)]
+            denied += [m for m in await messages_within(ws, 0.3) if isinstance(m, PermissionDenied)]
             assert len(denied) == 1  # once, and the connection stays open
             assert "[ro" not in text
         # A crdtsync replica: keyed updates, unkeyed updates, a step 2, claims then writes.
@@ -604,10 +548,10 @@ async def test_read_only_token_cannot_write_by_any_message_kind(token_relay):
             await ws.send(SyncStep2(text_update(doc, "[ro ext step2]")).encode())
             text, seen = await read_document(ws)
             refused = [m for m in seen if isinstance(m, ExtRefused)]
-            refused += [m for m in await quiet_messages(ws, 0.3) if isinstance(m, ExtRefused)]
+            refused += [m for m in await messages_within(ws, 0.3) if isinstance(m, ExtRefused)]
             assert sorted(m.key for m in refused if m.key) == [1, 2, 3]
             assert "[ro" not in text
-        fanned = await quiet_messages(watcher, 0.5)
+        fanned = await messages_within(watcher, 0.5)
         got: Doc[Any] = Doc()
         for m in fanned:
             if isinstance(m, SyncUpdate | SyncStep2):
@@ -632,7 +576,7 @@ async def test_read_only_connection_cannot_lock_writers_out_with_claims(relay_fa
         await read_document(ws)
         await ws.send(SyncUpdate(text_update(Doc(), "the writer's text")).encode())
         _, seen = await read_document(ws)
-        seen += await quiet_messages(ws, 0.3)
+        seen += await messages_within(ws, 0.3)
     assert stored_text(relay.store, "team/plans") == "the writer's text", [
         m for m in seen if isinstance(m, PermissionDenied)
     ]
@@ -674,7 +618,7 @@ async def test_a_subject_cannot_write_under_another_subjects_client_id(token_rel
         await ws.send(ExtClaim(((client_id_of_key(key), key),), ()).encode())
         await ws.send(ExtUpdate(5, as_alice("[bob as alice, keyed]")).encode())
         _, seen = await read_document(ws)
-        seen += await quiet_messages(ws, 0.3)
+        seen += await messages_within(ws, 0.3)
         refusals = [m for m in seen if isinstance(m, ExtRefused)]
         assert [m.key for m in refusals] == [5]
         assert refusals[0].unproven
@@ -735,7 +679,7 @@ async def test_nothing_sent_after_expiry_is_stored(relay_factory, monkeypatch):
                     sent[n] = time.time()
                     await ws.send(SyncUpdate(update).encode())
                     n += 1
-                    with_close = await quiet_messages(ws, 0.02)
+                    with_close = await messages_within(ws, 0.02)
                     del with_close
         except ConnectionClosed as exc:
             closed_at = time.time()

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from helpers import descendants, eventually, timeout_s
 from pycrdt import Doc, Text
+from stock import text_update
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -49,14 +50,6 @@ def own_rss_mb(pid: int) -> float:
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its children (the relay's work processes)."""
     return sum(own_rss_mb(p) for p in [pid, *descendants(pid)])
-
-
-def text_update(doc: Doc, text: str) -> bytes:
-    """An update appending ``text`` to the doc's Y.Text (one transaction)."""
-    before = doc.get_state()
-    t = doc.get("text", type=Text)
-    t.insert(len(t), text)
-    return doc.get_update(before)
 
 
 async def joined(url: str, **kwargs: Any) -> ClientConnection:

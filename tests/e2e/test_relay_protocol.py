@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from helpers import timeout_s
 from pycrdt import Doc, Text
+from stock import messages_within
 from websockets.asyncio.client import connect
 
 from crdtsync.client import Replica
@@ -20,17 +21,6 @@ from crdtsync.protocol import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-async def messages_within(ws, seconds: float) -> list[object]:
-    """Every message that arrives within ``seconds`` (a bounded window, for "nothing else")."""
-    out: list[object] = []
-    try:
-        async with asyncio.timeout(seconds):
-            while True:
-                out.append(decode_message(await ws.recv()))
-    except TimeoutError:
-        return out
 
 
 async def test_live_updates_wait_until_the_sync_answer_went_out(relay, tmp_path):
