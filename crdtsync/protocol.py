@@ -175,6 +175,12 @@ class SyncUpdate:
     def encode(self) -> bytes:
         return _framed(_UPDATE, self.update)
 
+    @staticmethod
+    def header(length: int) -> bytes:
+        """What precedes an update of ``length`` bytes in its message (a sender of a
+        large update can send the two apart instead of copying them into one)."""
+        return _UPDATE + write_var_uint(length)
+
 
 @dataclass(frozen=True, slots=True)
 class AwarenessMessage:

@@ -55,7 +55,7 @@ from crdtsync.integrity import Comparison, Ledger, Lookup, Writer
 from crdtsync.limits import Strikes, TokenBucket
 from crdtsync.protocol import AwarenessEntry, AwarenessMessage, SyncUpdate, encode_awareness
 from crdtsync.settings import RelaySettings, validate_document_name
-from crdtsync.store import UpdateLog, checkpoint_file, compact_file, merge_in_batches
+from crdtsync.store import Staged, UpdateLog, checkpoint_file, compact_file, merge_in_batches
 from crdtsync.sync import (
     AwarenessQueried,
     AwarenessReceived,
@@ -103,8 +103,9 @@ MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
 # 17 ms); beyond, in the work process. The first read of a document of a megabyte never
 # waits for the work process to start (~110 ms at a cold start: bench/coldstart.py).
 READ_INLINE_UPDATES = 32_768
-# A turn whose updates hold this many bytes is committed in a thread (Relay._commit_in_thread).
-COMMIT_IN_THREAD_BYTES = 4 * 1024 * 1024
+# An update of this many bytes is staged in the store from a thread before its commit
+# (Relay._stage_and_commit): one commit of 60 MB held SQLite's write lock ~135 ms.
+STAGE_UPDATE_BYTES = 2 * 1024 * 1024
 READ_INLINE_BYTES = 1024 * 1024
 # Frames of at least LARGE_FRAME_BYTES go out in fragments of FRAGMENT_BYTES (Peer.push).
 # (Not smaller ones: a peer closed while a fragmented frame is under way gets 1011, all
@@ -119,11 +120,38 @@ BACKLOG_CHECK_S = 1.0  # how often every peer's backlog is checked, and the rela
 AUTHORIZE_TIMEOUT_S = 10.0  # an authorize or revoked hook that takes longer fails
 
 
-async def _fragments(view: memoryview) -> AsyncIterator[memoryview]:
+@dataclass(frozen=True, eq=False, slots=True)
+class LargeFrame:
+    """A frame of megabytes kept as its header and its payload: never joined into one
+    bytes object (a copy of 60 MB held the loop ~25 ms); sent in fragments."""
+
+    header: bytes
+    payload: bytes
+
+    def __len__(self) -> int:
+        return len(self.header) + len(self.payload)
+
+    @classmethod
+    def update(cls, update: bytes) -> LargeFrame:
+        """The sync update message carrying ``update`` (as :class:`SyncUpdate` encodes it)."""
+        return cls(SyncUpdate.header(len(update)), update)
+
+
+Frame = bytes | LargeFrame
+
+
+async def _fragments(frame: Frame) -> AsyncIterator[bytes | memoryview]:
     """A large frame's fragments, one per event-loop turn: websockets writes the next
     one at once when the socket took the last, so a 60 MB frame to five fast readers went
     out in one turn of about 250 ms."""
-    for start in range(0, len(view), FRAGMENT_BYTES):
+    if isinstance(frame, LargeFrame):
+        view = memoryview(frame.payload)
+        yield frame.header + view[:FRAGMENT_BYTES]
+        first = FRAGMENT_BYTES
+    else:
+        view = memoryview(frame)
+        first = 0
+    for start in range(first, len(view), FRAGMENT_BYTES):
         if start:
             await asyncio.sleep(0)
         yield view[start : start + FRAGMENT_BYTES]
@@ -222,14 +250,14 @@ class Peer:
     # update must not overtake the answer: Yrs (pycrdt 0.14) can lose a Map change when
     # one client's updates are applied out of order (y-crdt#413); Yjs cannot, but order
     # costs nothing here.
-    held: list[bytes] | None = field(default_factory=list)
+    held: list[Frame] | None = field(default_factory=list)
     # The stored document as read at join, kept for the answer to this peer's first
     # step 1: whatever is stored after that read reaches the peer through the fan-out it
     # joined first (held until the answer), so the store is read once per join, not twice.
     joined: Read | None = None
 
     # Frames queued behind a large one that goes out in fragments (None: nothing is).
-    outbox: deque[bytes] | None = None
+    outbox: deque[Frame] | None = None
     outbox_bytes: int = 0
     sender: asyncio.Task[None] | None = None
 
@@ -242,7 +270,7 @@ class Peer:
             "subject": self.access.subject,
         }
 
-    def push(self, frame: bytes) -> None:
+    def push(self, frame: Frame) -> None:
         """Send a frame, in order with every other frame pushed to this peer.
 
         A large frame goes out in fragments, each written once the previous one left
@@ -251,7 +279,7 @@ class Peer:
         (about a second for 60 MB to six peers) and each buffer was then shifted after
         every partial write. What comes meanwhile waits in ``outbox``, in order.
         """
-        if self.outbox is None and len(frame) < LARGE_FRAME_BYTES:
+        if self.outbox is None and isinstance(frame, bytes) and len(frame) < LARGE_FRAME_BYTES:
             broadcast([self.ws], frame)
             return
         if self.outbox is None:
@@ -264,10 +292,10 @@ class Peer:
         try:
             while self.outbox:
                 frame = self.outbox.popleft()
-                if len(frame) < LARGE_FRAME_BYTES:
+                if isinstance(frame, bytes) and len(frame) < LARGE_FRAME_BYTES:
                     await self.ws.send(frame)
                 else:
-                    await self.ws.send(_fragments(memoryview(frame)))
+                    await self.ws.send(_fragments(frame))
                 self.outbox_bytes -= len(frame)
         except ConnectionClosed:
             pass
@@ -282,7 +310,7 @@ class Peer:
         size = transport.get_write_buffer_size() if transport is not None else 0
         return size + self.outbox_bytes
 
-    def send_update_frame(self, frame: bytes) -> None:
+    def send_update_frame(self, frame: Frame) -> None:
         """Send a live update now, or hold it until the peer's sync answer went out."""
         if self.held is None:
             self.push(frame)
@@ -367,8 +395,11 @@ class Relay:
         )
         self._rechecker: asyncio.Task[None] | None = None
         self.metrics = RelayMetrics()
-        self._committing: asyncio.Task[None] | None = None  # a commit in a thread
-        self._claims_waiting: list[tuple[Peer, tuple[int, ...]]] = []  # ... and claims after it
+        # Documents whose updates are being staged (Relay._stage_and_commit): what comes
+        # for them meanwhile waits, unjudged and in order; so do claims of their ids.
+        self._staging: dict[str, asyncio.Task[None]] = {}
+        self._deferred: dict[str, list[_Pending]] = {}
+        self._claims_waiting: dict[str, list[tuple[Peer, tuple[int, ...]]]] = {}
         self.rooms: dict[str, Room] = {}
         self.store: UpdateLog | None = None
         self._server: Server | None = None
@@ -440,6 +471,8 @@ class Relay:
         self._verifier = s.token_verifier()  # reads the key files: a bad one fails here
         self._store_lock = _lock_store(str(s.store))
         self.store = UpdateLog(s.store, synchronous=s.synchronous, autocheckpoint=False)
+        # Chunks of large updates a killed relay was staging (never appended).
+        self.store.drop_unused_chunks()
         # (The compaction pool starts with the first compaction: a process started here
         # competed with the first joins for the machine's cores, at every cold start.)
         tls = tls_context(s)
@@ -499,11 +532,10 @@ class Relay:
         if self._server is not None:
             self._server.close(close_connections=False)
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        if self._committing is not None:
-            # A commit in a thread cannot be cut short: wait for it (it flushes what
-            # came meanwhile, on the loop now that the relay is stopping).
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._committing)
+        while self._staging:
+            # A staged commit is not cut short: wait for it (it flushes what came
+            # meanwhile, on the loop now that the relay is stopping).
+            await asyncio.wait({asyncio.shield(t) for t in self._staging.values()})
         self._flush()
         peers = [p for room in self.rooms.values() for p in room.peers]
         closing = asyncio.gather(
@@ -1220,8 +1252,9 @@ class Relay:
             elif isinstance(event, ClientsClaimed):
                 peer.writer = Writer(event.clients, peer.writer.subject)
                 if self.settings.integrity:
-                    if self._committing is not None:
-                        self._claims_waiting.append((peer, event.fresh))
+                    if peer.document in self._staging:
+                        waiting = self._claims_waiting.setdefault(peer.document, [])
+                        waiting.append((peer, event.fresh))
                     else:
                         self._record_claims(peer, event.fresh)
             elif isinstance(event, LimitHit):
@@ -1459,27 +1492,51 @@ class Relay:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
-        if self._committing is not None:
-            return  # a commit is under way in a thread: it flushes again when done
         batch, self._batch = self._batch, []
         if not batch or self.store is None:
             return
+        if self._staging:
+            # A document whose earlier updates are still being staged waits for them:
+            # its items are judged after that commit, against the ledger it leaves.
+            later = [item for item in batch if item.peer.document in self._staging]
+            if later:
+                for item in later:
+                    self._deferred.setdefault(item.peer.document, []).append(item)
+                batch = [item for item in batch if item.peer.document not in self._staging]
         ledgers: dict[str, Ledger] = {}
         try:
             if self.settings.integrity:
                 self._judge(batch, ledgers)  # the quota too: a refusal must not touch a ledger
             else:
                 self._apply_quota(batch)
-            stored = [item for item in batch if item.update is not None]
-            rows = [(item.peer.document, item.update) for item in stored if item.update]
-            if sum(len(update) for _, update in rows) >= COMMIT_IN_THREAD_BYTES and not (
-                self._stopping
-            ):
-                task = asyncio.get_running_loop().create_task(
-                    self._commit_in_thread(batch, stored, rows, ledgers)
-                )
-                self._committing = task
-                return
+        except StoreError as exc:
+            self._commit_failed(batch, ledgers, exc)
+            return
+        big = set()
+        if not self._stopping:
+            big = {
+                item.peer.document
+                for item in batch
+                if item.update is not None and len(item.update) >= STAGE_UPDATE_BYTES
+            }
+        if big:
+            staged = [item for item in batch if item.peer.document in big]
+            batch = [item for item in batch if item.peer.document not in big]
+            task = asyncio.get_running_loop().create_task(
+                self._stage_and_commit(staged, {d: ledgers.pop(d) for d in big if d in ledgers})
+            )
+            for name in big:
+                self._staging[name] = task
+        self._commit(batch, ledgers)
+
+    def _commit(self, batch: list[_Pending], ledgers: dict[str, Ledger]) -> None:
+        """Append one turn's judged updates in one commit, then fan out and acknowledge."""
+        assert self.store is not None
+        if not batch:
+            return
+        stored = [item for item in batch if item.update is not None]
+        rows = [(item.peer.document, item.update) for item in stored if item.update]
+        try:
             started = time.perf_counter()
             self.store.append_many(rows, ledgers)
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
@@ -1488,38 +1545,52 @@ class Relay:
             return
         self._committed(batch, stored, ledgers)
 
-    async def _commit_in_thread(
-        self,
-        batch: list[_Pending],
-        stored: list[_Pending],
-        rows: list[tuple[str, bytes]],
-        ledgers: dict[str, Ledger],
-    ) -> None:
-        """Commit a turn holding megabytes in a thread (sqlite3 releases the GIL while it
-        writes): 60 MB took 155 ms of the loop. Later turns wait for it, in order; claims
-        meanwhile wait too (they write the ledgers this commit is writing)."""
+    async def _stage_and_commit(self, batch: list[_Pending], ledgers: dict[str, Ledger]) -> None:
+        """Commit a turn's updates of documents that received a large one: each large
+        update is written in chunks from a thread first (sqlite3 releases the GIL while
+        it writes, and each chunk is its own short transaction), then everything is
+        appended in one small commit. Other documents' turns commit meanwhile; the
+        same documents' later turns, and claims of their ids, wait (in order)."""
         assert self.store is not None
+        store = self.store
+        names = {item.peer.document for item in batch}
+        staged: dict[int, Staged] = {}
         try:
-            started = time.perf_counter()
             try:
-                await asyncio.to_thread(self.store.append_many, rows, ledgers)
+                for i, item in enumerate(batch):
+                    if item.update is not None and len(item.update) >= STAGE_UPDATE_BYTES:
+                        staged[i] = await asyncio.to_thread(store.stage, item.update)
+                rows = [
+                    (item.peer.document, staged.get(i, item.update))
+                    for i, item in enumerate(batch)
+                    if item.update
+                ]
+                started = time.perf_counter()
+                store.append_many(rows, ledgers)
+                self.metrics.commit_seconds.observe(time.perf_counter() - started)
             except StoreError as exc:
                 self._commit_failed(batch, ledgers, exc)
+                with contextlib.suppress(StoreError):
+                    store.drop_unused_chunks(s.gen for s in staged.values())
                 return
-            self.metrics.commit_seconds.observe(time.perf_counter() - started)
-            self._committed(batch, stored, ledgers)
+            self._committed(batch, [item for item in batch if item.update is not None], ledgers)
         finally:
-            self._committing = None
-            claims, self._claims_waiting = self._claims_waiting, []
-            for peer, fresh in claims:
-                if peer.closing or peer.ws.close_code is not None:
-                    continue
-                try:
-                    self._record_claims(peer, fresh)
-                except StoreError as exc:
-                    reason = close_reason(f"store unavailable: {exc}")
-                    self._close_later(peer.ws, CloseCode.TRY_AGAIN_LATER, reason)
-            if self._batch:
+            for name in names:
+                self._staging.pop(name, None)
+            for name in names:
+                for peer, fresh in self._claims_waiting.pop(name, []):
+                    if peer.closing or peer.ws.close_code is not None:
+                        continue
+                    try:
+                        self._record_claims(peer, fresh)
+                    except StoreError as exc:
+                        reason = close_reason(f"store unavailable: {exc}")
+                        self._close_later(peer.ws, CloseCode.TRY_AGAIN_LATER, reason)
+            deferred = [item for name in names for item in self._deferred.pop(name, [])]
+            if deferred:
+                # Before anything of theirs submitted since (each document's own order
+                # is what matters: a connection writes to one document).
+                self._batch[:0] = deferred
                 self._flush()
 
     def _commit_failed(
@@ -1719,6 +1790,10 @@ class Relay:
         # What this turn holds is committed first: the comparison then reads a store
         # that matches the ledger (otherwise it is redone at the flush, on the loop).
         self._flush()
+        staging = self._staging.get(peer.document)
+        if staging is not None:
+            with contextlib.suppress(Exception):  # (it reports its own failures)
+                await asyncio.shield(staging)
         # One comparison in the work process at a time, relay-wide: reads, answers and
         # checks for everyone else queue behind at most one (each connection's own
         # share is paced: work_share).
@@ -1775,7 +1850,7 @@ class Relay:
         ext_senders = {item.peer for item in items if item.peer.session.extensions}
         live = [p for p in room.peers if p not in ext_senders and not p.closing]
         for frame in frames:
-            if len(frame) < LARGE_FRAME_BYTES:
+            if isinstance(frame, bytes) and len(frame) < LARGE_FRAME_BYTES:
                 broadcast([p.ws for p in live if p.held is None and p.outbox is None], frame)
                 for p in live:
                     if p.held is not None or p.outbox is not None:
@@ -1794,24 +1869,32 @@ class Relay:
             for frame in self._frames(others):
                 sender.send_update_frame(frame)
 
-    def _frames(self, updates: list[bytes]) -> list[bytes]:
+    def _frames(self, updates: list[bytes]) -> list[Frame]:
         """Update frames for ``updates``, in order: runs of small ones merged into one.
 
         A merge costs the loop time in proportion to what it merges, so runs stop at
-        ``answer_piece_bytes`` and a large update goes out as it came.
+        ``answer_piece_bytes`` and a large update goes out as it came (never copied
+        into a frame of its own: :class:`LargeFrame`).
         """
-        frames: list[bytes] = []
+        frames: list[Frame] = []
         run: list[bytes] = []
         size = 0
         limit = self.settings.answer_piece_bytes
+
+        def close_run() -> None:
+            if len(run) == 1 and len(run[0]) >= LARGE_FRAME_BYTES:
+                frames.append(LargeFrame.update(run[0]))
+            else:
+                frames.append(SyncUpdate(merge_in_batches(run)).encode())
+
         for update in updates:
             if run and size + len(update) > limit:
-                frames.append(SyncUpdate(merge_in_batches(run)).encode())
+                close_run()
                 run, size = [], 0
             run.append(update)
             size += len(update)
         if run:
-            frames.append(SyncUpdate(merge_in_batches(run)).encode())
+            close_run()
         return frames
 
     def _close_later(self, ws: ServerConnection, code: int, reason: str) -> None:

@@ -492,6 +492,7 @@ def test_fresh_file_gets_the_schema(path: Path) -> None:
         ("crdtsync", "m001_update_log"),
         ("crdtsync", "m002_integrity"),
         ("crdtsync", "m003_snapshot_chunks"),
+        ("crdtsync", "m004_update_chunks"),
     ]
 
 
@@ -686,3 +687,58 @@ def test_compaction_whose_chunks_were_taken_is_abandoned(tmp_path):
         stored.apply_update(log.load("doc").merged())
         assert str(stored.get("text", type=Text)) == str(text)
         assert log.compact("doc").folded == 300  # the next one goes through
+
+
+# -- staged (chunked) updates ------------------------------------------------------------------
+
+
+def _text_update(size: int) -> bytes:
+    doc: Doc[Any] = Doc()
+    doc.get("text", type=Text).insert(0, "s" * size)
+    return doc.get_update()
+
+
+def test_a_staged_update_is_appended_in_order_and_read_back_whole(log: UpdateLog, monkeypatch):
+    monkeypatch.setattr(store_module, "UPDATE_CHUNK_BYTES", 1000)
+    big = _text_update(4500)
+    log.append("d", EMPTY_UPDATE)
+    staged = log.stage(big)
+    assert staged.size == len(big)
+    assert log.load("d").updates == [EMPTY_UPDATE]  # staged is not appended
+    seqs = log.append_many([("d", staged), ("e", b"\x00\x00"), ("d", EMPTY_UPDATE)])
+    assert seqs == sorted(seqs)
+    assert log.load("d").updates == [EMPTY_UPDATE, big, EMPTY_UPDATE]
+    assert log.load("d", after_seq=seqs[0]).updates == [EMPTY_UPDATE]
+    assert log.size("d") == (3, len(big) + 4)
+    assert log.size_within("d", 3, len(big) + 4) == (3, len(big) + 4)
+    assert log.size_within("d", 3, len(big) + 3) is None
+
+
+def test_compaction_deletes_a_staged_updates_chunks(log: UpdateLog, monkeypatch):
+    monkeypatch.setattr(store_module, "UPDATE_CHUNK_BYTES", 100)
+    big = _text_update(2000)  # about 20 chunks: deleted over several transactions
+    log.append_many([("d", log.stage(big)), ("d", EMPTY_UPDATE)])
+    other = log.stage(_text_update(500))
+    log.append_many([("e", other)])
+    result = log.compact("d")
+    assert result.folded == 2
+    rows = log.conn.execute("SELECT DISTINCT gen FROM update_chunks").fetchall()
+    assert rows == [(other.gen,)]  # another document's chunks stay
+    doc: Doc[Any] = Doc()
+    doc.apply_update(log.load("d").merged())
+    assert str(doc.get("text", type=Text)) == "s" * 2000
+
+
+def test_chunks_never_appended_are_dropped(log: UpdateLog, monkeypatch):
+    monkeypatch.setattr(store_module, "UPDATE_CHUNK_BYTES", 100)
+    update = _text_update(300)
+    kept = log.stage(update)
+    log.append_many([("d", kept)])
+    lost = log.stage(_text_update(300))  # a relay killed before its append
+    failed = log.stage(_text_update(300))  # an append that failed
+    assert log.drop_unused_chunks([failed.gen, kept.gen]) > 0
+    gens = {g for (g,) in log.conn.execute("SELECT gen FROM update_chunks")}
+    assert gens == {kept.gen, lost.gen}
+    assert log.drop_unused_chunks() > 0
+    assert {g for (g,) in log.conn.execute("SELECT gen FROM update_chunks")} == {kept.gen}
+    assert log.load("d").updates == [update]

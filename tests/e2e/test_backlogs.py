@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from helpers import descendants, eventually, timeout_s
 from pycrdt import Doc, Text
-from stock import text_update
+from stock import close_of, messages_within, text_update
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -223,9 +223,9 @@ async def test_silent_readers_together_cannot_pass_the_relay_budget(
 async def test_replicas_joining_while_a_large_update_is_committed_lose_nothing(
     relay_factory, tmp_path, monkeypatch
 ):
-    """A turn holding megabytes is committed in a thread; meanwhile the loop goes on:
-    replicas join (their claims wait for the commit), edit, and everything is stored in
-    order, none of it refused."""
+    """A large update is staged from a thread before its commit; meanwhile the loop goes
+    on: replicas join (their claims wait for the commit), edit, and everything is stored
+    in order, none of it refused."""
     monkeypatch.setenv("CRDTSYNC_MAX_UPDATE_BYTES", str(24 * MiB))
     monkeypatch.setenv("CRDTSYNC_MAX_MESSAGE_BYTES", str(32 * MiB))
     relay = relay_factory("commit.db")
@@ -263,3 +263,95 @@ async def test_replicas_joining_while_a_large_update_is_committed_lose_nothing(
     assert str(doc.get("text", type=Text)) == "w" * (20 * MiB) + "xx"
     other = str(doc.get("other", type=Text)).split()
     assert sorted(other) == sorted(f"r{r}-{i}" for r in range(3) for i in range(3))
+
+
+async def _next_update(ws: ClientConnection, seconds: float) -> bytes:
+    """The next sync update (or step 2) the relay sends to a stock reader."""
+    async with asyncio.timeout(timeout_s(seconds)):
+        while True:
+            msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+            if isinstance(msg, SyncStep2 | SyncUpdate):
+                return msg.update
+
+
+async def _synced_reader(url: str) -> ClientConnection:
+    ws = await connect(url, max_size=None)
+    await ws.send(SyncStep1(b"\x00").encode())
+    await _next_update(ws, 10)  # the (empty) answer
+    return ws
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["staged", "staging-fails"])
+async def test_a_large_update_being_staged_holds_up_only_its_own_document(tmp_path, fails):
+    """While a large update of one document is written to the store in chunks, another
+    document's updates are stored and fanned out; the same document's next update waits
+    and goes out after it, in order. If staging fails, the large update's sender is
+    closed (1013, nothing stored or sent of it) and the document's next update is still
+    stored and sent."""
+    import threading
+
+    from crdtsync.errors import StoreError
+    from crdtsync.server import Relay
+    from crdtsync.settings import RelaySettings
+
+    settings = RelaySettings(
+        port=0,
+        store=tmp_path / "relay.db",
+        max_update_bytes=8 * MiB,
+        max_message_bytes=8 * MiB,
+        compaction_workers=0,
+    )
+    relay = Relay(settings)
+    await relay.start()
+    gate = threading.Event()
+    assert relay.store is not None
+    stage = relay.store.stage
+
+    def held_stage(update: bytes) -> Any:
+        gate.wait(timeout_s(30))
+        if fails:
+            raise StoreError("disk full (test)", path=str(settings.store))
+        return stage(update)
+
+    relay.store.stage = held_stage  # type: ignore[method-assign]
+    try:
+        reader_a = await _synced_reader(f"{relay.url}/staging/a")
+        reader_b = await _synced_reader(f"{relay.url}/staging/b")
+        writer_a: Doc = Doc()
+        big = text_update(writer_a, "B" * (3 * MiB))
+        small = text_update(writer_a, "y")
+        async with (
+            connect(f"{relay.url}/staging/a", max_size=None) as big_sender,
+            connect(f"{relay.url}/staging/a", max_size=None) as next_sender,
+            connect(f"{relay.url}/staging/b", max_size=None) as other_sender,
+        ):
+            await big_sender.send(SyncUpdate(big).encode())
+            await asyncio.sleep(0.3)  # the big one is being staged (held)
+            await next_sender.send(SyncUpdate(small).encode())
+            await other_sender.send(SyncUpdate(text_update(Doc(), "other")).encode())
+            got_b = Doc()
+            got_b.apply_update(await _next_update(reader_b, 10))
+            assert str(got_b.get("text", type=Text)) == "other"
+            assert await messages_within(reader_a, 0.5) == []  # a's updates wait
+            gate.set()
+            got_a = Doc()
+            text_a = got_a.get("text", type=Text)
+            if not fails:
+                got_a.apply_update(await _next_update(reader_a, 20))
+                assert str(text_a) == "B" * (3 * MiB)
+            got_a.apply_update(await _next_update(reader_a, 20))
+            if fails:
+                assert (await close_of(big_sender, 10))[0] == 1013
+                # "y" follows content the relay never stored: it waits for it
+                assert str(text_a) == ""
+            else:
+                assert str(text_a) == "B" * (3 * MiB) + "y"
+    finally:
+        gate.set()
+        await relay.stop()
+    with UpdateLog(settings.store) as log:
+        updates = log.load("staging/a").updates
+        chunks = log.conn.execute("SELECT count(*) FROM update_chunks").fetchone()[0]
+    assert len(updates) == (1 if fails else 2)
+    assert updates[-1] == small
+    assert chunks == (0 if fails else -(-len(big) // MiB))
