@@ -35,10 +35,11 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from crdtsync.errors import (
     AcknowledgementsUnsupported,
-    CloseCode,
     MalformedMessage,
+    Retry,
     StoreError,
     SyncTimeout,
+    retry_after_close,
 )
 from crdtsync.integrity import KEY_OWNER, Ledger, Writer, client_id_of_key
 from crdtsync.limits import TokenBucket
@@ -828,20 +829,11 @@ class Replica:
                             backoff.reset()
             except ConnectionClosed as exc:
                 d.last_error = _describe_close(exc)
-                code = exc.rcvd.code if exc.rcvd is not None else None
-                if code in (
-                    CloseCode.MESSAGE_TOO_BIG,
-                    CloseCode.INVALID_DATA,
-                    CloseCode.UNSUPPORTED_DATA,
-                ):
-                    # Resending the same refused data forever helps nobody
-                    # (y-websocket#189): stop, and say why in the status.
-                    d.stop_reconnecting = True
-                elif code in (CloseCode.POLICY_VIOLATION, CloseCode.FORBIDDEN):
-                    # Refused (rights, limits): rights can come back, so try again much
-                    # later with a fresh token; never a tight loop.
+                retry = retry_after_close(exc.rcvd.code if exc.rcvd is not None else None)
+                if retry is Retry.NEVER:
+                    d.stop_reconnecting = True  # status() says why
+                elif retry is Retry.LATER:
                     delay = ACCESS_RETRY_S
-                # 4401 (the token expired or was revoked): the backoff, then a fresh token
             except InvalidStatus as exc:
                 status = exc.response.status_code
                 body = exc.response.body.decode("utf-8", "replace").strip()[:200]

@@ -11,6 +11,7 @@
     │   └── TokenRefused       its access token is missing or does not verify (``reason``)
     ├── InvalidDocumentName    also a ValueError (close 1008)
     ├── StoreError             disk full, corrupt file, schema newer than this code
+    │   └── PositionConflict   a conditional append found documents moved on
     ├── AcknowledgementsUnsupported  the relay does not confirm durable storage
     └── SyncTimeout            wait_synced() deadline passed; also a TimeoutError
 
@@ -21,10 +22,13 @@ a close frame allows, in :func:`close_reason`). Any other exception is a bug.
 
 from __future__ import annotations
 
-from enum import IntEnum
+from collections.abc import Mapping
+from enum import Enum, IntEnum
+from types import MappingProxyType
 from typing import Literal, get_args
 
 __all__ = [
+    "CLOSE_RETRY",
     "AccessDenied",
     "AcknowledgementsUnsupported",
     "CloseCode",
@@ -33,12 +37,15 @@ __all__ = [
     "LimitExceeded",
     "MalformedMessage",
     "MessageTooLarge",
+    "PositionConflict",
     "ProtocolError",
+    "Retry",
     "StoreError",
     "SyncTimeout",
     "TokenRefusalReason",
     "TokenRefused",
     "close_reason",
+    "retry_after_close",
 ]
 
 
@@ -59,6 +66,35 @@ class CloseCode(IntEnum):
     # revoked (fetch a fresh one and reconnect); the rights to the document are gone.
     UNAUTHORIZED = 4401
     FORBIDDEN = 4403
+
+
+class Retry(Enum):
+    """What a client does after the relay closed its connection with a given code."""
+
+    BACKOFF = "backoff"  # reconnect after the usual backoff (resend what is pending)
+    LATER = "later"  # refused (rights, limits): much later, with a fresh token
+    NEVER = "never"  # the same data would be refused again: stop, and say why
+
+
+# The one map from close codes to what a client does (the relay closes with these codes;
+# the replica reacts by this map). Codes not here: Retry.BACKOFF (1001 going away, 1011,
+# 1013 try again later, 4401 token expired or revoked: a fresh token after the backoff).
+CLOSE_RETRY: Mapping[int, Retry] = MappingProxyType(
+    {
+        # Resending the same refused data forever helps nobody (y-websocket#189).
+        CloseCode.MESSAGE_TOO_BIG: Retry.NEVER,
+        CloseCode.INVALID_DATA: Retry.NEVER,
+        CloseCode.UNSUPPORTED_DATA: Retry.NEVER,
+        # Rights can come back (and limits reset): never a tight loop.
+        CloseCode.POLICY_VIOLATION: Retry.LATER,
+        CloseCode.FORBIDDEN: Retry.LATER,
+    }
+)
+
+
+def retry_after_close(code: int | None) -> Retry:
+    """What a client does after a close with ``code`` (None: no close frame came)."""
+    return CLOSE_RETRY.get(code, Retry.BACKOFF) if code is not None else Retry.BACKOFF
 
 
 MAX_CLOSE_REASON_BYTES = 123  # RFC 6455 section 5.5: control frame payload <= 125, minus the code
@@ -155,9 +191,34 @@ class StoreError(CrdtsyncError):
         path: the store file concerned.
     """
 
+    # The writer's edits were not stored: it resends them when it reconnects.
+    close_code: int = CloseCode.TRY_AGAIN_LATER
+
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class PositionConflict(StoreError):
+    """A conditional append found documents past the positions it expected: their
+    updates were not appended; the other documents' were (crdtsync.backend: several
+    relay processes writing one document).
+
+    Attributes:
+        positions: document -> its position, for the documents refused.
+        appended: the positions of the append's rows, in order; 0 for a refused row.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        positions: dict[str, int],
+        appended: list[int],
+        path: str | None = None,
+    ) -> None:
+        super().__init__(message, path)
+        self.positions = positions
+        self.appended = appended
 
 
 class AcknowledgementsUnsupported(CrdtsyncError):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pycrdt import Doc, merge_updates
 
-from .errors import MalformedMessage, StoreError
+from .errors import MalformedMessage, PositionConflict, StoreError
 from .integrity import Ledger, decode_ranges, encode_ranges
 from .protocol import decode_state_vector
 from .updates import check_update
@@ -167,8 +167,23 @@ def m004_update_chunks(db: Database) -> None:
     db.execute("CREATE INDEX updates_chunks ON updates (chunks) WHERE chunks IS NOT NULL")
 
 
+def m005_identity(db: Database) -> None:
+    # Which store this is (crdtsync.backend.StoreIdentity): an id made with the file,
+    # and an epoch raised when it is restored from a backup (UpdateLog.new_epoch).
+    db.execute("CREATE TABLE store_identity (id TEXT NOT NULL, epoch INTEGER NOT NULL)")
+    db.execute("INSERT INTO store_identity (id, epoch) VALUES (?, 1)", (secrets.token_hex(16),))
+    # UpdateLog.changes reads compacted documents by the position their snapshot covers.
+    db.execute("CREATE INDEX documents_snapshot_seq ON documents (snapshot_seq)")
+
+
 # The schema's steps, in order (sqlite-utils' migrations: one row each in _sqlite_migrations).
-MIGRATIONS = (m001_update_log, m002_integrity, m003_snapshot_chunks, m004_update_chunks)
+MIGRATIONS = (
+    m001_update_log,
+    m002_integrity,
+    m003_snapshot_chunks,
+    m004_update_chunks,
+    m005_identity,
+)
 
 
 @functools.cache
@@ -424,6 +439,7 @@ class UpdateLog:
         self,
         items: Iterable[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
+        expected: Mapping[str, int] | None = None,
     ) -> list[int]:
         """Append updates to their documents' logs in one transaction; commits once.
 
@@ -431,12 +447,26 @@ class UpdateLog:
         event-loop turn's worth of updates with a single commit. An update may be
         :class:`Staged` (written ahead by :meth:`stage`). ``ledgers`` are the integrity
         ledgers of the documents concerned: what changed in them is written in the same
-        commit, then marked clean.
+        commit, then marked clean. With ``expected`` (document -> position, see
+        :meth:`position`), a document no longer there gets nothing written (neither
+        updates nor ledger); the others are appended.
+
+        Raises:
+            PositionConflict: documents of ``expected`` moved on (what was appended of
+                the others is in its ``appended``).
         """
         rows = list(items)
         if not rows and not ledgers:
             return []
+        moved: dict[str, int] = {}
+        all_rows = rows
         with self._write() as conn:
+            if expected:
+                now = {doc: _position(conn, doc) for doc in expected}
+                moved = {doc: p for doc, p in now.items() if p != expected[doc]}
+                if moved:
+                    rows = [row for row in rows if row[0] not in moved]
+                    ledgers = {d: g for d, g in (ledgers or {}).items() if d not in moved}
             # One executemany instead of a Python loop of executes: this is the relay's
             # hot path. Under the write lock AUTOINCREMENT hands out consecutive numbers.
             if rows:
@@ -458,9 +488,17 @@ class UpdateLog:
         for ledger in (ledgers or {}).values():
             ledger.clean()
             ledger.known = True
-        if not rows:
-            return []
-        return list(range(last[0] - len(rows) + 1, last[0] + 1))
+        positions = list(range(last[0] - len(rows) + 1, last[0] + 1)) if rows else []
+        if moved:
+            given = iter(positions)
+            raise PositionConflict(
+                f"store {self.path}: {len(moved)} document(s) moved on: "
+                + ", ".join(sorted(moved)[:3]),
+                moved,
+                [0 if doc in moved else next(given) for doc, _ in all_rows],
+                self.path,
+            )
+        return positions
 
     def stage(self, update: bytes) -> Staged:
         """Write ``update`` in chunks, a short transaction each, for :meth:`append_many`
@@ -531,10 +569,15 @@ class UpdateLog:
         Raises:
             StoreError: the file cannot be read, or the stored content is damaged.
         """
+        return self.ledger_at(doc)[0]
+
+    def ledger_at(self, doc: str) -> tuple[Ledger, int]:
+        """:meth:`load_ledger`, and the :meth:`position` it describes (one read)."""
         with self._lock, _store_errors(self.path):
             conn = self.conn
             conn.execute("BEGIN")
             try:
+                position = _position(conn, doc)
                 known = conn.execute("SELECT 1 FROM ledger_docs WHERE doc = ?", (doc,)).fetchone()
                 clients = conn.execute(
                     "SELECT client, ranges, owner FROM ledger_clients WHERE doc = ?", (doc,)
@@ -555,8 +598,9 @@ class UpdateLog:
                     ledger.claims.setdefault(client, set()).add(clock)
                 else:
                     ledger.types.add((client, clock))
-            return ledger
-        updates = self.load(doc).all_updates()
+            return ledger, position
+        log = self.load(doc)
+        updates = log.all_updates()
         try:
             ledger = Ledger.of_updates(updates)
         except MalformedMessage as exc:
@@ -568,7 +612,7 @@ class UpdateLog:
                 _write_ledger(conn, doc, ledger)
             ledger.clean()
             ledger.known = True
-        return ledger
+        return ledger, log.last_seq
 
     # -- own client ids and quarantine (replica) ------------------------------------------
 
@@ -782,6 +826,47 @@ class UpdateLog:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def position(self, doc: str) -> int:
+        """The sequence number ``doc``'s content reached: its last update's, or what its
+        snapshot covers (0: nothing stored). Every append moves it; a compaction does not."""
+        with self._lock, _store_errors(self.path):
+            return _position(self.conn, doc)
+
+    def changes(self, cursor: int, limit: int) -> list[tuple[str, int]]:
+        """``(document, position)`` of the documents whose position is past ``cursor``,
+        lowest first, at most ``limit`` (crdtsync.backend: positions are this file's
+        global sequence numbers, so they are also change cursors)."""
+        with self._lock, _store_errors(self.path):
+            rows = self.conn.execute(
+                "SELECT doc, max(seq) AS p FROM ("
+                "SELECT doc, seq FROM updates WHERE seq > ? "
+                "UNION ALL SELECT name, snapshot_seq FROM documents WHERE snapshot_seq > ?"
+                ") GROUP BY doc ORDER BY p LIMIT ?",
+                (cursor, cursor, limit),
+            ).fetchall()
+        return [(doc, int(p)) for doc, p in rows]
+
+    def last_position(self) -> int:
+        """The highest position this file ever gave out (0: none)."""
+        with self._lock, _store_errors(self.path):
+            row = self.conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'updates'"
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    def identity(self) -> tuple[str, int]:
+        """``(id, epoch)`` of this store (crdtsync.backend.StoreIdentity)."""
+        with self._lock, _store_errors(self.path):
+            row = self.conn.execute("SELECT id, epoch FROM store_identity").fetchone()
+        return str(row[0]), int(row[1])
+
+    def new_epoch(self) -> tuple[str, int]:
+        """Raise the epoch (after restoring this file from a backup); commits."""
+        with self._write() as conn:
+            conn.execute("UPDATE store_identity SET epoch = epoch + 1")
+            row = conn.execute("SELECT id, epoch FROM store_identity").fetchone()
+        return str(row[0]), int(row[1])
+
     # -- compaction -------------------------------------------------------------------
 
     def compact(self, doc: str, *, live: Doc[Any] | None = None) -> CompactionResult:
@@ -896,6 +981,13 @@ _ROW_BYTES = (
     "CASE WHEN chunks IS NULL THEN length(data) ELSE (SELECT coalesce(sum(length(c.data)), 0) "
     "FROM update_chunks c WHERE c.gen = updates.chunks) END"
 )
+
+
+def _position(conn: sqlite3.Connection, doc: str) -> int:
+    """:meth:`UpdateLog.position`, inside the caller's transaction."""
+    (last,) = conn.execute("SELECT max(seq) FROM updates WHERE doc = ?", (doc,)).fetchone()
+    row = conn.execute("SELECT snapshot_seq FROM documents WHERE name = ?", (doc,)).fetchone()
+    return max(last or 0, row[0] if row else 0)
 
 
 def _chunked(conn: sqlite3.Connection, gen: int) -> bytes:

@@ -870,7 +870,7 @@ class Relay:
                     await asyncio.sleep(delay)
         except StoreError as exc:
             log.error("store error: %s", exc, extra=peer.context())
-            await ws.close(CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}"))
+            await ws.close(exc.close_code, close_reason(f"store unavailable: {exc}"))
         except (ConnectionClosed, ConnectionClosedByStop):
             pass
         except Exception:
@@ -1585,7 +1585,7 @@ class Relay:
                         self._record_claims(peer, fresh)
                     except StoreError as exc:
                         reason = close_reason(f"store unavailable: {exc}")
-                        self._close_later(peer.ws, CloseCode.TRY_AGAIN_LATER, reason)
+                        self._close_later(peer.ws, exc.close_code, reason)
             deferred = [item for name in names for item in self._deferred.pop(name, [])]
             if deferred:
                 # Before anything of theirs submitted since (each document's own order
@@ -1604,9 +1604,7 @@ class Relay:
             self._ledgers.pop(name, None)
         log.error("store append failed: %s", exc)
         for peer in {item.peer for item in batch}:
-            self._close_later(
-                peer.ws, CloseCode.TRY_AGAIN_LATER, close_reason(f"store unavailable: {exc}")
-            )
+            self._close_later(peer.ws, exc.close_code, close_reason(f"store unavailable: {exc}"))
 
     def _committed(
         self, batch: list[_Pending], stored: list[_Pending], ledgers: dict[str, Ledger]

@@ -303,11 +303,12 @@ async def test_a_large_update_being_staged_holds_up_only_its_own_document(tmp_pa
     )
     relay = Relay(settings)
     await relay.start()
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
     assert relay.store is not None
     stage = relay.store.stage
 
     def held_stage(update: bytes) -> Any:
+        entered.set()
         gate.wait(timeout_s(30))
         if fails:
             raise StoreError("disk full (test)", path=str(settings.store))
@@ -326,7 +327,8 @@ async def test_a_large_update_being_staged_holds_up_only_its_own_document(tmp_pa
             connect(f"{relay.url}/staging/b", max_size=None) as other_sender,
         ):
             await big_sender.send(SyncUpdate(big).encode())
-            await asyncio.sleep(0.3)  # the big one is being staged (held)
+            # (Validated in the work process first: its start takes a while.)
+            await eventually(entered.is_set, 30, "the large update being staged")
             await next_sender.send(SyncUpdate(small).encode())
             await other_sender.send(SyncUpdate(text_update(Doc(), "other")).encode())
             got_b = Doc()

@@ -24,7 +24,7 @@ def broken(mode: str, tmp_path: Path, **kwargs: object) -> CampaignConfig:
     )
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~70 s on 2 cores: in the longer set .ci/run also runs
 @pytest.mark.timeout(400)
 def test_twenty_seeds_with_every_fault_kind_converge_on_crdtsync_relay(tmp_path):
     totals: dict[str, int] = {}

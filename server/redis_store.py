@@ -1,0 +1,765 @@
+"""The Redis store: :class:`crdtsync.backend.RelayStore` for many relay processes on one Redis.
+
+Keys of a document ``name`` share the hash tag ``{name}`` (document names cannot hold
+braces: crdtsync.settings), so one document's keys live in one slot:
+
+- ``<prefix>:{name}:log``, a stream: one entry per update, fields ``n`` (the document's
+  own sequence: its position) and ``u`` (the update). Entry ids are Redis's own (they
+  carry the time the entry was added: what the minimum age is measured on).
+- ``<prefix>:{name}:meta``, a hash: ``pos`` (the last position), ``snap_pos`` (the
+  position the snapshot covers), ``snap_gen`` and ``snap_bytes`` (which snapshot, its
+  size), ``tail_n`` and ``tail_bytes`` (the tail since the snapshot).
+- ``<prefix>:{name}:snap:<gen>``, a hash of 1 MiB chunks ``0``, ``1``... (a Redis string
+  holds at most 512 MB, and one write of megabytes holds Redis up for everyone).
+- ``<prefix>:{name}:ledger``, a hash: the integrity ledger (``r<client>`` ranges,
+  ``o<client>`` owner, ``t<client>:<clock>`` a type or claim, ``k`` once written).
+- ``<prefix>:{name}:lease`` and ``<prefix>:{name}:fence``: the compaction lease and the
+  counter its fencing tokens come from.
+
+The one cross-document piece is the list of changed documents: ``<prefix>:{*}:changes``
+(a sorted set, member a document, score a change counter) and ``<prefix>:{*}:clock``
+(that counter). The append script updates them with the document's keys, atomically: on
+one Redis primary (what this backend supports) that is allowed; on Redis Cluster the
+script would have to update them separately, after the append.
+
+Every write is one Lua script on one document's keys: the check of the expected position,
+the entries, the ledger's changes and the counters commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
+from crdtsync.errors import MalformedMessage, PositionConflict, StoreError
+from crdtsync.integrity import Ledger, decode_ranges, encode_ranges
+from crdtsync.store import (
+    SNAPSHOT_CHUNK_BYTES,
+    CompactionResult,
+    DocumentLog,
+    Staged,
+    compact_updates,
+)
+
+__all__ = ["RedisFollower", "RedisOptions", "RedisStore", "parse_address"]
+
+log = logging.getLogger("crdtsync.redis")
+
+DEFAULT_PREFIX = "crdtsync"
+MIN_AGE_S = 60.0  # folded entries younger than this stay (a joiner may be reading them)
+LEASE_S = 60.0  # a compaction's lease; one that outlives it writes nothing
+FOLLOW_BLOCK_S = 0.1  # a follower's longest wait in Redis (documents added wait this long)
+FOLLOW_COUNT = 512  # entries a follower reads per stream at a time
+LOAD_ATTEMPTS = 8  # a load that keeps meeting compactions gives up (StoreError)
+IDENTITY_CHECK_S = 1.0  # how often a follower checks the store is still the one it read
+
+_APPEND = """
+local pos = tonumber(redis.call('HGET', KEYS[1], 'pos') or '0')
+if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= pos then return {0, pos} end
+local nset = tonumber(ARGV[3])
+local ndel = tonumber(ARGV[4])
+local i = 5
+for _ = 1, nset do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
+  i = i + 2
+end
+for _ = 1, ndel do
+  redis.call('HDEL', KEYS[3], ARGV[i])
+  i = i + 1
+end
+local added, bytes = 0, 0
+while i <= #ARGV do
+  pos = pos + 1
+  redis.call('XADD', KEYS[2], '*', 'n', pos, 'u', ARGV[i])
+  added = added + 1
+  bytes = bytes + #ARGV[i]
+  i = i + 1
+end
+if added > 0 then
+  redis.call('HSET', KEYS[1], 'pos', pos)
+  redis.call('HINCRBY', KEYS[1], 'tail_n', added)
+  redis.call('HINCRBY', KEYS[1], 'tail_bytes', bytes)
+  local change = redis.call('INCR', KEYS[4])
+  redis.call('ZADD', KEYS[5], change, ARGV[2])
+end
+return {1, pos}
+"""
+
+# Trim what the snapshot covers and is older than the minimum age, exactly; delete an
+# empty stream. Bounded by the retained entries (a compaction keeps the tail short).
+_TRIM = """
+local snap_pos = tonumber(redis.call('HGET', KEYS[2], 'snap_pos') or '0')
+local t = redis.call('TIME')
+local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
+local last = nil
+local start = '-'
+local done = false
+while not done do
+  local page = redis.call('XRANGE', KEYS[1], start, '+', 'COUNT', 256)
+  if #page == 0 then break end
+  for _, entry in ipairs(page) do
+    local id = entry[1]
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    local n = nil
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'n' then n = tonumber(fields[j + 1]) end
+    end
+    if tonumber(ms) > cutoff or (n ~= nil and n > snap_pos) then
+      done = true
+      break
+    end
+    last = id
+  end
+  start = '(' .. page[#page][1]
+end
+local trimmed = 0
+if last ~= nil then
+  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
+  trimmed = redis.call('XTRIM', KEYS[1], 'MINID', '=', ms .. '-' .. (tonumber(seq) + 1))
+end
+if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('XLEN', KEYS[1]) == 0 then
+  redis.call('DEL', KEYS[1])
+end
+return trimmed
+"""
+
+# Make a compaction's snapshot current, if its lease still holds and nobody switched
+# since it read; then trim as above.
+_SWITCH = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+local gen = redis.call('HGET', KEYS[1], 'snap_gen') or ''
+if gen ~= ARGV[2] then return -2 end
+redis.call('HSET', KEYS[1], 'snap_pos', ARGV[3], 'snap_gen', ARGV[1], 'snap_bytes', ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'tail_n', -tonumber(ARGV[5]))
+redis.call('HINCRBY', KEYS[1], 'tail_bytes', -tonumber(ARGV[6]))
+if KEYS[3] ~= KEYS[4] then redis.call('DEL', KEYS[3]) end
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# Release a lease only if it is still ours.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """What a Redis store address says beyond redis-py's URL (its own query parameters:
+    redis-py would pass unknown ones to its connections)."""
+
+    url: str  # for redis-py
+    prefix: str = DEFAULT_PREFIX  # ?prefix=: keys start with it (several deployments, one Redis)
+    min_age_s: float = MIN_AGE_S  # ?min_age_s=
+    lease_s: float = LEASE_S  # ?lease_s=
+
+
+def parse_address(address: str) -> RedisOptions:
+    """Split a store address into redis-py's URL and our options.
+
+    Raises:
+        StoreError: an option is invalid.
+    """
+    parts = urlsplit(address)
+    rest = []
+    options: dict[str, Any] = {}
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "prefix":
+            if not value or "{" in value or "}" in value:
+                raise StoreError(f"a Redis key prefix must be non-empty, without braces: {value!r}")
+            options[key] = value
+        elif key in ("min_age_s", "lease_s"):
+            try:
+                number = float(value)
+            except ValueError:
+                number = -1.0
+            if not number >= 0 or (key == "lease_s" and number == 0):
+                raise StoreError(f"{key} must be a number of seconds, not {value!r}")
+            options[key] = number
+        else:
+            rest.append((key, value))
+    return RedisOptions(urlunsplit(parts._replace(query=urlencode(rest))), **options)
+
+
+def _redacted(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Keys:
+    meta: str
+    log: str
+    ledger: str
+    lease: str
+    fence: str
+    snap_prefix: str
+
+    def snap(self, gen: str) -> str:
+        return f"{self.snap_prefix}{gen}"
+
+
+class RedisStore:
+    """:class:`~crdtsync.backend.RelayStore` on Redis (one primary, optional replicas).
+
+    Args:
+        address: ``redis://[[user]:password@]host:port/db`` (``rediss://`` for TLS,
+            ``unix://`` for a socket); our own query parameters: ``prefix`` (the keys'
+            first part, default ``crdtsync``), ``min_age_s`` (folded entries younger
+            than this are not trimmed, default 60), ``lease_s`` (how long a compaction
+            may take before its lease lapses, default 60).
+        cpu: where a compaction folds updates (pycrdt holds the GIL: a process pool
+            keeps the caller's loop free); None: a thread.
+
+    Raises:
+        StoreError: the address is not a valid Redis URL.
+    """
+
+    shared = True
+
+    def __init__(self, address: str, *, cpu: Executor | None = None) -> None:
+        self.address = address
+        options = parse_address(address)
+        url = options.url
+        self.prefix = options.prefix
+        self.min_age_s = options.min_age_s
+        self.lease_s = options.lease_s
+        self._cpu = cpu
+        self._where = _redacted(url)
+        try:
+            self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
+        except ValueError as exc:
+            raise StoreError(f"not a Redis URL: {self._where}: {exc}") from exc
+        self._url = url
+        self._identity_key = f"{self.prefix}:{{*}}:identity"
+        self._changes_key = f"{self.prefix}:{{*}}:changes"
+        self._clock_key = f"{self.prefix}:{{*}}:clock"
+        self._append = self.redis.register_script(_APPEND)
+        self._trim = self.redis.register_script(_TRIM)
+        self._switch = self.redis.register_script(_SWITCH)
+        self._release = self.redis.register_script(_RELEASE)
+
+    def keys(self, document: str) -> _Keys:
+        base = f"{self.prefix}:{{{document}}}:"
+        return _Keys(
+            base + "meta",
+            base + "log",
+            base + "ledger",
+            base + "lease",
+            base + "fence",
+            base + "snap:",
+        )
+
+    def _error(self, what: str, exc: Exception) -> StoreError:
+        return StoreError(f"store {self._where}: {what}: {type(exc).__name__}: {exc}")
+
+    # -- identity ------------------------------------------------------------------------
+
+    async def identity(self) -> StoreIdentity:
+        """This store's identity: made by the first call on an empty Redis."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hsetnx(self._identity_key, "id", secrets.token_hex(16))
+                pipe.hsetnx(self._identity_key, "epoch", 1)
+                pipe.hmget(self._identity_key, ["id", "epoch"])
+                *_, (made, epoch) = await pipe.execute()
+        except RedisError as exc:
+            raise self._error("reading its identity", exc) from exc
+        return StoreIdentity(made.decode(), int(epoch))
+
+    async def new_epoch(self) -> StoreIdentity:
+        """Raise the epoch: run after restoring Redis from a backup."""
+        await self.identity()
+        try:
+            await self.redis.hincrby(self._identity_key, "epoch", 1)
+        except RedisError as exc:
+            raise self._error("raising its epoch", exc) from exc
+        return await self.identity()
+
+    # -- appending -----------------------------------------------------------------------
+
+    async def append(
+        self,
+        rows: Sequence[tuple[str, bytes | Staged]],
+        ledgers: Mapping[str, Ledger] | None = None,
+        expected: Mapping[str, int] | None = None,
+    ) -> list[int]:
+        """Append in one pipeline: one script per document, each atomic (see the module)."""
+        per_doc: dict[str, list[bytes]] = {}
+        for doc, data in rows:
+            if isinstance(data, Staged):
+                raise StoreError("the Redis store takes updates as bytes, not staged chunks")
+            per_doc.setdefault(doc, []).append(data)
+        docs = list(per_doc)
+        docs += [d for d in (ledgers or {}) if d not in per_doc]
+        docs += [d for d in (expected or {}) if d not in per_doc and d not in (ledgers or {})]
+        if not docs:
+            return []
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for doc in docs:
+                    k = self.keys(doc)
+                    want = (expected or {}).get(doc)
+                    args: list[Any] = [
+                        "" if want is None else want,
+                        doc,
+                        *_ledger_args((ledgers or {}).get(doc)),
+                        *per_doc.get(doc, []),
+                    ]
+                    await self._append(
+                        keys=[k.meta, k.log, k.ledger, self._clock_key, self._changes_key],
+                        args=args,
+                        client=pipe,
+                    )
+                results = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise self._error("appending", exc) from exc
+        failed = [r for r in results if isinstance(r, Exception)]
+        done = {doc: int(r[1]) for doc, r in zip(docs, results, strict=True) if _ok(r)}
+        for doc in done:
+            ledger = (ledgers or {}).get(doc)
+            if ledger is not None:
+                ledger.clean()
+                ledger.known = True
+        if failed:
+            # Each document's script is atomic, but the pipeline is not: some documents
+            # may have been appended. The caller takes none as stored (it closes their
+            # writers, who resend: a repeat is harmless).
+            raise self._error(
+                f"appending ({len(done)} of {len(docs)} documents written)", failed[0]
+            )
+        # Each row's position: counted back from where its document's script ended.
+        next_of = {doc: last - len(per_doc.get(doc, [])) for doc, last in done.items()}
+        positions: list[int] = []
+        for doc, _ in rows:
+            if doc in next_of:
+                next_of[doc] += 1
+                positions.append(next_of[doc])
+            else:
+                positions.append(0)
+        refused = {doc: int(r[1]) for doc, r in zip(docs, results, strict=True) if doc not in done}
+        if refused:
+            raise PositionConflict(
+                f"store {self._where}: {len(refused)} document(s) moved on: "
+                + ", ".join(sorted(refused)[:3]),
+                refused,
+                positions,
+            )
+        return positions
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def load(self, document: str) -> DocumentLog:
+        """Snapshot and tail of ``document``; ``last_seq`` is its position."""
+        k = self.keys(document)
+        try:
+            for _ in range(LOAD_ATTEMPTS):
+                gen = await self.redis.hget(k.meta, "snap_gen")
+                gen = _text(gen)
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    if gen:
+                        pipe.hgetall(k.snap(gen))
+                    pipe.xrange(k.log)
+                    pipe.hmget(k.meta, ["pos", "snap_pos", "snap_gen"])
+                    got = await pipe.execute()
+                chunks = got[0] if gen else {}
+                entries, (pos, snap_pos, now_gen) = got[-2], got[-1]
+                if (now_gen or b"").decode() != gen:
+                    continue  # a compaction switched snapshots between the two reads
+                return self._log_of(document, chunks, entries, pos, snap_pos)
+        except RedisError as exc:
+            raise self._error(f"reading {document!r}", exc) from exc
+        raise StoreError(f"store {self._where}: {document!r} kept changing snapshots while read")
+
+    def _log_of(
+        self,
+        document: str,
+        chunks: Mapping[bytes, bytes],
+        entries: list[tuple[bytes, Mapping[bytes, bytes]]],
+        pos: bytes | None,
+        snap_pos: bytes | None,
+    ) -> DocumentLog:
+        position = int(pos or 0)
+        covered = int(snap_pos or 0)
+        snapshot = None
+        if chunks:
+            try:
+                snapshot = b"".join(chunks[str(i).encode()] for i in range(len(chunks)))
+            except KeyError as exc:
+                raise StoreError(
+                    f"store {self._where}: {document!r} has a damaged snapshot"
+                ) from exc
+        seqs: list[int] = []
+        updates: list[bytes] = []
+        for entry_id, fields in entries:
+            n, update = _entry(fields)
+            if n is None or update is None:
+                log.warning("skipping a malformed entry %s of %r", entry_id, document)
+                continue
+            if covered < n <= position and (not seqs or n > seqs[-1]):
+                seqs.append(n)
+                updates.append(update)
+        return DocumentLog(document, snapshot, updates, position, covered, seqs)
+
+    async def load_ledger(self, document: str) -> tuple[Ledger, int]:
+        """``document``'s ledger and the position it describes (one atomic read)."""
+        k = self.keys(document)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(k.ledger)
+                pipe.hget(k.meta, "pos")
+                fields, pos = await pipe.execute()
+        except RedisError as exc:
+            raise self._error(f"reading the ledger of {document!r}", exc) from exc
+        position = int(pos or 0)
+        if fields.get(b"k"):
+            return _ledger_of(fields), position
+        # Content stored without a ledger (written with integrity off): built once.
+        stored = await self.load(document)
+        try:
+            ledger = Ledger.of_updates(stored.all_updates())
+        except MalformedMessage as exc:
+            raise StoreError(
+                f"store {self._where}: document {document!r} has a damaged update: {exc}"
+            ) from exc
+        if stored.all_updates():
+            with contextlib.suppress(PositionConflict):
+                await self.append([], {document: ledger}, {document: stored.last_seq})
+        return ledger, stored.last_seq
+
+    async def position(self, document: str) -> int:
+        """The position ``document`` reached (0: nothing stored)."""
+        try:
+            return int(await self.redis.hget(self.keys(document).meta, "pos") or 0)
+        except RedisError as exc:
+            raise self._error(f"reading {document!r}", exc) from exc
+
+    async def size(self, document: str) -> tuple[int, int]:
+        """``(tail updates, bytes stored)`` of ``document``, from its counters."""
+        try:
+            n, tail, snap = await self.redis.hmget(
+                self.keys(document).meta, ["tail_n", "tail_bytes", "snap_bytes"]
+            )
+        except RedisError as exc:
+            raise self._error(f"reading {document!r}", exc) from exc
+        return int(n or 0), int(tail or 0) + int(snap or 0)
+
+    def follow(self) -> RedisFollower:
+        """A follower of no document yet, on a connection of its own."""
+        return RedisFollower(self)
+
+    # -- compaction ------------------------------------------------------------------------
+
+    async def compact(self, document: str) -> CompactionResult:
+        """Fold ``document``'s tail into a new snapshot under a lease (see the module).
+
+        Only the holder of the document's lease writes; its fencing token names the new
+        snapshot, which becomes current only if the lease still holds and nobody switched
+        since this compaction read. Entries folded and older than ``min_age_s`` are then
+        trimmed exactly. A compaction that cannot take the lease does nothing.
+        """
+        k = self.keys(document)
+        try:
+            token = str(await self.redis.incr(k.fence))
+            if not await self.redis.set(k.lease, token, nx=True, px=int(self.lease_s * 1000)):
+                return CompactionResult(document, 0, 0)
+        except RedisError as exc:
+            raise self._error(f"compacting {document!r}", exc) from exc
+        written = None
+        try:
+            gen = _text(await self.redis.hget(k.meta, "snap_gen"))
+            stored = await self.load(document)
+            if not stored.updates:
+                return CompactionResult(document, 0, len(stored.snapshot or b""))
+            loop = asyncio.get_running_loop()
+            try:
+                snapshot = await loop.run_in_executor(
+                    self._cpu, compact_updates, stored.all_updates()
+                )
+            except MalformedMessage as exc:
+                raise StoreError(
+                    f"store {self._where}: {document!r} has a damaged update in its log, "
+                    f"left uncompacted: {exc}"
+                ) from exc
+            written = k.snap(token)
+            for idx, start in enumerate(range(0, max(len(snapshot), 1), SNAPSHOT_CHUNK_BYTES)):
+                # A chunk per command: one write of megabytes holds Redis up for everyone.
+                await self.redis.hset(
+                    written, str(idx), snapshot[start : start + SNAPSHOT_CHUNK_BYTES]
+                )
+            folded_bytes = sum(len(u) for u in stored.updates)
+            switched = await self._switch(
+                keys=[k.meta, k.lease, k.snap(gen) if gen else written, written],
+                args=[
+                    token,
+                    gen,
+                    stored.last_seq,
+                    len(snapshot),
+                    len(stored.updates),
+                    folded_bytes,
+                ],
+            )
+            if switched != 1:
+                return CompactionResult(document, 0, len(stored.snapshot or b""))
+            written = None
+            await self.trim(document)
+            return CompactionResult(document, len(stored.updates), len(snapshot))
+        except RedisError as exc:
+            raise self._error(f"compacting {document!r}", exc) from exc
+        finally:
+            with contextlib.suppress(RedisError):
+                if written is not None:
+                    await self.redis.delete(written)
+                await self._release(keys=[k.lease], args=[token])
+
+    async def trim(self, document: str) -> int:
+        """Trim entries the snapshot covers that are older than ``min_age_s``; delete the
+        stream if nothing is left. Returns how many entries went."""
+        k = self.keys(document)
+        try:
+            return int(await self._trim(keys=[k.log, k.meta], args=[int(self.min_age_s * 1000)]))
+        except RedisError as exc:
+            raise self._error(f"trimming {document!r}", exc) from exc
+
+    # -- changes ---------------------------------------------------------------------------
+
+    async def changes(self, cursor: int, limit: int) -> list[Change]:
+        """Documents changed after ``cursor`` (a change counter), oldest change first."""
+        try:
+            rows = await self.redis.zrangebyscore(
+                self._changes_key, f"({cursor}", "+inf", start=0, num=limit, withscores=True
+            )
+        except RedisError as exc:
+            raise self._error("listing changes", exc) from exc
+        return [Change(_text(doc), int(score)) for doc, score in cast(list[Any], rows)]
+
+    async def close(self) -> None:
+        """Close the connections."""
+        await self.redis.aclose()
+
+
+class RedisFollower:
+    """:class:`~crdtsync.backend.Follower` on Redis: ``XREAD`` over the followed streams,
+    on a connection of its own (a blocking read holds it).
+
+    Each entry's ``n`` must be the next position of its document: a smaller one was seen
+    already (skipped), a larger one means entries were trimmed or lost before they were
+    read (a :class:`Gap`). A malformed entry is skipped, logged and counted; it never
+    stops other documents (yhub#61). An emptied Redis (its identity changed) is a gap in
+    every document followed.
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(store._url)
+        self._positions: dict[str, int] = {}
+        self._ids: dict[str, bytes] = {}  # the last stream id read, per document
+        self._added = asyncio.Event()
+        self._identity: str | None = None
+        self._checked = 0.0  # when _check_store last looked
+        self.malformed = 0  # entries skipped
+
+    def add(self, document: str, position: int) -> None:
+        """Follow ``document`` from after ``position`` (its retained entries are read once
+        and those up to ``position`` skipped)."""
+        self._positions[document] = position
+        self._ids[document] = b"0-0"
+        self._added.set()
+
+    def remove(self, document: str) -> None:
+        """Stop following ``document``."""
+        self._positions.pop(document, None)
+        self._ids.pop(document, None)
+
+    async def read(self, timeout_s: float) -> list[Entry | Gap]:
+        """The next entries (see :meth:`crdtsync.backend.Follower.read`)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = await self._check_store()
+            if found:
+                return found
+            left = deadline - time.monotonic()
+            if not self._positions:
+                if left <= 0:
+                    return []
+                self._added.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._added.wait(), left)
+                continue
+            block = max(1, int(min(max(left, 0), FOLLOW_BLOCK_S) * 1000))
+            streams: dict[Any, Any] = {
+                self._store.keys(d).log: self._ids[d] for d in self._positions
+            }
+            try:
+                got = await self._redis.xread(streams, count=FOLLOW_COUNT, block=block)
+            except RedisError as exc:
+                raise self._store._error("following", exc) from exc
+            found = self._take(cast(list[Any], got or []))
+            if found or left <= 0:
+                return found
+
+    async def _check_store(self) -> list[Entry | Gap]:
+        """Once a second: has the store been emptied or replaced (its identity changed:
+        every document has a gap), and does any followed document stand past entries
+        no longer there (trimmed before they were read: a gap)? XREAD alone sees a gap
+        only when a later entry comes."""
+        now = time.monotonic()
+        if now - self._checked < IDENTITY_CHECK_S:
+            return []
+        self._checked = now
+        identity = (await self._store.identity()).id
+        if self._identity is not None and identity != self._identity:
+            log.warning("the Redis store was emptied or replaced: reloading every document")
+            self._identity = identity
+            gaps: list[Entry | Gap] = [Gap(d, p) for d, p in self._positions.items()]
+            self._positions.clear()
+            self._ids.clear()
+            return gaps
+        self._identity = identity
+        docs = list(self._positions)
+        if not docs:
+            return []
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for doc in docs:
+                    k = self._store.keys(doc)
+                    # Position first, then what follows the last entry read: whatever
+                    # the position counts was appended before, so it is there unless
+                    # it was trimmed.
+                    pipe.hget(k.meta, "pos")
+                    pipe.xrange(k.log, min=b"(" + self._ids[doc], max="+", count=1)
+                replies = await pipe.execute()
+        except RedisError as exc:
+            raise self._store._error("following", exc) from exc
+        found: list[Entry | Gap] = []
+        for i, doc in enumerate(docs):
+            pos, after = int(replies[2 * i] or 0), replies[2 * i + 1]
+            position = self._positions.get(doc)
+            if position is None or pos <= position:
+                continue
+            n = _entry(after[0][1])[0] if after else None
+            if n is None and after:
+                continue  # a malformed entry next: the next read skips it and looks on
+            if n is None or n > position + 1:
+                found.append(Gap(doc, position))
+                self.remove(doc)
+        return found
+
+    def _take(self, got: list[Any]) -> list[Entry | Gap]:
+        found: list[Entry | Gap] = []
+        prefix = f"{self._store.prefix}:{{"
+        for key, entries in got:
+            name = key.decode()
+            document = name[len(prefix) : -len("}:log")]
+            for entry_id, fields in entries:
+                position = self._positions.get(document)
+                if position is None:
+                    break  # a gap earlier in this batch
+                self._ids[document] = entry_id
+                n, update = _entry(fields)
+                if n is None or update is None:
+                    self.malformed += 1
+                    log.warning("skipping a malformed entry %s of %r", entry_id, document)
+                    continue
+                if n <= position:
+                    continue
+                if n > position + 1:
+                    found.append(Gap(document, position))
+                    self.remove(document)
+                    break
+                self._positions[document] = n
+                found.append(Entry(document, n, update))
+        return found
+
+    async def close(self) -> None:
+        """Stop following; close the connection."""
+        self._positions.clear()
+        self._ids.clear()
+        self._added.set()
+        await self._redis.aclose()
+
+
+def _text(value: Any) -> str:
+    """A Redis reply as text ("" for none): replies are bytes (no decode_responses)."""
+    if value is None:
+        return ""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _ok(result: Any) -> bool:
+    """Whether an append script's result says it appended (not an error, not refused)."""
+    return not isinstance(result, Exception) and bool(result[0])
+
+
+def _entry(fields: Mapping[bytes, bytes]) -> tuple[int | None, bytes | None]:
+    """``(n, update)`` of a stream entry; None where a field is missing or not a number."""
+    raw_n, update = fields.get(b"n"), fields.get(b"u")
+    try:
+        n = int(raw_n) if raw_n is not None else None
+    except ValueError:
+        n = None
+    return (n if n is not None and n > 0 else None), update
+
+
+def _ledger_args(ledger: Ledger | None) -> list[Any]:
+    """What changed in ``ledger`` as the append script's arguments:
+    ``nset, ndel, field, value, ..., field, ...``."""
+    if ledger is None:
+        return [0, 0]
+    sets: list[Any] = []
+    dels: list[str] = []
+    if not ledger.known:
+        sets += ["k", 1]
+    for client in ledger.dirty:
+        sets += [f"r{client}", encode_ranges(ledger.ranges.get(client, []))]
+        owner = ledger.owners.get(client)
+        if owner is None:
+            dels.append(f"o{client}")
+        else:
+            sets += [f"o{client}", owner]
+    for client, clock, claimed in ledger.new_types:
+        sets += [f"t{client}:{clock}", int(claimed)]
+    return [len(sets) // 2, len(dels), *sets, *dels]
+
+
+def _ledger_of(fields: Mapping[bytes, bytes]) -> Ledger:
+    ledger = Ledger(known=True)
+    for raw, value in fields.items():
+        name = raw.decode()
+        if name.startswith("r"):
+            ledger.ranges[int(name[1:])] = decode_ranges(value)
+        elif name.startswith("o"):
+            ledger.owners[int(name[1:])] = value.decode()
+    for raw, value in fields.items():
+        name = raw.decode()
+        if name.startswith("t"):
+            client, clock = (int(x) for x in name[1:].split(":"))
+            if value == b"1":
+                ledger.claims.setdefault(client, set()).add(clock)
+            else:
+                ledger.types.add((client, clock))
+    return ledger
+
+
+if TYPE_CHECKING:
+
+    def _conforms(store: RedisStore, follower: RedisFollower) -> tuple[RelayStore, Follower]:
+        return store, follower  # mypy holds the backend to the interface here

@@ -1,0 +1,220 @@
+"""The relay's stores: the :class:`crdtsync.backend.RelayStore` backends, chosen by address.
+
+``SqliteStore`` is the embedded default: one SQLite file (crdtsync.store.UpdateLog), one
+relay process per file. Its calls are short SQLite transactions made on the caller's
+thread, as the relay has always made them (a coroutine that never suspends costs about
+a microsecond): nothing about a single-process deployment gets slower.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
+from crdtsync.integrity import Ledger
+from crdtsync.store import (
+    CompactionResult,
+    DocumentLog,
+    Staged,
+    Synchronous,
+    UpdateLog,
+    compact_file,
+)
+
+__all__ = ["SqliteFollower", "SqliteStore", "is_redis_address", "open_store"]
+
+FOLLOW_POLL_S = 0.5  # how often a follower looks for other processes' appends
+CHANGES_PAGE = 4096  # changes a follower reads at a time
+
+
+def open_store(address: str | Path, *, synchronous: Synchronous = "NORMAL") -> RelayStore:
+    """The store at ``address``: a ``redis://``, ``rediss://`` or ``unix://`` URL (Redis,
+    see crdtsync.server.redis_store), else a file path (SQLite, with ``synchronous``).
+
+    Raises:
+        StoreError: it cannot be opened.
+    """
+    if isinstance(address, str) and is_redis_address(address):
+        from .redis_store import RedisStore  # redis-py is imported only for a Redis store
+
+        return RedisStore(address)
+    return SqliteStore(address, synchronous=synchronous)
+
+
+def is_redis_address(address: str) -> bool:
+    """Whether ``address`` names a Redis store rather than a file."""
+    return address.startswith(("redis://", "rediss://", "unix://"))
+
+
+class SqliteStore:
+    """:class:`~crdtsync.backend.RelayStore` on one SQLite file.
+
+    Positions are the file's global sequence numbers. Followers see this object's own
+    appends at once and other processes' within ``FOLLOW_POLL_S``.
+
+    Raises:
+        StoreError: the file cannot be opened (see :class:`~crdtsync.store.UpdateLog`).
+    """
+
+    shared = False
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "NORMAL",
+        autocheckpoint: bool = True,
+    ) -> None:
+        self.address = str(path)
+        self.synchronous: Synchronous = synchronous
+        self.log = UpdateLog(path, synchronous=synchronous, autocheckpoint=autocheckpoint)
+        self._followers: weakref.WeakSet[SqliteFollower] = weakref.WeakSet()
+
+    async def identity(self) -> StoreIdentity:
+        """This store's identity (made with the file)."""
+        return StoreIdentity(*self.log.identity())
+
+    async def new_epoch(self) -> StoreIdentity:
+        """Raise the epoch: run after restoring the file from a backup."""
+        return StoreIdentity(*self.log.new_epoch())
+
+    async def append(
+        self,
+        rows: Sequence[tuple[str, bytes | Staged]],
+        ledgers: Mapping[str, Ledger] | None = None,
+        expected: Mapping[str, int] | None = None,
+    ) -> list[int]:
+        """See :meth:`crdtsync.backend.RelayStore.append` (one SQLite commit)."""
+        positions = self.log.append_many(rows, ledgers, expected)
+        if positions:
+            for follower in self._followers:
+                follower.wake()
+        return positions
+
+    async def load(self, document: str) -> DocumentLog:
+        """Snapshot and tail of ``document``; ``last_seq`` is its position."""
+        return self.log.load(document)
+
+    async def load_ledger(self, document: str) -> tuple[Ledger, int]:
+        """``document``'s integrity ledger and the position it describes."""
+        return self.log.ledger_at(document)
+
+    async def position(self, document: str) -> int:
+        """The position ``document`` reached (0: nothing stored)."""
+        return self.log.position(document)
+
+    async def size(self, document: str) -> tuple[int, int]:
+        """``(tail updates, bytes stored)`` of ``document``."""
+        return self.log.size(document)
+
+    def follow(self) -> SqliteFollower:
+        """A follower of no document yet."""
+        follower = SqliteFollower(self)
+        self._followers.add(follower)
+        return follower
+
+    async def compact(self, document: str) -> CompactionResult:
+        """Fold ``document``'s tail into its snapshot, on a connection of its own in a
+        thread (the relay runs :func:`~crdtsync.store.compact_file` in a process instead:
+        pycrdt holds the GIL while it merges)."""
+        return await asyncio.to_thread(compact_file, self.address, document, self.synchronous)
+
+    async def changes(self, cursor: int, limit: int) -> list[Change]:
+        """Documents changed after ``cursor``, oldest change first (cursor: a position)."""
+        return [Change(doc, p) for doc, p in self.log.changes(cursor, limit)]
+
+    async def close(self) -> None:
+        """Close the file."""
+        self.log.close()
+
+
+class SqliteFollower:
+    """:class:`~crdtsync.backend.Follower` of an :class:`SqliteStore`.
+
+    It reads the documents changed since it last looked (:meth:`UpdateLog.changes`), then
+    each followed one's tail after its position; a document whose snapshot covers more
+    than its position was compacted past what the follower saw: a :class:`Gap`.
+    """
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+        self._positions: dict[str, int] = {}
+        self._fresh: set[str] = set()  # added since the last look: read whatever moved
+        self._seen = store.log.last_position()  # changes after this are new to us
+        self._wake = asyncio.Event()
+        self._closed = False
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def add(self, document: str, position: int) -> None:
+        """Follow ``document`` from after ``position``."""
+        self._positions[document] = position
+        self._fresh.add(document)
+        self._wake.set()
+
+    def remove(self, document: str) -> None:
+        """Stop following ``document``."""
+        self._positions.pop(document, None)
+        self._fresh.discard(document)
+
+    async def read(self, timeout_s: float) -> list[Entry | Gap]:
+        """The next entries (see :meth:`crdtsync.backend.Follower.read`)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._closed:
+            self._wake.clear()
+            found = self._look()
+            if found:
+                return found
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(left, FOLLOW_POLL_S))
+        return []
+
+    def _look(self) -> list[Entry | Gap]:
+        log = self._store.log
+        moved = set(self._fresh)
+        self._fresh.clear()
+        while True:
+            page = log.changes(self._seen, CHANGES_PAGE)
+            moved.update(doc for doc, _ in page if doc in self._positions)
+            if page:
+                self._seen = page[-1][1]
+            if len(page) < CHANGES_PAGE:
+                break
+        found: list[Entry | Gap] = []
+        for doc in sorted(moved):
+            position = self._positions.get(doc)
+            if position is None:
+                continue
+            tail = log.load(doc, after_seq=position)
+            if tail.snapshot_seq > position:
+                found.append(Gap(doc, position))
+                del self._positions[doc]
+                continue
+            found.extend(
+                Entry(doc, seq, data) for seq, data in zip(tail.seqs, tail.updates, strict=True)
+            )
+            if tail.seqs:
+                self._positions[doc] = tail.seqs[-1]
+        return found
+
+    async def close(self) -> None:
+        """Stop following everything."""
+        self._closed = True
+        self._positions.clear()
+        self._wake.set()
+
+
+if TYPE_CHECKING:
+
+    def _conforms(store: SqliteStore, follower: SqliteFollower) -> tuple[RelayStore, Follower]:
+        return store, follower  # mypy holds the backend to the interface here

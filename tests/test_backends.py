@@ -1,0 +1,397 @@
+"""The relay store interface (crdtsync.backend.RelayStore): one suite for every backend.
+
+Each case runs on each backend the ``backend`` fixture names, through the interface only;
+content is checked by replaying what the store returns into a fresh pycrdt Doc and
+comparing with text the test wrote. The killed-process cases use a real child process
+(tests/store_child.py) that prints each append only after the store returned it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import secrets
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from helpers import read_json_line, timeout_s
+from pycrdt import Doc, Text
+
+from crdtsync.backend import Entry, Gap, RelayStore
+from crdtsync.errors import PositionConflict
+from crdtsync.integrity import Writer as Proof
+from crdtsync.server.stores import open_store
+from crdtsync.store import merge_in_batches
+from crdtsync.testing.redis import RedisServer, redis_server_binary
+
+pytestmark = pytest.mark.anyio
+
+CHILD = str(Path(__file__).with_name("store_child.py"))
+
+
+class Writer:
+    """A pycrdt Doc whose transactions' updates are kept, one text appended line at a time."""
+
+    def __init__(self, client_id: int) -> None:
+        self.doc: Doc = Doc(client_id=client_id)
+        self.text = self.doc.get("notes", type=Text)
+        self.updates: list[bytes] = []
+        self._sub = self.doc.observe(lambda event: self.updates.append(event.update))
+
+    def line(self, words: str) -> bytes:
+        self.text.insert(len(str(self.text)), words + "\n")
+        return self.updates[-1]
+
+
+def text_of(updates: list[bytes]) -> str:
+    doc: Doc = Doc()
+    if updates:
+        doc.apply_update(merge_in_batches(updates))
+    return str(doc.get("notes", type=Text))
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A redis-server of this module's own (AOF, fsync always), never the shared one."""
+    if redis_server_binary() is None:
+        pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def address(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where a fresh, empty store of each backend lives. On Redis: a key prefix of the
+    test's own; folded entries trimmed at once (min_age_s=0: as SQLite deletes them) and
+    a short compaction lease (a killed compaction's lease lapses within the test)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "relay.db")
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return f"{server.url}?prefix=t{secrets.token_hex(6)}&min_age_s=0&lease_s=2"
+
+
+def other_address(address: str, tmp_path: Path) -> str:
+    """Another empty store of the same backend."""
+    if address.startswith("redis://"):
+        return address.replace("?prefix=t", "?prefix=other")
+    return str(tmp_path / "other.db")
+
+
+@pytest.fixture
+async def store(address: str) -> AsyncIterator[RelayStore]:
+    opened = open_store(address)
+    yield opened
+    await opened.close()
+
+
+def child(mode: str, address: str, doc: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [sys.executable, CHILD, mode, address, doc],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    read_json_line(proc, "ready", 30)
+    return proc
+
+
+def kill(proc: subprocess.Popen[bytes]) -> list[dict[str, object]]:
+    """SIGKILL ``proc``; every JSON line it printed before dying."""
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=timeout_s(30))
+    lines = []
+    for raw in out.decode(errors="replace").splitlines():
+        try:
+            lines.append(json.loads(raw))
+        except ValueError:
+            break  # a line cut by the kill
+    return lines
+
+
+# -- identity ---------------------------------------------------------------------------
+
+
+async def test_a_store_keeps_its_identity_and_a_restore_raises_its_epoch(
+    address: str, tmp_path: Path
+) -> None:
+    first = open_store(address)
+    made = await first.identity()
+    assert made.id
+    assert made.epoch >= 1
+    await first.close()
+    again = open_store(address)
+    assert await again.identity() == made
+    raised = await again.new_epoch()
+    assert (raised.id, raised.epoch) == (made.id, made.epoch + 1)
+    assert await again.identity() == raised
+    await again.close()
+    other = open_store(other_address(address, tmp_path))
+    assert (await other.identity()).id != made.id
+    await other.close()
+
+
+# -- appending and reading ---------------------------------------------------------------
+
+
+async def test_appends_get_increasing_positions_and_load_returns_them_in_order(
+    store: RelayStore,
+) -> None:
+    a, b = Writer(1), Writer(2)
+    assert await store.position("a") == 0
+    assert (await store.load("a")).all_updates() == []
+    first = await store.append([("a", a.line("one")), ("b", b.line("uno")), ("a", a.line("two"))])
+    second = await store.append([("a", a.line("three"))])
+    a_positions = [first[0], first[2], second[0]]
+    assert a_positions == sorted(set(a_positions))
+    log = await store.load("a")
+    assert text_of(log.all_updates()) == "one\ntwo\nthree\n"
+    assert log.last_seq == second[0] == await store.position("a")
+    assert text_of((await store.load("b")).all_updates()) == "uno\n"
+    assert await store.position("b") == first[1]
+    assert (await store.size("a"))[0] == 3
+
+
+async def test_a_ledger_is_written_with_its_appends_and_read_with_its_position(
+    store: RelayStore,
+) -> None:
+    w = Writer(7)
+    update = w.line("owned")
+    ledger, position = await store.load_ledger("d")
+    assert position == 0
+    assert not ledger.ranges
+    ledger.ranges[7] = [(0, 6)]
+    ledger.owners[7] = "sub:alice"
+    ledger.dirty.add(7)
+    (appended,) = await store.append([("d", update)], {"d": ledger})
+    assert not ledger.dirty  # written, marked clean
+    read, at = await store.load_ledger("d")
+    assert at == appended
+    assert read.ranges == {7: [(0, 6)]}
+    assert read.owners == {7: "sub:alice"}
+    # A ledger alone (a claim before any content) is written too.
+    claim, _ = await store.load_ledger("e")
+    claim.claim((99,), Proof(proven=frozenset({99})))
+    await store.append([], {"e": claim})
+    assert (await store.load_ledger("e"))[0].owners == {99: "key"}
+
+
+async def test_a_conditional_append_writes_nothing_to_a_document_that_moved_on(
+    store: RelayStore,
+) -> None:
+    w, other, x = Writer(1), Writer(2), Writer(3)
+    (p1,) = await store.append([("d", w.line("first"))])
+    (p2,) = await store.append([("d", other.line("racing"))], expected={"d": p1})
+    ledger, _ = await store.load_ledger("d")
+    ledger.owners[1] = "sub:late"
+    ledger.dirty.add(1)
+    x_ledger, _ = await store.load_ledger("x")
+    with pytest.raises(PositionConflict) as refused:
+        await store.append(
+            [("d", w.line("late")), ("x", x.line("elsewhere")), ("d", w.line("later"))],
+            {"d": ledger, "x": x_ledger},
+            expected={"d": p1, "x": 0},
+        )
+    assert refused.value.positions == {"d": p2}
+    # Only the document that moved on was refused, its ledger change included.
+    d_row, x_row, d_row2 = refused.value.appended
+    assert (d_row, d_row2) == (0, 0)
+    assert x_row == await store.position("x") > 0
+    assert await store.position("d") == p2
+    assert text_of((await store.load("d")).all_updates()) == "first\nracing\n"
+    assert text_of((await store.load("x")).all_updates()) == "elsewhere\n"
+    assert "sub:late" not in (await store.load_ledger("d"))[0].owners.values()
+    assert ledger.dirty  # not written, so not marked clean
+    assert not x_ledger.dirty
+
+
+# -- following --------------------------------------------------------------------------
+
+
+async def test_a_follower_gets_each_new_entry_of_its_documents_once_in_order(
+    store: RelayStore,
+) -> None:
+    w, x = Writer(1), Writer(2)
+    (before,) = await store.append([("d", w.line("before"))])
+    follower = store.follow()
+    follower.add("d", before)
+    assert await follower.read(0.05) == []
+    appended = await store.append([("d", w.line("one")), ("x", x.line("not followed"))])
+    appended += await store.append([("d", w.line("two"))])
+    got: list[Entry | Gap] = []
+    for _ in range(20):
+        got += await follower.read(timeout_s(2))
+        if len(got) >= 2:
+            break
+    assert [(e.document, e.position) for e in got if isinstance(e, Entry)] == [
+        ("d", appended[0]),
+        ("d", appended[2]),
+    ]
+    assert (
+        text_of(
+            [(await store.load("d")).all_updates()[0]]
+            + [e.update for e in got if isinstance(e, Entry)]
+        )
+        == "before\none\ntwo\n"
+    )
+    assert await follower.read(0.05) == []
+    follower.remove("d")
+    await store.append([("d", w.line("three"))])
+    assert await follower.read(0.2) == []
+    await follower.close()
+
+
+async def test_a_follower_sees_appends_made_through_another_store_object(
+    store: RelayStore, address: str
+) -> None:
+    follower = store.follow()
+    follower.add("d", 0)
+    other = open_store(address)
+    try:
+        (p,) = await other.append([("d", Writer(5).line("from elsewhere"))])
+        got: list[Entry | Gap] = []
+        for _ in range(20):
+            got += await follower.read(timeout_s(2))
+            if got:
+                break
+        assert [(e.document, e.position) for e in got] == [("d", p)]
+    finally:
+        await other.close()
+        await follower.close()
+
+
+async def test_a_follower_that_fell_behind_a_compaction_gets_a_gap(store: RelayStore) -> None:
+    w = Writer(1)
+    follower = store.follow()
+    follower.add("d", 0)
+    for words in ("one", "two", "three"):
+        await store.append([("d", w.line(words))])
+    await store.compact("d")  # folds entries the follower never read
+    got = await follower.read(timeout_s(2))
+    assert got == [Gap("d", 0)]
+    # Reloading and following from what the load says misses nothing.
+    log = await store.load("d")
+    assert text_of(log.all_updates()) == "one\ntwo\nthree\n"
+    follower.add("d", log.last_seq)
+    (p,) = await store.append([("d", w.line("four"))])
+    got = []
+    for _ in range(20):
+        got += await follower.read(timeout_s(2))
+        if got:
+            break
+    assert [(e.document, e.position) for e in got] == [("d", p)]
+    await follower.close()
+
+
+# -- compaction and changes ---------------------------------------------------------------
+
+
+async def test_compaction_keeps_content_and_position(store: RelayStore) -> None:
+    w = Writer(1)
+    for i in range(50):
+        await store.append([("d", w.line(f"line {i}"))])
+    position = await store.position("d")
+    result = await store.compact("d")
+    assert result.folded == 50
+    log = await store.load("d")
+    assert log.updates == []
+    assert log.snapshot is not None
+    assert text_of(log.all_updates()) == "".join(f"line {i}\n" for i in range(50))
+    assert await store.position("d") == log.last_seq == position
+    (after,) = await store.append([("d", w.line("after"))])
+    assert after > position
+    assert text_of((await store.load("d")).all_updates()).endswith("line 49\nafter\n")
+
+
+async def test_changes_list_each_document_once_at_its_latest_change_in_order(
+    store: RelayStore,
+) -> None:
+    w = {name: Writer(i + 1) for i, name in enumerate("abc")}
+    assert await store.changes(0, 10) == []
+    await store.append([("a", w["a"].line("1")), ("b", w["b"].line("1"))])
+    await store.append([("c", w["c"].line("1"))])
+    await store.append([("a", w["a"].line("2"))])
+    changes = await store.changes(0, 10)
+    assert [c.document for c in changes] == ["b", "c", "a"]
+    assert [c.cursor for c in changes] == sorted(c.cursor for c in changes)
+    # Paging: a limit, then the rest from the last cursor.
+    page = await store.changes(0, 2)
+    assert [c.document for c in page] == ["b", "c"]
+    assert [c.document for c in await store.changes(page[-1].cursor, 10)] == ["a"]
+    assert await store.changes(changes[-1].cursor, 10) == []
+    # A document compacted after its change is still listed (its content changed).
+    await store.compact("a")
+    assert [c.document for c in await store.changes(changes[0].cursor, 10)] == ["c", "a"]
+
+
+# -- killed processes ----------------------------------------------------------------------
+
+
+async def test_a_process_killed_mid_append_loses_no_append_it_was_told_of(
+    address: str,
+) -> None:
+    for round_ in range(3):
+        proc = child("append", address, f"d{round_}")
+        try:
+            await asyncio.sleep(random.uniform(0.05, 0.4))
+        finally:
+            told = kill(proc)
+        assert told, "the child appended nothing before it was killed"
+        store = open_store(address)
+        try:
+            log = await store.load(f"d{round_}")
+            text = text_of(log.all_updates())
+            expected = "".join(str(line["text"]) for line in told)
+            # What it was told of is there; at most one more append it was not told of.
+            assert text.startswith(expected)
+            assert text.count("\n") - expected.count("\n") in (0, 1)
+            positions = [int(str(line["position"])) for line in told]
+            assert positions == sorted(set(positions))
+            if positions:
+                assert log.last_seq >= positions[-1]
+            # The store takes appends again.
+            await store.append([(f"d{round_}", Writer(9).line("after the kill"))])
+        finally:
+            await store.close()
+
+
+async def test_a_process_killed_mid_compaction_leaves_the_document_whole(address: str) -> None:
+    # Each round's tail of 600 lines of 1 KB takes a compaction a few hundred ms (its
+    # snapshot, over 1 MiB from the second round, is written in chunks): a kill at a
+    # random moment lands inside one most of the time, at any step of it.
+    store = open_store(address)
+    w = Writer(1)
+    lines: list[str] = []
+    try:
+        for round_ in range(3):
+            for i in range(600):
+                lines.append(f"r{round_} line {i} " + "x" * 1000)
+                await store.append([("d", w.line(lines[-1]))])
+            proc = child("compact", address, "d")
+            for i in range(20):  # appends go on while the other process compacts
+                lines.append(f"r{round_} during {i}")
+                await store.append([("d", w.line(lines[-1]))])
+            await asyncio.sleep(random.uniform(0.05, 0.8))
+            kill(proc)
+            again = open_store(address)
+            try:
+                assert text_of((await again.load("d")).all_updates()) == "".join(
+                    line + "\n" for line in lines
+                )
+            finally:
+                await again.close()
+        # (A compaction killed on Redis holds its lease until it lapses: lease_s.)
+        for _ in range(100):
+            if (await store.compact("d")).folded:
+                break
+            await asyncio.sleep(0.1)
+        log = await store.load("d")
+        assert log.updates == []
+        assert text_of(log.all_updates()) == "".join(line + "\n" for line in lines)
+    finally:
+        await store.close()
