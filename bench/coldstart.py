@@ -312,7 +312,7 @@ async def measure_once(
     finally:
         with contextlib.suppress(Exception):
             loop.remove_reader(fd)
-        common.stop_group(proc)
+        common.stop_process(proc)
 
 
 # bench/node/reference_server.mjs registers a module resolve hook (a stub for y-leveldb,
@@ -376,7 +376,7 @@ def spawn_to_exit_ms(cmd: Sequence[str], timeout_s: float = 30.0) -> float | Non
     except subprocess.TimeoutExpired:
         return None
     finally:
-        common.stop_group(proc, grace_s=1.0)
+        common.stop_process(proc, grace_s=1.0)
     return (t1 - t0) * 1000 if rc == 0 else None
 
 

@@ -17,9 +17,7 @@ import importlib.metadata
 import json
 import os
 import platform
-import selectors
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -29,6 +27,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from crdtsync.testing.processes import read_json_line, stop_process
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -149,41 +149,6 @@ def machine_info() -> dict[str, Any]:
 # -- processes ----------------------------------------------------------------------
 
 
-def _read_json_line(proc: subprocess.Popen[bytes], event: str, timeout_s: float) -> dict[str, Any]:
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout_s
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        while (left := deadline - time.monotonic()) > 0:
-            if not sel.select(left):
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            with contextlib.suppress(ValueError):
-                data = json.loads(line)
-                if isinstance(data, dict) and data.get("event") == event:
-                    return data
-    raise RuntimeError(f"no {event!r} line from pid {proc.pid} within {timeout_s} s")
-
-
-def stop_group(proc: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
-    """SIGTERM the process's session, wait a bounded time, then SIGKILL it."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(grace_s)
-    # the leader may be gone while workers of its session live on: kill what is left
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(grace_s)
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
-
-
 def _status_kb(pid: int, key: str) -> int | None:
     try:
         with open(f"/proc/{pid}/status") as f:
@@ -250,7 +215,7 @@ class Server:
                 start_new_session=True,
             )
         try:
-            line = _read_json_line(self.proc, "listening", timeout_s)
+            line = read_json_line(self.proc, "listening", timeout_s)
         except RuntimeError as exc:
             self.stop()
             why = f"{self.name} did not start: {exc}; stderr: {self.stderr()}"
@@ -263,7 +228,7 @@ class Server:
 
     def stop(self) -> None:
         if self.proc is not None:
-            stop_group(self.proc)
+            stop_process(self.proc)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -345,11 +310,11 @@ def run_driver(args: Sequence[str], timeout_s: float) -> dict[str, Any]:
         try:
             out, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            stop_group(proc)
+            stop_process(proc)
             return {"finished": False, "error": f"driver killed after {timeout_s:.0f} s"}
         finally:
             if proc.poll() is None:
-                stop_group(proc)
+                stop_process(proc)
         err.seek(0)
         stderr = err.read().decode(errors="replace")
     result: dict[str, Any] | None = None

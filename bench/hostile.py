@@ -1230,7 +1230,7 @@ class Probe:
                 start_new_session=True,
             )
         try:
-            common._read_json_line(self.proc, "ready", timeout_s)
+            common.read_json_line(self.proc, "ready", timeout_s)
         except RuntimeError as exc:
             raise RuntimeError(
                 f"probe did not start: {exc}; {self.err.read_text()[-500:]}"
@@ -1244,7 +1244,7 @@ class Probe:
             self.proc.send_signal(signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(15)
-        common.stop_group(self.proc)
+        common.stop_process(self.proc)
         try:
             data = json.loads(self.out.read_text())
         except (OSError, ValueError):
@@ -1332,7 +1332,7 @@ class RelayProfiler:
                 os.killpg(self.proc.pid, signal.SIGINT)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(60)
-        common.stop_group(self.proc)
+        common.stop_process(self.proc)
         try:
             events = json.loads(self.out.read_text())
         except (OSError, ValueError):

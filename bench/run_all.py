@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 code = proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                common.stop_group(proc)
+                common.stop_process(proc)
                 code = None
             if out.exists():
                 sections.append(out.read_text())

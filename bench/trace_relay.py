@@ -125,7 +125,7 @@ def profile_crdtsync(trace: Path, timeout_s: float, relay_args: list[str], repor
             try:
                 _, err = spy.communicate(timeout=60)
             except subprocess.TimeoutExpired:
-                common.stop_group(spy)
+                common.stop_process(spy)
                 err = b""
         if not out.exists():
             why = err.decode(errors="replace")[-500:]

@@ -148,6 +148,17 @@ class RelaySettings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         return self
 
+    @field_validator("store", mode="before")
+    @classmethod
+    def _check_store(cls, value: object) -> object:
+        # A URL would become a file of that name (Path folds its "//").
+        if isinstance(value, str) and "://" in value:
+            raise ValueError(
+                "the relay serves an SQLite file; a Redis store (crdtsync.server.redis_store) "
+                "is not served by the relay in this version"
+            )
+        return value
+
     @field_validator("token_secrets")
     @classmethod
     def _check_token_secrets(cls, entries: list[str]) -> list[str]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import time
 from collections.abc import Mapping, Sequence
@@ -40,7 +41,7 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
 from crdtsync.errors import MalformedMessage, PositionConflict, StoreError
@@ -64,6 +65,8 @@ FOLLOW_BLOCK_S = 0.1  # a follower's longest wait in Redis (documents added wait
 FOLLOW_COUNT = 512  # entries a follower reads per stream at a time
 LOAD_ATTEMPTS = 8  # a load that keeps meeting compactions gives up (StoreError)
 IDENTITY_CHECK_S = 1.0  # how often a follower checks the store is still the one it read
+PASSWORD_ENV = "CRDTSYNC_REDIS_PASSWORD"  # used when the URL holds no password
+WAIT_TIMEOUT_S = 5.0  # with wait_replicas: an append not on enough replicas by then fails
 
 _APPEND = """
 local pos = tonumber(redis.call('HGET', KEYS[1], 'pos') or '0')
@@ -166,6 +169,8 @@ class RedisOptions:
     prefix: str = DEFAULT_PREFIX  # ?prefix=: keys start with it (several deployments, one Redis)
     min_age_s: float = MIN_AGE_S  # ?min_age_s=
     lease_s: float = LEASE_S  # ?lease_s=
+    wait_replicas: int = 0  # ?wait_replicas=: an append returns once this many replicas have it
+    wait_timeout_s: float = WAIT_TIMEOUT_S  # ?wait_timeout_s=: ... or fails after this long
 
 
 def parse_address(address: str) -> RedisOptions:
@@ -182,14 +187,18 @@ def parse_address(address: str) -> RedisOptions:
             if not value or "{" in value or "}" in value:
                 raise StoreError(f"a Redis key prefix must be non-empty, without braces: {value!r}")
             options[key] = value
-        elif key in ("min_age_s", "lease_s"):
+        elif key in ("min_age_s", "lease_s", "wait_timeout_s"):
             try:
                 number = float(value)
             except ValueError:
                 number = -1.0
-            if not number >= 0 or (key == "lease_s" and number == 0):
+            if not number >= 0 or (key != "min_age_s" and number == 0):
                 raise StoreError(f"{key} must be a number of seconds, not {value!r}")
             options[key] = number
+        elif key == "wait_replicas":
+            if not value.isdigit():
+                raise StoreError(f"wait_replicas must be a number of replicas, not {value!r}")
+            options[key] = int(value)
         else:
             rest.append((key, value))
     return RedisOptions(urlunsplit(parts._replace(query=urlencode(rest))), **options)
@@ -225,7 +234,10 @@ class RedisStore:
             ``unix://`` for a socket); our own query parameters: ``prefix`` (the keys'
             first part, default ``crdtsync``), ``min_age_s`` (folded entries younger
             than this are not trimmed, default 60), ``lease_s`` (how long a compaction
-            may take before its lease lapses, default 60).
+            may take before its lease lapses, default 60), ``wait_replicas`` (an append
+            returns only once that many replicas received it: Redis's ``WAIT``, which
+            says received, not written to their disks; default 0) and
+            ``wait_timeout_s`` (how long it waits for them, default 5).
         cpu: where a compaction folds updates (pycrdt holds the GIL: a process pool
             keeps the caller's loop free); None: a thread.
 
@@ -242,10 +254,14 @@ class RedisStore:
         self.prefix = options.prefix
         self.min_age_s = options.min_age_s
         self.lease_s = options.lease_s
+        self.wait_replicas = options.wait_replicas
+        self.wait_timeout_s = options.wait_timeout_s
         self._cpu = cpu
         self._where = _redacted(url)
+        # A password kept out of the URL (and so out of process lists and logs).
+        self._password = None if urlsplit(url).password else os.environ.get(PASSWORD_ENV)
         try:
-            self.redis: aioredis.Redis = aioredis.Redis.from_url(url)
+            self.redis: aioredis.Redis = self.connect(url)
         except ValueError as exc:
             raise StoreError(f"not a Redis URL: {self._where}: {exc}") from exc
         self._url = url
@@ -256,6 +272,12 @@ class RedisStore:
         self._trim = self.redis.register_script(_TRIM)
         self._switch = self.redis.register_script(_SWITCH)
         self._release = self.redis.register_script(_RELEASE)
+
+    def connect(self, url: str | None = None) -> aioredis.Redis:
+        """A new client of this store's Redis (a follower's blocking reads need their own)."""
+        if self._password is None:
+            return aioredis.Redis.from_url(url or self._url)
+        return aioredis.Redis.from_url(url or self._url, password=self._password)
 
     def keys(self, document: str) -> _Keys:
         base = f"{self.prefix}:{{{document}}}:"
@@ -270,6 +292,47 @@ class RedisStore:
 
     def _error(self, what: str, exc: Exception) -> StoreError:
         return StoreError(f"store {self._where}: {what}: {type(exc).__name__}: {exc}")
+
+    async def check_settings(self) -> str:
+        """Read Redis's settings that decide what an acknowledgement means; return that,
+        in words, for the log.
+
+        Raises:
+            StoreError: an ``allkeys-*`` eviction policy (Redis would evict the log), or
+                Redis cannot be reached.
+        """
+        try:
+            config = await self.redis.config_get("maxmemory-policy")
+            config |= await self.redis.config_get("appendonly")
+            config |= await self.redis.config_get("appendfsync")
+        except ResponseError as exc:
+            # Managed Redis often refuses CONFIG: go on, saying what is not known.
+            return (
+                f"Redis at {self._where} does not show its settings ({exc}): an acknowledgement "
+                "means the primary took the update; its persistence is not known here"
+            )
+        except RedisError as exc:
+            raise self._error("reading its settings", exc) from exc
+        settings = {_text(k): _text(v) for k, v in cast(dict[Any, Any], config).items()}
+        policy = settings.get("maxmemory-policy", "")
+        if policy.startswith("allkeys-"):
+            raise StoreError(
+                f"store {self._where}: Redis evicts any key under memory pressure "
+                f"(maxmemory-policy {policy}): it would evict documents' logs; use noeviction"
+            )
+        aof, fsync = settings.get("appendonly", ""), settings.get("appendfsync", "")
+        if aof != "yes":
+            durable = "kept in memory only (appendonly no): lost if Redis restarts"
+        elif fsync == "always":
+            durable = "written to the AOF and fsynced (appendfsync always)"
+        else:
+            durable = f"written to the AOF, fsynced {fsync} (the last second may be lost)"
+        replicas = (
+            f"; and received by {self.wait_replicas} replica(s) (WAIT: not on their disks)"
+            if self.wait_replicas
+            else ""
+        )
+        return f"an acknowledgement means the update was {durable}{replicas}"
 
     # -- identity ------------------------------------------------------------------------
 
@@ -329,9 +392,20 @@ class RedisStore:
                         args=args,
                         client=pipe,
                     )
+                if self.wait_replicas:
+                    pipe.wait(self.wait_replicas, int(self.wait_timeout_s * 1000))
                 results = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
             raise self._error("appending", exc) from exc
+        if self.wait_replicas:
+            *results, reached = results
+            if isinstance(reached, Exception) or int(reached) < self.wait_replicas:
+                # Appended on the primary, not known on enough replicas: not acknowledged
+                # (the writers resend; a repeat is harmless).
+                raise StoreError(
+                    f"store {self._where}: an append reached {reached} of the "
+                    f"{self.wait_replicas} replica(s) it waits for within {self.wait_timeout_s:g} s"
+                )
         failed = [r for r in results if isinstance(r, Exception)]
         done = {doc: int(r[1]) for doc, r in zip(docs, results, strict=True) if _ok(r)}
         for doc in done:
@@ -569,7 +643,7 @@ class RedisFollower:
 
     def __init__(self, store: RedisStore) -> None:
         self._store = store
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(store._url)
+        self._redis: aioredis.Redis = store.connect()
         self._positions: dict[str, int] = {}
         self._ids: dict[str, bytes] = {}  # the last stream id read, per document
         self._added = asyncio.Event()

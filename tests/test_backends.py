@@ -24,8 +24,9 @@ from helpers import read_json_line, timeout_s
 from pycrdt import Doc, Text
 
 from crdtsync.backend import Entry, Gap, RelayStore
-from crdtsync.errors import PositionConflict
+from crdtsync.errors import PositionConflict, StoreError
 from crdtsync.integrity import Writer as Proof
+from crdtsync.server.redis_store import RedisStore
 from crdtsync.server.stores import open_store
 from crdtsync.store import merge_in_batches
 from crdtsync.testing.redis import RedisServer, redis_server_binary
@@ -56,11 +57,19 @@ def text_of(updates: list[bytes]) -> str:
     return str(doc.get("notes", type=Text))
 
 
+def need_redis_server() -> None:
+    """Skip without a redis-server binary; fail under CI (.ci/run installs it)."""
+    if redis_server_binary() is None:
+        message = "redis-server is not installed (apt-get install redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """A redis-server of this module's own (AOF, fsync always), never the shared one."""
-    if redis_server_binary() is None:
-        pytest.fail("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    need_redis_server()
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
@@ -395,3 +404,188 @@ async def test_a_process_killed_mid_compaction_leaves_the_document_whole(address
         assert text_of(log.all_updates()) == "".join(line + "\n" for line in lines)
     finally:
         await store.close()
+
+
+# -- Redis only: what a Redis of its own can do that a file cannot ------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server this test may kill, restart and empty."""
+    need_redis_server()
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_redis_a_garbage_entry_in_one_stream_stops_no_other_document(
+    redis_server: RedisServer,
+) -> None:
+    store = open_store(f"{redis_server.url}?prefix=g{secrets.token_hex(4)}")
+    assert isinstance(store, RedisStore)
+    follower = store.follow()
+    follower.add("bad", 0)
+    follower.add("good", 0)
+    w, v = Writer(1), Writer(2)
+    try:
+        (p1,) = await store.append([("bad", w.line("one"))])
+        # Written straight into the stream, past the store: no n, a non-number n, no u.
+        bad_log = store.keys("bad").log
+        await store.redis.xadd(bad_log, {"junk": b"\xff" * 10})
+        await store.redis.xadd(bad_log, {"n": b"x", "u": b"\x00"})
+        await store.redis.xadd(bad_log, {"n": b"2"})
+        positions = await store.append([("good", v.line("fine")), ("bad", w.line("two"))])
+        got: list[Entry | Gap] = []
+        for _ in range(20):
+            got += await follower.read(timeout_s(2))
+            if len(got) >= 3:
+                break
+        assert all(isinstance(e, Entry) for e in got)
+        by_doc = {d: [e.position for e in got if e.document == d] for d in ("bad", "good")}
+        assert by_doc == {"bad": [p1, positions[1]], "good": [positions[0]]}
+        assert follower.malformed == 3
+        # Loading skips them too; compaction folds around them.
+        assert text_of((await store.load("bad")).all_updates()) == "one\ntwo\n"
+        assert (await store.compact("bad")).folded == 2
+        assert text_of((await store.load("bad")).all_updates()) == "one\ntwo\n"
+    finally:
+        await follower.close()
+        await store.close()
+
+
+async def test_redis_killed_and_restarted_from_its_aof_keeps_every_acknowledged_append(
+    own_redis: RedisServer,
+) -> None:
+    address = f"{own_redis.url}?prefix=k"
+    proc = child("append", address, "d")
+    await asyncio.sleep(random.uniform(0.2, 0.5))
+    own_redis.kill()  # mid-stream: the writer's next append fails
+    await asyncio.sleep(0.2)
+    told = kill(proc)
+    assert told, "nothing was appended before Redis was killed"
+    own_redis.start()
+    store = open_store(address)
+    try:
+        text = text_of((await store.load("d")).all_updates())
+        expected = "".join(str(line["text"]) for line in told)
+        assert text.startswith(expected)
+        assert text.count("\n") - expected.count("\n") in (0, 1)
+        assert await store.position("d") >= int(str(told[-1]["position"]))
+    finally:
+        await store.close()
+
+
+async def test_redis_down_refuses_appends_and_they_resume_when_it_is_back(
+    own_redis: RedisServer,
+) -> None:
+    store = open_store(f"{own_redis.url}?prefix=r")
+    w = Writer(1)
+    try:
+        await store.append([("d", w.line("before"))])
+        own_redis.kill()
+        with pytest.raises(StoreError):
+            await store.append([("d", w.line("while down"))])
+        with pytest.raises(StoreError):
+            await store.load("d")
+        own_redis.start()
+        await store.append([("d", w.line("after"))])
+        # "while down" was never stored: "after" follows a gap until it is resent.
+        await store.append([("d", w.updates[-2])])
+        assert text_of((await store.load("d")).all_updates()) == "before\nwhile down\nafter\n"
+    finally:
+        await store.close()
+
+
+async def test_redis_emptied_is_a_new_store_and_a_gap_in_every_followed_document(
+    own_redis: RedisServer,
+) -> None:
+    store = open_store(f"{own_redis.url}?prefix=e")
+    follower = store.follow()
+    try:
+        before = await store.identity()
+        (a,) = await store.append([("a", Writer(1).line("a"))])
+        (b,) = await store.append([("b", Writer(2).line("b"))])
+        follower.add("a", a)
+        follower.add("b", b)
+        assert await follower.read(0.2) == []
+        own_redis.wipe()
+        own_redis.start()
+        got: list[Entry | Gap] = []
+        for _ in range(20):
+            try:
+                got += await follower.read(timeout_s(2))
+            except StoreError:
+                await asyncio.sleep(0.1)  # (its connection was cut by the restart)
+            if got:
+                break
+        assert sorted(got, key=lambda g: g.document) == [Gap("a", a), Gap("b", b)]
+        assert (await store.identity()).id != before.id
+    finally:
+        await follower.close()
+        await store.close()
+
+
+async def test_redis_password_from_the_environment_and_never_in_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    need_redis_server()
+    secret = "s3cret-" + secrets.token_hex(8)
+    with RedisServer(tmp_path / "redis", extra=["--requirepass", secret]) as server:
+        monkeypatch.delenv("CRDTSYNC_REDIS_PASSWORD", raising=False)
+        refused = open_store(server.url)
+        with pytest.raises(StoreError) as denied:
+            await refused.append([("d", Writer(1).line("no password"))])
+        assert secret not in str(denied.value)
+        await refused.close()
+        in_url = open_store(server.url.replace("redis://", f"redis://:{secret}@"))
+        assert secret not in str(in_url._where)  # type: ignore[attr-defined]
+        await in_url.append([("d", Writer(2).line("password in the URL"))])
+        await in_url.close()
+        monkeypatch.setenv("CRDTSYNC_REDIS_PASSWORD", secret)
+        from_env = open_store(server.url)
+        try:
+            await from_env.append([("d", Writer(3).line("password from the environment"))])
+            assert await from_env.position("d") == 2
+        finally:
+            await from_env.close()
+
+
+async def test_redis_settings_an_evicting_redis_is_refused_and_persistence_is_said(
+    tmp_path: Path,
+) -> None:
+    need_redis_server()
+    with RedisServer(tmp_path / "lru", extra=["--maxmemory-policy", "allkeys-lru"]) as lru:
+        store = open_store(lru.url)
+        assert isinstance(store, RedisStore)
+        with pytest.raises(StoreError, match="allkeys-lru"):
+            await store.check_settings()
+        await store.close()
+    with RedisServer(tmp_path / "aof") as aof:
+        store = open_store(aof.url)
+        assert isinstance(store, RedisStore)
+        assert "fsynced (appendfsync always)" in await store.check_settings()
+        await store.close()
+
+
+async def test_redis_wait_replicas_acknowledges_only_what_a_replica_received(
+    tmp_path: Path,
+) -> None:
+    need_redis_server()
+    with RedisServer(tmp_path / "primary") as primary:
+        waiting = open_store(f"{primary.url}?prefix=w&wait_replicas=1&wait_timeout_s=0.5")
+        try:
+            with pytest.raises(StoreError, match="reached 0 of the 1 replica"):
+                await waiting.append([("d", Writer(1).line("no replica yet"))])
+            extra = ["--replicaof", "127.0.0.1", str(primary.port)]
+            with RedisServer(tmp_path / "replica", extra=extra):
+                for _ in range(100):  # until the replica is in sync (bounded)
+                    info = await waiting.redis.info("replication")  # type: ignore[attr-defined]
+                    if info.get("connected_slaves", 0) >= 1 and "online" in str(info):
+                        break
+                    await asyncio.sleep(0.1)
+                (p,) = await waiting.append([("d", Writer(2).line("received by a replica"))])
+                assert p == 2  # (the refused append was still written on the primary)
+        finally:
+            await waiting.close()

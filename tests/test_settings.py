@@ -269,3 +269,9 @@ def test_token_verifier_reads_the_key_files(tmp_path: Path) -> None:
     assert settings.tokens_required
     with pytest.raises(ValueError, match="cannot read token public key"):
         settings.token_verifier()
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://host/1"])
+def test_a_store_url_is_refused_clearly_instead_of_becoming_a_file_name(url):
+    with pytest.raises(ValidationError, match="is not served by the relay in this version"):
+        RelaySettings(store=url)

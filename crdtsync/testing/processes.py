@@ -1,8 +1,11 @@
-"""Child processes a campaign drives: relays and replica workers, on loopback only.
+"""Child processes for tests, benchmarks and ``crdtsync check``: the one toolkit.
 
-Every process starts in its own session, announces itself on stdout (a relay its bound
-URL, a worker or hostile participant ``ready``) under a deadline, and is stopped with
-SIGTERM, then SIGKILL.
+Every process starts in its own session, announces itself on stdout with a JSON line (a
+relay its bound URL, a worker or hostile participant ``ready``) under a deadline, and is
+stopped with SIGTERM to its whole session, then SIGKILL. The campaign drives children
+from asyncio (:class:`ChildProcess` and its kinds); tests and benchmarks drive them with
+plain ``subprocess`` (:func:`read_json_line`, :func:`stop_process`, :class:`RelayProcess`).
+Every wait is bounded; :func:`timeout_s` scales them all on a slow machine.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ import asyncio
 import contextlib
 import json
 import os
+import selectors
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,12 +29,151 @@ __all__ = [
     "HostileChild",
     "ProcessFailed",
     "RelayChild",
+    "RelayProcess",
     "WorkerChild",
+    "descendants",
+    "read_json_line",
+    "stop_process",
+    "timeout_s",
 ]
 
 
 class ProcessFailed(RuntimeError):
     """A child process died, said something unexpected, or did not answer in time."""
+
+
+def timeout_s(n: float) -> float:
+    """``n`` seconds, scaled by ``CRDTSYNC_TEST_TIMEOUT_FACTOR`` (default 1): every wait of
+    the tests and benchmarks is a multiple of it, so a slow machine scales them all."""
+    return n * float(os.environ.get("CRDTSYNC_TEST_TIMEOUT_FACTOR", "1"))
+
+
+def read_json_line(
+    proc: subprocess.Popen[bytes], event: str, timeout: float, lines: list[str] | None = None
+) -> dict[str, Any]:
+    """Read ``proc``'s stdout until a JSON line ``{"event": event, ...}``; other lines are
+    skipped (and kept in ``lines``).
+
+    Raises:
+        ProcessFailed: the process ended, or no such line came within ``timeout`` (scaled).
+    """
+    assert proc.stdout is not None
+    limit = timeout_s(timeout)
+    deadline = time.monotonic() + limit
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while (left := deadline - time.monotonic()) > 0:
+            if not sel.select(left):
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            text = line.decode(errors="replace").strip()
+            if lines is not None:
+                lines.append(text)
+            try:
+                data = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and data.get("event") == event:
+                return data
+    raise ProcessFailed(f"no {event!r} line from pid {proc.pid} within {limit:g} s")
+
+
+def stop_process(proc: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
+    """SIGTERM ``proc``'s session, wait a bounded time, then SIGKILL what is left of it
+    (its leader may be gone while its workers live on); close our end of its pipes."""
+    try:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout_s(grace_s))
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout_s(grace_s))
+    finally:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids below ``pid`` (a relay's work and compaction processes), Linux."""
+    try:
+        kids = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+    return [int(k) for k in kids] + [g for k in kids for g in descendants(int(k))]
+
+
+class RelayProcess:
+    """A ``crdtsync relay`` process on 127.0.0.1 that announces the port it bound.
+
+    ``kill()`` sends SIGKILL; ``restart()`` starts it again on the same port and store.
+    """
+
+    def __init__(self, store: Path | str, cwd: Path, *args: str) -> None:
+        self.store = store
+        self.cwd = cwd
+        self.args = list(args)
+        self.port = 0
+        self.url = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.logs: list[str] = []
+        stem = Path(store).stem if isinstance(store, Path) else "redis"
+        self.stderr_path = cwd / f"relay-{stem}.stderr"
+
+    def start(self) -> RelayProcess:
+        """Start it and wait for its ``listening`` line.
+
+        Raises:
+            ProcessFailed: it did not start (its stderr is in the message).
+        """
+        cmd = [
+            sys.executable, "-m", "crdtsync", "relay",
+            "--host", "127.0.0.1", "--port", str(self.port), "--store", str(self.store),
+            *self.args,
+        ]  # fmt: skip
+        # stderr goes to a file: an unread pipe would fill up and block the relay.
+        with open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.cwd, stdout=subprocess.PIPE, stderr=err, start_new_session=True
+            )
+        try:
+            line = read_json_line(self.proc, "listening", timeout=30, lines=self.logs)
+        except ProcessFailed:
+            stop_process(self.proc)
+            raise ProcessFailed(f"relay did not start; stderr: {self.stderr()}") from None
+        self.url = line["url"]
+        self.port = int(self.url.rsplit(":", 1)[1])
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no flush; what was committed must survive."""
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_process(self.proc)
+
+    def terminate(self) -> int:
+        """SIGTERM (a drain), then SIGKILL past the grace; its exit status."""
+        assert self.proc is not None
+        stop_process(self.proc)
+        return self.proc.returncode
+
+    def restart(self) -> RelayProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+        return self.start()
+
+    def stderr(self, limit: int = 4000) -> str:
+        """The end of the relay's stderr log (all runs)."""
+        try:
+            return self.stderr_path.read_text(errors="replace")[-limit:]
+        except FileNotFoundError:
+            return ""
 
 
 class ChildProcess:

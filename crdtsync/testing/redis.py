@@ -17,6 +17,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from .processes import stop_process
+
 __all__ = ["RedisServer", "RedisUnavailable", "redis_server_binary"]
 
 START_TIMEOUT_S = 20.0
@@ -106,7 +108,7 @@ class RedisServer:
                 socket.create_connection(("127.0.0.1", port), timeout=1.0) as s,
             ):
                 s.sendall(b"PING\r\n")
-                if s.recv(64).startswith(b"+PONG"):
+                if s.recv(64).startswith((b"+PONG", b"-NOAUTH")):  # (up, with a password)
                     return True
             time.sleep(0.02)
         return False
@@ -122,17 +124,12 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self.proc = None
+        self.stop()
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM (Redis finishes its AOF), then SIGKILL after ``grace_s``."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc is not None:
+            stop_process(self.proc, grace_s)
         self.proc = None
 
     def wipe(self) -> None:

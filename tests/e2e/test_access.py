@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import trustme
-from helpers import eventually, timeout_s
+from helpers import ProcessFailed, eventually, timeout_s
 from pycrdt import Doc, Text
 from stock import close_of, messages_within, read_document, stored_text, text_update
 from websockets.asyncio.client import connect
@@ -371,5 +371,5 @@ async def test_replica_syncs_over_wss_with_the_test_ca_and_refuses_another(
 async def test_relay_with_a_bad_certificate_refuses_to_start(relay_factory, tmp_path):
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate")
-    with pytest.raises(AssertionError, match="cannot load TLS certificate"):
+    with pytest.raises(ProcessFailed, match="cannot load TLS certificate"):
         relay_factory("relay.db", "--tls-cert", str(bad), "--tls-key", str(bad))

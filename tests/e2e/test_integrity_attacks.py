@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import eventually, timeout_s
+from helpers import ProcessFailed, eventually, timeout_s
 from pycrdt import Array, Doc, Map, Text, merge_updates
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
@@ -503,7 +503,7 @@ async def test_a_second_relay_process_on_one_store_refuses_to_start(relay_factor
     could both accept a different first write of the same clocks. The second one refuses
     to start, with a clear reason (several processes share a Redis store instead)."""
     relay_factory("shared.db")
-    with pytest.raises(AssertionError, match="served by another relay process"):
+    with pytest.raises(ProcessFailed, match="served by another relay process"):
         relay_factory("shared.db")
 
 
