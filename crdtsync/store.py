@@ -359,6 +359,7 @@ class UpdateLog:
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = str(path)
         self._lock = threading.RLock()
+        self.abandoned: set[int] = set()  # generations of failed stagings (stage)
         self.db: Database | None = None  # sqlite-utils' view, made when migrations run
         with _store_errors(self.path):
             # isolation_level=None: we issue BEGIN/COMMIT ourselves; commits are where we say.
@@ -510,17 +511,36 @@ class UpdateLog:
         """
         gen = secrets.randbits(62)
         view = memoryview(update)
-        for idx, start in enumerate(range(0, len(update), UPDATE_CHUNK_BYTES)):
-            if idx:
-                # A lock is not fair: taken back at once, the next chunk's kept the
-                # loop's appends waiting for most of the staging (50 ms of 85 for 60 MB).
-                time.sleep(STAGE_PAUSE_S)
-            with self._write() as conn:
-                conn.execute(
-                    "INSERT INTO update_chunks (gen, idx, data) VALUES (?, ?, ?)",
-                    (gen, idx, view[start : start + UPDATE_CHUNK_BYTES]),
-                )
+        try:
+            for idx, start in enumerate(range(0, len(update), UPDATE_CHUNK_BYTES)):
+                if idx:
+                    # A lock is not fair: taken back at once, the next chunk's kept the
+                    # loop's appends waiting for most of the staging (50 ms of 85 for 60 MB).
+                    time.sleep(STAGE_PAUSE_S)
+                with self._write() as conn:
+                    conn.execute(
+                        "INSERT INTO update_chunks (gen, idx, data) VALUES (?, ?, ?)",
+                        (gen, idx, view[start : start + UPDATE_CHUNK_BYTES]),
+                    )
+        except BaseException:
+            # The chunks already written would stay until the next start: on a full
+            # disk, taking the space every other document's appends need. (Deleting
+            # needs room in the WAL too: what cannot go now goes at drop_abandoned.)
+            self.abandoned.add(gen)
+            self.drop_abandoned()
+            raise
         return Staged(gen, len(update))
+
+    def drop_abandoned(self) -> None:
+        """Try again to delete the chunks of stagings that failed (see :meth:`stage`)."""
+        if not self.abandoned:
+            return
+        gens = list(self.abandoned)
+        try:
+            self.drop_unused_chunks(gens)
+        except StoreError:
+            return
+        self.abandoned.difference_update(gens)
 
     def drop_unused_chunks(self, gens: Iterable[int] | None = None) -> int:
         """Delete staged chunks that no update names: those of ``gens``, or all of them.

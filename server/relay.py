@@ -399,6 +399,9 @@ class Relay:
         # for them meanwhile waits, unjudged and in order; so do claims of their ids.
         self._staging: dict[str, asyncio.Task[None]] = {}
         self._deferred: dict[str, list[_Pending]] = {}
+        # ... and the ledgers those commits will write: the document's ledger until then,
+        # even if its room closes and opens again meanwhile (the store's is behind).
+        self._staging_ledgers: dict[str, Ledger] = {}
         self._claims_waiting: dict[str, list[tuple[Peer, tuple[int, ...]]]] = {}
         self.rooms: dict[str, Room] = {}
         self.store: UpdateLog | None = None
@@ -561,6 +564,10 @@ class Relay:
             await asyncio.wait(set(self._handlers), timeout=_left(deadline))
             for handler in self._handlers:
                 handler.cancel()
+        # (Taken now: a pool's shutdown forgets its manager thread; see below.)
+        managers = [
+            getattr(p, "_executor_manager_thread", None) for p in (self._work_pool, self._pool)
+        ]
         if self._work_pool is not None:
             _shut_down(self._work_pool, wait=False)  # reads and checks nobody awaits now
             self._work_pool = None
@@ -571,6 +578,13 @@ class Relay:
             await asyncio.wait(self._compactions, timeout=_left(deadline))
         if self._pool is not None:
             _shut_down(self._pool, wait=not self._compactions)
+        for manager in managers:
+            # CPython 3.11: a pool's manager thread closing its wakeup pipe while the
+            # interpreter exits races with concurrent.futures' exit hook, which then
+            # writes to the closed pipe (a traceback, "Bad file descriptor"): let it
+            # finish here.
+            if manager is not None:
+                await asyncio.to_thread(manager.join, _left(deadline) + 5.0)
         if self._checkpointing is not None:
             with contextlib.suppress(Exception):
                 await self._checkpointing
@@ -1448,6 +1462,10 @@ class Relay:
         """
         while True:
             await asyncio.sleep(BACKLOG_CHECK_S)
+            if self.store is not None and self.store.abandoned:
+                # (a full disk: staged chunks that could not be deleted when their
+                # staging failed; a few rows per transaction)
+                await asyncio.to_thread(self.store.drop_abandoned)
             self._checkpoint()
             self._check_budget()
 
@@ -1522,8 +1540,10 @@ class Relay:
         if big:
             staged = [item for item in batch if item.peer.document in big]
             batch = [item for item in batch if item.peer.document not in big]
+            staged_ledgers = {d: ledgers.pop(d) for d in big if d in ledgers}
+            self._staging_ledgers.update(staged_ledgers)
             task = asyncio.get_running_loop().create_task(
-                self._stage_and_commit(staged, {d: ledgers.pop(d) for d in big if d in ledgers})
+                self._stage_and_commit(staged, staged_ledgers)
             )
             for name in big:
                 self._staging[name] = task
@@ -1570,13 +1590,15 @@ class Relay:
                 self.metrics.commit_seconds.observe(time.perf_counter() - started)
             except StoreError as exc:
                 self._commit_failed(batch, ledgers, exc)
-                with contextlib.suppress(StoreError):
-                    store.drop_unused_chunks(s.gen for s in staged.values())
+                store.abandoned.update(s.gen for s in staged.values())
+                # (Deleting writes too: from a thread, as the staging did.)
+                await asyncio.to_thread(store.drop_abandoned)
                 return
             self._committed(batch, [item for item in batch if item.update is not None], ledgers)
         finally:
             for name in names:
                 self._staging.pop(name, None)
+                self._staging_ledgers.pop(name, None)
             for name in names:
                 for peer, fresh in self._claims_waiting.pop(name, []):
                     if peer.closing or peer.ws.close_code is not None:
@@ -1830,6 +1852,10 @@ class Relay:
 
     def _ledger(self, name: str) -> Ledger:
         ledger = self._ledgers.get(name)
+        if ledger is None and name in self._staging_ledgers:
+            ledger = self._staging_ledgers[name]
+            if name in self.rooms:
+                self._ledgers[name] = ledger
         if ledger is None:
             assert self.store is not None
             ledger = self.store.load_ledger(name)

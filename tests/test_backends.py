@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import read_json_line, timeout_s
@@ -589,3 +590,38 @@ async def test_redis_wait_replicas_acknowledges_only_what_a_replica_received(
                 assert p == 2  # (the refused append was still written on the primary)
         finally:
             await waiting.close()
+
+
+async def test_redis_a_load_racing_a_compaction_and_trim_reads_a_whole_document(
+    redis_server: RedisServer,
+) -> None:
+    """A reader held between reading which snapshot is current and reading it (and the
+    tail) while another store compacts and trims everything: it reads again, whole."""
+    address = f"{redis_server.url}?prefix=race{secrets.token_hex(4)}&min_age_s=0"
+    reader, compactor = open_store(address), open_store(address)
+    assert isinstance(reader, RedisStore)
+    w = Writer(1)
+    try:
+        for i in range(30):
+            await reader.append([("d", w.line(f"line {i}"))])
+        await compactor.compact("d")  # a first snapshot: the reader will hold its gen
+        for i in range(30, 40):
+            await reader.append([("d", w.line(f"line {i}"))])
+        real_hget = reader.redis.hget
+        raced: list[int] = []
+
+        async def hget_then_compact(*args: Any) -> Any:
+            value = await real_hget(*args)
+            if args[1:] == ("snap_gen",) and not raced:
+                raced.append((await compactor.compact("d")).folded)
+            return value
+
+        reader.redis.hget = hget_then_compact  # type: ignore[method-assign]
+        log = await reader.load("d")
+        assert raced == [10]  # the compaction ran between the two reads, and trimmed
+        assert text_of(log.all_updates()) == "".join(f"line {i}\n" for i in range(40))
+        assert log.updates == []
+        assert log.last_seq == 40
+    finally:
+        await reader.close()
+        await compactor.close()

@@ -743,3 +743,46 @@ def test_chunks_never_appended_are_dropped(log: UpdateLog, monkeypatch):
     assert log.drop_unused_chunks() > 0
     assert {g for (g,) in log.conn.execute("SELECT gen FROM update_chunks")} == {kept.gen}
     assert log.load("d").updates == [update]
+
+
+def test_a_staging_that_fails_partway_leaves_no_chunks(log: UpdateLog, monkeypatch):
+    """A full disk at the 4th chunk: the 3 written are deleted at once, or, when the
+    delete fails too (deleting needs room as well), by a later drop_abandoned."""
+    monkeypatch.setattr(store_module, "UPDATE_CHUNK_BYTES", 100)
+    calls = {"inserts": 0, "fail_deletes": True}
+    real_write = log._write
+
+    @contextmanager
+    def failing_write() -> Iterator[sqlite3.Connection]:
+        with real_write() as conn:
+            yield _Failing(conn, calls)
+
+    monkeypatch.setattr(log, "_write", failing_write)
+    with pytest.raises(StoreError, match="disk full"):
+        log.stage(_text_update(1000))
+    assert log.conn.execute("SELECT count(*) FROM update_chunks").fetchone()[0] == 3
+    assert len(log.abandoned) == 1  # the delete failed too: kept for later
+    calls["fail_deletes"] = False
+    log.drop_abandoned()
+    assert log.conn.execute("SELECT count(*) FROM update_chunks").fetchone()[0] == 0
+    assert log.abandoned == set()
+
+
+class _Failing:
+    """A connection whose 4th chunk insert, and (while told so) every delete, fails."""
+
+    def __init__(self, conn: sqlite3.Connection, calls: dict[str, Any]) -> None:
+        self._conn = conn
+        self._calls = calls
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.startswith("INSERT INTO update_chunks"):
+            self._calls["inserts"] += 1
+            if self._calls["inserts"] == 4:
+                raise StoreError("disk full (test)")
+        return self._conn.execute(sql, *args)
+
+    def executemany(self, sql: str, *args: Any) -> Any:
+        if sql.startswith("DELETE") and self._calls["fail_deletes"]:
+            raise StoreError("disk full (test)")
+        return self._conn.executemany(sql, *args)

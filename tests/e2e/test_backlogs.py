@@ -357,3 +357,62 @@ async def test_a_large_update_being_staged_holds_up_only_its_own_document(tmp_pa
     assert len(updates) == (1 if fails else 2)
     assert updates[-1] == small
     assert chunks == (0 if fails else -(-len(big) // MiB))
+
+
+async def test_a_room_reopened_while_its_large_update_is_staged_keeps_the_ledger(tmp_path):
+    """The large update's sender leaves while it is staged (its room closes), someone
+    joins and writes other content under the sender's client id: that is judged against
+    the ledger the staged commit holds (the store's is behind), so it is refused, and the
+    ledger written keeps the sender's clocks (a helper's attack: the rewrite was stored)."""
+    import threading
+
+    from crdtsync.server import Relay
+    from crdtsync.settings import RelaySettings
+
+    settings = RelaySettings(
+        port=0,
+        store=tmp_path / "relay.db",
+        max_update_bytes=8 * MiB,
+        max_message_bytes=8 * MiB,
+        compaction_workers=0,
+    )
+    relay = Relay(settings)
+    await relay.start()
+    gate, entered = threading.Event(), threading.Event()
+    assert relay.store is not None
+    stage = relay.store.stage
+
+    def held_stage(update: bytes) -> Any:
+        entered.set()
+        gate.wait(timeout_s(30))
+        return stage(update)
+
+    relay.store.stage = held_stage  # type: ignore[method-assign]
+    name = "staging/reopened"
+    try:
+        writer: Doc = Doc()
+        big = text_update(writer, "B" * (3 * MiB))
+        async with connect(f"{relay.url}/{name}", max_size=None) as sender:
+            await sender.send(SyncUpdate(big).encode())
+            await eventually(entered.is_set, 30, "the large update being staged")
+        await eventually(lambda: name not in relay.rooms, 10, "the room to close")
+        rewrite = text_update(Doc(client_id=writer.client_id), "EVIL")
+        async with connect(f"{relay.url}/{name}", max_size=None) as attacker:
+            await attacker.send(SyncStep1(b"\x00").encode())
+            await _next_update(attacker, 10)
+            await attacker.send(SyncUpdate(rewrite).encode())
+            # (It repeats the sender's clocks: compared with the store once the staged
+            # commit is done; judged by the ledger this room holds meanwhile.)
+            await eventually(lambda: name in relay._ledgers, 10, "the rewrite to be read")
+            gate.set()
+            await eventually(lambda: relay.stats["updates_refused"] >= 1, 20, "a refusal")
+    finally:
+        gate.set()
+        await relay.stop()
+    with UpdateLog(settings.store) as log:
+        doc: Doc = Doc()
+        for update in log.load(name).all_updates():
+            doc.apply_update(update)
+        ledger = log.load_ledger(name)
+    assert str(doc.get("text", type=Text)) == "B" * (3 * MiB)
+    assert ledger.ranges[writer.client_id] == [(0, 3 * MiB)]
