@@ -13,6 +13,7 @@ import contextlib
 import time
 import weakref
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,9 +34,12 @@ FOLLOW_POLL_S = 0.5  # how often a follower looks for other processes' appends
 CHANGES_PAGE = 4096  # changes a follower reads at a time
 
 
-def open_store(address: str | Path, *, synchronous: Synchronous = "NORMAL") -> RelayStore:
+def open_store(
+    address: str | Path, *, synchronous: Synchronous = "NORMAL", cpu: Executor | None = None
+) -> RelayStore:
     """The store at ``address``: a ``redis://``, ``rediss://`` or ``unix://`` URL (Redis,
     see crdtsync.server.redis_store), else a file path (SQLite, with ``synchronous``).
+    ``cpu``: where compactions fold updates (a process pool; None: a thread).
 
     Raises:
         StoreError: it cannot be opened.
@@ -43,8 +47,8 @@ def open_store(address: str | Path, *, synchronous: Synchronous = "NORMAL") -> R
     if isinstance(address, str) and is_redis_address(address):
         from .redis_store import RedisStore  # redis-py is imported only for a Redis store
 
-        return RedisStore(address)
-    return SqliteStore(address, synchronous=synchronous)
+        return RedisStore(address, cpu=cpu)
+    return SqliteStore(address, synchronous=synchronous, cpu=cpu)
 
 
 def is_redis_address(address: str) -> bool:
@@ -56,7 +60,8 @@ class SqliteStore:
     """:class:`~crdtsync.backend.RelayStore` on one SQLite file.
 
     Positions are the file's global sequence numbers. Followers see this object's own
-    appends at once and other processes' within ``FOLLOW_POLL_S``.
+    appends at once and other processes' within ``FOLLOW_POLL_S``. ``cpu``: where
+    compactions run (see :meth:`compact`).
 
     Raises:
         StoreError: the file cannot be opened (see :class:`~crdtsync.store.UpdateLog`).
@@ -70,9 +75,11 @@ class SqliteStore:
         *,
         synchronous: Synchronous = "NORMAL",
         autocheckpoint: bool = True,
+        cpu: Executor | None = None,
     ) -> None:
         self.address = str(path)
         self.synchronous: Synchronous = synchronous
+        self._cpu = cpu
         self.log = UpdateLog(path, synchronous=synchronous, autocheckpoint=autocheckpoint)
         self._followers: weakref.WeakSet[SqliteFollower] = weakref.WeakSet()
 
@@ -120,10 +127,12 @@ class SqliteStore:
         return follower
 
     async def compact(self, document: str) -> CompactionResult:
-        """Fold ``document``'s tail into its snapshot, on a connection of its own in a
-        thread (the relay runs :func:`~crdtsync.store.compact_file` in a process instead:
-        pycrdt holds the GIL while it merges)."""
-        return await asyncio.to_thread(compact_file, self.address, document, self.synchronous)
+        """Fold ``document``'s tail into its snapshot, on a connection of its own, in
+        ``cpu`` (a process pool keeps the caller's loop free: pycrdt holds the GIL while
+        it merges) or, without one, a thread."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._cpu, compact_file, self.address, document, self.synchronous
+        )
 
     async def changes(self, cursor: int, limit: int) -> list[Change]:
         """Documents changed after ``cursor``, oldest change first (cursor: a position)."""
