@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
 from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
@@ -70,6 +72,11 @@ WAIT_TIMEOUT_S = 5.0  # with wait_replicas: an append not on enough replicas by 
 
 _APPEND = """
 local pos = tonumber(redis.call('HGET', KEYS[1], 'pos') or '0')
+if pos == nil then return redis.error_reply('ERR crdtsync: damaged position in ' .. KEYS[1]) end
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('ERR crdtsync: ' .. KEYS[2] .. ' is not a stream')
+end
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= pos then return {0, pos} end
 local nset = tonumber(ARGV[3])
 local ndel = tonumber(ARGV[4])
@@ -107,6 +114,7 @@ local snap_pos = tonumber(redis.call('HGET', KEYS[2], 'snap_pos') or '0')
 local t = redis.call('TIME')
 local cutoff = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1])
 local last = nil
+local keep = nil
 local start = '-'
 local done = false
 while not done do
@@ -121,6 +129,7 @@ while not done do
       if fields[j] == 'n' then n = tonumber(fields[j + 1]) end
     end
     if tonumber(ms) > cutoff or (n ~= nil and n > snap_pos) then
+      keep = id
       done = true
       break
     end
@@ -130,8 +139,12 @@ while not done do
 end
 local trimmed = 0
 if last ~= nil then
-  local ms, seq = string.match(last, '^(%d+)-(%d+)$')
-  trimmed = redis.call('XTRIM', KEYS[1], 'MINID', '=', ms .. '-' .. (tonumber(seq) + 1))
+  if keep ~= nil then
+    trimmed = redis.call('XTRIM', KEYS[1], 'MINID', '=', keep)
+  else
+    trimmed = redis.call('XLEN', KEYS[1])
+    redis.call('DEL', KEYS[1])
+  end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 and redis.call('XLEN', KEYS[1]) == 0 then
   redis.call('DEL', KEYS[1])
@@ -146,6 +159,7 @@ if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 local gen = redis.call('HGET', KEYS[1], 'snap_gen') or ''
 if gen ~= ARGV[2] then return -2 end
 redis.call('HSET', KEYS[1], 'snap_pos', ARGV[3], 'snap_gen', ARGV[1], 'snap_bytes', ARGV[4])
+redis.call('PERSIST', KEYS[4])
 redis.call('HINCRBY', KEYS[1], 'tail_n', -tonumber(ARGV[5]))
 redis.call('HINCRBY', KEYS[1], 'tail_bytes', -tonumber(ARGV[6]))
 if KEYS[3] ~= KEYS[4] then redis.call('DEL', KEYS[3]) end
@@ -192,7 +206,7 @@ def parse_address(address: str) -> RedisOptions:
                 number = float(value)
             except ValueError:
                 number = -1.0
-            if not number >= 0 or (key != "min_age_s" and number == 0):
+            if not number >= 0 or (key != "min_age_s" and number < 0.001):
                 raise StoreError(f"{key} must be a number of seconds, not {value!r}")
             options[key] = number
         elif key == "wait_replicas":
@@ -274,10 +288,17 @@ class RedisStore:
         self._release = self.redis.register_script(_RELEASE)
 
     def connect(self, url: str | None = None) -> aioredis.Redis:
-        """A new client of this store's Redis (a follower's blocking reads need their own)."""
-        if self._password is None:
-            return aioredis.Redis.from_url(url or self._url)
-        return aioredis.Redis.from_url(url or self._url, password=self._password)
+        """A new client of this store's Redis (a follower's blocking reads need their own).
+
+        Without redis-py's retries (redis-py >= 6 resends a command whose connection
+        failed, even after Redis ran it): an append script run twice would append twice,
+        or refuse its own committed write as a PositionConflict. A lost reply is a
+        StoreError; the callers resend (a repeat is harmless) or read again.
+        """
+        extra: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "retry_on_error": []}
+        if self._password is not None:
+            extra["password"] = self._password
+        return aioredis.Redis.from_url(url or self._url, **extra)
 
     def keys(self, document: str) -> _Keys:
         base = f"{self.prefix}:{{{document}}}:"
@@ -458,6 +479,8 @@ class RedisStore:
                 entries, (pos, snap_pos, now_gen) = got[-2], got[-1]
                 if (now_gen or b"").decode() != gen:
                     continue  # a compaction switched snapshots between the two reads
+                if gen and not got[0]:
+                    raise StoreError(f"store {self._where}: {document!r} lost its snapshot {gen}")
                 return self._log_of(document, chunks, entries, pos, snap_pos)
         except RedisError as exc:
             raise self._error(f"reading {document!r}", exc) from exc
@@ -562,6 +585,8 @@ class RedisStore:
             gen = _text(await self.redis.hget(k.meta, "snap_gen"))
             stored = await self.load(document)
             if not stored.updates:
+                # Nothing to fold; entries folded earlier may have passed the minimum age.
+                await self.trim(document)
                 return CompactionResult(document, 0, len(stored.snapshot or b""))
             loop = asyncio.get_running_loop()
             try:
@@ -579,18 +604,27 @@ class RedisStore:
                 await self.redis.hset(
                     written, str(idx), snapshot[start : start + SNAPSHOT_CHUNK_BYTES]
                 )
+                # Gone by itself if this process dies before the switch (which persists
+                # it): it outlives the lease, so it is whole whenever a switch can happen.
+                await self.redis.pexpire(written, int(self.lease_s * 1000) + 1000)
             folded_bytes = sum(len(u) for u in stored.updates)
-            switched = await self._switch(
-                keys=[k.meta, k.lease, k.snap(gen) if gen else written, written],
-                args=[
-                    token,
-                    gen,
-                    stored.last_seq,
-                    len(snapshot),
-                    len(stored.updates),
-                    folded_bytes,
-                ],
-            )
+            try:
+                switched = await self._switch(
+                    keys=[k.meta, k.lease, k.snap(gen) if gen else written, written],
+                    args=[
+                        token,
+                        gen,
+                        stored.last_seq,
+                        len(snapshot),
+                        len(stored.updates),
+                        folded_bytes,
+                    ],
+                )
+            except BaseException:
+                # Sent, reply lost (or cancelled meanwhile): it may be the current snapshot
+                # now. Never delete it here; unswitched, it expires by itself.
+                written = None
+                raise
             if switched != 1:
                 return CompactionResult(document, 0, len(stored.snapshot or b""))
             written = None
@@ -647,7 +681,7 @@ class RedisFollower:
         self._positions: dict[str, int] = {}
         self._ids: dict[str, bytes] = {}  # the last stream id read, per document
         self._added = asyncio.Event()
-        self._identity: str | None = None
+        self._identity: StoreIdentity | None = None
         self._checked = 0.0  # when _check_store last looked
         self.malformed = 0  # entries skipped
 
@@ -699,9 +733,11 @@ class RedisFollower:
         if now - self._checked < IDENTITY_CHECK_S:
             return []
         self._checked = now
-        identity = (await self._store.identity()).id
+        identity = await self._store.identity()
         if self._identity is not None and identity != self._identity:
-            log.warning("the Redis store was emptied or replaced: reloading every document")
+            log.warning(
+                "the Redis store was emptied, replaced or restored: reloading every document"
+            )
             self._identity = identity
             gaps: list[Entry | Gap] = [Gap(d, p) for d, p in self._positions.items()]
             self._positions.clear()
@@ -727,7 +763,11 @@ class RedisFollower:
         for i, doc in enumerate(docs):
             pos, after = int(replies[2 * i] or 0), replies[2 * i + 1]
             position = self._positions.get(doc)
-            if position is None or pos <= position:
+            if position is None or pos == position:
+                continue
+            if pos < position:  # the store went back (restored, or lost writes)
+                found.append(Gap(doc, position))
+                self.remove(doc)
                 continue
             n = _entry(after[0][1])[0] if after else None
             if n is None and after:

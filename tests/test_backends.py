@@ -585,11 +585,11 @@ async def test_redis_wait_replicas_acknowledges_only_what_a_replica_received(
                 await waiting.append([("d", Writer(1).line("no replica yet"))])
             extra = ["--replicaof", "127.0.0.1", str(primary.port)]
             with RedisServer(tmp_path / "replica", extra=extra):
-                for _ in range(100):  # until the replica is in sync (bounded)
-                    info = await waiting.redis.info("replication")  # type: ignore[attr-defined]
-                    if info.get("connected_slaves", 0) >= 1 and "online" in str(info):
+                redis = waiting.redis  # type: ignore[attr-defined]
+                for _ in range(60):  # until the replica acknowledges a write (bounded)
+                    await redis.set("w:probe", 1)
+                    if await redis.wait(1, 250) >= 1:
                         break
-                    await asyncio.sleep(0.1)
                 (p,) = await waiting.append([("d", Writer(2).line("received by a replica"))])
                 assert p == 2  # (the refused append was still written on the primary)
         finally:
@@ -645,3 +645,109 @@ async def test_compaction_runs_in_a_process_pool(address: str) -> None:
             assert text_of(log.all_updates()) == "".join(f"line {i}\n" for i in range(20))
         finally:
             await store.close()
+
+
+async def test_redis_a_switch_whose_reply_is_lost_keeps_the_snapshot_it_made_current(
+    redis_server: RedisServer,
+) -> None:
+    """The switch ran in Redis, its reply never came (a reset link, a cancelled
+    compaction): the compaction must not delete what is now the current snapshot."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    store = open_store(f"{redis_server.url}?prefix=lost{secrets.token_hex(4)}&min_age_s=0")
+    assert isinstance(store, RedisStore)
+    w = Writer(1)
+    try:
+        for i in range(10):
+            await store.append([("d", w.line(f"line {i}"))])
+        real = store._switch
+
+        async def switch_then_lose_the_reply(*args: Any, **kwargs: Any) -> Any:
+            await real(*args, **kwargs)
+            raise RedisConnectionError("connection reset (reply lost)")
+
+        store._switch = switch_then_lose_the_reply  # type: ignore[method-assign]
+        with pytest.raises(StoreError):
+            await store.compact("d")
+        store._switch = real  # type: ignore[method-assign]
+        log = await store.load("d")
+        assert text_of(log.all_updates()) == "".join(f"line {i}\n" for i in range(10))
+        assert (await store.compact("d")).folded == 0
+        assert text_of((await store.load("d")).all_updates()).count("\n") == 10
+    finally:
+        await store.close()
+
+
+async def test_redis_a_closed_document_is_trimmed_once_its_entries_pass_the_minimum_age(
+    redis_server: RedisServer,
+) -> None:
+    store = open_store(f"{redis_server.url}?prefix=age{secrets.token_hex(4)}&min_age_s=0.3")
+    assert isinstance(store, RedisStore)
+    w = Writer(1)
+    try:
+        for i in range(10):
+            await store.append([("d", w.line(f"line {i}"))])
+        assert (await store.compact("d")).folded == 10
+        assert await store.redis.xlen(store.keys("d").log) == 10  # young: kept
+        await asyncio.sleep(0.5)
+        assert (await store.compact("d")).folded == 0  # nothing new: trims what aged
+        assert not await store.redis.exists(store.keys("d").log)
+        assert text_of((await store.load("d")).all_updates()).count("\n") == 10
+    finally:
+        await store.close()
+
+
+async def test_redis_a_follower_sees_a_raised_epoch_as_a_gap(redis_server: RedisServer) -> None:
+    """After a restore (new_epoch), positions may be reused: nothing followed is trusted."""
+    store = open_store(f"{redis_server.url}?prefix=ep{secrets.token_hex(4)}")
+    follower = store.follow()
+    try:
+        (p,) = await store.append([("d", Writer(1).line("one"))])
+        follower.add("d", p)
+        assert await follower.read(1.2) == []
+        await store.new_epoch()
+        got: list[Entry | Gap] = []
+        for _ in range(20):
+            got += await follower.read(timeout_s(2))
+            if got:
+                break
+        assert got == [Gap("d", p)]
+    finally:
+        await follower.close()
+        await store.close()
+
+
+async def test_redis_the_snapshot_of_a_killed_compaction_expires(
+    redis_server: RedisServer,
+) -> None:
+    store = open_store(f"{redis_server.url}?prefix=orph{secrets.token_hex(4)}&lease_s=0.3")
+    assert isinstance(store, RedisStore)
+    w = Writer(1)
+    try:
+        for i in range(5):
+            await store.append([("d", w.line(f"line {i}"))])
+
+        class Killed(BaseException):
+            pass
+
+        async def killed(*args: Any, **kwargs: Any) -> Any:
+            raise Killed  # the process dies after writing its snapshot, before switching
+
+        async def no_cleanup(*args: Any, **kwargs: Any) -> Any:
+            return 0  # (a killed process runs no `finally`)
+
+        real_switch, real_delete = store._switch, store.redis.delete
+        store._switch, store.redis.delete = killed, no_cleanup  # type: ignore[method-assign]
+        with pytest.raises(Killed):
+            await store.compact("d")
+        store._switch, store.redis.delete = real_switch, real_delete  # type: ignore[method-assign]
+        assert [k async for k in store.redis.scan_iter(f"{store.prefix}:{{d}}:snap:*")]
+        pattern = f"{store.prefix}:{{d}}:snap:*"
+        for _ in range(30):
+            if not [k async for k in store.redis.scan_iter(pattern)]:
+                break
+            await asyncio.sleep(0.1)
+        assert [k async for k in store.redis.scan_iter(pattern)] == []
+        assert (await store.compact("d")).folded == 5
+    finally:
+        await store.close()

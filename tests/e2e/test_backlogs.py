@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -281,15 +282,11 @@ async def _synced_reader(url: str) -> ClientConnection:
     return ws
 
 
-@pytest.mark.parametrize("fails", [False, True], ids=["staged", "staging-fails"])
-async def test_a_large_update_being_staged_holds_up_only_its_own_document(tmp_path, fails):
-    """While a large update of one document is written to the store in chunks, another
-    document's updates are stored and fanned out; the same document's next update waits
-    and goes out after it, in order. If staging fails, the large update's sender is
-    closed (1013, nothing stored or sent of it) and the document's next update is still
-    stored and sent."""
-    import threading
-
+async def _relay_with_held_staging(
+    tmp_path: Path, *, fails: bool
+) -> tuple[Any, threading.Event, threading.Event]:
+    """An in-process relay whose staging of large updates waits for ``gate`` (``entered``
+    is set once one is held), then stages, or fails as a full disk would."""
     from crdtsync.errors import StoreError
     from crdtsync.server import Relay
     from crdtsync.settings import RelaySettings
@@ -315,6 +312,18 @@ async def test_a_large_update_being_staged_holds_up_only_its_own_document(tmp_pa
         return stage(update)
 
     relay.store.stage = held_stage  # type: ignore[method-assign]
+    return relay, gate, entered
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["staged", "staging-fails"])
+async def test_a_large_update_being_staged_holds_up_only_its_own_document(tmp_path, fails):
+    """While a large update of one document is written to the store in chunks, another
+    document's updates are stored and fanned out; the same document's next update waits
+    and goes out after it, in order. If staging fails, the large update's sender is
+    closed (1013, nothing stored or sent of it) and the document's next update is still
+    stored and sent."""
+    relay, gate, entered = await _relay_with_held_staging(tmp_path, fails=fails)
+    settings = relay.settings
     try:
         reader_a = await _synced_reader(f"{relay.url}/staging/a")
         reader_b = await _synced_reader(f"{relay.url}/staging/b")
@@ -364,30 +373,8 @@ async def test_a_room_reopened_while_its_large_update_is_staged_keeps_the_ledger
     joins and writes other content under the sender's client id: that is judged against
     the ledger the staged commit holds (the store's is behind), so it is refused, and the
     ledger written keeps the sender's clocks (a helper's attack: the rewrite was stored)."""
-    import threading
-
-    from crdtsync.server import Relay
-    from crdtsync.settings import RelaySettings
-
-    settings = RelaySettings(
-        port=0,
-        store=tmp_path / "relay.db",
-        max_update_bytes=8 * MiB,
-        max_message_bytes=8 * MiB,
-        compaction_workers=0,
-    )
-    relay = Relay(settings)
-    await relay.start()
-    gate, entered = threading.Event(), threading.Event()
-    assert relay.store is not None
-    stage = relay.store.stage
-
-    def held_stage(update: bytes) -> Any:
-        entered.set()
-        gate.wait(timeout_s(30))
-        return stage(update)
-
-    relay.store.stage = held_stage  # type: ignore[method-assign]
+    relay, gate, entered = await _relay_with_held_staging(tmp_path, fails=False)
+    settings = relay.settings
     name = "staging/reopened"
     try:
         writer: Doc = Doc()
