@@ -477,7 +477,7 @@ class RedisStore:
                     got = await pipe.execute()
                 chunks = got[0] if gen else {}
                 entries, (pos, snap_pos, now_gen) = got[-2], got[-1]
-                if (now_gen or b"").decode() != gen:
+                if _text(now_gen) != gen:
                     continue  # a compaction switched snapshots between the two reads
                 if gen and not got[0]:
                     raise StoreError(f"store {self._where}: {document!r} lost its snapshot {gen}")

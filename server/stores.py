@@ -160,6 +160,7 @@ class SqliteFollower:
         self._closed = False
 
     def wake(self) -> None:
+        """Look again now: the store appended (called by :meth:`SqliteStore.append`)."""
         self._wake.set()
 
     def add(self, document: str, position: int) -> None:

@@ -26,7 +26,7 @@ import pytest
 from helpers import read_json_line, timeout_s
 from pycrdt import Doc, Text
 
-from crdtsync.backend import Entry, Gap, RelayStore
+from crdtsync.backend import Entry, Follower, Gap, RelayStore
 from crdtsync.errors import PositionConflict, StoreError
 from crdtsync.integrity import Writer as Proof
 from crdtsync.server.redis_store import RedisStore
@@ -51,6 +51,16 @@ class Writer:
     def line(self, words: str) -> bytes:
         self.text.insert(len(str(self.text)), words + "\n")
         return self.updates[-1]
+
+
+async def read_at_least(follower: Follower, count: int) -> list[Entry | Gap]:
+    """What ``follower`` reads until it has ``count`` items (at most 20 reads of 2 s)."""
+    got: list[Entry | Gap] = []
+    for _ in range(20):
+        got += await follower.read(timeout_s(2))
+        if len(got) >= count:
+            break
+    return got
 
 
 def text_of(updates: list[bytes]) -> str:
@@ -235,11 +245,7 @@ async def test_a_follower_gets_each_new_entry_of_its_documents_once_in_order(
     assert await follower.read(0.05) == []
     appended = await store.append([("d", w.line("one")), ("x", x.line("not followed"))])
     appended += await store.append([("d", w.line("two"))])
-    got: list[Entry | Gap] = []
-    for _ in range(20):
-        got += await follower.read(timeout_s(2))
-        if len(got) >= 2:
-            break
+    got = await read_at_least(follower, 2)
     assert [(e.document, e.position) for e in got if isinstance(e, Entry)] == [
         ("d", appended[0]),
         ("d", appended[2]),
@@ -266,11 +272,7 @@ async def test_a_follower_sees_appends_made_through_another_store_object(
     other = open_store(address)
     try:
         (p,) = await other.append([("d", Writer(5).line("from elsewhere"))])
-        got: list[Entry | Gap] = []
-        for _ in range(20):
-            got += await follower.read(timeout_s(2))
-            if got:
-                break
+        got = await read_at_least(follower, 1)
         assert [(e.document, e.position) for e in got] == [("d", p)]
     finally:
         await other.close()
@@ -291,11 +293,7 @@ async def test_a_follower_that_fell_behind_a_compaction_gets_a_gap(store: RelayS
     assert text_of(log.all_updates()) == "one\ntwo\nthree\n"
     follower.add("d", log.last_seq)
     (p,) = await store.append([("d", w.line("four"))])
-    got = []
-    for _ in range(20):
-        got += await follower.read(timeout_s(2))
-        if got:
-            break
+    got = await read_at_least(follower, 1)
     assert [(e.document, e.position) for e in got] == [("d", p)]
     await follower.close()
 
@@ -440,11 +438,7 @@ async def test_redis_a_garbage_entry_in_one_stream_stops_no_other_document(
         await store.redis.xadd(bad_log, {"n": b"x", "u": b"\x00"})
         await store.redis.xadd(bad_log, {"n": b"2"})
         positions = await store.append([("good", v.line("fine")), ("bad", w.line("two"))])
-        got: list[Entry | Gap] = []
-        for _ in range(20):
-            got += await follower.read(timeout_s(2))
-            if len(got) >= 3:
-                break
+        got = await read_at_least(follower, 3)
         assert all(isinstance(e, Entry) for e in got)
         by_doc = {d: [e.position for e in got if e.document == d] for d in ("bad", "good")}
         assert by_doc == {"bad": [p1, positions[1]], "good": [positions[0]]}
@@ -706,11 +700,7 @@ async def test_redis_a_follower_sees_a_raised_epoch_as_a_gap(redis_server: Redis
         follower.add("d", p)
         assert await follower.read(1.2) == []
         await store.new_epoch()
-        got: list[Entry | Gap] = []
-        for _ in range(20):
-            got += await follower.read(timeout_s(2))
-            if got:
-                break
+        got = await read_at_least(follower, 1)
         assert got == [Gap("d", p)]
     finally:
         await follower.close()
