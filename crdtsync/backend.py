@@ -30,21 +30,29 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 from .errors import PositionConflict
-from .integrity import Ledger
+from .integrity import ClientsAsRead, Ledger
 from .store import CompactionResult, DocumentLog, Staged
 
 __all__ = [
     "Change",
+    "ClientsAsRead",
     "Entry",
     "Follower",
     "Gap",
     "PositionConflict",
     "RelayStore",
     "StoreIdentity",
+    "is_redis_address",
 ]
+
+
+def is_redis_address(address: object) -> TypeGuard[str]:
+    """Whether ``address`` names a Redis store (``redis://``, ``rediss://``, ``unix://``)
+    rather than an SQLite file."""
+    return isinstance(address, str) and address.startswith(("redis://", "rediss://", "unix://"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,14 +139,15 @@ class RelayStore(Protocol):
         self,
         rows: Sequence[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
-        expected: Mapping[str, int] | None = None,
+        expected: Mapping[str, int | ClientsAsRead] | None = None,
     ) -> list[int]:
         """Append updates to their documents, and write what changed in ``ledgers``
         (then marked clean), durably and all at once; return the updates' positions.
 
         Each document's updates and ledger are written together or not at all. With
-        ``expected`` (document -> position), a document no longer at its position gets
-        nothing written; the others are appended.
+        ``expected`` (document -> position, or the ledger entries of some clients as
+        the judgement read them), a document no longer as expected gets nothing
+        written; the others are appended.
 
         Raises:
             PositionConflict: documents of ``expected`` moved on (its ``appended`` holds

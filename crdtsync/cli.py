@@ -29,7 +29,7 @@ __all__ = ["main"]
 def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "relay",
-        help="run a relay (websocket endpoint on an embedded SQLite store)",
+        help="run a relay (websocket endpoint on an embedded SQLite store, or on Redis)",
         description=(
             "Run a stateless y-websocket relay that persists every update to a SQLite "
             "file before fanning it out. Prints one JSON line "
@@ -39,7 +39,18 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to bind; 0 picks a free one (default 8765)")
-    p.add_argument("--store", help="SQLite file (default ./crdtsync-relay.db)")
+    p.add_argument(
+        "--store",
+        help="SQLite file (default ./crdtsync-relay.db), or a Redis URL shared by any number "
+        "of relay processes: redis://[[user]:password@]host:port/db (rediss:// with TLS; "
+        "the password may come from CRDTSYNC_REDIS_PASSWORD instead)",
+    )
+    p.add_argument(
+        "--redis-wait-replicas",
+        type=int,
+        metavar="N",
+        help="a Redis store: acknowledge an update only once N replicas received it (WAIT)",
+    )
     p.add_argument(
         "--synchronous",
         choices=["NORMAL", "FULL", "EXTRA"],
@@ -209,6 +220,20 @@ def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="URL",
         help="a relay you run (repeatable); without it, relays are started locally",
     )
+    p.add_argument(
+        "--backend",
+        choices=["sqlite", "redis"],
+        default="sqlite",
+        help="local relays' store: a file each (sqlite), or one redis-server of the "
+        "suite's own that every relay shares (redis: adds the kill-redis fault)",
+    )
+    p.add_argument(
+        "--relays",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="local relay processes; replicas are spread over them (1)",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed (0)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="how many seeds to run (1)")
     p.add_argument("--steps", type=_positive_int, default=40, help="steps per schedule (40)")
@@ -264,6 +289,7 @@ def _relay_settings(args: argparse.Namespace) -> RelaySettings | None:
             "port": args.port,
             "store": args.store,
             "synchronous": args.synchronous,
+            "redis_wait_replicas": args.redis_wait_replicas,
             "max_message_bytes": args.max_message_bytes,
             "compact_after_updates": args.compact_after_updates,
             "max_connections": args.max_connections,

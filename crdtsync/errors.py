@@ -41,6 +41,7 @@ __all__ = [
     "ProtocolError",
     "Retry",
     "StoreError",
+    "StoreUnreachable",
     "SyncTimeout",
     "TokenRefusalReason",
     "TokenRefused",
@@ -197,6 +198,10 @@ class StoreError(CrdtsyncError):
     def __init__(self, message: str, path: str | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class StoreUnreachable(StoreError):
+    """The store (a Redis server) could not be reached: it may be back later."""
 
 
 class PositionConflict(StoreError):

@@ -55,6 +55,7 @@ from .updates import UpdateInfo, check_update
 __all__ = [
     "KEY_OWNER",
     "MAX_RANGES_PER_CLIENT",
+    "ClientsAsRead",
     "Comparison",
     "Ledger",
     "Lookup",
@@ -198,6 +199,20 @@ def decode_ranges(data: bytes) -> list[tuple[int, int]]:
 
 
 # -- the ledger -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ClientsAsRead:
+    """A condition on an append (crdtsync.backend): these clients' ledger entries are
+    still what the judgement read, whatever else the document received meanwhile.
+
+    ``clients``: client id -> (its ranges as :func:`encode_ranges` writes them, None
+    where it had no entry; its owner, None where unowned). Updates that only append
+    after what is stored are judged on nothing else, so concurrent writers of other
+    client ids (on other relay processes) never make them judge again.
+    """
+
+    clients: dict[int, tuple[bytes | None, str | None]]
 
 
 @dataclass
@@ -464,6 +479,13 @@ class Ledger:
             for client, reason in refused.items()
         ]
         return Verdict(result, refusals, trimmed=bool(trim))
+
+    def as_read(self, clients: Iterable[int]) -> dict[int, tuple[bytes | None, str | None]]:
+        """What this ledger holds of ``clients``, for a :class:`ClientsAsRead` condition."""
+        ranges, owners = self.ranges, self.owners
+        return {
+            c: (encode_ranges(ranges[c]) if c in ranges else None, owners.get(c)) for c in clients
+        }
 
     def append_only(self, info: UpdateInfo, writer: Writer | None) -> bool:
         """The fast path: record an update that only appends after what is stored.

@@ -66,8 +66,13 @@ class RelaySettings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
-    store: Path = Path("crdtsync-relay.db")
+    # an SQLite file (one relay process), or a Redis URL shared by any number of relay
+    # processes: redis://[[user]:password@]host:port/db, rediss://..., unix://...
+    store: Path | str = Path("crdtsync-relay.db")
     synchronous: Literal["NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    # a Redis store: an append is acknowledged only once this many replicas received it
+    # (Redis's WAIT: received, not yet on their disks; Redis 7.0 has no WAITAOF)
+    redis_wait_replicas: int = Field(default=0, ge=0)
     # (the relay reads a few messages ahead per connection: each may be this large)
     max_message_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     answer_piece_bytes: int = Field(default=512 * 1024, ge=1024)
@@ -151,13 +156,26 @@ class RelaySettings(BaseSettings):
     @field_validator("store", mode="before")
     @classmethod
     def _check_store(cls, value: object) -> object:
-        # A URL would become a file of that name (Path folds its "//").
-        if isinstance(value, str) and "://" in value:
-            raise ValueError(
-                "the relay serves an SQLite file; a Redis store (crdtsync.server.redis_store) "
-                "is not served by the relay in this version"
-            )
+        from .backend import is_redis_address
+
+        if isinstance(value, Path):
+            return value
+        if is_redis_address(value):
+            return value
+        if isinstance(value, str):
+            # Any other URL would become a file of that name (Path folds its "//").
+            if "://" in value:
+                raise ValueError(
+                    f"a store is an SQLite file or a redis://, rediss:// or unix:// URL, "
+                    f"not {value.split('://', 1)[0]}://"
+                )
+            return Path(value)
         return value
+
+    @property
+    def shared_store(self) -> bool:
+        """Whether the store is Redis (shared by several relay processes)."""
+        return isinstance(self.store, str)
 
     @field_validator("token_secrets")
     @classmethod

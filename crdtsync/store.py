@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pycrdt import Doc, merge_updates
 
 from .errors import MalformedMessage, PositionConflict, StoreError
-from .integrity import Ledger, decode_ranges, encode_ranges
+from .integrity import ClientsAsRead, Ledger, decode_ranges, encode_ranges
 from .protocol import decode_state_vector
 from .updates import check_update
 
@@ -440,7 +440,7 @@ class UpdateLog:
         self,
         items: Iterable[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
-        expected: Mapping[str, int] | None = None,
+        expected: Mapping[str, int | ClientsAsRead] | None = None,
     ) -> list[int]:
         """Append updates to their documents' logs in one transaction; commits once.
 
@@ -449,8 +449,9 @@ class UpdateLog:
         :class:`Staged` (written ahead by :meth:`stage`). ``ledgers`` are the integrity
         ledgers of the documents concerned: what changed in them is written in the same
         commit, then marked clean. With ``expected`` (document -> position, see
-        :meth:`position`), a document no longer there gets nothing written (neither
-        updates nor ledger); the others are appended.
+        :meth:`position`, or :class:`~crdtsync.integrity.ClientsAsRead`: its ledger
+        entries of those clients), a document no longer there gets nothing written
+        (neither updates nor ledger); the others are appended.
 
         Raises:
             PositionConflict: documents of ``expected`` moved on (what was appended of
@@ -464,7 +465,11 @@ class UpdateLog:
         with self._write() as conn:
             if expected:
                 now = {doc: _position(conn, doc) for doc in expected}
-                moved = {doc: p for doc, p in now.items() if p != expected[doc]}
+                moved = {
+                    doc: p
+                    for doc, p in now.items()
+                    if not _as_expected(conn, doc, p, expected[doc])
+                }
                 if moved:
                     rows = [row for row in rows if row[0] not in moved]
                     ledgers = {d: g for d, g in (ledgers or {}).items() if d not in moved}
@@ -1016,6 +1021,23 @@ def _chunked(conn: sqlite3.Connection, gen: int) -> bytes:
         r[0]
         for r in conn.execute("SELECT data FROM update_chunks WHERE gen = ? ORDER BY idx", (gen,))
     )
+
+
+def _as_expected(
+    conn: sqlite3.Connection, doc: str, position: int, expected: int | ClientsAsRead
+) -> bool:
+    """Whether ``doc`` (now at ``position``) is as an append's condition expects."""
+    if isinstance(expected, int):
+        return position == expected
+    for client, (ranges, owner) in expected.clients.items():
+        row = conn.execute(
+            "SELECT ranges, owner FROM ledger_clients WHERE doc = ? AND client = ?",
+            (doc, client),
+        ).fetchone()
+        found = (None, None) if row is None else (bytes(row[0]), row[1])
+        if found != (ranges, owner):
+            return False
+    return True
 
 
 def _write_ledger(conn: sqlite3.Connection, doc: str, ledger: Ledger) -> None:

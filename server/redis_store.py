@@ -43,11 +43,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
-from crdtsync.errors import MalformedMessage, PositionConflict, StoreError
-from crdtsync.integrity import Ledger, decode_ranges, encode_ranges
+from crdtsync.errors import MalformedMessage, PositionConflict, StoreError, StoreUnreachable
+from crdtsync.integrity import ClientsAsRead, Ledger, decode_ranges, encode_ranges
 from crdtsync.store import (
     SNAPSHOT_CHUNK_BYTES,
     CompactionResult,
@@ -56,7 +58,7 @@ from crdtsync.store import (
     compact_updates,
 )
 
-__all__ = ["RedisFollower", "RedisOptions", "RedisStore", "parse_address"]
+__all__ = ["RedisFollower", "RedisOptions", "RedisPresence", "RedisStore", "parse_address"]
 
 log = logging.getLogger("crdtsync.redis")
 
@@ -69,6 +71,7 @@ LOAD_ATTEMPTS = 8  # a load that keeps meeting compactions gives up (StoreError)
 IDENTITY_CHECK_S = 1.0  # how often a follower checks the store is still the one it read
 PASSWORD_ENV = "CRDTSYNC_REDIS_PASSWORD"  # used when the URL holds no password
 WAIT_TIMEOUT_S = 5.0  # with wait_replicas: an append not on enough replicas by then fails
+PRESENCE_POLL_S = 0.05  # a document added to presence is subscribed within this long
 
 _APPEND = """
 local pos = tonumber(redis.call('HGET', KEYS[1], 'pos') or '0')
@@ -78,9 +81,19 @@ if kind ~= 'stream' and kind ~= 'none' then
   return redis.error_reply('ERR crdtsync: ' .. KEYS[2] .. ' is not a stream')
 end
 if ARGV[1] ~= '' and tonumber(ARGV[1]) ~= pos then return {0, pos} end
-local nset = tonumber(ARGV[3])
-local ndel = tonumber(ARGV[4])
-local i = 5
+local ncond = tonumber(ARGV[3])
+local i = 4
+for _ = 1, ncond do
+  local ranges = redis.call('HGET', KEYS[3], 'r' .. ARGV[i])
+  local owner = redis.call('HGET', KEYS[3], 'o' .. ARGV[i])
+  local got_r = ranges and ('=' .. ranges) or '-'
+  local got_o = owner and ('=' .. owner) or '-'
+  if got_r ~= ARGV[i + 1] or got_o ~= ARGV[i + 2] then return {0, pos} end
+  i = i + 3
+end
+local nset = tonumber(ARGV[i])
+local ndel = tonumber(ARGV[i + 1])
+i = i + 2
 for _ = 1, nset do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[i + 1])
   i = i + 2
@@ -312,7 +325,10 @@ class RedisStore:
         )
 
     def _error(self, what: str, exc: Exception) -> StoreError:
-        return StoreError(f"store {self._where}: {what}: {type(exc).__name__}: {exc}")
+        kind = (
+            StoreUnreachable if isinstance(exc, RedisConnectionError | RedisTimeout) else StoreError
+        )
+        return kind(f"store {self._where}: {what}: {type(exc).__name__}: {exc}")
 
     async def check_settings(self) -> str:
         """Read Redis's settings that decide what an acknowledgement means; return that,
@@ -384,7 +400,7 @@ class RedisStore:
         self,
         rows: Sequence[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
-        expected: Mapping[str, int] | None = None,
+        expected: Mapping[str, int | ClientsAsRead] | None = None,
     ) -> list[int]:
         """Append in one pipeline: one script per document, each atomic (see the module)."""
         per_doc: dict[str, list[bytes]] = {}
@@ -403,8 +419,9 @@ class RedisStore:
                     k = self.keys(doc)
                     want = (expected or {}).get(doc)
                     args: list[Any] = [
-                        "" if want is None else want,
+                        want if isinstance(want, int) else "",
                         doc,
+                        *_condition_args(want),
                         *_ledger_args((ledgers or {}).get(doc)),
                         *per_doc.get(doc, []),
                     ]
@@ -562,6 +579,10 @@ class RedisStore:
     def follow(self) -> RedisFollower:
         """A follower of no document yet, on a connection of its own."""
         return RedisFollower(self)
+
+    def presence(self) -> RedisPresence:
+        """Presence between the relay processes of this store (pub/sub: never stored)."""
+        return RedisPresence(self)
 
     # -- compaction ------------------------------------------------------------------------
 
@@ -811,6 +832,132 @@ class RedisFollower:
         await self._redis.aclose()
 
 
+class RedisPresence:
+    """Presence (awareness) between relay processes: one pub/sub channel per document,
+    ``<prefix>:{name}:presence`` (the document's hash tag: a sharded channel on a
+    cluster). Never stored: a process that was not subscribed misses what was said, as
+    a client that was not connected does, and clients renew their state every 15 s.
+
+    Each message is this process's origin (8 bytes) and an awareness payload; a process
+    skips its own. An empty payload asks the others for their states of the document
+    (a process that starts hearing a document says so: it need not wait for renewals).
+    """
+
+    def __init__(self, store: RedisStore) -> None:
+        self._store = store
+        self._redis: aioredis.Redis = store.connect()
+        self._pubsub: Any = None
+        self.origin = secrets.token_bytes(8)
+        self._channels: dict[str, bytes] = {}  # document -> channel
+        self._subscribed: set[bytes] = set()
+        self._prefix = f"{store.prefix}:{{".encode()
+        self._changed = asyncio.Event()
+
+    def channel(self, document: str) -> bytes:
+        return f"{self._store.prefix}:{{{document}}}:presence".encode()
+
+    def add(self, document: str) -> None:
+        """Hear ``document``'s presence from the other processes."""
+        self._channels[document] = self.channel(document)
+        self._changed.set()
+
+    def remove(self, document: str) -> None:
+        self._channels.pop(document, None)
+        self._changed.set()
+
+    async def publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Say each ``(document, awareness payload)`` to the other processes.
+
+        Raises:
+            StoreError: Redis failed (what was said is lost: presence is renewed).
+        """
+        if not messages:
+            return
+        try:
+            async with self._store.redis.pipeline(transaction=False) as pipe:
+                for document, payload in messages:
+                    pipe.publish(self.channel(document), self.origin + payload)
+                await pipe.execute()
+        except RedisError as exc:
+            raise self._store._error("publishing presence", exc) from exc
+
+    async def read(self, timeout_s: float) -> list[tuple[str, bytes]]:
+        """What other processes said of the documents added, ``(document, payload)``;
+        empty after ``timeout_s`` with nothing. A document added is heard from within
+        ``PRESENCE_POLL_S``.
+
+        Raises:
+            StoreError: Redis failed (the subscriptions are made again at the next read).
+        """
+        deadline = time.monotonic() + timeout_s
+        found: list[tuple[str, bytes]] = []
+        try:
+            while len(found) < 1024:
+                self._changed.clear()
+                await self._sync_subscriptions()
+                left = deadline - time.monotonic()
+                if not self._subscribed:
+                    if found or left <= 0:
+                        return found
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), left)
+                    continue
+                wait = 0.0 if found else max(0.0, min(left, PRESENCE_POLL_S))
+                message = await self._pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=wait
+                )
+                if message is None:
+                    if found or time.monotonic() >= deadline:
+                        return found
+                    continue
+                heard = self._heard(message)
+                if heard is not None:
+                    found.append(heard)
+            return found
+        except (RedisError, OSError) as exc:
+            await self._reset()
+            raise self._store._error("reading presence", exc) from exc
+
+    def _heard(self, message: Mapping[str, Any]) -> tuple[str, bytes] | None:
+        data = message.get("data")
+        channel = message.get("channel")
+        if not isinstance(data, bytes) or not isinstance(channel, bytes):
+            return None
+        if len(data) < 8 or data[:8] == self.origin:
+            return None
+        if not (channel.startswith(self._prefix) and channel.endswith(b"}:presence")):
+            return None
+        return channel[len(self._prefix) : -len(b"}:presence")].decode(), data[8:]
+
+    async def _sync_subscriptions(self) -> None:
+        wanted = set(self._channels.values())
+        if self._pubsub is None:
+            if not wanted:
+                return
+            self._pubsub = self._redis.pubsub()
+            self._subscribed = set()
+        add = wanted - self._subscribed
+        drop = self._subscribed - wanted
+        if add:
+            await self._pubsub.subscribe(*add)
+            self._subscribed |= add
+        if drop:
+            await self._pubsub.unsubscribe(*drop)
+            self._subscribed -= drop
+
+    async def _reset(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        self._subscribed = set()
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def close(self) -> None:
+        await self._reset()
+        with contextlib.suppress(Exception):
+            await self._redis.aclose()
+
+
 def _text(value: Any) -> str:
     """A Redis reply as text ("" for none): replies are bytes (no decode_responses)."""
     if value is None:
@@ -831,6 +978,21 @@ def _entry(fields: Mapping[bytes, bytes]) -> tuple[int | None, bytes | None]:
     except ValueError:
         n = None
     return (n if n is not None and n > 0 else None), update
+
+
+def _condition_args(expected: int | ClientsAsRead | None) -> list[Any]:
+    """A :class:`ClientsAsRead` condition as the append script's arguments:
+    ``n, client, ranges, owner, ...`` (each ``-`` for absent, ``=<value>`` for present)."""
+    if not isinstance(expected, ClientsAsRead):
+        return [0]
+    args: list[Any] = [len(expected.clients)]
+    for client, (ranges, owner) in expected.clients.items():
+        args += [
+            client,
+            b"-" if ranges is None else b"=" + ranges,
+            "-" if owner is None else "=" + owner,
+        ]
+    return args
 
 
 def _ledger_args(ledger: Ledger | None) -> list[Any]:

@@ -23,18 +23,19 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import signal
 import ssl
 import time
 import weakref
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from multiprocessing import get_context
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs
 
 from pycrdt import get_state, get_update
@@ -43,19 +44,36 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from crdtsync.auth import Rights, TokenClaims, TokenVerifier, token_from_request
+from crdtsync.backend import Entry, Follower, Gap, RelayStore
 from crdtsync.errors import (
     AccessDenied,
     CloseCode,
     InvalidDocumentName,
+    MalformedMessage,
+    PositionConflict,
     StoreError,
+    StoreUnreachable,
     TokenRefused,
     close_reason,
 )
-from crdtsync.integrity import Comparison, Ledger, Lookup, Writer
+from crdtsync.integrity import ClientsAsRead, Comparison, Ledger, Lookup, Writer
 from crdtsync.limits import Strikes, TokenBucket
-from crdtsync.protocol import AwarenessEntry, AwarenessMessage, SyncUpdate, encode_awareness
+from crdtsync.protocol import (
+    AwarenessEntry,
+    AwarenessMessage,
+    SyncUpdate,
+    decode_awareness,
+    encode_awareness,
+)
 from crdtsync.settings import RelaySettings, validate_document_name
-from crdtsync.store import Staged, UpdateLog, checkpoint_file, compact_file, merge_in_batches
+from crdtsync.store import (
+    CompactionResult,
+    Staged,
+    UpdateLog,
+    checkpoint_file,
+    compact_file,
+    merge_in_batches,
+)
 from crdtsync.sync import (
     AwarenessQueried,
     AwarenessReceived,
@@ -82,6 +100,9 @@ from crdtsync.work import (
 )
 
 from .metrics import RelayMetrics, Snapshot, exposition
+
+if TYPE_CHECKING:
+    from .redis_store import RedisPresence, RedisStore
 
 __all__ = ["EXTENSION_QUERY", "Access", "Relay", "Rights", "allow_all"]
 
@@ -118,6 +139,18 @@ BACKLOG_CHECK_S = 1.0  # how often every peer's backlog is checked, and the rela
 
 
 AUTHORIZE_TIMEOUT_S = 10.0  # an authorize or revoked hook that takes longer fails
+# A shared store (Redis): a turn whose documents another relay process appended to
+# meanwhile is judged again against what won; after this many tries its writers get 1013.
+COMMIT_ATTEMPTS = 8
+COMMIT_RETRY_S = 0.002  # the first wait before judging again (doubled, with jitter)
+MAX_COMMIT_ITEMS = 4096  # items one append to a shared store carries at most
+STALE = -1  # a cached ledger's position when it no longer describes one (never matches)
+FOLLOW_READ_S = 1.0  # the follower's longest wait (it checks the store's health as often)
+FOLLOW_BACKOFF_S = (0.1, 5.0)  # first and longest wait after the follower failed
+# Presence from other relay processes not renewed for this long is forgotten (its relay
+# died, or missed the removal): clients renew theirs every 15 s (y-protocols).
+REMOTE_PRESENCE_TIMEOUT_S = 30.0
+MAX_PRESENCE_QUEUED = 10_000  # presence messages waiting to be published (oldest dropped)
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -347,6 +380,9 @@ class Room:
         default_factory=lambda: (None, {})
     )
     measured: bool = False  # appended and stored_bytes were read from the store
+    following: bool = False  # a shared store: this process's follower reads its entries
+    # Presence states heard from other relay processes: client id -> when last renewed.
+    remote_presence: dict[int, float] = field(default_factory=dict)
     kept_in_worker: bool = False  # the work process keeps a read of it (crdtsync.work)
 
 
@@ -360,6 +396,10 @@ class _Pending:
     comparison: Comparison | None = None  # its repeats compared ahead, off the loop
     refusal: str | None = None  # why (part of) the update was refused: never acknowledged
     unproven: bool = False  # ... only for want of a proof of ownership (the sender may retry)
+    # A shared store: the update as received (a judgement that lost a race is redone),
+    # and client ids claimed (recorded in the ledger in the turn's order).
+    original: bytes | None = None
+    claim: tuple[int, ...] | None = None
 
 
 class Relay:
@@ -404,7 +444,33 @@ class Relay:
         self._staging_ledgers: dict[str, Ledger] = {}
         self._claims_waiting: dict[str, list[tuple[Peer, tuple[int, ...]]]] = {}
         self.rooms: dict[str, Room] = {}
-        self.store: UpdateLog | None = None
+        self.store: UpdateLog | None = None  # an SQLite store (the embedded default)
+        # A shared store (Redis: settings.store is its URL), with the relay processes
+        # that share it; None with an SQLite store (whose calls stay inline, as always).
+        self.backend: RelayStore | None = None
+        self._shared = self.settings.shared_store
+        self._follower: Follower | None = None
+        self._following: asyncio.Task[None] | None = None
+        self._follow_failures = 0  # reads of the follower failed in a row (/readyz)
+        self._store_failing = False  # the last append to the shared store failed (/readyz)
+        self._store_refused = ""  # why the shared store is not used (yet), for /readyz
+        self._queue: list[_Pending] = []  # turns waiting for the shared store's append
+        self._committer: asyncio.Task[None] | None = None
+        self._in_flight: set[str] = set()  # documents of the append under way
+        # Entries of those documents the follower read meanwhile: looked at after the
+        # append, once this process knows which of them are its own.
+        self._entries_waiting: dict[str, list[Entry]] = {}
+        self._own: dict[str, deque[int]] = {}  # positions this process appended, per room
+        self._positions: dict[str, int] = {}  # the position each cached ledger describes
+        self._resyncing: set[str] = set()
+        self._trims: dict[str, asyncio.TimerHandle] = {}  # closed documents to trim later
+        # Presence between relay processes (a shared store): what to say, and the task
+        # saying it; what the others say is read by another task.
+        self._presence: RedisPresence | None = None
+        self._presence_out: deque[tuple[str, bytes]] = deque(maxlen=MAX_PRESENCE_QUEUED)
+        self._saying: asyncio.Task[None] | None = None
+        self._hearing: asyncio.Task[None] | None = None
+        self._presence_failures = 0
         self._server: Server | None = None
         self._batch: list[_Pending] = []
         self._flush_handle: asyncio.Handle | None = None
@@ -472,10 +538,13 @@ class Relay:
         """
         s = self.settings
         self._verifier = s.token_verifier()  # reads the key files: a bad one fails here
-        self._store_lock = _lock_store(str(s.store))
-        self.store = UpdateLog(s.store, synchronous=s.synchronous, autocheckpoint=False)
-        # Chunks of large updates a killed relay was staging (never appended).
-        self.store.drop_unused_chunks()
+        if self._shared:
+            await self._open_shared_store()
+        else:
+            self._store_lock = _lock_store(str(s.store))
+            self.store = UpdateLog(s.store, synchronous=s.synchronous, autocheckpoint=False)
+            # Chunks of large updates a killed relay was staging (never appended).
+            self.store.drop_unused_chunks()
         # (The compaction pool starts with the first compaction: a process started here
         # competed with the first joins for the machine's cores, at every cold start.)
         tls = tls_context(s)
@@ -540,6 +609,10 @@ class Relay:
             # meanwhile, on the loop now that the relay is stopping).
             await asyncio.wait({asyncio.shield(t) for t in self._staging.values()})
         self._flush()
+        if self._committer is not None:
+            # What was received is appended before the connections close (bounded).
+            with contextlib.suppress(Exception):
+                await asyncio.wait({asyncio.shield(self._committer)}, timeout=_left(deadline))
         peers = [p for room in self.rooms.values() for p in room.peers]
         closing = asyncio.gather(
             *(p.ws.close(CloseCode.GOING_AWAY, "relay shutting down") for p in peers),
@@ -591,6 +664,22 @@ class Relay:
         self._checkpointer.shutdown(wait=True)
         if self.store is not None:
             self.store.close()  # the last connection to close checkpoints what is left
+        for handle in self._trims.values():
+            handle.cancel()
+        for task in (self._following, self._hearing, self._saying):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        if self._presence is not None:
+            with contextlib.suppress(Exception):
+                await self._presence.close()
+        if self._follower is not None:
+            with contextlib.suppress(Exception):
+                await self._follower.close()
+        if self.backend is not None:
+            with contextlib.suppress(Exception):
+                await self.backend.close()
         if self._store_lock is not None:
             self._store_lock.close()  # releases the lock
             self._store_lock = None
@@ -620,6 +709,8 @@ class Relay:
         """Counters for /healthz?verbose=1: rooms held in memory, connections, updates stored."""
         return {
             "status": "ok",
+            "store": "redis" if self._shared else "sqlite",
+            "follower_failures": self._follow_failures,
             "rooms": len(self.rooms),
             "compacting": len(self._compacting),
             **self.stats,
@@ -638,8 +729,11 @@ class Relay:
         if not upgrade and path == "/metrics":
             return self._metrics_response(conn, request)
         if not upgrade and path == "/readyz":
-            if self._stopping or self.store is None:
+            if self._stopping or (self.store is None and self.backend is None):
                 return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "stopping\n")
+            trouble = self._shared_trouble()
+            if trouble:
+                return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, trouble + "\n")
             return conn.respond(HTTPStatus.OK, "ready\n")
         response = await self._upgrade_or_refuse(conn, request, path)
         if response is not None:
@@ -822,9 +916,11 @@ class Relay:
         )
         room = self.rooms.get(document)
         if room is None:
-            assert self.store is not None
             # (Its size and tail length are learnt from its first read.)
             room = self.rooms[document] = Room(document)
+            if self._presence is not None:
+                self._presence.add(document)
+                self._say_presence(document, b"")  # who is here? (the others answer)
         # Join the fan-out before reading the store: no update slips between the two.
         room.peers.add(peer)
         loop = asyncio.get_running_loop()
@@ -1115,6 +1211,8 @@ class Relay:
     async def _read(self, name: str) -> Read:
         """Read a stored document: on the loop when this process knows it is small, else
         in the work process (which keeps a large one and answers from it)."""
+        if self.backend is not None:
+            return await self._read_shared(name)
         assert self.store is not None
         self.stats["document_reads"] += 1
         room = self.rooms.get(name)
@@ -1210,7 +1308,11 @@ class Relay:
                     continue
                 comparison = None
                 if self.settings.integrity:
-                    lookup = self._ledger(peer.document).lookup(event.info)
+                    if self._shared:
+                        ledger = await self._shared_ledger(peer.document)
+                    else:
+                        ledger = self._ledger(peer.document)
+                    lookup = ledger.lookup(event.info)
                     repeated = (
                         sum(hi - lo for rs in lookup.needed.values() for lo, hi in rs)
                         if lookup
@@ -1228,7 +1330,7 @@ class Relay:
                         self.stats["updates_refused"] += 1
                         self._submit(_Pending(peer, None, event.key, refusal=reason))
                         continue
-                    if lookup:
+                    if lookup and not self._shared:
                         comparison, spent = await self._compare(peer, event.update, lookup)
                         delay = max(delay, budget.work.take(time.monotonic(), spent))
                         if peer.ws.close_code is not None:
@@ -1266,7 +1368,13 @@ class Relay:
             elif isinstance(event, ClientsClaimed):
                 peer.writer = Writer(event.clients, peer.writer.subject)
                 if self.settings.integrity:
-                    if peer.document in self._staging:
+                    if self._shared:
+                        # Recorded by the append, in the turn's order (another process
+                        # may write the same ledger: its write is conditional).
+                        self._submit(
+                            _Pending(peer, None, None, writer=peer.writer, claim=event.fresh)
+                        )
+                    elif peer.document in self._staging:
                         waiting = self._claims_waiting.setdefault(peer.document, [])
                         waiting.append((peer, event.fresh))
                     else:
@@ -1300,10 +1408,20 @@ class Relay:
             self._forget_presence(room, entry.client_id)
         if gone and room.peers:
             self._deliver(room.peers, _awareness_frame(encode_awareness(gone)))
+        if gone and self._presence is not None:
+            self._say_presence(room.name, encode_awareness(gone))
         if not room.peers:
             # Nothing of a room outlives its last connection (DESIGN: stateless relay).
             self.rooms.pop(room.name, None)
             self._ledgers.pop(room.name, None)
+            if self._shared:
+                self._positions.pop(room.name, None)
+                self._own.pop(room.name, None)
+                self._entries_waiting.pop(room.name, None)
+                if self._follower is not None and room.following:
+                    self._follower.remove(room.name)
+                if self._presence is not None:
+                    self._presence.remove(room.name)
             if room.kept_in_worker and self._work_pool is not None and self.store is not None:
                 with contextlib.suppress(Exception):  # a broken pool has nothing to forget
                     self._work_pool.submit(forget_read, self.store.path, room.name)
@@ -1347,6 +1465,7 @@ class Relay:
             room.awareness[cid] = entry
             room.awareness_bytes += entry.size - old_size
             peer.awareness_clients[cid] = entry.clock
+            room.remote_presence.pop(cid, None)  # (a client that moved here from another)
             accepted.append(entry)
         if not accepted:
             return
@@ -1356,6 +1475,8 @@ class Relay:
         # Relay to the whole room, sender included: stock clients count it as traffic
         # and reconnect after 30 s of silence (DESIGN: facts from the anchors).
         self._deliver(room.peers, _awareness_frame(payload))
+        if self._presence is not None:
+            self._say_presence(room.name, payload)
 
     @staticmethod
     def _forget_presence(room: Room, client_id: int) -> None:
@@ -1511,6 +1632,9 @@ class Relay:
             self._flush_handle.cancel()
             self._flush_handle = None
         batch, self._batch = self._batch, []
+        if batch and self.backend is not None:
+            self._queue_shared(batch)
+            return
         if not batch or self.store is None:
             return
         if self._staging:
@@ -1624,9 +1748,16 @@ class Relay:
         # The ledgers judged this turn ran ahead of the store: read them again.
         for name in ledgers:
             self._ledgers.pop(name, None)
+            self._positions.pop(name, None)
         log.error("store append failed: %s", exc)
-        for peer in {item.peer for item in batch}:
+        failed = {item.peer for item in batch}
+        for peer in failed:
+            # What it sent after this is not stored either (it would leave a hole in its
+            # clocks): its replica sends it all again on reconnect.
+            peer.closing = True
             self._close_later(peer.ws, exc.close_code, close_reason(f"store unavailable: {exc}"))
+        if self._queue:
+            self._queue = [item for item in self._queue if item.peer not in failed]
 
     def _committed(
         self, batch: list[_Pending], stored: list[_Pending], ledgers: dict[str, Ledger]
@@ -1706,24 +1837,44 @@ class Relay:
         self._strike(item.peer, "document over its size quota")
         return True
 
-    def _judge(self, batch: list[_Pending], ledgers: dict[str, Ledger]) -> None:
+    def _judge(
+        self,
+        batch: list[_Pending],
+        ledgers: dict[str, Ledger],
+        loaded: dict[str, list[bytes]] | None = None,
+        conditions: dict[str, dict[int, tuple[bytes | None, str | None]] | None] | None = None,
+    ) -> None:
         """Apply the integrity rule to one turn's updates, in order (crdtsync.integrity).
 
         Each update is cut down to what may be stored; what was refused is kept in
         ``item.refusal``. ``ledgers`` collects the documents' ledgers, whose changes
-        the append writes in the same commit.
+        the append writes in the same commit. With ``conditions`` (a shared store), it
+        collects per document the ledger entries its judgement read, for an append
+        conditional on them; None for a document judged on more (claims, the slow
+        path), whose append is conditional on its position.
 
         Raises:
             StoreError: a ledger or a document could not be read.
         """
-        assert self.store is not None
-        loaded: dict[str, list[bytes]] = {}
+        loaded = {} if loaded is None else dict(loaded)  # (documents read for the slow path)
         accepted: dict[str, tuple[int, list[bytes]]] = {}  # this turn's so far, per document
         last_name, ledger = "", None
         growth: dict[str, int] = {}  # bytes this turn adds per document (the quota)
         quota = self.settings.max_document_bytes
         for i, item in enumerate(batch):
             info = item.info
+            if item.claim is not None:
+                name = item.peer.document
+                claimed = ledgers.get(name)
+                if claimed is None:
+                    claimed = ledgers[name] = self._ledger(name)
+                if conditions is not None:
+                    # A claim reads (and writes) only the claimed ids' entries.
+                    read = conditions.setdefault(name, {})
+                    if read is not None:
+                        read.update(claimed.as_read(c for c in item.claim if c not in read))
+                claimed.claim(item.claim, item.writer or _ANONYMOUS)
+                continue
             if item.update is None or info is None:
                 continue
             name = item.peer.document
@@ -1741,9 +1892,20 @@ class Relay:
                 # Near the quota: what the judgement records must be undone if what it
                 # accepts does not fit (a refused update never reaches the ledger).
                 backup = copy.deepcopy(ledger)
+            if conditions is not None:
+                read = conditions.setdefault(name, {})
+                if read is not None:
+                    read.update(ledger.as_read(c for c in info.starts if c not in read))
             if not info.parents and not info.holes and ledger.append_only(info, writer):
                 pass  # the fast path: appended after what is stored, as it is
             else:
+                if conditions is not None and info.parents:
+                    # Parents are judged on other clients' entries and on the types:
+                    # the whole document must be as read. (Without them, the full
+                    # judgement reads only these clients' entries, their claims (which
+                    # change with their ranges) and their stored clocks (which exist
+                    # once their ranges say so): the clients' condition holds it.)
+                    conditions[name] = None
                 self._judge_one(item, ledger, writer, batch, i, loaded, accepted)
             if item.update is None:
                 continue
@@ -1774,7 +1936,8 @@ class Relay:
             # client, a catch-up, a duplicate) or names a parent not known as a type.
             # The stored document, and what this turn accepted before this update.
             if name not in loaded:
-                assert self.store is not None
+                if self.store is None:
+                    raise _NeedsContent(name)  # a shared store is read before judging
                 loaded[name] = self.store.load(name).all_updates()
             # Extended from where the last slow path of this document stopped: a turn
             # full of repeats costs one pass over the batch, not one per update.
@@ -1927,6 +2090,561 @@ class Relay:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    # -- a shared store (Redis): many relay processes ----------------------------------
+
+    async def _open_shared_store(self) -> None:
+        """Open the Redis store, check its settings and start following it.
+
+        Raises:
+            StoreError: Redis cannot be reached, or its settings would lose the log.
+        """
+        from .redis_store import RedisStore
+
+        s = self.settings
+        assert isinstance(s.store, str)
+        address = s.store
+        if s.redis_wait_replicas:
+            joiner = "&" if "?" in address else "?"
+            address = f"{address}{joiner}wait_replicas={s.redis_wait_replicas}"
+        backend = RedisStore(address, cpu=_CompactionPool(self))
+        try:
+            await self._check_shared_store(backend)
+        except StoreUnreachable as exc:
+            # Serve anyway (readers keep their connections, /readyz says 503, writers
+            # get 1013) and look again with backoff: Redis may be restarting.
+            log.error("store unreachable at start, retrying: %s", exc)
+            self._store_refused = "store unreachable since the start"
+            task = asyncio.get_running_loop().create_task(self._await_shared_store(backend))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        except BaseException:
+            await backend.close()
+            raise
+        self.backend = backend
+        self._follower = backend.follow()
+        self._presence = backend.presence()
+        loop = asyncio.get_running_loop()
+        self._following = loop.create_task(self._follow())
+        self._hearing = loop.create_task(self._hear_presence())
+
+    async def _check_shared_store(self, backend: RedisStore) -> None:
+        """Read Redis's settings (refusing an evicting Redis) and the store's identity.
+
+        Raises:
+            StoreError: a setting would lose the log; StoreUnreachable: no Redis yet.
+        """
+        meaning = await backend.check_settings()
+        identity = await backend.identity()
+        log.info(
+            "store: %s (store id %s, epoch %d)",
+            meaning,
+            identity.id,
+            identity.epoch,
+            extra={"event": "store"},
+        )
+
+    async def _await_shared_store(self, backend: RedisStore) -> None:
+        backoff = FOLLOW_BACKOFF_S[0]
+        while not self._stopping:
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+            try:
+                await self._check_shared_store(backend)
+            except StoreUnreachable:
+                continue
+            except StoreError as exc:
+                log.critical("store refused: %s", exc)
+                self._store_refused = f"store refused: {exc}"
+                return
+            self._store_refused = ""
+            return
+
+    def _shared_trouble(self) -> str:
+        """Why this process cannot serve a shared store as it should now ("" if it can)."""
+        if not self._shared:
+            return ""
+        if self._store_refused:
+            return self._store_refused
+        if self._following is None or self._following.done():
+            return "store follower not running"
+        if self._hearing is None or self._hearing.done():
+            return "presence reader not running"
+        if self._follow_failures:
+            return f"store unreachable: {self._follow_failures} reads failed in a row"
+        if self._store_failing:
+            return "store failing: the last append failed"
+        return ""
+
+    async def _follow(self) -> None:
+        """Deliver what other relay processes append to the documents of this process's
+        rooms, for as long as the relay runs: a failed read is retried with backoff, a
+        follower that breaks is replaced (yhub#62), and one document's bad entry never
+        stops the others (yhub#61: the follower skips it)."""
+        backoff = FOLLOW_BACKOFF_S[0]
+        while not self._stopping:
+            follower = self._follower
+            assert follower is not None
+            try:
+                found = await follower.read(FOLLOW_READ_S)
+            except asyncio.CancelledError:
+                raise
+            except StoreError as exc:
+                self._follow_failures += 1
+                if self._follow_failures == 1:
+                    log.error("store follower: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+                continue
+            except Exception:
+                self._follow_failures += 1
+                log.exception("store follower broke; starting a new one")
+                await self._replace_follower()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+                continue
+            if self._follow_failures:
+                log.info("store follower reads again after %d failures", self._follow_failures)
+            self._follow_failures = 0
+            self._store_failing = False
+            backoff = FOLLOW_BACKOFF_S[0]
+            try:
+                self._on_followed(found)
+            except Exception:
+                log.exception("bug delivering followed entries; resyncing those rooms")
+                for name in {item.document for item in found}:
+                    self._resync_soon(name)
+
+    async def _replace_follower(self) -> None:
+        """A new follower for every room (each resyncs: the old one's positions are gone)."""
+        assert self.backend is not None
+        old, self._follower = self._follower, self.backend.follow()
+        if old is not None:
+            with contextlib.suppress(Exception):
+                await old.close()
+        for name, room in self.rooms.items():
+            room.following = False
+            self._resync_soon(name)
+
+    def _say_presence(self, name: str, payload: bytes) -> None:
+        """Tell the other relay processes (in order, batched: one task publishes)."""
+        self._presence_out.append((name, payload))
+        if self._saying is None:
+            self._saying = asyncio.get_running_loop().create_task(self._publish_presence())
+
+    async def _publish_presence(self) -> None:
+        try:
+            while self._presence_out and self._presence is not None:
+                batch = list(self._presence_out)
+                self._presence_out.clear()
+                try:
+                    await self._presence.publish(batch)
+                except StoreError as exc:
+                    # Lost, as presence is when a connection drops: it is renewed.
+                    log.warning("presence not published: %s", exc)
+                    await asyncio.sleep(FOLLOW_BACKOFF_S[0])
+        finally:
+            self._saying = None
+
+    async def _hear_presence(self) -> None:
+        """Relay what other processes' peers say to this process's peers, for as long as
+        the relay runs (restarted with backoff when Redis fails)."""
+        backoff = FOLLOW_BACKOFF_S[0]
+        while not self._stopping:
+            presence = self._presence
+            assert presence is not None
+            try:
+                heard = await presence.read(FOLLOW_READ_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._presence_failures += 1
+                if self._presence_failures == 1:
+                    log.error("presence reader: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+                continue
+            self._presence_failures = 0
+            backoff = FOLLOW_BACKOFF_S[0]
+            now = time.monotonic()
+            for name, payload in heard:
+                try:
+                    self._on_remote_presence(name, payload, now)
+                except Exception:
+                    log.exception("bug relaying presence", extra={"document": name})
+            self._expire_remote_presence(now)
+
+    def _on_remote_presence(self, name: str, payload: bytes, now: float) -> None:
+        """Presence from another process's peers: kept and relayed under the room's caps
+        (each process's view of the room holds to them; per-connection caps were applied
+        by the sender's process)."""
+        room = self.rooms.get(name)
+        if room is None:
+            return
+        if not payload:
+            # Another process's room just opened: tell it this one's peers' states.
+            local = [e for cid, e in room.awareness.items() if cid not in room.remote_presence]
+            if local:
+                self._say_presence(name, encode_awareness(local))
+            return
+        s = self.settings
+        try:
+            entries = decode_awareness(payload, max_state_bytes=s.max_presence_state_bytes)
+        except MalformedMessage as exc:
+            log.warning("malformed presence from another relay: %s", exc, extra={"document": name})
+            return
+        accepted: list[AwarenessEntry] = []
+        for entry in entries:
+            cid = entry.client_id
+            current = room.awareness.get(cid)
+            if current is not None and current.clock > entry.clock:
+                continue
+            if entry.removed:
+                self._forget_presence(room, cid)
+                room.remote_presence.pop(cid, None)
+                accepted.append(entry)
+                continue
+            old_size = current.size if current is not None else 0
+            if current is None and len(room.awareness) >= s.max_presence_states_per_room:
+                continue
+            if room.awareness_bytes - old_size + entry.size > s.max_presence_bytes_per_room:
+                continue
+            room.awareness[cid] = entry
+            room.awareness_bytes += entry.size - old_size
+            room.remote_presence[cid] = now
+            accepted.append(entry)
+        if accepted and room.peers:
+            self._deliver(room.peers, _awareness_frame(encode_awareness(accepted)))
+
+    def _expire_remote_presence(self, now: float) -> None:
+        for room in self.rooms.values():
+            if not room.remote_presence:
+                continue
+            old = [
+                cid
+                for cid, seen in room.remote_presence.items()
+                if now - seen > REMOTE_PRESENCE_TIMEOUT_S
+            ]
+            gone = []
+            for cid in old:
+                del room.remote_presence[cid]
+                entry = room.awareness.get(cid)
+                if entry is not None:
+                    self._forget_presence(room, cid)
+                    gone.append(AwarenessEntry(cid, entry.clock + 1, None))
+            if gone and room.peers:
+                self._deliver(room.peers, _awareness_frame(encode_awareness(gone)))
+
+    def _on_followed(self, found: list[Entry | Gap]) -> None:
+        """Entries and gaps the follower read: other processes' updates go to the room's
+        peers (this process's own were fanned out at their append), in order."""
+        fresh: dict[str, list[bytes]] = {}
+        for item in found:
+            name = item.document
+            if name not in self.rooms:
+                continue
+            if isinstance(item, Gap):
+                fresh.pop(name, None)
+                self._resync_soon(name)
+            elif name in self._in_flight:
+                self._entries_waiting.setdefault(name, []).append(item)
+            elif name not in self._resyncing and self._foreign(item):
+                fresh.setdefault(name, []).append(item.update)
+        for name, updates in fresh.items():
+            self._deliver_foreign(name, updates)
+
+    def _foreign(self, entry: Entry) -> bool:
+        """Whether a followed entry was appended by another process (this one's own are
+        skipped: their positions came back from their append, in order)."""
+        name = entry.document
+        own = self._own.get(name)
+        while own and own[0] < entry.position:
+            own.popleft()
+        if own and own[0] == entry.position:
+            own.popleft()
+            return False
+        if entry.position > self._positions.get(name, entry.position):
+            # The cached ledger misses what that entry recorded: an append judged on
+            # more than its own clients' entries reads it again first.
+            self._positions[name] = STALE
+        return True
+
+    def _deliver_foreign(self, name: str, updates: list[bytes]) -> None:
+        room = self.rooms.get(name)
+        if room is None or not updates:
+            return
+        room.appended += len(updates)
+        room.stored_bytes += sum(map(len, updates))
+        frames = self._frames(updates)
+        live = [p for p in room.peers if not p.closing]
+        for frame in frames:
+            for p in live:
+                p.send_update_frame(frame)
+        self._count_sent(sum(map(len, frames)) * len(live))
+        self.stats["frames_fanned_out"] += len(frames) * len(live)
+        self._check_backlog(room.peers)
+
+    def _resync_soon(self, name: str) -> None:
+        """The follower lost track of ``name`` (compacted past it, the store emptied or
+        restored): read it again, follow it from there, and send every peer the whole
+        document (what they hold already costs them nothing)."""
+        if name in self._resyncing or name not in self.rooms:
+            return
+        self._resyncing.add(name)
+        task = asyncio.get_running_loop().create_task(self._resync(name))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _resync(self, name: str) -> None:
+        backoff = FOLLOW_BACKOFF_S[0]
+        try:
+            while not self._stopping:
+                room = self.rooms.get(name)
+                if room is None:
+                    return
+                if room.following and self._follower is not None:
+                    self._follower.remove(name)
+                room.following = False
+                self._own.pop(name, None)
+                self._ledgers.pop(name, None)
+                self._positions.pop(name, None)
+                try:
+                    read = await self._fresh_read(room)
+                except StoreError as exc:
+                    log.error("store error resyncing a room: %s", exc, extra={"document": name})
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+                    continue
+                if read.merged is not None and self.rooms.get(name) is room:
+                    self._resyncing.discard(name)  # what comes next is live again
+                    self._deliver_foreign(name, [read.merged])
+                    for peer in room.peers:
+                        if peer.closing or not peer.engaged:
+                            continue
+                        # The store may lack what the peers hold (it was emptied, or
+                        # restored from a backup): their answers refill it.
+                        peer.session.send_step1(read.state)
+                        for frame in peer.session.data_to_send():
+                            peer.push(frame)
+                return
+        finally:
+            self._resyncing.discard(name)
+
+    async def _read_shared(self, name: str) -> Read:
+        """Read a document from the shared store, after its room follows the store from a
+        position read first: whatever is appended after the read reaches the room."""
+        backend = self.backend
+        assert backend is not None
+        self.stats["document_reads"] += 1
+        room = self.rooms.get(name)
+        if room is not None and not room.following and self._follower is not None:
+            position = await backend.position(name)
+            if self.rooms.get(name) is room and not room.following:
+                self._follower.add(name, position)
+                room.following = True
+        stored = await backend.load(name)
+        updates = stored.all_updates()
+        size = sum(map(len, updates))
+        if len(updates) <= READ_INLINE_UPDATES and size <= READ_INLINE_BYTES:
+            merged = merge_in_batches(updates)
+        else:
+            self.stats["document_reads_in_worker"] += 1
+            merged = await self._off_loop(merge_in_batches, updates)
+        if room is not None:
+            room.measured = True
+            room.appended = len(stored.updates)
+            room.stored_bytes = size
+        self._inline_reads += 1
+        return Read(
+            f"shared:{self._inline_reads}", get_state(merged), len(stored.updates), size, merged
+        )
+
+    async def _shared_ledger(self, name: str) -> Ledger:
+        """``name``'s ledger from the cache, or read from the shared store (and cached
+        while its room is open, with the position it describes)."""
+        ledger = self._ledgers.get(name)
+        if ledger is not None:
+            return ledger
+        assert self.backend is not None
+        ledger, position = await self.backend.load_ledger(name)
+        ledger.max_clients = self.settings.max_document_clients
+        cached = self._ledgers.get(name)
+        if cached is not None:
+            return cached  # read meanwhile, by someone else
+        if name in self.rooms:
+            self._ledgers[name] = ledger
+            self._positions[name] = position
+        return ledger
+
+    def _queue_shared(self, batch: list[_Pending]) -> None:
+        """Turns wait for the append before them: one append to the shared store at a time
+        (what comes meanwhile goes in the next, together), so each document's order, and
+        its acknowledgements', is the order received."""
+        for item in batch:
+            item.original = item.update
+        self._queue.extend(batch)
+        if self._committer is None:
+            self._committer = asyncio.get_running_loop().create_task(self._commit_queue())
+
+    async def _commit_queue(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[:MAX_COMMIT_ITEMS]
+                del self._queue[:MAX_COMMIT_ITEMS]
+                try:
+                    await self._commit_shared(batch)
+                except Exception:
+                    log.exception("bug committing to the shared store")
+                    for peer in {item.peer for item in batch}:
+                        self._close_later(peer.ws, CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self._committer = None
+
+    async def _commit_shared(self, batch: list[_Pending]) -> None:
+        """Judge and append one batch to the shared store, then fan out and acknowledge.
+
+        Each document's append is conditional on the position its ledger describes: if
+        another process appended to it first, what it wrote is read and this batch's
+        updates of it are judged again (the first committed write wins, as on one
+        process)."""
+        backend = self.backend
+        assert backend is not None
+        if self._store_refused:
+            self._commit_failed(batch, {}, StoreError(self._store_refused))
+            return
+        docs = {item.peer.document for item in batch}
+        self._in_flight = docs
+        needs_content: set[str] = set()
+        try:
+            for _attempt in range(COMMIT_ATTEMPTS):
+                ledgers: dict[str, Ledger] = {}
+                expected: dict[str, int | ClientsAsRead] | None = None
+                conditions: dict[str, dict[int, tuple[bytes | None, str | None]] | None] = {}
+                try:
+                    if self.settings.integrity:
+                        positions_read: dict[str, int] = {}
+                        for name in sorted(
+                            {
+                                it.peer.document
+                                for it in batch
+                                if it.info is not None or it.claim is not None
+                            }
+                        ):
+                            ledgers[name], positions_read[name] = await self._judged_ledger(name)
+                        loaded = {
+                            name: (await backend.load(name)).all_updates()
+                            for name in sorted(needs_content)
+                        }
+                        try:
+                            self._judge(batch, ledgers, loaded, conditions)
+                        except _NeedsContent as exc:
+                            # Judged against a store read now, from the start (rare: a
+                            # repeat of stored content, a parent not known as a type).
+                            needs_content.add(exc.name)
+                            self._forget_ledgers(ledgers)
+                            _reset(batch)
+                            continue
+                        # Appended only if what the judgement read still holds: the
+                        # clients' entries, or the whole document's position.
+                        expected = {
+                            name: position
+                            if (read := conditions.get(name)) is None
+                            else ClientsAsRead(read)
+                            for name, position in positions_read.items()
+                        }
+                    else:
+                        self._apply_quota(batch)
+                    stored = [item for item in batch if item.update is not None]
+                    rows = [(item.peer.document, item.update) for item in stored if item.update]
+                    started = time.perf_counter()
+                    positions = await backend.append(rows, ledgers, expected)
+                    self.metrics.commit_seconds.observe(time.perf_counter() - started)
+                except PositionConflict as exc:
+                    moved = set(exc.positions)
+                    done = [item for item in batch if item.peer.document not in moved]
+                    kept = [item for item in stored if item.peer.document not in moved]
+                    self._appended(stored, exc.appended, ledgers, moved)
+                    self._committed(
+                        done, kept, {n: lg for n, lg in ledgers.items() if n not in moved}
+                    )
+                    self._forget_ledgers({n: ledgers[n] for n in moved if n in ledgers})
+                    batch = [item for item in batch if item.peer.document in moved]
+                    _reset(batch)
+                    # Another process keeps appending: judge again a little later, at a
+                    # random moment (two processes retrying in step would keep colliding).
+                    await asyncio.sleep(COMMIT_RETRY_S * (2**_attempt) * random.random())
+                    continue
+                except StoreError as exc:
+                    self._store_failing = True
+                    self._forget_ledgers(ledgers)
+                    self._commit_failed(batch, ledgers, exc)
+                    return
+                self._store_failing = False
+                self._appended(stored, positions, ledgers, set())
+                self._committed(batch, stored, ledgers)
+                return
+            self._commit_failed(
+                batch,
+                {},
+                StoreError(
+                    f"other relay processes kept appending to {sorted(docs)[:3]} while this "
+                    "one judged its updates; try again"
+                ),
+            )
+        finally:
+            self._in_flight = set()
+            waiting, self._entries_waiting = self._entries_waiting, {}
+            if waiting:
+                self._on_followed([e for entries in waiting.values() for e in entries])
+
+    async def _judged_ledger(self, name: str) -> tuple[Ledger, int]:
+        """A ledger to judge ``name``'s updates with, and the position it describes."""
+        ledger = self._ledgers.get(name)
+        position = self._positions.get(name)
+        if ledger is not None and position is not None:
+            return ledger, position  # (STALE: fine for the fast path; else read again)
+        assert self.backend is not None
+        ledger, position = await self.backend.load_ledger(name)
+        ledger.max_clients = self.settings.max_document_clients
+        if name in self.rooms:
+            self._ledgers[name] = ledger
+            self._positions[name] = position
+        return ledger, position
+
+    def _forget_ledgers(self, ledgers: dict[str, Ledger]) -> None:
+        for name, ledger in ledgers.items():
+            if self._ledgers.get(name) is ledger:
+                del self._ledgers[name]
+                self._positions.pop(name, None)
+
+    def _appended(
+        self,
+        stored: list[_Pending],
+        positions: list[int],
+        ledgers: dict[str, Ledger],
+        moved: set[str],
+    ) -> None:
+        """Note what an append to the shared store returned: this process's own positions
+        (the follower skips them) and where each cached ledger now stands."""
+        rows = [item for item in stored if item.update]
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for item, position in zip(rows, positions, strict=True):
+            name = item.peer.document
+            if position <= 0 or name in moved:
+                continue
+            first.setdefault(name, position)
+            last[name] = position
+            room = self.rooms.get(name)
+            if room is not None and room.following:
+                self._own.setdefault(name, deque()).append(position)
+        for name, position in last.items():
+            known = self._positions.get(name)
+            if known is None or self._ledgers.get(name) is not ledgers.get(name):
+                continue
+            # Another process appended in between (the append was conditional on some
+            # clients' entries only): the ledger describes no position exactly now.
+            self._positions[name] = position if first[name] == known + 1 else STALE
+
     # -- compaction ---------------------------------------------------------------------
 
     def _schedule_compaction(self, room: Room) -> None:
@@ -1937,10 +2655,15 @@ class Relay:
             self._pool = self._new_pool()
         self._compacting.add(name)
         room.appended = 0
-        future: Future[Any] = self._pool.submit(
-            compact_file, str(self.settings.store), name, self.settings.synchronous
-        )
-        wrapped = asyncio.wrap_future(future)
+        wrapped: asyncio.Future[Any]
+        if self.backend is not None:
+            # Any process may compact a shared document: the store's lease lets one.
+            wrapped = asyncio.get_running_loop().create_task(self._compact_shared(name))
+        else:
+            future: Future[Any] = self._pool.submit(
+                compact_file, str(self.settings.store), name, self.settings.synchronous
+            )
+            wrapped = asyncio.wrap_future(future)
         self._compactions.add(wrapped)
 
         def done(f: asyncio.Future[Any]) -> None:
@@ -1952,6 +2675,8 @@ class Relay:
             if room is not None and self.store is not None and f.exception() is None:
                 with contextlib.suppress(StoreError):
                     room.stored_bytes = self.store.size(name)[1]
+            if room is not None and self.backend is not None and f.exception() is None:
+                room.stored_bytes = f.result().snapshot_bytes
             exc = f.exception()
             self.stats["compactions" if exc is None else "compactions_failed"] += 1
             if isinstance(exc, BrokenProcessPool):
@@ -1967,6 +2692,32 @@ class Relay:
 
         wrapped.add_done_callback(done)
 
+    async def _compact_shared(self, name: str) -> CompactionResult:
+        """Compact a document of the shared store; once its room is closed, look again
+        after the store's minimum age, when the entries it folded may be trimmed."""
+        backend = self.backend
+        assert backend is not None
+        result = await backend.compact(name)
+        min_age = getattr(backend, "min_age_s", 0.0)
+        if not self._stopping and name not in self.rooms:
+            handle = asyncio.get_running_loop().call_later(min_age + 1.0, self._trim_closed, name)
+            self._trims[name] = handle
+        return result
+
+    def _trim_closed(self, name: str) -> None:
+        self._trims.pop(name, None)
+        if self._stopping or name in self.rooms or self.backend is None:
+            return  # an open room is compacted again when its tail grows or it closes
+        task = asyncio.get_running_loop().create_task(self.backend.compact(name))
+        self._background.add(task)
+
+        def done(t: asyncio.Task[CompactionResult]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("trimming a closed document failed: %s", t.exception())
+
+        task.add_done_callback(done)
+
     def _new_pool(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
             self.settings.compaction_workers,
@@ -1980,6 +2731,36 @@ class Relay:
             return
         old, self._pool = self._pool, self._new_pool()
         old.shutdown(wait=False, cancel_futures=True)
+
+
+class _NeedsContent(Exception):
+    """The judgement of a turn needs a document's stored content, not read yet."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _reset(batch: list[_Pending]) -> None:
+    """Undo a judgement of ``batch`` (it is judged again)."""
+    for item in batch:
+        if item.info is not None:  # (refusals made before the judgement stay)
+            item.update = item.original
+            item.refusal = None
+            item.unproven = False
+
+
+class _CompactionPool(Executor):
+    """The relay's compaction processes, started when a shared store first compacts."""
+
+    def __init__(self, relay: Relay) -> None:
+        self._relay = relay
+
+    def submit(self, fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> Future[_T]:
+        relay = self._relay
+        if relay._pool is None:
+            relay._pool = relay._new_pool()
+        return relay._pool.submit(fn, *args, **kwargs)
 
 
 class ConnectionClosedByStop(Exception):

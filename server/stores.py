@@ -17,7 +17,16 @@ from concurrent.futures import Executor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
+from crdtsync.backend import (
+    Change,
+    ClientsAsRead,
+    Entry,
+    Follower,
+    Gap,
+    RelayStore,
+    StoreIdentity,
+    is_redis_address,
+)
 from crdtsync.integrity import Ledger
 from crdtsync.store import (
     CompactionResult,
@@ -44,16 +53,11 @@ def open_store(
     Raises:
         StoreError: it cannot be opened.
     """
-    if isinstance(address, str) and is_redis_address(address):
+    if is_redis_address(address):
         from .redis_store import RedisStore  # redis-py is imported only for a Redis store
 
         return RedisStore(address, cpu=cpu)
     return SqliteStore(address, synchronous=synchronous, cpu=cpu)
-
-
-def is_redis_address(address: str) -> bool:
-    """Whether ``address`` names a Redis store rather than a file."""
-    return address.startswith(("redis://", "rediss://", "unix://"))
 
 
 class SqliteStore:
@@ -95,7 +99,7 @@ class SqliteStore:
         self,
         rows: Sequence[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
-        expected: Mapping[str, int] | None = None,
+        expected: Mapping[str, int | ClientsAsRead] | None = None,
     ) -> list[int]:
         """See :meth:`crdtsync.backend.RelayStore.append` (one SQLite commit)."""
         positions = self.log.append_many(rows, ledgers, expected)

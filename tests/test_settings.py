@@ -271,7 +271,22 @@ def test_token_verifier_reads_the_key_files(tmp_path: Path) -> None:
         settings.token_verifier()
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://host/1"])
-def test_a_store_url_is_refused_clearly_instead_of_becoming_a_file_name(url):
-    with pytest.raises(ValidationError, match="is not served by the relay in this version"):
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:6379/0", "rediss://host/1", "unix:///run/r.sock"]
+)
+def test_a_redis_store_url_stays_a_url(url):
+    settings = RelaySettings(store=url)
+    assert settings.store == url
+    assert settings.shared_store
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:6379/0", "postgres://host/db"])
+def test_another_url_is_refused_clearly_instead_of_becoming_a_file_name(url):
+    with pytest.raises(ValidationError, match="an SQLite file or a redis://"):
         RelaySettings(store=url)
+
+
+def test_a_file_store_is_a_path():
+    settings = RelaySettings(store="some/dir/relay.db")
+    assert settings.store == Path("some/dir/relay.db")
+    assert not settings.shared_store

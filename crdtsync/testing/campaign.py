@@ -7,8 +7,11 @@ After the last step every fault is healed, every killed process restarted, and t
 checker (:mod:`crdtsync.testing.checker`) judges the final states. A failing schedule is
 shrunk by delta debugging to a shorter one that still fails.
 
-Local mode starts its own relay processes (SQLite stores in the run folder); remote mode
-points at relays the user runs (network and replica faults only). Each replica reaches
+Local mode starts its own relay processes (SQLite stores in the run folder, or, with the
+Redis backend, one ``redis-server`` of its own that every relay shares: replicas spread
+over the relays, and a ``kill-redis`` fault kills Redis and restarts it from its
+append-only file); remote mode points at relays the user runs (network and replica
+faults only). Each replica reaches
 its relay through its own :class:`~crdtsync.testing.proxy.FaultProxy`, so a partition
 or a duplicated message concerns one link.
 
@@ -43,7 +46,7 @@ from typing import Any
 from pycrdt import Doc
 
 from ..errors import CrdtsyncError, StoreError
-from ..store import UpdateLog
+from ..store import DocumentLog, UpdateLog
 from .checker import (
     EditRecord,
     FinalState,
@@ -56,6 +59,7 @@ from .checker import (
 )
 from .processes import CommandChild, HostileChild, ProcessFailed, RelayChild, WorkerChild
 from .proxy import FaultProxy
+from .redis import RedisServer
 
 __all__ = [
     "FAULT_KINDS",
@@ -79,7 +83,9 @@ FAULT_KINDS = (
     "kill-replica",
     "lose-replica",
 )
-LOCAL_ONLY = {"kill-relay"}
+LOCAL_ONLY = {"kill-relay", "kill-redis"}
+BACKENDS = ("sqlite", "redis")
+REDIS_FAULT = "kill-redis"  # the Redis backend's own fault kind (not in FAULT_KINDS)
 DOCUMENT = "check/doc"
 
 
@@ -107,6 +113,8 @@ class Step:
             return f"{self.kind}(link {self.target}, {self.amount:g})"
         if self.kind in ("kill-relay", "restart-relay"):
             return f"{self.kind}({self.target})"
+        if self.kind in ("kill-redis", "restart-redis"):
+            return self.kind
         if self.kind == "quiet":
             return "quiet"
         return f"{self.kind}(replica {self.target})"
@@ -134,6 +142,8 @@ class CampaignConfig:
     duration_s: float = 120.0  # a cap on one run, not a schedule
     relay_command: Sequence[str] = (sys.executable, "-m", "crdtsync", "relay")
     relay_args: Sequence[str] = ()
+    # local mode: "sqlite" (a file per relay) or "redis" (one redis-server, shared)
+    backend: str = "sqlite"
     settle_s: float = 20.0
     on_progress: Callable[[str, dict[str, Any]], None] | None = None
 
@@ -214,6 +224,8 @@ def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
     # keeps its schedule.
     participants = config.replicas + config.hostile
     kinds = [k for k in config.faults if config.local or k not in LOCAL_ONLY]
+    kinds = [k for k in kinds if k != "kill-redis" or config.backend == "redis"]
+    redis_dead = False
     n_relays = config.local_relays if config.local else len(config.relays)
     partitioned: set[int] = set()
     dead_replicas: set[int] = set()
@@ -237,6 +249,9 @@ def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
                 steps.append(Step("delay", replica, amount=rng.choice([0.0, 0.005, 0.02])))
             elif kind == "drop":
                 steps.append(Step("drop", replica))
+            elif kind == "kill-redis":
+                steps.append(Step("restart-redis" if redis_dead else "kill-redis"))
+                redis_dead = not redis_dead
             elif kind == "kill-relay":
                 relay = rng.randrange(n_relays)
                 if relay in dead_relays:
@@ -270,6 +285,7 @@ class _Run:
         self.history = open(folder / "history.jsonl", "w", encoding="utf-8")  # noqa: SIM115
         self.relays: list[RelayChild] = []
         self.relay_urls: list[str] = list(config.relays)
+        self.redis: RedisServer | None = None  # the Redis backend's server
         self.killed_relays: set[int] = set()  # killed by the schedule, not by a bug
         self.proxies: list[FaultProxy] = []
         self.participants = config.replicas + config.hostile
@@ -309,11 +325,14 @@ class _Run:
 
     async def start(self) -> None:
         cfg = self.config
+        if cfg.local and cfg.backend == "redis":
+            self.redis = RedisServer(self.folder / "redis")
+            await asyncio.to_thread(self.redis.start)
         if cfg.local:
             for i in range(cfg.local_relays):
                 relay = RelayChild(
                     cfg.relay_command,
-                    self.folder / f"relay-{i}.db",
+                    self.store_of(i),
                     cwd=self.folder,
                     log=self.folder / f"relay-{i}.log",
                     extra=cfg.relay_args,
@@ -339,6 +358,13 @@ class _Run:
             hostile=cfg.hostile,
             seed=self.seed,
         )
+
+    def store_of(self, relay: int) -> Path | str:
+        """Relay ``relay``'s store: its own file, or the Redis every relay shares (folded
+        entries are trimmed after a second: compactions race joiners and followers)."""
+        if self.redis is not None:
+            return f"{self.redis.url}?min_age_s=1"
+        return self.folder / f"relay-{relay}.db"
 
     def is_hostile(self, i: int) -> bool:
         return i >= self.config.replicas
@@ -441,6 +467,13 @@ class _Run:
             self.killed_relays.add(i)
             await self.relays[i].kill()
             self.count("kill-relay")
+        elif step.kind == "kill-redis" and self.redis is not None:
+            await self.poll_acknowledgements()
+            await asyncio.to_thread(self.redis.kill)
+            self.count("kill-redis")
+        elif step.kind == "restart-redis" and self.redis is not None:
+            if self.redis.proc is None:
+                await asyncio.to_thread(self.redis.start)
         elif step.kind == "restart-relay" and i < len(self.relays):
             if not self.relays[i].running:
                 await self.relays[i].start()
@@ -584,6 +617,8 @@ class _Run:
         for proxy in self.proxies:
             proxy.heal()
             proxy.clear_faults()
+        if self.redis is not None and self.redis.proc is None:
+            await asyncio.to_thread(self.redis.start)
         for r, relay in enumerate(self.relays):
             if not relay.running:
                 await relay.start()
@@ -699,15 +734,17 @@ class _Run:
                 problems.append(Violation("unusable", f"{name}'s worker {fresh.death()}"))
             finally:
                 await fresh.quit()
-        for r, relay in enumerate(self.relays):
+        stores = [(f"relay {r}", relay.store) for r, relay in enumerate(self.relays)]
+        if self.redis is not None:
+            stores = [("the relays' Redis", self.store_of(0))]
+        for where, address in stores:
             try:
-                with UpdateLog(relay.store) as log:
-                    stored = log.load(DOCUMENT)
-                    merged = stored.merged()
+                stored = await _load_store(address)
+                merged = stored.merged()
             except StoreError as exc:
-                raise StoreError(f"relay {r}'s store does not open cleanly: {exc}") from exc
+                raise StoreError(f"{where}'s store does not open cleanly: {exc}") from exc
             problems += stored_conflicts(
-                f"the store of relay {r}",
+                f"the store of {where}",
                 stored.all_updates(),
                 list(self.edits.values()),
                 self.writes,
@@ -719,13 +756,13 @@ class _Run:
                 problems.append(
                     Violation(
                         "unusable",
-                        f"the store of relay {r} no longer loads into a document: "
+                        f"the store of {where} no longer loads into a document: "
                         f"{type(exc).__name__}: {exc}",
-                        where=(f"store file of relay {r}",),
+                        where=(f"store of {where}",),
                     )
                 )
                 continue
-            out.append(final_state(f"store file of relay {r}", doc.get_update()))
+            out.append(final_state(f"store of {where}", doc.get_update()))
         return out, problems
 
     async def close(self) -> None:
@@ -738,6 +775,8 @@ class _Run:
                 await proxy.stop()
         for relay in self.relays:
             await relay.stop()
+        if self.redis is not None:
+            await asyncio.to_thread(self.redis.stop)
         self.history.close()
 
 
@@ -796,6 +835,20 @@ async def run_campaign(
             shutil.rmtree(base, ignore_errors=True)
             report.out = None
     return report
+
+
+async def _load_store(address: Path | str) -> DocumentLog:
+    """The checked document as a relay store holds it (an SQLite file, or Redis)."""
+    if isinstance(address, str):
+        from ..server.redis_store import RedisStore
+
+        store = RedisStore(address)
+        try:
+            return await store.load(DOCUMENT)
+        finally:
+            await store.close()
+    with UpdateLog(address) as log:
+        return log.load(DOCUMENT)
 
 
 def _same_failure(report: CampaignReport, original: CampaignReport) -> bool:

@@ -22,11 +22,13 @@ from rich.table import Table
 from .campaign import (
     FAULT_KINDS,
     LOCAL_ONLY,
+    REDIS_FAULT,
     CampaignConfig,
     CampaignReport,
     run_campaign,
     shrink,
 )
+from .redis import redis_server_binary
 from .workload import load_workload
 
 __all__ = ["run_check"]
@@ -52,9 +54,14 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
     every = args.faults is None  # the default: every kind
     faults = list(FAULT_KINDS) if every else [f.strip() for f in args.faults.split(",")]
     faults = [f for f in faults if f]
-    unknown = [f for f in faults if f not in FAULT_KINDS]
+    known = (*FAULT_KINDS, REDIS_FAULT) if args.backend == "redis" else FAULT_KINDS
+    if every and args.backend == "redis":
+        faults.append(REDIS_FAULT)
+    unknown = [f for f in faults if f not in known]
     if unknown:
-        raise UsageError(f"unknown fault kind {unknown[0]!r}; choose from {', '.join(FAULT_KINDS)}")
+        raise UsageError(f"unknown fault kind {unknown[0]!r}; choose from {', '.join(known)}")
+    if args.backend == "redis" and not args.relay and redis_server_binary() is None:
+        raise UsageError("--backend redis needs redis-server (apt-get install redis-server)")
     if args.relay:
         local_only = [f for f in faults if f in LOCAL_ONLY]
         if local_only and not every:
@@ -81,6 +88,8 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
         replicas=args.replicas,
         hostile=args.hostile,
         relays=tuple(args.relay),
+        local_relays=args.relays,
+        backend=args.backend,
         steps=args.steps,
         faults=tuple(faults),
         fault_rate=args.fault_rate,

@@ -269,7 +269,7 @@ class RelayChild(ChildProcess):
     def __init__(
         self,
         command: Sequence[str],
-        store: Path,
+        store: Path | str,
         *,
         cwd: Path,
         log: Path,

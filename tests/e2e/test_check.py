@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from crdtsync.testing import (
+    FAULT_KINDS,
     CampaignConfig,
     CampaignFailed,
     Step,
     make_schedule,
     run_campaign_sync,
 )
+from crdtsync.testing.campaign import REDIS_FAULT
 
 BROKEN = str(Path(__file__).with_name("broken_relay.py"))
 
@@ -50,6 +52,60 @@ def test_twenty_seeds_with_every_fault_kind_converge_on_crdtsync_relay(tmp_path)
     ):
         assert totals.get(kind, 0) > 0, f"no {kind} in 20 seeds: {totals}"
     assert edits > 300
+
+
+FAULTS_ON_REDIS = (*FAULT_KINDS, REDIS_FAULT)
+
+
+def redis_config(tmp_path: Path, steps: int = 30) -> CampaignConfig:
+    return CampaignConfig(
+        replicas=3,
+        local_relays=3,
+        backend="redis",
+        faults=FAULTS_ON_REDIS,
+        steps=steps,
+        out=tmp_path / "runs",
+    )
+
+
+def run_redis_seeds(tmp_path: Path, seeds: range, steps: int = 30) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for seed in seeds:
+        report = run_campaign_sync(seed, redis_config(tmp_path, steps), shrink_runs=0)
+        for kind, n in report.faults.items():
+            totals[kind] = totals.get(kind, 0) + n
+    return totals
+
+
+@pytest.mark.slow
+def test_three_seeds_on_three_relays_sharing_one_redis_converge(tmp_path):
+    totals = run_redis_seeds(tmp_path, range(100, 103))
+    assert totals, "faults happened"
+
+
+@pytest.mark.long  # three relays on one Redis, every fault kind, Redis killed too
+@pytest.mark.timeout(600)
+def test_twenty_seeds_on_three_relays_sharing_one_redis_converge(tmp_path):
+    totals = run_redis_seeds(tmp_path, range(20))
+    for kind in ("kill-relay", "kill-redis", "partition", "drop", "lose-replica"):
+        assert totals.get(kind, 0) > 0, f"no {kind} in 20 seeds: {totals}"
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(12 * 3600)
+def test_five_hundred_seeds_on_three_relays_sharing_one_redis_converge(tmp_path):
+    run_redis_seeds(tmp_path, range(500), steps=40)
+
+
+def test_kill_redis_is_drawn_only_for_the_redis_backend():
+    sqlite = CampaignConfig(steps=200, faults=FAULTS_ON_REDIS)
+    redis = CampaignConfig(steps=200, faults=FAULTS_ON_REDIS, backend="redis", local_relays=3)
+    assert not any(s.kind == REDIS_FAULT for s in make_schedule(1, sqlite))
+    assert any(s.kind == REDIS_FAULT for s in make_schedule(1, redis))
+    # An SQLite seed keeps the schedule it had before the Redis backend existed.
+    assert make_schedule(7, CampaignConfig(steps=60)) == make_schedule(
+        7, CampaignConfig(steps=60, faults=FAULTS_ON_REDIS)
+    )
 
 
 @pytest.mark.soak

@@ -1,0 +1,515 @@
+"""Several relay processes on one Redis (issue 10): real relays, a real redis-server of the
+test's own, replicas and stock clients spread over the relays."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_sync
+from helpers import RelayProcess, eventually, timeout_s
+from pycrdt import Array, Doc, Map, Text
+from stock import text_update
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from crdtsync.client import Replica
+from crdtsync.protocol import (
+    AwarenessEntry,
+    AwarenessMessage,
+    PermissionDenied,
+    QueryAwareness,
+    SyncStep1,
+    SyncUpdate,
+    decode_awareness,
+    decode_message,
+    encode_awareness,
+)
+from crdtsync.testing.redis import RedisServer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+def start_relays(tmp_path: Path, url: str, count: int = 3, *args: str) -> list[RelayProcess]:
+    relays = []
+    for i in range(count):
+        cwd = tmp_path / f"relay{i}"
+        cwd.mkdir(exist_ok=True)
+        relays.append(RelayProcess(url, cwd, "--log-level", "WARNING", *args).start())
+    return relays
+
+
+@pytest.fixture
+def relays(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[RelayProcess]]:
+    started = start_relays(tmp_path, redis_server.url)
+    yield started
+    for relay in started:
+        if relay.proc is not None and relay.proc.poll() is None:
+            relay.terminate()
+
+
+class RoundRobinProxy:
+    """A TCP proxy that sends each new connection to the next relay (no sticky sessions);
+    a relay that refuses the connection is skipped."""
+
+    def __init__(self, ports: list[int]) -> None:
+        self.ports = ports
+        self._next = itertools.cycle(range(len(ports)))
+        self.server: asyncio.Server | None = None
+        self.connections: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.chosen: list[int] = []
+
+    async def start(self) -> RoundRobinProxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return self
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"ws://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        for _ in range(len(self.ports)):
+            port = self.ports[next(self._next)]
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError:
+                continue
+            self.chosen.append(port)
+            break
+        else:
+            writer.close()
+            return
+        self.connections.append((writer, up_writer))
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(Exception):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            with contextlib.suppress(Exception):
+                dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def drop_all(self) -> None:
+        """Cut every connection (each reconnect then reaches the next relay)."""
+        for a, b in self.connections:
+            for w in (a, b):
+                with contextlib.suppress(Exception):
+                    w.transport.abort()
+        self.connections.clear()
+
+    async def stop(self) -> None:
+        self.drop_all()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def text_of(doc: Doc[Any]) -> str:
+    return str(doc.get("text", type=Text))
+
+
+async def type_into(doc: Doc[Any], words: list[str], pause_s: float = 0.0) -> None:
+    text = doc.get("text", type=Text)
+    for word in words:
+        text += word
+        await asyncio.sleep(pause_s)
+
+
+async def read_text(url: str, name: str) -> str:
+    """The document as a fresh crdtsync replica reads it from ``url``."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        async with Replica(Path(d) / "reader.db", url) as reader:
+            doc = await reader.open(name)
+            await eventually(
+                lambda: reader.status(name).synced, timeout=15, what="the reader's sync"
+            )
+            return text_of(doc)
+
+
+async def stock_writer(url: str, name: str, words: list[str]) -> Doc[Any]:
+    """A stock y-websocket client (no extensions) writing ``words``; returns its Doc once
+    it holds what the relay sent it too."""
+    doc: Doc[Any] = Doc()
+    async with connect(f"{url}/{name}") as ws:
+        await ws.send(SyncStep1(doc.get_state()).encode())
+        for word in words:
+            await ws.send(SyncUpdate(text_update(doc, word)).encode())
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)
+    return doc
+
+
+async def test_replicas_and_stock_clients_on_three_relays_converge(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    name = "shared/doc"
+    replicas = [Replica(tmp_path / f"r{i}.db", relays[i].url) for i in range(3)]
+    for replica in replicas:
+        await replica.start()
+    try:
+        docs = [await r.open(name) for r in replicas]
+        words = [[f"<{i}:{k}>" for k in range(60)] for i in range(3)]
+        stock_words = [f"[s:{k}]" for k in range(30)]
+        await asyncio.gather(
+            *(type_into(doc, w, 0.002) for doc, w in zip(docs, words, strict=True)),
+            stock_writer(relays[1].url, name, stock_words),
+        )
+        for replica in replicas:
+            await replica.wait_synced(name, timeout=timeout_s(20))
+        await eventually(
+            lambda: (
+                len({text_of(d) for d in docs}) == 1
+                and all(w in text_of(docs[0]) for w in stock_words)
+            ),
+            timeout=20,
+            what="the replicas to converge on every relay's edits",
+        )
+        final = text_of(docs[0])
+        for ws in words:
+            assert all(w in final for w in ws)
+        # A late joiner on any relay gets everything.
+        for relay in relays:
+            assert await read_text(relay.url, name) == final
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+async def test_no_sticky_sessions_a_replica_sent_to_another_relay_at_every_reconnect(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    name = "roaming"
+    proxy = await RoundRobinProxy([r.port for r in relays]).start()
+    watcher = Replica(tmp_path / "watcher.db", relays[2].url)
+    await watcher.start()
+    try:
+        async with Replica(tmp_path / "roamer.db", proxy.url) as roamer:
+            doc = await roamer.open(name)
+            seen = await watcher.open(name)
+            text = doc.get("text", type=Text)
+            for k in range(120):
+                text += f"({k})"
+                await asyncio.sleep(0.005)
+                if k % 15 == 14:
+                    proxy.drop_all()
+            await roamer.wait_synced(name, timeout=timeout_s(30))
+            assert roamer.pending(name) == 0
+            expected = "".join(f"({k})" for k in range(120))
+            assert text_of(doc) == expected
+            await eventually(
+                lambda: text_of(seen) == expected, timeout=20, what="the watcher on relay 3"
+            )
+            assert len(set(proxy.chosen)) == 3, "the reconnects reached every relay"
+            assert await read_text(relays[0].url, name) == expected
+    finally:
+        await watcher.stop()
+        await proxy.stop()
+
+
+async def test_a_relay_killed_mid_stream_under_three_writers_loses_nothing_acknowledged(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    name = "killed"
+    proxy = await RoundRobinProxy([r.port for r in relays]).start()
+    replicas = [Replica(tmp_path / f"w{i}.db", proxy.url) for i in range(3)]
+    for replica in replicas:
+        await replica.start()
+    try:
+        docs = [await r.open(name) for r in replicas]
+        words = [[f"<{i}:{k}>" for k in range(150)] for i in range(3)]
+
+        async def kill_midway() -> None:
+            await asyncio.sleep(0.4)
+            relays[1].kill()
+
+        await asyncio.gather(
+            *(type_into(doc, w, 0.004) for doc, w in zip(docs, words, strict=True)),
+            kill_midway(),
+        )
+        for replica in replicas:
+            await replica.wait_synced(name, timeout=timeout_s(30))
+            assert replica.pending(name) == 0
+        final = await read_text(relays[0].url, name)
+        for ws in words:
+            assert all(w in final for w in ws), "an acknowledged edit is missing"
+        await eventually(
+            lambda: all(text_of(d) == final for d in docs), timeout=20, what="convergence"
+        )
+        assert await read_text(relays[2].url, name) == final
+    finally:
+        for replica in replicas:
+            await replica.stop()
+        await proxy.stop()
+
+
+async def test_a_garbage_entry_in_one_stream_stops_no_other_document(
+    tmp_path: Path, redis_server: RedisServer, relays: list[RelayProcess]
+) -> None:
+    async with (
+        Replica(tmp_path / "a.db", relays[0].url) as writer,
+        Replica(tmp_path / "b.db", relays[1].url) as reader,
+    ):
+        for name in ("poisoned", "healthy"):
+            await writer.open(name)
+            await reader.open(name)
+        await type_into(await writer.open("poisoned"), ["before "])
+        await writer.wait_synced("poisoned", timeout=timeout_s(10))
+        client = redis_sync.Redis.from_url(redis_server.url)
+        try:
+            key = "crdtsync:{poisoned}:log"
+            client.xadd(key, {"junk": "x"})
+            client.xadd(key, {"n": "not a number", "u": b"\xff\xfe"})
+            client.xadd(key, {"n": "999999", "u": b"\x00\x00"})  # a position far ahead
+        finally:
+            client.close()
+        healthy = await writer.open("healthy")
+        await type_into(healthy, [f"h{k} " for k in range(20)], 0.01)
+        await writer.wait_synced("healthy", timeout=timeout_s(10))
+        seen = await reader.open("healthy")
+        await eventually(
+            lambda: text_of(seen) == text_of(healthy),
+            timeout=15,
+            what="the healthy document's fan-out on the other relay",
+        )
+        # The poisoned document still works as well: its room is read again.
+        poisoned = await writer.open("poisoned")
+        await type_into(poisoned, ["after"])
+        await writer.wait_synced("poisoned", timeout=timeout_s(10))
+        other = await reader.open("poisoned")
+        await eventually(
+            lambda: text_of(other) == "before after", timeout=15, what="the poisoned document"
+        )
+
+
+async def test_redis_killed_and_restarted_from_its_aof_loses_nothing_acknowledged(
+    tmp_path: Path, redis_server: RedisServer, relays: list[RelayProcess]
+) -> None:
+    name = "redis-killed"
+    replicas = [Replica(tmp_path / f"w{i}.db", relays[i].url) for i in range(3)]
+    for replica in replicas:
+        await replica.start()
+    try:
+        docs = [await r.open(name) for r in replicas]
+        words = [[f"<{i}:{k}>" for k in range(100)] for i in range(3)]
+
+        async def kill_and_restart() -> None:
+            await asyncio.sleep(0.3)
+            redis_server.kill()
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(redis_server.start)
+
+        await asyncio.gather(
+            *(type_into(doc, w, 0.005) for doc, w in zip(docs, words, strict=True)),
+            kill_and_restart(),
+        )
+        for replica in replicas:
+            await replica.wait_synced(name, timeout=timeout_s(40))
+        final = await read_text(relays[0].url, name)
+        for ws in words:
+            assert all(w in final for w in ws)
+        await eventually(
+            lambda: all(text_of(d) == final for d in docs), timeout=20, what="convergence"
+        )
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+async def test_an_emptied_redis_is_refilled_by_the_replicas(
+    tmp_path: Path, redis_server: RedisServer, relays: list[RelayProcess]
+) -> None:
+    name = "wiped"
+    replicas = [Replica(tmp_path / f"w{i}.db", relays[i].url) for i in range(2)]
+    for replica in replicas:
+        await replica.start()
+    try:
+        docs = [await r.open(name) for r in replicas]
+        await type_into(docs[0], ["from replica 0. "])
+        await type_into(docs[1], ["from replica 1. "])
+        for replica in replicas:
+            await replica.wait_synced(name, timeout=timeout_s(10))
+        await eventually(lambda: text_of(docs[0]) == text_of(docs[1]), timeout=10)
+        before = text_of(docs[0])
+        redis_server.wipe()
+        await asyncio.to_thread(redis_server.start)
+        # Nobody writes: the relays notice the store is a new one and ask their peers for
+        # what it lacks; the replicas send it.
+        text = ""
+        for _ in range(100):
+            with contextlib.suppress(Exception):
+                text = await read_text(relays[2].url, name)
+            if text == before:
+                break
+            await asyncio.sleep(0.2)
+        assert text == before, "the replicas refilled the emptied store"
+    finally:
+        for replica in replicas:
+            await replica.stop()
+
+
+# -- the integrity rule and the presence caps across relay processes --------------------
+
+C = 424_242  # the client id both halves of a poisoning pair write under
+
+
+def poisoning_pair(client: int) -> tuple[bytes, bytes]:
+    """Two valid updates giving (client, 0) different content."""
+    a = Doc(client_id=client)
+    a.get("text", type=Text).insert(0, "x")
+    b = Doc(client_id=client)
+    b.get("m", type=Map)["k"] = Array(["child"])
+    return a.get_update(), b.get_update()
+
+
+async def send_and_listen(url: str, update: bytes, start: asyncio.Event) -> list[str]:
+    """A stock client: join, wait for ``start``, send ``update``; the refusals it got."""
+    denied: list[str] = []
+    async with connect(url) as ws:
+        await ws.send(SyncStep1(b"\x00").encode())
+        await start.wait()
+        await ws.send(SyncUpdate(update).encode())
+        with contextlib.suppress(TimeoutError, ConnectionClosed):
+            async with asyncio.timeout(1.0):
+                while True:
+                    msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+                    if isinstance(msg, PermissionDenied):
+                        denied.append(msg.reason)
+    return denied
+
+
+async def test_a_poisoning_pair_sent_to_two_relays_at_once_is_refused_as_on_one(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    for round_ in range(5):
+        name = f"poison/{round_}"
+        first, rewrite = poisoning_pair(C + round_)
+        start = asyncio.Event()
+        tasks = [
+            asyncio.create_task(send_and_listen(f"{relays[0].url}/{name}", first, start)),
+            asyncio.create_task(send_and_listen(f"{relays[1].url}/{name}", rewrite, start)),
+        ]
+        await asyncio.sleep(0.2)
+        start.set()
+        denied = await asyncio.gather(*tasks)
+        assert sorted(len(d) for d in denied) == [0, 1], denied
+        assert f"client {C + round_} clock 0 rewritten" in (denied[0] + denied[1])[0]
+        # Whoever won, every relay serves the same, loadable document, without the other.
+        texts = set()
+        for relay in relays:
+            async with Replica(tmp_path / f"check-{round_}-{relay.port}.db", relay.url) as r:
+                doc = await r.open(name)
+                await eventually(lambda r=r, name=name: r.status(name).synced, timeout=10)
+                assert r.status(name).quarantined == 0
+                has_text = str(doc.get("text", type=Text)) == "x"
+                has_map = doc.get("m", type=Map).to_py() == {"k": ["child"]}
+                assert has_text != has_map, "exactly one of the pair is stored"
+                texts.add((has_text, has_map))
+        assert len(texts) == 1
+
+
+async def test_impersonating_a_writer_through_another_relay_is_refused(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    name = "impersonated"
+    async with Replica(tmp_path / "owner.db", relays[0].url) as owner:
+        doc = await owner.open(name)
+        text = doc.get("text", type=Text)
+        text += "owner "
+        await owner.wait_synced(name, timeout=timeout_s(10))
+        before = doc.get_state()
+        impostor: Doc[Any] = Doc(client_id=doc.client_id)
+        impostor.apply_update(doc.get_update())
+        impostor.get("text", type=Text).insert(0, "EVIL ")
+        forged = impostor.get_update(before)
+        start = asyncio.Event()
+        attack = asyncio.create_task(send_and_listen(f"{relays[1].url}/{name}", forged, start))
+        await asyncio.sleep(0.2)
+        start.set()
+        text += "again"  # the owner's own next clocks, through relay 1, at the same time
+        denied = await attack
+        assert denied
+        assert f"client {doc.client_id}" in denied[0]
+        await owner.wait_synced(name, timeout=timeout_s(10))
+        assert owner.status(name).refused == 0
+    assert await read_text(relays[2].url, name) == "owner again"
+
+
+def awareness_message(client: int, clock: int, state: dict[str, Any] | None) -> bytes:
+    entry = AwarenessEntry(client, clock, state)
+    return AwarenessMessage(encode_awareness([entry])).encode()
+
+
+async def presence_seen(url: str, seconds: float = 1.0) -> dict[int, Any]:
+    """Join as a stock client, ask for presence, and collect what arrives."""
+    states: dict[int, Any] = {}
+    async with connect(url) as ws:
+        await ws.send(SyncStep1(b"\x00").encode())
+        await ws.send(QueryAwareness().encode())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                while True:
+                    msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+                    if isinstance(msg, AwarenessMessage):
+                        for entry in decode_awareness(msg.payload):
+                            if entry.state is None:
+                                states.pop(entry.client_id, None)
+                            else:
+                                states[entry.client_id] = entry.state
+    return states
+
+
+async def test_presence_crosses_relays_under_the_rooms_caps(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    relays = start_relays(
+        tmp_path, redis_server.url, 2, "--config", str(caps_file(tmp_path, states=3))
+    )
+    try:
+        name = "presence"
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = []
+            for i in range(5):  # five clients, alternating relays, one state each
+                ws = await stack.enter_async_context(connect(f"{relays[i % 2].url}/{name}"))
+                await ws.send(SyncStep1(b"\x00").encode())
+                sockets.append(ws)
+            await asyncio.sleep(0.3)  # (every room is open on both relays)
+            for i, ws in enumerate(sockets):
+                await ws.send(awareness_message(1000 + i, 1, {"user": f"u{i}"}))
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
+            for relay in relays:
+                seen = await presence_seen(f"{relay.url}/{name}")
+                assert len(seen) == 3, seen  # the room's cap, on either relay
+            # A state from relay 1 reaches a listener on relay 2 live, and its removal too.
+            await sockets[1].send(awareness_message(1001, 2, {"user": "moved"}))
+            seen = await presence_seen(f"{relays[0].url}/{name}")
+            assert seen.get(1001) == {"user": "moved"}
+            await sockets[1].close()
+            await asyncio.sleep(0.3)
+            seen = await presence_seen(f"{relays[0].url}/{name}")
+            assert 1001 not in seen
+    finally:
+        for relay in relays:
+            relay.terminate()
+
+
+def caps_file(tmp_path: Path, states: int) -> Path:
+    path = tmp_path / "caps.toml"
+    path.write_text(f"max_presence_states_per_room = {states}\n")
+    return path
