@@ -12,6 +12,10 @@ relay, the reference y-websocket server and pycrdt-websocket's server.
 Next to it, the floors: pycrdt applying the same trace locally (no network, one
 transaction per txn, in this process) and the driver's Yjs doing the reader's work alone.
 
+With ``redis-server`` on the machine, one more row: crdtsync as two relay processes on
+one Redis (a redis-server of the bench's own, AOF fsynced always), the writer on relay 1
+and the reader on relay 2 (``--no-redis`` leaves it out).
+
 ``--profile`` adds one more crdtsync run under py-spy (``pip install py-spy``) and prints
 where the relay's time goes; that run's timing is not reported as a figure.
 """
@@ -35,6 +39,7 @@ import common
 from common import Report, fmt, ratio
 
 TARGET = "crdtsync's relay matches or beats the reference server (ratio <= 1.00)"
+REDIS_ROW = "crdtsync, 2 relays on Redis"
 
 
 def pycrdt_floor(path: Path) -> dict[str, Any]:
@@ -90,6 +95,46 @@ def run_one(name: str, trace: Path, timeout_s: float, relay_args: list[str]) -> 
         if not result.get("finished"):
             result["stderr"] = server.stderr(1500)
     return result
+
+
+def run_two_relays(trace: Path, timeout_s: float, relay_args: list[str]) -> dict[str, Any]:
+    """The trace written to relay 1 and read on relay 2, two crdtsync relays on one Redis."""
+    from crdtsync.testing.redis import RedisServer
+
+    with tempfile.TemporaryDirectory(prefix="crdtsync-bench-redis-") as tmp:
+        redis = RedisServer(Path(tmp) / "redis").start()
+        servers: list[common.Server] = []
+        try:
+            for i in range(2):
+                workdir = Path(tmp) / f"relay-{i}"
+                workdir.mkdir()
+                cmd = [
+                    sys.executable, "-m", "crdtsync", "relay",
+                    "--host", "127.0.0.1", "--port", "0", "--store", redis.url,
+                    "--log-level", "WARNING", *relay_args,
+                ]  # fmt: skip
+                servers.append(common.Server(f"crdtsync-{i}", cmd, workdir).start())
+            time.sleep(1.0)
+            redis_cpu0 = common._cpu_s(redis.proc.pid) if redis.proc else 0.0
+            cpu0 = [server.cpu_s() for server in servers]
+            result = common.run_driver(
+                ["trace", "--url", servers[0].url, "--reader-url", servers[1].url,
+                 "--trace", str(trace), "--timeout-s", str(timeout_s)],
+                timeout_s + 120,
+            )  # fmt: skip
+            result["server_cpu_s"] = sum(
+                s.cpu_s() - c for s, c in zip(servers, cpu0, strict=True)
+            ) + ((common._cpu_s(redis.proc.pid) if redis.proc else 0.0) - redis_cpu0)
+            result["server_main_cpu_s"] = result["server_cpu_s"]
+            result["server_peak_rss_kb"] = max(s.hwm_kb() or 0 for s in servers)
+            result["health"] = common.crdtsync_health(servers[0])
+            if not result.get("finished"):
+                result["stderr"] = " | ".join(s.stderr(700) for s in servers)
+            return result
+        finally:
+            for server in servers:
+                server.stop()
+            redis.stop()
 
 
 def _frame_name(frame: str) -> str:
@@ -171,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=120.0, help="per server (default 120)")
     p.add_argument("--profile", action="store_true", help="also profile crdtsync with py-spy")
     p.add_argument("--relay-arg", action="append", default=[], help="extra `crdtsync relay` flag")
+    p.add_argument(
+        "--no-redis", action="store_true", help="leave out crdtsync's two relays on one Redis"
+    )
     args = p.parse_args(argv)
     trace = Path(args.trace)
     report = Report(f"Trace relay: {trace.name}, writer to reader through each server")
@@ -207,6 +255,16 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_one(name, trace, args.timeout_s, args.relay_arg)
         except RuntimeError as exc:
             results[name] = {"finished": False, "error": str(exc)}
+    from crdtsync.testing.redis import redis_server_binary
+
+    if "crdtsync" in servers and not args.no_redis and redis_server_binary() is not None:
+        if args.quiet_wait_s > 0:
+            common.wait_for_quiet(args.quiet_wait_s)
+        print("... crdtsync, 2 relays on Redis", file=sys.stderr, flush=True)
+        try:
+            results[REDIS_ROW] = run_two_relays(trace, args.timeout_s, args.relay_arg)
+        except RuntimeError as exc:
+            results[REDIS_ROW] = {"finished": False, "error": str(exc)}
     any_result = next((r for r in results.values() if "generate_ms" in r), None)
     if any_result:
         report.add(
@@ -227,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         if workers > 0.05:
             main_s = r["server_main_cpu_s"]
             note += f" CPU {main_s:.2f} s in the server process, {workers:.2f} s in its workers;"
+        if name == REDIS_ROW:
+            note += " CPU: both relays and redis-server;"
         if name == "crdtsync" and r.get("health"):
             h = r["health"]
             if h.get("commits"):
@@ -260,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         report.add(f"Ratio crdtsync / reference, server CPU seconds: {rc}.")
     else:
         report.add("Ratio crdtsync / reference: not available (a run did not finish).")
+    two = results.get(REDIS_ROW, {})
+    r2 = ratio(two.get("end_to_end_ms"), ref.get("end_to_end_ms"))
+    if r2 is not None:
+        verdict = "met" if float(r2) <= 1.0 else "NOT met"
+        report.add(
+            f"Ratio crdtsync on two relays + Redis (relay 1 to relay 2) / reference on one "
+            f"process: **{r2}**. Target: no slower than the reference server: {verdict}."
+        )
     if c.get("store_bytes"):
         report.add(f"crdtsync store after the run: {c['store_bytes'] / 1e6:.1f} MB (db + WAL).")
     report.add("")

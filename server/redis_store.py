@@ -44,7 +44,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
@@ -71,6 +71,8 @@ LOAD_ATTEMPTS = 8  # a load that keeps meeting compactions gives up (StoreError)
 IDENTITY_CHECK_S = 1.0  # how often a follower checks the store is still the one it read
 PASSWORD_ENV = "CRDTSYNC_REDIS_PASSWORD"  # used when the URL holds no password
 WAIT_TIMEOUT_S = 5.0  # with wait_replicas: an append not on enough replicas by then fails
+MAX_CONNECTIONS = 64  # per client of the store (the follower and presence have their own)
+POOL_WAIT_S = 10.0  # a call waits this long for a free connection, then fails (StoreError)
 PRESENCE_POLL_S = 0.05  # a document added to presence is subscribed within this long
 
 _APPEND = """
@@ -171,6 +173,7 @@ _SWITCH = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 local gen = redis.call('HGET', KEYS[1], 'snap_gen') or ''
 if gen ~= ARGV[2] then return -2 end
+if redis.call('EXISTS', KEYS[4]) == 0 then return -3 end
 redis.call('HSET', KEYS[1], 'snap_pos', ARGV[3], 'snap_gen', ARGV[1], 'snap_bytes', ARGV[4])
 redis.call('PERSIST', KEYS[4])
 redis.call('HINCRBY', KEYS[1], 'tail_n', -tonumber(ARGV[5]))
@@ -311,7 +314,12 @@ class RedisStore:
         extra: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "retry_on_error": []}
         if self._password is not None:
             extra["password"] = self._password
-        return aioredis.Redis.from_url(url or self._url, **extra)
+        # A bounded pool that waits for a free connection: redis-py's default pool
+        # raised "Too many connections" at its 101st (150 joins at once: 50 got 1013).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url or self._url, max_connections=MAX_CONNECTIONS, timeout=POOL_WAIT_S, **extra
+        )
+        return aioredis.Redis.from_pool(pool)
 
     def keys(self, document: str) -> _Keys:
         base = f"{self.prefix}:{{{document}}}:"
@@ -414,25 +422,20 @@ class RedisStore:
         if not docs:
             return []
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for doc in docs:
-                    k = self.keys(doc)
-                    want = (expected or {}).get(doc)
-                    args: list[Any] = [
-                        want if isinstance(want, int) else "",
-                        doc,
-                        *_condition_args(want),
-                        *_ledger_args((ledgers or {}).get(doc)),
-                        *per_doc.get(doc, []),
-                    ]
-                    await self._append(
-                        keys=[k.meta, k.log, k.ledger, self._clock_key, self._changes_key],
-                        args=args,
-                        client=pipe,
-                    )
-                if self.wait_replicas:
-                    pipe.wait(self.wait_replicas, int(self.wait_timeout_s * 1000))
-                results = await pipe.execute(raise_on_error=False)
+            calls = []
+            for doc in docs:
+                k = self.keys(doc)
+                want = (expected or {}).get(doc)
+                keys = [k.meta, k.log, k.ledger, self._clock_key, self._changes_key]
+                args: list[Any] = [
+                    want if isinstance(want, int) else "",
+                    doc,
+                    *_condition_args(want),
+                    *_ledger_args((ledgers or {}).get(doc)),
+                    *per_doc.get(doc, []),
+                ]
+                calls.append((keys, args))
+            results = await self._run_appends(calls)
         except RedisError as exc:
             raise self._error("appending", exc) from exc
         if self.wait_replicas:
@@ -476,6 +479,44 @@ class RedisStore:
                 positions,
             )
         return positions
+
+    async def _run_appends(self, calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """Run the append script once per document in one pipeline (plus ``WAIT``); the
+        replies, errors included. By its hash: redis-py's own script calls ask Redis
+        whether the script is loaded before every pipeline (a round trip per append).
+        Scripts Redis lost (a restart) are loaded, and only those calls run again: a
+        call refused with NOSCRIPT did nothing."""
+        sha = self._append.sha
+        results: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        reached: Any = None
+        for attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for i in todo:
+                    keys, args = calls[i]
+                    pipe.evalsha(sha, len(keys), *keys, *args)
+                if self.wait_replicas:
+                    pipe.wait(self.wait_replicas, int(self.wait_timeout_s * 1000))
+                replies = await pipe.execute(raise_on_error=False)
+            if self.wait_replicas:
+                *replies, got = replies
+                # (the least of both rounds: each WAIT counts its own pipeline's writes)
+                if reached is None or isinstance(got, Exception):
+                    reached = got
+                elif not isinstance(reached, Exception):
+                    reached = min(int(reached), int(got))
+            missing = []
+            for i, reply in zip(todo, replies, strict=True):
+                results[i] = reply
+                if isinstance(reply, NoScriptError):
+                    missing.append(i)
+            if not missing or attempt:
+                break
+            await self.redis.script_load(_APPEND)
+            todo = missing
+        if self.wait_replicas:
+            results.append(reached)
+        return results
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -705,18 +746,22 @@ class RedisFollower:
         self._identity: StoreIdentity | None = None
         self._checked = 0.0  # when _check_store last looked
         self.malformed = 0  # entries skipped
+        # Per document, an entry past the next position (entry id, its n): see _take.
+        self._ahead: dict[str, tuple[Any, int]] = {}
 
     def add(self, document: str, position: int) -> None:
         """Follow ``document`` from after ``position`` (its retained entries are read once
         and those up to ``position`` skipped)."""
         self._positions[document] = position
         self._ids[document] = b"0-0"
+        self._ahead.pop(document, None)
         self._added.set()
 
     def remove(self, document: str) -> None:
         """Stop following ``document``."""
         self._positions.pop(document, None)
         self._ids.pop(document, None)
+        self._ahead.pop(document, None)
 
     async def read(self, timeout_s: float) -> list[Entry | Gap]:
         """The next entries (see :meth:`crdtsync.backend.Follower.read`)."""
@@ -742,6 +787,8 @@ class RedisFollower:
             except RedisError as exc:
                 raise self._store._error("following", exc) from exc
             found = self._take(cast(list[Any], got or []))
+            if self._ahead:
+                found += await self._judge_ahead()
             if found or left <= 0:
                 return found
 
@@ -793,6 +840,8 @@ class RedisFollower:
             n = _entry(after[0][1])[0] if after else None
             if n is None and after:
                 continue  # a malformed entry next: the next read skips it and looks on
+            if n is not None and n > pos:
+                continue  # not the store's (past its position): the next read skips it
             if n is None or n > position + 1:
                 found.append(Gap(doc, position))
                 self.remove(doc)
@@ -808,20 +857,56 @@ class RedisFollower:
                 position = self._positions.get(document)
                 if position is None:
                     break  # a gap earlier in this batch
-                self._ids[document] = entry_id
                 n, update = _entry(fields)
                 if n is None or update is None:
-                    self.malformed += 1
-                    log.warning("skipping a malformed entry %s of %r", entry_id, document)
+                    self._ids[document] = entry_id
+                    self._skip(document, entry_id)
                     continue
                 if n <= position:
+                    self._ids[document] = entry_id
                     continue
                 if n > position + 1:
-                    found.append(Gap(document, position))
-                    self.remove(document)
+                    # Entries are missing, or this one is not the store's (past the
+                    # document's position: written by hand). Which, is read next; the
+                    # document's entries after it wait until then.
+                    self._ahead[document] = (entry_id, n)
                     break
+                self._ids[document] = entry_id
                 self._positions[document] = n
                 found.append(Entry(document, n, update))
+        return found
+
+    def _skip(self, document: str, entry_id: Any) -> None:
+        self.malformed += 1
+        log.warning("skipping a malformed entry %s of %r", entry_id, document)
+
+    async def _judge_ahead(self) -> list[Entry | Gap]:
+        """Entries past the position their follower expected: a gap where the document's
+        position covers them (entries were trimmed or lost), else a malformed entry,
+        skipped (an entry past the position no append wrote: yhub#61)."""
+        ahead, self._ahead = self._ahead, {}
+        docs = [d for d in ahead if d in self._positions]
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for doc in docs:
+                    pipe.hget(self._store.keys(doc).meta, "pos")
+                replies = await pipe.execute()
+        except RedisError as exc:
+            raise self._store._error("following", exc) from exc
+        found: list[Entry | Gap] = []
+        for doc, raw in zip(docs, replies, strict=True):
+            entry_id, n = ahead[doc]
+            position = self._positions[doc]
+            try:
+                stored = int(raw or 0)
+            except ValueError:
+                stored = position  # (a damaged position: load says so)
+            if n > stored:
+                self._ids[doc] = entry_id
+                self._skip(doc, entry_id)
+            else:
+                found.append(Gap(doc, position))
+                self.remove(doc)
         return found
 
     async def close(self) -> None:

@@ -463,6 +463,8 @@ class Relay:
         self._own: dict[str, deque[int]] = {}  # positions this process appended, per room
         self._positions: dict[str, int] = {}  # the position each cached ledger describes
         self._resyncing: set[str] = set()
+        self._resync_again: set[str] = set()  # lost track again while resyncing
+        self._resync_entries: dict[str, list[Entry]] = {}  # read while resyncing
         self._trims: dict[str, asyncio.TimerHandle] = {}  # closed documents to trim later
         # Presence between relay processes (a shared store): what to say, and the task
         # saying it; what the others say is read by another task.
@@ -649,6 +651,9 @@ class Relay:
         if self._compactions:
             # Compaction is crash-safe: one still running at the deadline is abandoned.
             await asyncio.wait(self._compactions, timeout=_left(deadline))
+            if self.backend is not None:
+                for running in list(self._compactions):
+                    running.cancel()  # (its lease expires by itself)
         if self._pool is not None:
             _shut_down(self._pool, wait=not self._compactions)
         for manager in managers:
@@ -748,6 +753,10 @@ class Relay:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "relay shutting down\n")
         if self.stats["connections"] >= self.settings.max_connections:
             return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        trouble = self._shared_trouble()
+        if trouble:
+            # (A join needs a read of the store: the client retries with its backoff.)
+            return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"{trouble}\n")
         address = self._address(conn, request)
         if self._per_address.get(address, 0) >= self.settings.max_connections_per_address:
             self.stats["refused"] += 1
@@ -1418,6 +1427,7 @@ class Relay:
                 self._positions.pop(room.name, None)
                 self._own.pop(room.name, None)
                 self._entries_waiting.pop(room.name, None)
+                self._resync_entries.pop(room.name, None)
                 if self._follower is not None and room.following:
                     self._follower.remove(room.name)
                 if self._presence is not None:
@@ -1425,8 +1435,12 @@ class Relay:
             if room.kept_in_worker and self._work_pool is not None and self.store is not None:
                 with contextlib.suppress(Exception):  # a broken pool has nothing to forget
                     self._work_pool.submit(forget_read, self.store.path, room.name)
-            # Compact what this process knows is a sizeable tail; a few updates can wait.
-            if room.appended >= max(1, self.settings.compact_after_updates // 10):
+            # Compact what this process knows is a sizeable tail; a few updates can wait
+            # in a file. In Redis (memory) any tail is folded: a stream entry costs more
+            # than the bytes it holds, and a snapshot alone is what a closed document
+            # should cost there once the minimum age passed.
+            least = 1 if self._shared else max(1, self.settings.compact_after_updates // 10)
+            if room.appended >= least:
                 self._schedule_compaction(room)
 
     # -- awareness --------------------------------------------------------------------
@@ -2173,6 +2187,8 @@ class Relay:
             return f"store unreachable: {self._follow_failures} reads failed in a row"
         if self._store_failing:
             return "store failing: the last append failed"
+        if self._presence_failures:
+            return f"presence unreachable: {self._presence_failures} reads failed in a row"
         return ""
 
     async def _follow(self) -> None:
@@ -2340,14 +2356,19 @@ class Relay:
         fresh: dict[str, list[bytes]] = {}
         for item in found:
             name = item.document
-            if name not in self.rooms:
+            room = self.rooms.get(name)
+            if room is None:
                 continue
             if isinstance(item, Gap):
                 fresh.pop(name, None)
+                room.following = False  # (the follower dropped it)
                 self._resync_soon(name)
+            elif name in self._resyncing:
+                # After the whole document the resync sends, in order.
+                self._resync_entries.setdefault(name, []).append(item)
             elif name in self._in_flight:
                 self._entries_waiting.setdefault(name, []).append(item)
-            elif name not in self._resyncing and self._foreign(item):
+            elif self._foreign(item):
                 fresh.setdefault(name, []).append(item.update)
         for name, updates in fresh.items():
             self._deliver_foreign(name, updates)
@@ -2387,7 +2408,10 @@ class Relay:
         """The follower lost track of ``name`` (compacted past it, the store emptied or
         restored): read it again, follow it from there, and send every peer the whole
         document (what they hold already costs them nothing)."""
-        if name in self._resyncing or name not in self.rooms:
+        if name not in self.rooms:
+            return
+        if name in self._resyncing:
+            self._resync_again.add(name)  # the one under way reads again when it is done
             return
         self._resyncing.add(name)
         task = asyncio.get_running_loop().create_task(self._resync(name))
@@ -2401,12 +2425,14 @@ class Relay:
                 room = self.rooms.get(name)
                 if room is None:
                     return
+                self._resync_again.discard(name)
                 if room.following and self._follower is not None:
                     self._follower.remove(name)
                 room.following = False
                 self._own.pop(name, None)
                 self._ledgers.pop(name, None)
                 self._positions.pop(name, None)
+                self._resync_entries.pop(name, None)  # (the read covers them)
                 try:
                     read = await self._fresh_read(room)
                 except StoreError as exc:
@@ -2414,6 +2440,8 @@ class Relay:
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
                     continue
+                if name in self._resync_again:
+                    continue  # lost track again while reading: read again
                 if read.merged is not None and self.rooms.get(name) is room:
                     self._resyncing.discard(name)  # what comes next is live again
                     self._deliver_foreign(name, [read.merged])
@@ -2425,9 +2453,16 @@ class Relay:
                         peer.session.send_step1(read.state)
                         for frame in peer.session.data_to_send():
                             peer.push(frame)
+                    # What the follower read meanwhile (from the position the read
+                    # started at: some of it the read held already, which is harmless).
+                    waiting = self._resync_entries.pop(name, [])
+                    if waiting:
+                        self._on_followed(list(waiting))
                 return
         finally:
             self._resyncing.discard(name)
+            self._resync_again.discard(name)
+            self._resync_entries.pop(name, None)
 
     async def _read_shared(self, name: str) -> Read:
         """Read a document from the shared store, after its room follows the store from a
@@ -2515,25 +2550,36 @@ class Relay:
         self._in_flight = docs
         needs_content: set[str] = set()
         try:
-            for _attempt in range(COMMIT_ATTEMPTS):
+            attempt = restarts = 0
+            while attempt < COMMIT_ATTEMPTS and restarts <= len(docs):
                 ledgers: dict[str, Ledger] = {}
                 expected: dict[str, int | ClientsAsRead] | None = None
                 conditions: dict[str, dict[int, tuple[bytes | None, str | None]] | None] = {}
                 try:
                     if self.settings.integrity:
-                        positions_read: dict[str, int] = {}
-                        for name in sorted(
+                        judged = sorted(
                             {
                                 it.peer.document
                                 for it in batch
                                 if it.info is not None or it.claim is not None
                             }
-                        ):
-                            ledgers[name], positions_read[name] = await self._judged_ledger(name)
-                        loaded = {
-                            name: (await backend.load(name)).all_updates()
-                            for name in sorted(needs_content)
-                        }
+                        )
+                        # (Read together: a turn that opens many documents waits one
+                        # round trip, not one per document.)
+                        got = await asyncio.gather(*map(self._judged_ledger, judged))
+                        positions_read = {n: p for n, (_, p) in zip(judged, got, strict=True)}
+                        ledgers = {n: lg for n, (lg, _) in zip(judged, got, strict=True)}
+                        # The documents whose judgement will need their stored content
+                        # (a reconnecting client resends what is stored), read at once.
+                        needs_content.update(
+                            item.peer.document
+                            for item in batch
+                            if item.info is not None
+                            and item.peer.document not in needs_content
+                            and ledgers[item.peer.document].overlaps(item.info)
+                        )
+                        contents = await asyncio.gather(*map(backend.load, sorted(needs_content)))
+                        loaded = {c.name: c.all_updates() for c in contents}
                         try:
                             self._judge(batch, ledgers, loaded, conditions)
                         except _NeedsContent as exc:
@@ -2542,6 +2588,7 @@ class Relay:
                             needs_content.add(exc.name)
                             self._forget_ledgers(ledgers)
                             _reset(batch)
+                            restarts += 1  # (at most once per document: not an attempt)
                             continue
                         # Appended only if what the judgement read still holds: the
                         # clients' entries, or the whole document's position.
@@ -2571,7 +2618,8 @@ class Relay:
                     _reset(batch)
                     # Another process keeps appending: judge again a little later, at a
                     # random moment (two processes retrying in step would keep colliding).
-                    await asyncio.sleep(COMMIT_RETRY_S * (2**_attempt) * random.random())
+                    await asyncio.sleep(COMMIT_RETRY_S * (2**attempt) * random.random())
+                    attempt += 1
                     continue
                 except StoreError as exc:
                     self._store_failing = True

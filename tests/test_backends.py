@@ -28,6 +28,7 @@ from pycrdt import Doc, Text
 
 from crdtsync.backend import Entry, Follower, Gap, RelayStore
 from crdtsync.errors import PositionConflict, StoreError
+from crdtsync.integrity import ClientsAsRead
 from crdtsync.integrity import Writer as Proof
 from crdtsync.server.redis_store import RedisStore
 from crdtsync.server.stores import open_store
@@ -230,6 +231,44 @@ async def test_a_conditional_append_writes_nothing_to_a_document_that_moved_on(
     assert "sub:late" not in (await store.load_ledger("d"))[0].owners.values()
     assert ledger.dirty  # not written, so not marked clean
     assert not x_ledger.dirty
+
+
+async def test_an_append_conditional_on_some_clients_ignores_the_others(
+    store: RelayStore,
+) -> None:
+    w, other = Writer(1), Writer(2)
+    ledger, _ = await store.load_ledger("d")
+    before = ledger.as_read([1])
+    assert before == {1: (None, None)}  # no entry yet
+    ledger.ranges[1] = [(0, 6)]
+    ledger.dirty.add(1)
+    (p1,) = await store.append(
+        [("d", w.line("first"))], {"d": ledger}, {"d": ClientsAsRead(before)}
+    )
+    # Another writer's client moves the document on: a condition on client 1 still holds.
+    theirs, _ = await store.load_ledger("d")
+    theirs.ranges[2] = [(0, 6)]
+    theirs.dirty.add(2)
+    await store.append([("d", other.line("racing"))], {"d": theirs})
+    mine = ledger.as_read([1])
+    ledger.ranges[1] = [(0, 12)]
+    ledger.dirty.add(1)
+    (p3,) = await store.append([("d", w.line("second"))], {"d": ledger}, {"d": ClientsAsRead(mine)})
+    assert p3 == p1 + 2
+    # Client 1's entry changed elsewhere (an owner set): a condition on it is refused.
+    changed, _ = await store.load_ledger("d")
+    changed.owners[1] = "sub:someone"
+    changed.dirty.add(1)
+    await store.append([], {"d": changed})
+    stale = ledger.as_read([1])
+    ledger.ranges[1] = [(0, 18)]
+    ledger.dirty.add(1)
+    with pytest.raises(PositionConflict) as refused:
+        await store.append([("d", w.line("third"))], {"d": ledger}, {"d": ClientsAsRead(stale)})
+    assert refused.value.appended == [0]
+    stored = text_of((await store.load("d")).all_updates())
+    assert sorted(stored.split()) == ["first", "racing", "second"]
+    assert (await store.load_ledger("d"))[0].ranges[1] == [(0, 12)]
 
 
 # -- following --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // The one client driver of the benchmark suite: the same code runs against every server.
 //
-//   node driver.mjs trace  --url ws://127.0.0.1:PORT --trace FILE.json.gz [--chunk 1000] [--timeout-s 120]
-//   node driver.mjs fanout --url URL [--readers 50] [--updates 2000] [--rate 0] [--reader-mode raw|apply] [--timeout-s 60]
+//   node driver.mjs trace  --url ws://127.0.0.1:PORT --trace FILE.json.gz [--chunk 1000] [--timeout-s 120] [--reader-url URL]
+//   node driver.mjs fanout --url URL[,URL...] [--readers 50] [--updates 2000] [--rate 0] [--reader-mode raw|apply]
+//                          [--framing y-websocket|hocuspocus] [--timeout-s 60]
 //   node driver.mjs docs   --url URL [--docs 1000] [--prefix NAME] [--timeout-s 120]
 //
 // Clients are "stock" y-websocket clients written on the raw protocol (Yjs 13.6 documents,
@@ -10,6 +11,10 @@
 // the server's step 1 with step 2, and applies every sync update it receives. They never
 // use a protocol extension, so crdtsync's relay treats them exactly like browser clients.
 // All clients of a run live in this one process and share one clock (performance.now()).
+//
+// fanout --url may list several servers (comma-separated) that share documents (relays on
+// one store, Hocuspocus instances on one Redis): the writer connects to the first, reader
+// i to URL[i % n]. --framing hocuspocus speaks Hocuspocus 3's framing instead (below).
 //
 // Output: JSON lines on stdout; the last one is {"event": "result", ...}. Every wait is
 // bounded by --timeout-s; on timeout the result says finished: false with the progress.
@@ -27,6 +32,19 @@ const MSG_SYNC = 0
 const MSG_AWARENESS = 1
 const MSG_AUTH = 2
 const MSG_QUERY_AWARENESS = 3
+
+// Hocuspocus 3 (@hocuspocus/server src/types.ts MessageType, @hocuspocus/common auth.ts
+// AuthMessageType): every message, both ways, starts with the document name as a lib0
+// varString and holds one message per websocket frame; a connection's sync messages are
+// handled only after its Auth message (type 2, subtype Token 0, a token string; with no
+// onAuthenticate hook any token is accepted). The server answers Auth with subtype
+// Authenticated (2) + scope, or PermissionDenied (1) + reason; it may send SyncReply (4,
+// read as Sync) and acknowledges each applied update with SyncStatus (8, varUint 0/1).
+const HP_SYNC_REPLY = 4
+const HP_AUTH_TOKEN = 0
+const HP_AUTH_PERMISSION_DENIED = 1
+const HP_AUTH_AUTHENTICATED = 2
+const FRAMINGS = ['y-websocket', 'hocuspocus']
 
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n')
 const now = () => performance.now()
@@ -93,8 +111,12 @@ class Waiter {
  * per message as possible and the server is what is measured.
  */
 class Peer {
-  constructor (url, room, { doc = new Y.Doc(), mode = 'apply', onUpdate = null, onRawUpdate = null } = {}) {
+  constructor (url, room, { doc = new Y.Doc(), mode = 'apply', onUpdate = null, onRawUpdate = null, framing = 'y-websocket' } = {}) {
+    if (!FRAMINGS.includes(framing)) throw new Error(`--framing ${FRAMINGS.join('|')}, not ${framing}`)
     this.url = `${url}/${room}`
+    this.room = room
+    this.framing = framing // 'hocuspocus': every message prefixed with the room name (see above)
+    this.authenticated = false // hocuspocus: the server answered our Auth with Authenticated
     this.doc = doc
     this.mode = mode
     this.onUpdate = onUpdate // after each applied sync update ('apply' mode)
@@ -110,7 +132,9 @@ class Peer {
     this.ws = new WebSocket(this.url, { perMessageDeflate: false })
     this.ws.binaryType = 'nodebuffer'
     this.ws.on('open', () => {
-      const encoder = encoding.createEncoder()
+      // Hocuspocus: Auth first (an empty token), then step 1, as HocuspocusProvider does
+      if (this.framing === 'hocuspocus') this.sendAuth()
+      const encoder = this.encoder()
       encoding.writeVarUint(encoder, MSG_SYNC)
       syncProtocol.writeSyncStep1(encoder, this.doc)
       this.ws.send(encoding.toUint8Array(encoder))
@@ -126,33 +150,58 @@ class Peer {
       .then(() => { if (!this.synced) throw new Error(`${this.url} closed before sync: ${this.closeInfo} ${this.error ?? ''}`) })
   }
 
+  /** An encoder for one outgoing message: empty, or (Hocuspocus) holding the room name. */
+  encoder () {
+    const encoder = encoding.createEncoder()
+    if (this.framing === 'hocuspocus') encoding.writeVarString(encoder, this.room)
+    return encoder
+  }
+
+  sendAuth () {
+    const encoder = this.encoder()
+    encoding.writeVarUint(encoder, MSG_AUTH)
+    encoding.writeVarUint(encoder, HP_AUTH_TOKEN)
+    encoding.writeVarString(encoder, '')
+    this.ws.send(encoding.toUint8Array(encoder))
+  }
+
+  /** One sync message (after its type): answer it, count it; the decoder is left after it. */
+  receiveSync (decoder) {
+    if (this.synced && this.mode === 'raw') {
+      const pos = decoder.pos
+      if (decoding.readVarUint(decoder) === syncProtocol.messageYjsUpdate) {
+        const update = decoding.readVarUint8Array(decoder)
+        this.updates++
+        if (this.onRawUpdate) this.onRawUpdate(update, this)
+        this.waiter.poke()
+        return
+      }
+      decoder.pos = pos
+    }
+    const encoder = this.encoder()
+    encoding.writeVarUint(encoder, MSG_SYNC)
+    const head = encoding.length(encoder)
+    const kind = syncProtocol.readSyncMessage(decoder, encoder, this.doc, this)
+    if (encoding.length(encoder) > head) this.ws.send(encoding.toUint8Array(encoder))
+    if (kind === syncProtocol.messageYjsSyncStep2 && !this.synced) {
+      this.synced = true
+    } else if (kind === syncProtocol.messageYjsUpdate) {
+      this.updates++
+      if (this.onUpdate) this.onUpdate(this)
+    }
+    this.waiter.poke()
+  }
+
   receive (data) {
     const decoder = decoding.createDecoder(data)
+    if (this.framing === 'hocuspocus') {
+      this.receiveHocuspocus(decoder)
+      return
+    }
     while (decoding.hasContent(decoder)) {
       const type = decoding.readVarUint(decoder)
       if (type === MSG_SYNC) {
-        if (this.synced && this.mode === 'raw') {
-          const pos = decoder.pos
-          if (decoding.readVarUint(decoder) === syncProtocol.messageYjsUpdate) {
-            const update = decoding.readVarUint8Array(decoder)
-            this.updates++
-            if (this.onRawUpdate) this.onRawUpdate(update, this)
-            this.waiter.poke()
-            continue
-          }
-          decoder.pos = pos
-        }
-        const encoder = encoding.createEncoder()
-        encoding.writeVarUint(encoder, MSG_SYNC)
-        const kind = syncProtocol.readSyncMessage(decoder, encoder, this.doc, this)
-        if (encoding.length(encoder) > 1) this.ws.send(encoding.toUint8Array(encoder))
-        if (kind === syncProtocol.messageYjsSyncStep2 && !this.synced) {
-          this.synced = true
-        } else if (kind === syncProtocol.messageYjsUpdate) {
-          this.updates++
-          if (this.onUpdate) this.onUpdate(this)
-        }
-        this.waiter.poke()
+        this.receiveSync(decoder)
       } else if (type === MSG_AWARENESS) {
         decoding.readVarUint8Array(decoder) // presence: not part of these benchmarks
       } else if (type === MSG_AUTH) {
@@ -167,7 +216,40 @@ class Peer {
     }
   }
 
+  /** One Hocuspocus frame: the room name, then one message. */
+  receiveHocuspocus (decoder) {
+    if (decoding.readVarString(decoder) !== this.room) return // another document: not ours
+    const type = decoding.readVarUint(decoder)
+    if (type === MSG_SYNC || type === HP_SYNC_REPLY) {
+      this.receiveSync(decoder)
+    } else if (type === MSG_AUTH) {
+      const sub = decoding.readVarUint(decoder)
+      if (sub === HP_AUTH_AUTHENTICATED) {
+        this.authenticated = true
+      } else if (sub === HP_AUTH_PERMISSION_DENIED) {
+        this.error = `permission denied: ${decoding.readVarString(decoder)}`
+        this.ws.close() // open() then fails with this error
+      } else if (sub === HP_AUTH_TOKEN) {
+        this.sendAuth() // the server asks for the token again
+      }
+    }
+    // awareness (1), query awareness (3), stateless (5, 6), close (7), sync status (8):
+    // not part of these benchmarks
+  }
+
   send (frame) { this.ws.send(frame) }
+
+  /** A sync-update message carrying `update`, in this peer's framing. */
+  sendUpdate (update) {
+    if (this.framing !== 'hocuspocus') {
+      this.ws.send(updateFrame(update))
+      return
+    }
+    const encoder = this.encoder()
+    encoding.writeVarUint(encoder, MSG_SYNC)
+    syncProtocol.writeUpdate(encoder, update)
+    this.ws.send(encoding.toUint8Array(encoder))
+  }
 
   close (deadline) {
     if (this.closed) return Promise.resolve()
@@ -225,7 +307,8 @@ async function trace (opts) {
   const deadline = now() + timeoutMs
   const waiter = new Waiter()
   const room = randomRoom('trace')
-  const reader = new Peer(opts.url, room)
+  // --reader-url: the reader on another server of the same deployment (relays on one Redis)
+  const reader = new Peer(opts['reader-url'] ?? opts.url, room)
   const rtext = reader.doc.getText('text')
   const endLength = endContent.length
   let doneAt = null
@@ -298,19 +381,27 @@ async function fanout (opts) {
   const burst = Number(opts.burst ?? 50) // updates sent per event-loop turn at full speed
   const readerMode = opts['reader-mode'] ?? 'raw' // 'raw' (decode only) or 'apply' (Y.Doc)
   if (!['raw', 'apply'].includes(readerMode)) throw new Error(`--reader-mode raw|apply, not ${readerMode}`)
+  const framing = opts.framing ?? 'y-websocket'
+  if (!FRAMINGS.includes(framing)) throw new Error(`--framing ${FRAMINGS.join('|')}, not ${framing}`)
+  // servers sharing the room: the writer on the first, reader i on urls[i % n]
+  const urls = String(opts.url).split(',').filter((u) => u.length > 0)
+  if (urls.length === 0) throw new Error('--url is empty')
   const deadline = now() + timeoutMs
   const waiter = new Waiter()
   const room = randomRoom('fanout')
 
   const latencies = []
+  const byServer = urls.map(() => []) // several servers: latencies of each one's readers
   let firstSend = null
   let lastReceipt = 0
   let delivered = 0
-  const record = (str, at) => {
+  const record = (str, at, server = 0) => {
     for (const item of str.split(';')) {
       const sep = item.indexOf('@')
       if (sep < 0) continue
-      latencies.push(at - Number(item.slice(sep + 1)))
+      const latency = at - Number(item.slice(sep + 1))
+      latencies.push(latency)
+      if (urls.length > 1) byServer[server].push(latency)
       delivered++
     }
     lastReceipt = at
@@ -318,21 +409,23 @@ async function fanout (opts) {
   const readers = []
   for (let i = 0; i < nReaders; i++) {
     let peer
+    const server = i % urls.length
     if (readerMode === 'apply') {
       // stock readers: apply each update to a Y.Doc; receipt = when its text observer runs
-      peer = new Peer(opts.url, room)
+      peer = new Peer(urls[server], room, { framing })
       peer.doc.getText('t').observe((event) => {
         const at = now()
-        for (const d of event.delta) if (typeof d.insert === 'string') record(d.insert, at)
+        for (const d of event.delta) if (typeof d.insert === 'string') record(d.insert, at, server)
       })
     } else {
       // light readers: decode each update (Y.decodeUpdate) and read the inserted string
-      peer = new Peer(opts.url, room, {
+      peer = new Peer(urls[server], room, {
         mode: 'raw',
+        framing,
         onRawUpdate: (update) => {
           const at = now()
           for (const struct of Y.decodeUpdate(update).structs) {
-            if (struct.content && typeof struct.content.str === 'string') record(struct.content.str, at)
+            if (struct.content && typeof struct.content.str === 'string') record(struct.content.str, at, server)
           }
         }
       })
@@ -345,10 +438,10 @@ async function fanout (opts) {
   for (let i = 1; i < readers.length; i += 10) {
     await Promise.all(readers.slice(i, i + 10).map((r) => r.open(waiter, deadline)))
   }
-  const writer = new Peer(opts.url, room, { mode: 'raw' })
+  const writer = new Peer(urls[0], room, { mode: 'raw', framing })
   await writer.open(waiter, deadline)
   const wtext = writer.doc.getText('t')
-  writer.doc.on('update', (update) => writer.send(updateFrame(update)))
+  writer.doc.on('update', (update) => writer.sendUpdate(update))
   // wait for the initial step 2 answers to settle before timing
   await sleep(200)
 
@@ -401,6 +494,18 @@ async function fanout (opts) {
     },
     readers_closed_early: closed,
     writer_echoes: writer.updates
+  }
+  if (urls.length > 1) {
+    // per server (in --url order; the writer is on the first): its readers' deliveries
+    result.by_server = byServer.map((l) => {
+      l.sort((a, b) => a - b)
+      return {
+        delivered: l.length,
+        p50: quantile(l, 0.5),
+        p99: quantile(l, 0.99),
+        max: l.length ? l[l.length - 1] : null
+      }
+    })
   }
   const closeBy = now() + 10000
   await Promise.all([writer, ...readers].map((p) => p.close(closeBy)))

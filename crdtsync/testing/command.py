@@ -60,6 +60,11 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
     unknown = [f for f in faults if f not in known]
     if unknown:
         raise UsageError(f"unknown fault kind {unknown[0]!r}; choose from {', '.join(known)}")
+    if args.relays > 1 and args.backend != "redis" and not args.relay:
+        raise UsageError(
+            "--relays N needs a store the relays share: --backend redis (SQLite relays each "
+            "keep their own file)"
+        )
     if args.backend == "redis" and not args.relay and redis_server_binary() is None:
         raise UsageError("--backend redis needs redis-server (apt-get install redis-server)")
     if args.relay:

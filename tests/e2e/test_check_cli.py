@@ -68,6 +68,9 @@ def test_check_same_seed_reproduces_schedule(tmp_path):
         (["--faults", "partition,meteor"], "unknown fault kind 'meteor'"),
         (["--fault-rate", "1.5"], "argument --fault-rate: must be between 0 and 1, got 1.5"),
         (["--seeds", "many"], "argument --seeds: 'many' is not a whole number"),
+        (["--relays", "3"], "--relays N needs a store the relays share: --backend redis"),
+        (["--faults", "kill-redis"], "unknown fault kind 'kill-redis'"),
+        (["--backend", "postgres"], "argument --backend: invalid choice: 'postgres'"),
     ],
 )
 def test_check_refuses_bad_input_with_one_clear_line(tmp_path, args, message):

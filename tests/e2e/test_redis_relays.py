@@ -25,12 +25,15 @@ from crdtsync.protocol import (
     PermissionDenied,
     QueryAwareness,
     SyncStep1,
+    SyncStep2,
     SyncUpdate,
     decode_awareness,
     decode_message,
     encode_awareness,
 )
+from crdtsync.server.redis_store import RedisStore
 from crdtsync.testing.redis import RedisServer
+from crdtsync.updates import check_update
 
 pytestmark = pytest.mark.anyio
 
@@ -331,36 +334,63 @@ async def test_redis_killed_and_restarted_from_its_aof_loses_nothing_acknowledge
             await replica.stop()
 
 
+async def stored_text(url: str, name: str) -> tuple[str, set[int]]:
+    """The document as the Redis store holds it, and the client ids of its content."""
+    store = RedisStore(url)
+    try:
+        updates = (await store.load(name)).all_updates()
+    finally:
+        await store.close()
+    doc: Doc[Any] = Doc()
+    clients: set[int] = set()
+    for update in updates:
+        doc.apply_update(update)
+        clients |= set(check_update(update).state)
+    return text_of(doc), clients
+
+
 async def test_an_emptied_redis_is_refilled_by_the_replicas(
     tmp_path: Path, redis_server: RedisServer, relays: list[RelayProcess]
 ) -> None:
     name = "wiped"
-    replicas = [Replica(tmp_path / f"w{i}.db", relays[i].url) for i in range(2)]
-    for replica in replicas:
-        await replica.start()
+    online = Replica(tmp_path / "online.db", relays[0].url)
+    await online.start()
     try:
-        docs = [await r.open(name) for r in replicas]
-        await type_into(docs[0], ["from replica 0. "])
-        await type_into(docs[1], ["from replica 1. "])
-        for replica in replicas:
-            await replica.wait_synced(name, timeout=timeout_s(10))
-        await eventually(lambda: text_of(docs[0]) == text_of(docs[1]), timeout=10)
-        before = text_of(docs[0])
+        doc = await online.open(name)
+        async with Replica(tmp_path / "away.db", relays[1].url) as away:
+            away_doc = await away.open(name)
+            await type_into(away_doc, ["away wrote this. "])
+            await away.wait_synced(name, timeout=timeout_s(10))
+            away_id = away_doc.client_id
+        await type_into(doc, ["online wrote this. "])
+        await online.wait_synced(name, timeout=timeout_s(10))
+        await eventually(lambda: "away wrote this" in text_of(doc), timeout=10)
+        # The away replica, offline now, writes more; then Redis loses everything.
+        async with Replica(tmp_path / "away.db") as offline:
+            await type_into(await offline.open(name), ["written offline. "])
         redis_server.wipe()
         await asyncio.to_thread(redis_server.start)
-        # Nobody writes: the relays notice the store is a new one and ask their peers for
-        # what it lacks; the replicas send it.
-        text = ""
-        for _ in range(100):
-            with contextlib.suppress(Exception):
-                text = await read_text(relays[2].url, name)
-            if text == before:
-                break
-            await asyncio.sleep(0.2)
-        assert text == before, "the replicas refilled the emptied store"
+        assert (await stored_text(redis_server.url, name))[0] == ""
+
+        # Nobody writes: the online replica's relay notices the store is a new one and asks
+        # its connection for what the store lacks: the replica sends both writers' edits.
+        async def refilled() -> bool:
+            return (await stored_text(redis_server.url, name))[0] == text_of(doc)
+
+        await eventually(refilled, timeout=20, what="the online replica refilling the store")
+        text, clients = await stored_text(redis_server.url, name)
+        assert {doc.client_id, away_id} <= clients  # (sent by the online replica)
+        assert "written offline" not in text
+        # The away replica comes back through another relay: its offline edit arrives.
+        async with Replica(tmp_path / "away.db", relays[2].url) as back:
+            await back.open(name)
+            await back.wait_synced(name, timeout=timeout_s(15))
+        await eventually(lambda: "written offline" in text_of(doc), timeout=15)
+        text, _ = await stored_text(redis_server.url, name)
+        assert sorted(text.split(". ")) == sorted(text_of(doc).split(". "))
+        assert "written offline" in text
     finally:
-        for replica in replicas:
-            await replica.stop()
+        await online.stop()
 
 
 # -- the integrity rule and the presence caps across relay processes --------------------
@@ -513,3 +543,153 @@ def caps_file(tmp_path: Path, states: int) -> Path:
     path = tmp_path / "caps.toml"
     path.write_text(f"max_presence_states_per_room = {states}\n")
     return path
+
+
+# -- found by an outside attack (each failed before its fix) -----------------------------
+
+
+async def test_an_entry_past_the_documents_position_is_skipped_and_the_room_kept(
+    tmp_path: Path, redis_server: RedisServer, relays: list[RelayProcess]
+) -> None:
+    """One entry written by hand with a far-ahead position made the followers resync, meet
+    it again and drop the document for good while its rooms stayed open."""
+    name = "far-ahead"
+    async with (
+        Replica(tmp_path / "w.db", relays[0].url) as writer,
+        Replica(tmp_path / "r.db", relays[1].url) as reader,
+    ):
+        wdoc, rdoc = await writer.open(name), await reader.open(name)
+        await type_into(wdoc, ["before "])
+        await eventually(lambda: text_of(rdoc) == "before ", timeout=10)
+        client = redis_sync.Redis.from_url(redis_server.url)
+        try:
+            client.xadd(f"crdtsync:{{{name}}}:log", {"n": "999999", "u": b"\x00\x00"})
+        finally:
+            client.close()
+        await asyncio.sleep(2.5)  # the followers meet it (and look again once a second)
+        await type_into(wdoc, [f"a{k} " for k in range(3)], 0.1)
+        await writer.wait_synced(name, timeout=timeout_s(10))
+        await eventually(
+            lambda: text_of(rdoc) == text_of(wdoc), timeout=15, what="the reader on relay 2"
+        )
+
+
+async def stock_reader(url: str, doc: Doc[Any], stop: asyncio.Event) -> None:
+    async with connect(url, max_size=None) as ws:
+        await ws.send(SyncStep1(doc.get_state()).encode())
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(0.2):
+                    raw = await ws.recv()
+            except TimeoutError:
+                continue
+            msg = decode_message(raw)  # type: ignore[arg-type]
+            if isinstance(msg, (SyncStep2, SyncUpdate)):
+                doc.apply_update(msg.update)
+
+
+async def test_entries_read_while_a_room_resyncs_reach_its_readers(
+    tmp_path: Path, redis_server: RedisServer, relays: list[RelayProcess]
+) -> None:
+    """A resync (here: the store's epoch raised, as after a restore) of a document large
+    enough to be merged in the work process: what was appended meanwhile was dropped."""
+    name = "big"
+    store = RedisStore(redis_server.url)
+    stop = asyncio.Event()
+    wdoc: Doc[Any] = Doc()
+    text = wdoc.get("text", type=Text)
+    try:
+        async with connect(f"{relays[0].url}/{name}", max_size=None) as ws:
+            await ws.send(SyncStep1(b"\x00").encode())
+            for k in range(3):  # ~1.5 MB stored
+                before = wdoc.get_state()
+                text.insert(len(str(text)), f"{k}" * 500_000)
+                await ws.send(SyncUpdate(wdoc.get_update(before)).encode())
+            rdoc: Doc[Any] = Doc()
+            reader = asyncio.create_task(stock_reader(f"{relays[1].url}/{name}", rdoc, stop))
+            await eventually(lambda: len(text_of(rdoc)) == len(str(text)), timeout=20)
+            for k in range(200):
+                before = wdoc.get_state()
+                text.insert(len(str(text)), f"<{k}>")
+                await ws.send(SyncUpdate(wdoc.get_update(before)).encode())
+                await asyncio.sleep(0.01)
+                if k in (40, 120):
+                    await store.new_epoch()
+            await eventually(
+                lambda: text_of(rdoc) == str(text), timeout=20, what="every edit on relay 2"
+            )
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await reader
+        await store.close()
+
+
+async def test_many_documents_joined_at_once_are_all_answered(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    """redis-py's default pool refused its 101st connection: 50 of 150 joins got 1013."""
+    relay = start_relays(
+        tmp_path, redis_server.url, 1, "--config", str(per_address_file(tmp_path, 1000))
+    )[0]
+
+    async def join(url: str) -> str | None:
+        async with connect(url) as ws:
+            await ws.send(SyncStep1(b"\x00").encode())
+            try:
+                async with asyncio.timeout(2):
+                    while True:
+                        await ws.recv()
+            except TimeoutError:
+                return None
+            except ConnectionClosed:
+                return f"{ws.close_code} {ws.close_reason}"
+
+    try:
+        results = await asyncio.gather(*(join(f"{relay.url}/d{k}") for k in range(150)))
+        closed = [r for r in results if r is not None]
+        assert not closed, f"{len(closed)} of 150 joins closed: {closed[0]}"
+    finally:
+        relay.terminate()
+
+
+def per_address_file(tmp_path: Path, connections: int) -> Path:
+    path = tmp_path / "per-address.toml"
+    path.write_text(f"max_connections_per_address = {connections}\n")
+    return path
+
+
+async def test_repeats_in_many_documents_of_one_turn_are_judged_not_refused(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    """Each document needing its stored content used up one of the append's attempts:
+    more than eight such documents in one turn failed every writer with 1013."""
+
+    async def resend(url: str, update: bytes, start: asyncio.Event) -> int | None:
+        async with connect(url) as ws:
+            await ws.send(SyncStep1(b"\x00").encode())
+            await ws.send(SyncUpdate(update).encode())  # stored
+            await start.wait()
+            await ws.send(SyncUpdate(update).encode())  # the same again: a repeat
+            try:
+                async with asyncio.timeout(2):
+                    while True:
+                        await ws.recv()
+            except TimeoutError:
+                return None
+            except ConnectionClosed:
+                return ws.close_code
+
+    updates = []
+    for k in range(12):
+        doc: Doc[Any] = Doc()
+        doc.get("text", type=Text).insert(0, f"doc {k}")
+        updates.append(doc.get_update())
+    start = asyncio.Event()
+    tasks = [
+        asyncio.create_task(resend(f"{relays[0].url}/many/{k}", updates[k], start))
+        for k in range(12)
+    ]
+    await asyncio.sleep(1.0)
+    start.set()
+    assert await asyncio.gather(*tasks) == [None] * 12
