@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,7 @@ from crdtsync.protocol import (
 )
 from crdtsync.server.redis_store import RedisStore
 from crdtsync.testing.redis import RedisServer
+from crdtsync.testing.traces import TextMirror, find_trace, load_trace
 from crdtsync.updates import check_update
 
 pytestmark = pytest.mark.anyio
@@ -693,3 +695,37 @@ async def test_repeats_in_many_documents_of_one_turn_are_judged_not_refused(
     await asyncio.sleep(1.0)
     start.set()
     assert await asyncio.gather(*tasks) == [None] * 12
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize(
+    "name", [pytest.param("automerge-paper", marks=pytest.mark.long), "rustcode"]
+)
+async def test_a_trace_written_through_relay_1_arrives_exactly_on_relays_2_and_3(
+    tmp_path: Path, relays: list[RelayProcess], name: str
+) -> None:
+    path = find_trace(name)
+    if path is None:
+        pytest.skip(f"trace {name} not found (set CRDTSYNC_TRACES or keep ../shared beside)")
+    trace = load_trace(path)
+    want = hashlib.sha256(trace.end_content.encode()).hexdigest()
+    async with (
+        Replica(tmp_path / "writer.db", relays[0].url) as writer,
+        Replica(tmp_path / "reader.db", relays[1].url) as reader,
+    ):
+        doc_w, doc_r = await writer.open(name), await reader.open(name)
+        await eventually(lambda: reader.status(name).synced, what="reader synced")
+        mirror = TextMirror(doc_w.get("text", type=Text))
+        for n, patches in enumerate(trace.txns):
+            with doc_w.transaction():
+                mirror.apply(patches)
+            if n % 2000 == 0:
+                await asyncio.sleep(0)
+        assert mirror.content == trace.end_content
+        await writer.wait_synced(name, timeout=timeout_s(300))
+        text_r = doc_r.get("text", type=Text)
+        await eventually(lambda: len(str(text_r)) == len(trace.end_content), timeout=120)
+        assert hashlib.sha256(str(text_r).encode()).hexdigest() == want
+    late_text = await read_text(relays[2].url, name)
+    assert hashlib.sha256(late_text.encode()).hexdigest() == want
