@@ -152,6 +152,8 @@ class RelayStore(Protocol):
         Raises:
             PositionConflict: documents of ``expected`` moved on (its ``appended`` holds
                 the positions of the rows that were appended, 0 for the others).
+                :class:`~crdtsync.errors.DocumentsFailed`, one of them: some documents
+                failed on their own (nothing of them written), the others as said.
             StoreError: the store failed: the caller takes nothing as appended (some
                 documents may have been: a repeat of them later is harmless).
         """

@@ -33,6 +33,7 @@ __all__ = [
     "AcknowledgementsUnsupported",
     "CloseCode",
     "CrdtsyncError",
+    "DocumentsFailed",
     "InvalidDocumentName",
     "LimitExceeded",
     "MalformedMessage",
@@ -224,6 +225,25 @@ class PositionConflict(StoreError):
         super().__init__(message, path)
         self.positions = positions
         self.appended = appended
+
+
+class DocumentsFailed(PositionConflict):
+    """Some documents of an append failed on their own (a damaged key, a key of the wrong
+    type); the others were appended, or refused as moved on (``positions``).
+
+    Attributes:
+        failed: document -> why its append failed (nothing of it was written).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failed: dict[str, str],
+        positions: dict[str, int],
+        appended: list[int],
+    ) -> None:
+        super().__init__(message, positions, appended)
+        self.failed = failed
 
 
 class AcknowledgementsUnsupported(CrdtsyncError):

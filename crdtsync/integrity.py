@@ -207,12 +207,15 @@ class ClientsAsRead:
     still what the judgement read, whatever else the document received meanwhile.
 
     ``clients``: client id -> (its ranges as :func:`encode_ranges` writes them, None
-    where it had no entry; its owner, None where unowned). Updates that only append
-    after what is stored are judged on nothing else, so concurrent writers of other
-    client ids (on other relay processes) never make them judge again.
+    where it had no entry; its owner, None where unowned). Updates that name no parents
+    are judged on nothing else, so concurrent writers of other client ids (on other
+    relay processes) never make them judge again. ``position``: also the document's
+    position (updates naming parents are judged on the types too, which only an append
+    of content changes); None: any.
     """
 
     clients: dict[int, tuple[bytes | None, str | None]]
+    position: int | None = None
 
 
 @dataclass

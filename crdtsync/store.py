@@ -1029,6 +1029,8 @@ def _as_expected(
     """Whether ``doc`` (now at ``position``) is as an append's condition expects."""
     if isinstance(expected, int):
         return position == expected
+    if expected.position is not None and position != expected.position:
+        return False
     for client, (ranges, owner) in expected.clients.items():
         row = conn.execute(
             "SELECT ranges, owner FROM ledger_clients WHERE doc = ? AND client = ?",

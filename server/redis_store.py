@@ -48,7 +48,13 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
-from crdtsync.errors import MalformedMessage, PositionConflict, StoreError, StoreUnreachable
+from crdtsync.errors import (
+    DocumentsFailed,
+    MalformedMessage,
+    PositionConflict,
+    StoreError,
+    StoreUnreachable,
+)
 from crdtsync.integrity import ClientsAsRead, Ledger, decode_ranges, encode_ranges
 from crdtsync.store import (
     SNAPSHOT_CHUNK_BYTES,
@@ -71,6 +77,7 @@ LOAD_ATTEMPTS = 8  # a load that keeps meeting compactions gives up (StoreError)
 IDENTITY_CHECK_S = 1.0  # how often a follower checks the store is still the one it read
 PASSWORD_ENV = "CRDTSYNC_REDIS_PASSWORD"  # used when the URL holds no password
 WAIT_TIMEOUT_S = 5.0  # with wait_replicas: an append not on enough replicas by then fails
+SOCKET_TIMEOUT_S = 10.0  # a Redis call without an answer this long fails (StoreUnreachable)
 MAX_CONNECTIONS = 64  # per client of the store (the follower and presence have their own)
 POOL_WAIT_S = 10.0  # a call waits this long for a free connection, then fails (StoreError)
 PRESENCE_POLL_S = 0.05  # a document added to presence is subscribed within this long
@@ -311,7 +318,16 @@ class RedisStore:
         or refuse its own committed write as a PositionConflict. A lost reply is a
         StoreError; the callers resend (a repeat is harmless) or read again.
         """
-        extra: dict[str, Any] = {"retry": Retry(NoBackoff(), 0), "retry_on_error": []}
+        extra: dict[str, Any] = {
+            "retry": Retry(NoBackoff(), 0),
+            "retry_on_error": [],
+            # A Redis that stops answering without closing (a partition that drops
+            # packets, a frozen host) fails calls after this long instead of hanging
+            # the relay's appends and its follower for the kernel's ~15 minutes.
+            "socket_timeout": SOCKET_TIMEOUT_S,
+            "socket_connect_timeout": SOCKET_TIMEOUT_S,
+            "socket_keepalive": True,
+        }
         if self._password is not None:
             extra["password"] = self._password
         # A bounded pool that waits for a free connection: redis-py's default pool
@@ -428,7 +444,7 @@ class RedisStore:
                 want = (expected or {}).get(doc)
                 keys = [k.meta, k.log, k.ledger, self._clock_key, self._changes_key]
                 args: list[Any] = [
-                    want if isinstance(want, int) else "",
+                    _position_arg(want),
                     doc,
                     *_condition_args(want),
                     *_ledger_args((ledgers or {}).get(doc)),
@@ -447,20 +463,17 @@ class RedisStore:
                     f"store {self._where}: an append reached {reached} of the "
                     f"{self.wait_replicas} replica(s) it waits for within {self.wait_timeout_s:g} s"
                 )
-        failed = [r for r in results if isinstance(r, Exception)]
+        failed = {
+            doc: f"{type(r).__name__}: {r}"
+            for doc, r in zip(docs, results, strict=True)
+            if isinstance(r, Exception)
+        }
         done = {doc: int(r[1]) for doc, r in zip(docs, results, strict=True) if _ok(r)}
         for doc in done:
             ledger = (ledgers or {}).get(doc)
             if ledger is not None:
                 ledger.clean()
                 ledger.known = True
-        if failed:
-            # Each document's script is atomic, but the pipeline is not: some documents
-            # may have been appended. The caller takes none as stored (it closes their
-            # writers, who resend: a repeat is harmless).
-            raise self._error(
-                f"appending ({len(done)} of {len(docs)} documents written)", failed[0]
-            )
         # Each row's position: counted back from where its document's script ended.
         next_of = {doc: last - len(per_doc.get(doc, [])) for doc, last in done.items()}
         positions: list[int] = []
@@ -470,7 +483,21 @@ class RedisStore:
                 positions.append(next_of[doc])
             else:
                 positions.append(0)
-        refused = {doc: int(r[1]) for doc, r in zip(docs, results, strict=True) if doc not in done}
+        refused = {
+            doc: int(r[1])
+            for doc, r in zip(docs, results, strict=True)
+            if doc not in done and doc not in failed
+        }
+        if failed:
+            # Each document's script is atomic: a document whose script failed (a damaged
+            # or wrong-type key) wrote nothing, and fails alone (yhub#61).
+            doc, why = next(iter(failed.items()))
+            raise DocumentsFailed(
+                f"store {self._where}: {len(failed)} document(s) failed to append ({doc!r}: {why})",
+                failed,
+                refused,
+                positions,
+            )
         if refused:
             raise PositionConflict(
                 f"store {self._where}: {len(refused)} document(s) moved on: "
@@ -748,6 +775,8 @@ class RedisFollower:
         self.malformed = 0  # entries skipped
         # Per document, an entry past the next position (entry id, its n): see _take.
         self._ahead: dict[str, tuple[Any, int]] = {}
+        self._caught_up: set[str] = set()  # documents whose retained entries were read
+        self._broken: dict[str, int] = {}  # set aside (damaged keys) -> position then
 
     def add(self, document: str, position: int) -> None:
         """Follow ``document`` from after ``position`` (its retained entries are read once
@@ -755,6 +784,8 @@ class RedisFollower:
         self._positions[document] = position
         self._ids[document] = b"0-0"
         self._ahead.pop(document, None)
+        self._caught_up.discard(document)
+        self._broken.pop(document, None)
         self._added.set()
 
     def remove(self, document: str) -> None:
@@ -762,6 +793,8 @@ class RedisFollower:
         self._positions.pop(document, None)
         self._ids.pop(document, None)
         self._ahead.pop(document, None)
+        self._caught_up.discard(document)
+        self._broken.pop(document, None)
 
     async def read(self, timeout_s: float) -> list[Entry | Gap]:
         """The next entries (see :meth:`crdtsync.backend.Follower.read`)."""
@@ -784,6 +817,12 @@ class RedisFollower:
             }
             try:
                 got = await self._redis.xread(streams, count=FOLLOW_COUNT, block=block)
+            except ResponseError as exc:
+                # One document's log of the wrong type fails the whole XREAD: set that
+                # document aside and go on with the others (yhub#61).
+                if not await self._set_aside_broken():
+                    raise self._store._error("following", exc) from exc
+                continue
             except RedisError as exc:
                 raise self._store._error("following", exc) from exc
             found = self._take(cast(list[Any], got or []))
@@ -812,9 +851,10 @@ class RedisFollower:
             self._ids.clear()
             return gaps
         self._identity = identity
+        found: list[Entry | Gap] = await self._check_broken()
         docs = list(self._positions)
         if not docs:
-            return []
+            return found
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for doc in docs:
@@ -824,12 +864,18 @@ class RedisFollower:
                     # it was trimmed.
                     pipe.hget(k.meta, "pos")
                     pipe.xrange(k.log, min=b"(" + self._ids[doc], max="+", count=1)
-                replies = await pipe.execute()
+                replies = await pipe.execute(raise_on_error=False)
         except RedisError as exc:
             raise self._store._error("following", exc) from exc
-        found: list[Entry | Gap] = []
         for i, doc in enumerate(docs):
-            pos, after = int(replies[2 * i] or 0), replies[2 * i + 1]
+            raw, after = replies[2 * i], replies[2 * i + 1]
+            try:
+                if isinstance(raw, Exception) or isinstance(after, Exception):
+                    raise ValueError(raw if isinstance(raw, Exception) else after)
+                pos = int(raw or 0)
+            except ValueError as exc:
+                self._set_aside(doc, f"{exc}")
+                continue
             position = self._positions.get(doc)
             if position is None or pos == position:
                 continue
@@ -863,7 +909,13 @@ class RedisFollower:
                     self._skip(document, entry_id)
                     continue
                 if n <= position:
-                    self._ids[document] = entry_id
+                    if document in self._caught_up:
+                        # A new entry at a position already seen: the store lost writes
+                        # (a failover) and others appended again since.
+                        found.append(Gap(document, position))
+                        self.remove(document)
+                        break
+                    self._ids[document] = entry_id  # (read again after add: seen)
                     continue
                 if n > position + 1:
                     # Entries are missing, or this one is not the store's (past the
@@ -874,6 +926,57 @@ class RedisFollower:
                 self._ids[document] = entry_id
                 self._positions[document] = n
                 found.append(Entry(document, n, update))
+            if document in self._positions and len(entries) < FOLLOW_COUNT:
+                self._caught_up.add(document)  # read to the stream's end once
+        return found
+
+    def _set_aside(self, document: str, why: str) -> None:
+        """Stop following a document whose keys are damaged (looked at again each second:
+        once they are whole again, it comes back as a gap)."""
+        position = self._positions.get(document)
+        if position is None:
+            return
+        log.warning("not following %r: its keys are damaged (%s)", document, why)
+        self.remove(document)
+        self._broken[document] = position
+
+    async def _set_aside_broken(self) -> bool:
+        """Find the followed documents whose log is not a stream; set them aside.
+        Returns whether any was."""
+        docs = list(self._positions)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for doc in docs:
+                    pipe.type(self._store.keys(doc).log)
+                kinds = await pipe.execute()
+        except RedisError as exc:
+            raise self._store._error("following", exc) from exc
+        broken = [d for d, k in zip(docs, kinds, strict=True) if _text(k) not in _STREAMISH]
+        for doc in broken:
+            self._set_aside(doc, "its log is not a stream")
+        return bool(broken)
+
+    async def _check_broken(self) -> list[Entry | Gap]:
+        """Documents set aside whose keys are whole again: a gap each (read them again)."""
+        if not self._broken:
+            return []
+        docs = list(self._broken)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for doc in docs:
+                    pipe.type(self._store.keys(doc).log)
+                    pipe.hget(self._store.keys(doc).meta, "pos")
+                replies = await pipe.execute(raise_on_error=False)
+        except RedisError as exc:
+            raise self._store._error("following", exc) from exc
+        found: list[Entry | Gap] = []
+        for i, doc in enumerate(docs):
+            kind, raw = replies[2 * i], replies[2 * i + 1]
+            if isinstance(kind, Exception) or _text(kind) not in _STREAMISH:
+                continue
+            if isinstance(raw, Exception) or not _text(raw or b"0").isdigit():
+                continue
+            found.append(Gap(doc, self._broken.pop(doc)))
         return found
 
     def _skip(self, document: str, entry_id: Any) -> None:
@@ -896,7 +999,9 @@ class RedisFollower:
         found: list[Entry | Gap] = []
         for doc, raw in zip(docs, replies, strict=True):
             entry_id, n = ahead[doc]
-            position = self._positions[doc]
+            position = self._positions.get(doc)
+            if position is None:
+                continue  # removed meanwhile
             try:
                 stored = int(raw or 0)
             except ValueError:
@@ -1026,6 +1131,12 @@ class RedisPresence:
         if add:
             await self._pubsub.subscribe(*add)
             self._subscribed |= add
+            # Now that this process hears them: ask the others who is there (an empty
+            # payload), instead of waiting for the clients' renewals (15 s).
+            async with self._store.redis.pipeline(transaction=False) as pipe:
+                for channel in add:
+                    pipe.publish(channel, self.origin)
+                await pipe.execute()
         if drop:
             await self._pubsub.unsubscribe(*drop)
             self._subscribed -= drop
@@ -1041,6 +1152,9 @@ class RedisPresence:
         await self._reset()
         with contextlib.suppress(Exception):
             await self._redis.aclose()
+
+
+_STREAMISH = ("stream", "none")  # what a document's log key may be
 
 
 def _text(value: Any) -> str:
@@ -1063,6 +1177,13 @@ def _entry(fields: Mapping[bytes, bytes]) -> tuple[int | None, bytes | None]:
     except ValueError:
         n = None
     return (n if n is not None and n > 0 else None), update
+
+
+def _position_arg(expected: int | ClientsAsRead | None) -> int | str:
+    """The position an append script checks ("" for none)."""
+    if isinstance(expected, ClientsAsRead):
+        return "" if expected.position is None else expected.position
+    return "" if expected is None else expected
 
 
 def _condition_args(expected: int | ClientsAsRead | None) -> list[Any]:

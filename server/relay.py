@@ -48,6 +48,7 @@ from crdtsync.backend import Entry, Follower, Gap, RelayStore
 from crdtsync.errors import (
     AccessDenied,
     CloseCode,
+    DocumentsFailed,
     InvalidDocumentName,
     MalformedMessage,
     PositionConflict,
@@ -56,7 +57,7 @@ from crdtsync.errors import (
     TokenRefused,
     close_reason,
 )
-from crdtsync.integrity import ClientsAsRead, Comparison, Ledger, Lookup, Writer
+from crdtsync.integrity import ClientsAsRead, Comparison, Ledger, Lookup, Writer, compare_stored
 from crdtsync.limits import Strikes, TokenBucket
 from crdtsync.protocol import (
     AwarenessEntry,
@@ -144,6 +145,9 @@ AUTHORIZE_TIMEOUT_S = 10.0  # an authorize or revoked hook that takes longer fai
 COMMIT_ATTEMPTS = 8
 COMMIT_RETRY_S = 0.002  # the first wait before judging again (doubled, with jitter)
 MAX_COMMIT_ITEMS = 4096  # items one append to a shared store carries at most
+# A repeat of at least this many stored clocks is compared in the work process (shared store).
+OFFLOAD_REPEAT_UNITS = 10_000
+MAX_QUEUED_ITEMS = 100_000  # items waiting for the shared store; beyond, writers get 1013
 STALE = -1  # a cached ledger's position when it no longer describes one (never matches)
 FOLLOW_READ_S = 1.0  # the follower's longest wait (it checks the store's health as often)
 FOLLOW_BACKOFF_S = (0.1, 5.0)  # first and longest wait after the follower failed
@@ -928,8 +932,7 @@ class Relay:
             # (Its size and tail length are learnt from its first read.)
             room = self.rooms[document] = Room(document)
             if self._presence is not None:
-                self._presence.add(document)
-                self._say_presence(document, b"")  # who is here? (the others answer)
+                self._presence.add(document)  # (which asks the others who is here)
         # Join the fan-out before reading the store: no update slips between the two.
         room.peers.add(peer)
         loop = asyncio.get_running_loop()
@@ -1856,7 +1859,8 @@ class Relay:
         batch: list[_Pending],
         ledgers: dict[str, Ledger],
         loaded: dict[str, list[bytes]] | None = None,
-        conditions: dict[str, dict[int, tuple[bytes | None, str | None]] | None] | None = None,
+        conditions: dict[str, dict[int, tuple[bytes | None, str | None]]] | None = None,
+        positional: set[str] | None = None,
     ) -> None:
         """Apply the integrity rule to one turn's updates, in order (crdtsync.integrity).
 
@@ -1885,8 +1889,7 @@ class Relay:
                 if conditions is not None:
                     # A claim reads (and writes) only the claimed ids' entries.
                     read = conditions.setdefault(name, {})
-                    if read is not None:
-                        read.update(claimed.as_read(c for c in item.claim if c not in read))
+                    read.update(claimed.as_read(c for c in item.claim if c not in read))
                 claimed.claim(item.claim, item.writer or _ANONYMOUS)
                 continue
             if item.update is None or info is None:
@@ -1907,19 +1910,21 @@ class Relay:
                 # accepts does not fit (a refused update never reaches the ledger).
                 backup = copy.deepcopy(ledger)
             if conditions is not None:
+                # The judgement reads these clients' entries, their claims (which change
+                # with their ranges) and their stored clocks (which exist once their
+                # ranges say so): an append conditional on the entries holds it all.
                 read = conditions.setdefault(name, {})
-                if read is not None:
-                    read.update(ledger.as_read(c for c in info.starts if c not in read))
+                read.update(ledger.as_read(c for c in info.starts if c not in read))
+                if info.parents and positional is not None:
+                    # Parents are judged on their clients' entries too, and on the
+                    # types, which only an append of content adds: the position as well
+                    # (a claim of ids moves no position: their entries catch it).
+                    parents = {p[2] for p in info.parents}
+                    read.update(ledger.as_read(c for c in parents if c not in read))
+                    positional.add(name)
             if not info.parents and not info.holes and ledger.append_only(info, writer):
                 pass  # the fast path: appended after what is stored, as it is
             else:
-                if conditions is not None and info.parents:
-                    # Parents are judged on other clients' entries and on the types:
-                    # the whole document must be as read. (Without them, the full
-                    # judgement reads only these clients' entries, their claims (which
-                    # change with their ranges) and their stored clocks (which exist
-                    # once their ranges say so): the clients' condition holds it.)
-                    conditions[name] = None
                 self._judge_one(item, ledger, writer, batch, i, loaded, accepted)
             if item.update is None:
                 continue
@@ -2390,12 +2395,13 @@ class Relay:
             self._positions[name] = STALE
         return True
 
-    def _deliver_foreign(self, name: str, updates: list[bytes]) -> None:
+    def _deliver_foreign(self, name: str, updates: list[bytes], *, count: bool = True) -> None:
         room = self.rooms.get(name)
         if room is None or not updates:
             return
-        room.appended += len(updates)
-        room.stored_bytes += sum(map(len, updates))
+        if count:
+            room.appended += len(updates)
+            room.stored_bytes += sum(map(len, updates))
         frames = self._frames(updates)
         live = [p for p in room.peers if not p.closing]
         for frame in frames:
@@ -2445,7 +2451,8 @@ class Relay:
                     continue  # lost track again while reading: read again
                 if read.merged is not None and self.rooms.get(name) is room:
                     self._resyncing.discard(name)  # what comes next is live again
-                    self._deliver_foreign(name, [read.merged])
+                    # (Not counted as appended: the read measured the document.)
+                    self._deliver_foreign(name, [read.merged], count=False)
                     for peer in room.peers:
                         if peer.closing or not peer.engaged:
                             continue
@@ -2515,6 +2522,11 @@ class Relay:
         """Turns wait for the append before them: one append to the shared store at a time
         (what comes meanwhile goes in the next, together), so each document's order, and
         its acknowledgements', is the order received."""
+        batch = [item for item in batch if not item.peer.closing]
+        if len(self._queue) + len(batch) > MAX_QUEUED_ITEMS:
+            # The store does not keep up (or hangs): refuse rather than hold without end.
+            self._commit_failed(batch, {}, StoreError("the store is not keeping up; try again"))
+            return
         for item in batch:
             item.original = item.update
         self._queue.extend(batch)
@@ -2530,7 +2542,11 @@ class Relay:
                     await self._commit_shared(batch)
                 except Exception:
                     log.exception("bug committing to the shared store")
+                    for name in {item.peer.document for item in batch}:
+                        self._ledgers.pop(name, None)  # (judged, maybe not stored)
+                        self._positions.pop(name, None)
                     for peer in {item.peer for item in batch}:
+                        peer.closing = True
                         self._close_later(peer.ws, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self._committer = None
@@ -2538,15 +2554,17 @@ class Relay:
     async def _commit_shared(self, batch: list[_Pending]) -> None:
         """Judge and append one batch to the shared store, then fan out and acknowledge.
 
-        Each document's append is conditional on the position its ledger describes: if
-        another process appended to it first, what it wrote is read and this batch's
-        updates of it are judged again (the first committed write wins, as on one
-        process)."""
+        Each document's append is conditional on what its judgement read: the ledger
+        entries of the client ids it judged (:class:`ClientsAsRead`) and, when an update
+        names parents, also the position the ledger describes. If another process changed
+        that first, the ledger is read again and this batch's updates of the document
+        are judged again (the first committed write wins, as on one process)."""
         backend = self.backend
         assert backend is not None
         if self._store_refused:
             self._commit_failed(batch, {}, StoreError(self._store_refused))
             return
+        batch = [item for item in batch if not item.peer.closing]  # (failed earlier)
         docs = {item.peer.document for item in batch}
         self._in_flight = docs
         needs_content: set[str] = set()
@@ -2555,7 +2573,8 @@ class Relay:
             while attempt < COMMIT_ATTEMPTS and restarts <= len(docs):
                 ledgers: dict[str, Ledger] = {}
                 expected: dict[str, int | ClientsAsRead] | None = None
-                conditions: dict[str, dict[int, tuple[bytes | None, str | None]] | None] = {}
+                conditions: dict[str, dict[int, tuple[bytes | None, str | None]]] = {}
+                positional: set[str] = set()
                 try:
                     if self.settings.integrity:
                         judged = sorted(
@@ -2581,8 +2600,9 @@ class Relay:
                         )
                         contents = await asyncio.gather(*map(backend.load, sorted(needs_content)))
                         loaded = {c.name: c.all_updates() for c in contents}
+                        await self._compare_ahead(batch, ledgers, loaded)
                         try:
-                            self._judge(batch, ledgers, loaded, conditions)
+                            self._judge(batch, ledgers, loaded, conditions, positional)
                         except _NeedsContent as exc:
                             # Judged against a store read now, from the start (rare: a
                             # repeat of stored content, a parent not known as a type).
@@ -2592,11 +2612,12 @@ class Relay:
                             restarts += 1  # (at most once per document: not an attempt)
                             continue
                         # Appended only if what the judgement read still holds: the
-                        # clients' entries, or the whole document's position.
+                        # clients' entries (and the position, for parents).
                         expected = {
-                            name: position
-                            if (read := conditions.get(name)) is None
-                            else ClientsAsRead(read)
+                            name: ClientsAsRead(
+                                conditions.get(name, {}),
+                                position if name in positional else None,
+                            )
                             for name, position in positions_read.items()
                         }
                     else:
@@ -2607,15 +2628,24 @@ class Relay:
                     positions = await backend.append(rows, ledgers, expected)
                     self.metrics.commit_seconds.observe(time.perf_counter() - started)
                 except PositionConflict as exc:
+                    failed = exc.failed if isinstance(exc, DocumentsFailed) else {}
                     moved = set(exc.positions)
-                    done = [item for item in batch if item.peer.document not in moved]
-                    kept = [item for item in stored if item.peer.document not in moved]
-                    self._appended(rows, exc.appended, ledgers, moved)
+                    out = moved | set(failed)
+                    done = [item for item in batch if item.peer.document not in out]
+                    kept = [item for item in stored if item.peer.document not in out]
+                    self._appended(rows, exc.appended, ledgers, out)
                     self._committed(
-                        done, kept, {n: lg for n, lg in ledgers.items() if n not in moved}
+                        done, kept, {n: lg for n, lg in ledgers.items() if n not in out}
                     )
-                    self._forget_ledgers({n: ledgers[n] for n in moved if n in ledgers})
+                    self._forget_ledgers({n: ledgers[n] for n in out if n in ledgers})
+                    if failed:
+                        # A document that failed on its own fails alone (its writers get
+                        # 1013 and resend); the others went on.
+                        broken = [item for item in batch if item.peer.document in failed]
+                        self._commit_failed(broken, {}, StoreError(next(iter(failed.values()))))
                     batch = [item for item in batch if item.peer.document in moved]
+                    if not batch:
+                        return
                     _reset(batch)
                     # Another process keeps appending: judge again a little later, at a
                     # random moment (two processes retrying in step would keep colliding).
@@ -2644,6 +2674,35 @@ class Relay:
             waiting, self._entries_waiting = self._entries_waiting, {}
             if waiting:
                 self._on_followed([e for entries in waiting.values() for e in entries])
+
+    async def _compare_ahead(
+        self, batch: list[_Pending], ledgers: dict[str, Ledger], loaded: dict[str, list[bytes]]
+    ) -> None:
+        """Compare large repeats with the stored content in the work process, as the SQLite
+        path does at dispatch (its work process reads the file; here the content read
+        for the judgement is sent): walking a resent document costs ~3 us per clock in
+        Python, which on the loop stalled every room. Charged to the sender's share."""
+        for item in batch:
+            info, name = item.info, item.peer.document
+            if info is None or item.update is None or item.comparison is not None:
+                continue
+            if name not in loaded:
+                continue
+            lookup = ledgers[name].lookup(info)
+            repeated = sum(hi - lo for rs in lookup.needed.values() for lo, hi in rs)
+            if repeated < OFFLOAD_REPEAT_UNITS and not lookup.parents:
+                continue
+            async with self._comparing:
+                started = time.monotonic()
+                self.stats["comparisons_in_worker"] += 1
+                try:
+                    item.comparison = await self._off_loop(
+                        compare_stored, item.update, lookup, loaded[name], ledgers[name].ends()
+                    )
+                except ConnectionClosedByStop:
+                    return  # (judged on the loop: the relay is stopping)
+                now = time.monotonic()
+                item.peer.budget.work.take(now, now - started)
 
     async def _judged_ledger(self, name: str) -> tuple[Ledger, int]:
         """A ledger to judge ``name``'s updates with, and the position it describes."""

@@ -7,6 +7,11 @@ import asyncio
 import contextlib
 import hashlib
 import itertools
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -729,3 +734,157 @@ async def test_a_trace_written_through_relay_1_arrives_exactly_on_relays_2_and_3
         assert hashlib.sha256(str(text_r).encode()).hexdigest() == want
     late_text = await read_text(relays[2].url, name)
     assert hashlib.sha256(late_text.encode()).hexdigest() == want
+
+
+# -- Redis failures, as an operator sees them ---------------------------------------------
+
+
+def readyz(relay: RelayProcess) -> int:
+    url = relay.url.replace("ws://", "http://", 1) + "/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+async def test_readyz_says_503_while_redis_is_down_and_a_relay_started_then_waits_for_it(
+    tmp_path: Path, redis_server: RedisServer, relays: list[RelayProcess]
+) -> None:
+    async with Replica(tmp_path / "w.db", relays[0].url) as writer:
+        doc = await writer.open("outage")
+        await type_into(doc, ["before "])
+        await writer.wait_synced("outage", timeout=timeout_s(10))
+        assert [readyz(r) for r in relays] == [200, 200, 200]
+        redis_server.kill()
+        await eventually(
+            lambda: all(readyz(r) == 503 for r in relays), timeout=15, what="503 everywhere"
+        )
+        # A relay (re)started while Redis is down serves, unready, and waits for Redis.
+        relays[2].restart()
+        assert readyz(relays[2]) == 503
+        await type_into(doc, ["during "])  # pending in the replica's file meanwhile
+        await asyncio.to_thread(redis_server.start)
+        await eventually(
+            lambda: all(readyz(r) == 200 for r in relays), timeout=30, what="200 everywhere"
+        )
+        await writer.wait_synced("outage", timeout=timeout_s(30))
+    assert await read_text(relays[2].url, "outage") == "before during "
+
+
+def test_a_relay_refuses_a_redis_that_evicts_keys(tmp_path: Path) -> None:
+    with RedisServer(tmp_path / "lru", extra=["--maxmemory-policy", "allkeys-lru"]) as server:
+        proc = subprocess.run(
+            [sys.executable, "-m", "crdtsync", "relay", "--port", "0", "--store", server.url],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s(30),
+            cwd=tmp_path,
+        )
+    assert proc.returncode == 1
+    assert "maxmemory-policy allkeys-lru" in proc.stderr
+    assert "use noeviction" in proc.stderr
+
+
+async def test_a_claimed_id_cannot_be_taken_through_another_relay_by_naming_a_parent(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    """A claim writes the ledger without moving the document's position: an update naming
+    a parent, judged on another relay's older ledger, passed a position-only condition and
+    took the claimed id over (a reviewer's finding)."""
+    from test_integrity import STRING, block, in_parent, in_root, update_of, vs
+
+    name = "claimed"
+    attacker_url = f"{relays[0].url}/{name}"
+    async with connect(attacker_url) as ws:
+        # The attacker's room on relay 1 caches the ledger and its position.
+        await ws.send(SyncStep1(b"\x00").encode())
+        await ws.send(SyncUpdate(update_of(block(777, 0, in_root(STRING, vs("hi"))))).encode())
+        await asyncio.sleep(0.5)
+        async with Replica(tmp_path / "victim.db", relays[1].url) as victim:
+            doc = await victim.open(name)
+            await eventually(lambda: victim.status(name).synced, timeout=10)
+            await asyncio.sleep(0.5)  # (its claim of its id is recorded through relay 2)
+            c = doc.client_id
+            evil = update_of(block(c, 5, in_parent(STRING, (c, 0), vs("evil"))))
+            await ws.send(SyncUpdate(evil).encode())
+            denied: list[str] = []
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    while not denied:
+                        msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+                        if isinstance(msg, PermissionDenied):
+                            denied.append(msg.reason)
+            assert denied, "the update at the claimed id was stored"
+            assert f"client {c}" in denied[0]
+            # The victim's own first edit is stored as usual.
+            doc.get("text", type=Text).insert(0, "mine")
+            await victim.wait_synced(name, timeout=timeout_s(10))
+            assert victim.status(name).refused == 0
+
+
+def relay_health(relay: RelayProcess) -> dict[str, Any]:
+    url = relay.url.replace("ws://", "http://", 1) + "/healthz?verbose=1"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
+
+
+async def test_resent_documents_are_compared_off_the_loop_and_rewrites_refused(
+    tmp_path: Path, relays: list[RelayProcess]
+) -> None:
+    """A stock client resending a whole document (each of its reconnects does): compared in
+    the work process with the content read from Redis, not on the loop (a reviewer's
+    finding); a rewrite is refused; a replica on another relay is served meanwhile."""
+    name = "resent"
+    author: Doc[Any] = Doc(client_id=4242)
+    text = author.get("text", type=Text)
+    async with connect(f"{relays[0].url}/{name}", max_size=2**27) as ws:
+        await ws.send(SyncStep1(b"\x00").encode())
+        for i in range(200):
+            before = author.get_state()
+            text.insert(len(text), f"line {i} " + "y" * 500 + "\n")
+            await ws.send(SyncUpdate(author.get_update(before)).encode())
+        whole = author.get_update()
+        async with Replica(tmp_path / "same.db", relays[1].url) as same:
+            doc = await same.open(name)
+            await eventually(lambda: len(doc.get("text", type=Text)) == len(text), timeout=20)
+            for _ in range(5):
+                await ws.send(SyncUpdate(whole).encode())
+            forger: Doc[Any] = Doc(client_id=4242)
+            forger.get("text", type=Text).insert(0, "z" * len(text))
+            await ws.send(SyncUpdate(forger.get_update()).encode())
+            await eventually(lambda: relay_health(relays[0])["updates_refused"] == 1, timeout=60)
+            await type_into(doc, ["!"])
+            await same.wait_synced(name, timeout=timeout_s(20))
+            assert str(doc.get("text", type=Text)) == str(text) + "!"
+    assert relay_health(relays[0])["comparisons_in_worker"] >= 5
+
+
+async def test_a_document_whose_keys_are_damaged_fails_alone(
+    tmp_path: Path, redis_server: RedisServer, relays: list[RelayProcess]
+) -> None:
+    """A key of the wrong type in one document failed every writer of the same append."""
+    client = redis_sync.Redis.from_url(redis_server.url)
+    try:
+        client.set("crdtsync:{broken}:log", "not a stream")
+    finally:
+        client.close()
+    async with (
+        Replica(tmp_path / "w.db", relays[0].url) as writer,
+        Replica(tmp_path / "r.db", relays[1].url) as reader,
+    ):
+        # The reader's relay follows both documents: one XREAD over both logs fails on the
+        # broken one; the fine one's fan-out must go on.
+        await reader.open("broken")
+        seen = await reader.open("fine")
+        broken, fine = await writer.open("broken"), await writer.open("fine")
+        for k in range(20):  # the two documents' updates share appends
+            broken.get("text", type=Text).insert(0, f"b{k}")
+            fine.get("text", type=Text).insert(0, f"f{k}")
+            await asyncio.sleep(0.01)
+        await writer.wait_synced("fine", timeout=timeout_s(20))
+        assert writer.pending("broken") > 0
+        await eventually(lambda: text_of(seen) == text_of(fine), timeout=15, what="fan-out")
+        await asyncio.sleep(1.5)  # (the followers' once-a-second look included)
+        assert readyz(relays[0]) == readyz(relays[1]) == 200  # not an unready relay
