@@ -579,8 +579,8 @@ class RedisStore:
         pos: bytes | None,
         snap_pos: bytes | None,
     ) -> DocumentLog:
-        position = int(pos or 0)
-        covered = int(snap_pos or 0)
+        position = self._number(document, "pos", pos)
+        covered = self._number(document, "snap_pos", snap_pos)
         snapshot = None
         if chunks:
             try:
@@ -611,7 +611,7 @@ class RedisStore:
                 fields, pos = await pipe.execute()
         except RedisError as exc:
             raise self._error(f"reading the ledger of {document!r}", exc) from exc
-        position = int(pos or 0)
+        position = self._number(document, "pos", pos)
         if fields.get(b"k"):
             return _ledger_of(fields), position
         # Content stored without a ledger (written with integrity off): built once.
@@ -630,9 +630,23 @@ class RedisStore:
     async def position(self, document: str) -> int:
         """The position ``document`` reached (0: nothing stored)."""
         try:
-            return int(await self.redis.hget(self.keys(document).meta, "pos") or 0)
+            raw = await self.redis.hget(self.keys(document).meta, "pos")
         except RedisError as exc:
             raise self._error(f"reading {document!r}", exc) from exc
+        return self._number(document, "pos", raw)
+
+    def _number(self, document: str, field: str, raw: Any) -> int:
+        """A counter of ``document``'s meta hash (0 when absent).
+
+        Raises:
+            StoreError: it is not a number (the key was damaged).
+        """
+        try:
+            return int(raw or 0)
+        except ValueError:
+            raise StoreError(
+                f"store {self._where}: {document!r} has a damaged {field}: {_text(raw)[:40]!r}"
+            ) from None
 
     async def size(self, document: str) -> tuple[int, int]:
         """``(tail updates, bytes stored)`` of ``document``, from its counters."""
@@ -642,7 +656,10 @@ class RedisStore:
             )
         except RedisError as exc:
             raise self._error(f"reading {document!r}", exc) from exc
-        return int(n or 0), int(tail or 0) + int(snap or 0)
+        tail_bytes = self._number(document, "tail_bytes", tail)
+        return self._number(document, "tail_n", n), tail_bytes + self._number(
+            document, "snap_bytes", snap
+        )
 
     def follow(self) -> RedisFollower:
         """A follower of no document yet, on a connection of its own."""
