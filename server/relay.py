@@ -147,7 +147,13 @@ COMMIT_RETRY_S = 0.002  # the first wait before judging again (doubled, with jit
 MAX_COMMIT_ITEMS = 4096  # items one append to a shared store carries at most
 # A repeat of at least this many stored clocks is compared in the work process (shared store).
 OFFLOAD_REPEAT_UNITS = 10_000
-MAX_QUEUED_ITEMS = 100_000  # items waiting for the shared store; beyond, writers get 1013
+# Items waiting for the shared store: from HIGH on, connections are not read until it is
+# down to LOW (their senders slow down through TCP), for STORE_WAIT_S at most; beyond
+# MAX (many connections at once), writers get 1013.
+QUEUE_HIGH_ITEMS = 16_384
+QUEUE_LOW_ITEMS = 4_096
+STORE_WAIT_S = 30.0
+MAX_QUEUED_ITEMS = 200_000
 STALE = -1  # a cached ledger's position when it no longer describes one (never matches)
 FOLLOW_READ_S = 1.0  # the follower's longest wait (it checks the store's health as often)
 FOLLOW_BACKOFF_S = (0.1, 5.0)  # first and longest wait after the follower failed
@@ -459,6 +465,8 @@ class Relay:
         self._store_failing = False  # the last append to the shared store failed (/readyz)
         self._store_refused = ""  # why the shared store is not used (yet), for /readyz
         self._queue: list[_Pending] = []  # turns waiting for the shared store's append
+        self._queue_room = asyncio.Event()  # the queue is below QUEUE_HIGH_ITEMS
+        self._queue_room.set()
         self._committer: asyncio.Task[None] | None = None
         self._in_flight: set[str] = set()  # documents of the append under way
         # Entries of those documents the follower read meanwhile: looked at after the
@@ -981,6 +989,10 @@ class Relay:
                 delay = await self._dispatch(peer, room)
                 if session.failure is not None:
                     break
+                if not self._queue_room.is_set():
+                    # The shared store is behind: stop reading writers (TCP slows them)
+                    # until it caught up; a store that does not is unavailable (1013).
+                    await self._wait_for_store(peer)
                 if peer.engaged and sync_timer is not None:
                     sync_timer.cancel()
                     sync_timer = None
@@ -2530,6 +2542,8 @@ class Relay:
         for item in batch:
             item.original = item.update
         self._queue.extend(batch)
+        if len(self._queue) >= QUEUE_HIGH_ITEMS:
+            self._queue_room.clear()
         if self._committer is None:
             self._committer = asyncio.get_running_loop().create_task(self._commit_queue())
 
@@ -2538,6 +2552,8 @@ class Relay:
             while self._queue:
                 batch = self._queue[:MAX_COMMIT_ITEMS]
                 del self._queue[:MAX_COMMIT_ITEMS]
+                if len(self._queue) <= QUEUE_LOW_ITEMS:
+                    self._queue_room.set()
                 try:
                     await self._commit_shared(batch)
                 except Exception:
@@ -2550,6 +2566,19 @@ class Relay:
                         self._close_later(peer.ws, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self._committer = None
+            self._queue_room.set()
+
+    async def _wait_for_store(self, peer: Peer) -> None:
+        """Wait until the shared store's queue has room again.
+
+        Raises:
+            StoreError: it did not within ``STORE_WAIT_S`` (the connection gets 1013).
+        """
+        try:
+            async with asyncio.timeout(STORE_WAIT_S):
+                await self._queue_room.wait()
+        except TimeoutError:
+            raise StoreError(f"the store did not keep up for {STORE_WAIT_S:g} s") from None
 
     async def _commit_shared(self, batch: list[_Pending]) -> None:
         """Judge and append one batch to the shared store, then fan out and acknowledge.
