@@ -45,6 +45,7 @@ from websockets.http11 import Request, Response
 
 from crdtsync.auth import Rights, TokenClaims, TokenVerifier, token_from_request
 from crdtsync.backend import Entry, Follower, Gap, RelayStore
+from crdtsync.backoff import Backoff
 from crdtsync.errors import (
     AccessDenied,
     CloseCode,
@@ -2176,10 +2177,9 @@ class Relay:
         )
 
     async def _await_shared_store(self, backend: RedisStore) -> None:
-        backoff = FOLLOW_BACKOFF_S[0]
+        delays = Backoff(*FOLLOW_BACKOFF_S)
         while not self._stopping:
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+            await asyncio.sleep(delays.next_delay())
             try:
                 await self._check_shared_store(backend)
             except StoreUnreachable:
@@ -2214,7 +2214,7 @@ class Relay:
         rooms, for as long as the relay runs: a failed read is retried with backoff, a
         follower that breaks is replaced (yhub#62), and one document's bad entry never
         stops the others (yhub#61: the follower skips it)."""
-        backoff = FOLLOW_BACKOFF_S[0]
+        delays = Backoff(*FOLLOW_BACKOFF_S)
         while not self._stopping:
             follower = self._follower
             assert follower is not None
@@ -2226,21 +2226,19 @@ class Relay:
                 self._follow_failures += 1
                 if self._follow_failures == 1:
                     log.error("store follower: %s", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+                await asyncio.sleep(delays.next_delay())
                 continue
             except Exception:
                 self._follow_failures += 1
                 log.exception("store follower broke; starting a new one")
                 await self._replace_follower()
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+                await asyncio.sleep(delays.next_delay())
                 continue
             if self._follow_failures:
                 log.info("store follower reads again after %d failures", self._follow_failures)
             self._follow_failures = 0
             self._store_failing = False
-            backoff = FOLLOW_BACKOFF_S[0]
+            delays.reset()
             try:
                 self._on_followed(found)
             except Exception:
@@ -2282,7 +2280,7 @@ class Relay:
     async def _hear_presence(self) -> None:
         """Relay what other processes' peers say to this process's peers, for as long as
         the relay runs (restarted with backoff when Redis fails)."""
-        backoff = FOLLOW_BACKOFF_S[0]
+        delays = Backoff(*FOLLOW_BACKOFF_S)
         while not self._stopping:
             presence = self._presence
             assert presence is not None
@@ -2294,11 +2292,10 @@ class Relay:
                 self._presence_failures += 1
                 if self._presence_failures == 1:
                     log.error("presence reader: %s", exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+                await asyncio.sleep(delays.next_delay())
                 continue
             self._presence_failures = 0
-            backoff = FOLLOW_BACKOFF_S[0]
+            delays.reset()
             now = time.monotonic()
             for name, payload in heard:
                 try:
@@ -2438,7 +2435,7 @@ class Relay:
         task.add_done_callback(self._background.discard)
 
     async def _resync(self, name: str) -> None:
-        backoff = FOLLOW_BACKOFF_S[0]
+        delays = Backoff(*FOLLOW_BACKOFF_S)
         try:
             while not self._stopping:
                 room = self.rooms.get(name)
@@ -2456,8 +2453,7 @@ class Relay:
                     read = await self._fresh_read(room)
                 except StoreError as exc:
                     log.error("store error resyncing a room: %s", exc, extra={"document": name})
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, FOLLOW_BACKOFF_S[1])
+                    await asyncio.sleep(delays.next_delay())
                     continue
                 if name in self._resync_again:
                     continue  # lost track again while reading: read again
