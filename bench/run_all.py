@@ -26,6 +26,7 @@ SCENARIOS = {
     "fanout": ("fanout.py", 900),
     "memory": ("memory.py", 1200),
     "replica": ("replica.py", 1200),
+    "folders": ("folders.py", 1800),
 }
 
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             script, timeout_s = SCENARIOS[name]
             out = Path(tmp) / f"{name}.md"
             cmd = [sys.executable, str(common.BENCH_DIR / script), "--markdown-out", str(out)]
-            if name != "replica":
+            if name not in ("replica", "folders"):
                 cmd += ["--servers", args.servers]
             if name == "trace" and args.profile:
                 cmd.append("--profile")

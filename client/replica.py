@@ -22,30 +22,59 @@ import os
 import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pycrdt import Awareness, Doc, Subscription, TransactionEvent, get_update
+from pycrdt import Awareness, Doc, Subscription, TransactionEvent, get_state, get_update
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
 from crdtsync.errors import (
     AcknowledgementsUnsupported,
+    CloseCode,
+    FoldersUnsupported,
+    InvalidDocumentName,
     MalformedMessage,
     Retry,
     StoreError,
     SyncTimeout,
+    close_reason,
     retry_after_close,
 )
+from crdtsync.folders import Cursor, document_digest, validate_prefix
 from crdtsync.integrity import KEY_OWNER, Ledger, Writer, client_id_of_key
 from crdtsync.limits import TokenBucket
-from crdtsync.protocol import CLIENT_KEY_BYTES, decode_state_vector, encode_state_vector
+from crdtsync.protocol import (
+    CLIENT_KEY_BYTES,
+    MUX_VERSION,
+    ExtChanged,
+    ExtChannel,
+    ExtClose,
+    ExtDigests,
+    ExtHello,
+    ExtOpen,
+    ExtSubscribe,
+    ExtType,
+    ExtUnsubscribe,
+    MessageType,
+    channel_header,
+    decode_message,
+    decode_state_vector,
+    encode_state_vector,
+    read_var_uint,
+)
 from crdtsync.settings import validate_document_name
-from crdtsync.store import EMPTY_UPDATE, QuarantinedUpdate, Synchronous, UpdateLog
+from crdtsync.store import (
+    EMPTY_UPDATE,
+    QuarantinedUpdate,
+    Synchronous,
+    UpdateLog,
+    merge_in_batches,
+)
 from crdtsync.sync import (
     MAX_CLAIMED_CLIENTS,
     Acknowledged,
@@ -63,11 +92,14 @@ from crdtsync.updates import UpdateInfo, check_update
 
 from .backoff import Backoff
 
-__all__ = ["DocumentStatus", "Replica", "ThreadSafeDoc", "TokenSource"]
+__all__ = ["DocumentStatus", "FolderStatus", "Replica", "ThreadSafeDoc", "TokenSource"]
 
 log = logging.getLogger("crdtsync.replica")
 
 EXTENSION_QUERY = "crdtsync=1"
+MUX_QUERY = "mux=1"  # with EXTENSION_QUERY on "/": one connection for every document
+MAX_STORED_SYNCS = 64  # kept documents the app has not opened, synced at once
+DIGEST_BATCH = 512  # documents described per digest message
 AWARENESS_TIMEOUT_S = 30.0  # y-protocols: a state not renewed for 30 s is gone
 MAX_RECLAIMS = 8  # per connection: claims resent after "not proven" refusals
 MAX_HELD_UPDATES = 256  # remote updates kept aside while a gap before them is open
@@ -136,6 +168,8 @@ class DocumentStatus:
             broken the document, kept aside instead of applied (see
             :meth:`Replica.quarantined`).
         refused: local updates the relay refused to store (they stay pending).
+        stopped: the replica gave up syncing this document (the relay refused it in a way
+            that retrying cannot change, e.g. its name; ``last_error`` says why).
     """
 
     connected: bool
@@ -145,12 +179,20 @@ class DocumentStatus:
     last_error: str | None
     quarantined: int = 0
     refused: int = 0
+    stopped: bool = False
 
 
 @dataclass(eq=False)
 class _Connection:
+    """One document's link to the relay: a connection of its own, or a channel of the
+    multiplexed one (``channel`` set: its frames go through ``mux``)."""
+
     ws: ClientConnection
     session: SyncSession
+    channel: int | None = None
+    mux: _Mux | None = None
+    closed: bool = False  # (a channel) closed: nothing more is sent on it
+    keeper: asyncio.Task[None] | None = None  # (a channel) renews its presence
     acks: bool | None = None  # decided by the relay's first message
     next_key: int = 1
     in_flight: dict[int, list[int]] = field(default_factory=dict)  # key -> local seqs
@@ -166,6 +208,78 @@ class _Connection:
     deferred_request: bytes | None = None
     deferred_resync: bool = False
     reclaims: int = 0  # claims sent again after a refusal for want of them
+
+
+@dataclass(eq=False)
+class _Mux:
+    """The multiplexed connection: documents as channels, folders kept (issue 11)."""
+
+    ws: ClientConnection
+    outbox: deque[bytes] = field(default_factory=deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    next_channel: int = 1
+    channels: dict[int, tuple[_Document, _Connection]] = field(default_factory=dict)
+    next_folder: int = 1
+    folders: dict[int, _KeptFolder] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _KeptFolder:
+    """A folder kept in sync: its cursor (in the file) and what its announcements named
+    that is not yet synced here, in order (the cursor passes an announcement once all
+    of it is)."""
+
+    prefix: str
+    cursor: Cursor
+    number: int | None = None  # on the current connection
+    caught_up: bool = False
+    batches: deque[tuple[Cursor | None, set[str]]] = field(default_factory=deque)
+    digests: asyncio.Task[None] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FolderStatus:
+    """What a replica knows about a kept folder.
+
+    Attributes:
+        subscribed: the relay is announcing the folder's changes to this replica.
+        caught_up: the relay listed everything that changed while this replica was away.
+        to_sync: documents announced and not yet synced here.
+        pending: local transactions in the folder not yet acknowledged.
+        error: why the folder is not kept in sync, if it is not.
+    """
+
+    subscribed: bool
+    caught_up: bool
+    to_sync: int
+    pending: int
+    error: str | None
+
+
+class _StoredDoc:
+    """A kept document the app has not opened, as the sync logic sees a ``Doc``: its
+    stored updates, merged when asked (no ``Doc`` is built; issue 11)."""
+
+    client_id = -1  # no client of this replica writes through it
+
+    def __init__(self, updates: list[bytes]) -> None:
+        self._parts = [u for u in updates if u]
+
+    def _update(self) -> bytes:
+        if len(self._parts) > 1:
+            self._parts = [merge_in_batches(self._parts)]
+        return self._parts[0] if self._parts else EMPTY_UPDATE
+
+    def get_state(self) -> bytes:
+        return get_state(self._update())
+
+    def get_update(self, state: bytes | None = None) -> bytes:
+        update = self._update()
+        return update if state is None else get_update(update, state)
+
+    def apply_update(self, update: bytes) -> None:
+        self._parts.append(update)
 
 
 @dataclass(eq=False)
@@ -200,6 +314,7 @@ class _Document:
     # Remote updates that start after a gap, kept until it is filled (at most
     # MAX_HELD_UPDATES; the relay's answer to a step 1 brings whatever is dropped).
     held: list[tuple[bytes, UpdateInfo]] = field(default_factory=list)
+    backoff: Backoff | None = None  # (a channel) reopening after the relay closed it
 
 
 class Replica:
@@ -252,6 +367,7 @@ class Replica:
         max_update_bytes: int = 16 * 1024 * 1024,
         max_update_clients: int = 100_000,
         max_update_structs: int = 10_000_000,
+        multiplex: bool = True,
     ) -> None:
         if relay is not None and not relay.startswith(("ws://", "wss://")):
             raise ValueError(f"relay must be a ws:// or wss:// URL, not {relay!r}")
@@ -282,6 +398,24 @@ class Replica:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self.multiplex = multiplex
+        self.last_error: str | None = None  # of the multiplexed connection
+        self._mux: _Mux | None = None
+        self._mux_task: asyncio.Task[None] | None = None
+        self._mux_supported: bool | None = None  # decided by the relay's first answer
+        self._stopped = False
+        self._kept: dict[str, _KeptFolder] = {}
+        self._stored: dict[str, _Document] = {}  # kept documents synced without a Doc
+        self._stored_queue: deque[str] = deque()
+        self._stored_wanted: set[str] = set()
+        self._reopen: dict[str, asyncio.TimerHandle] = {}
+        self._progress = asyncio.Condition()
+        # The document of the largest frame sent on the multiplexed connection (blamed
+        # when the relay closes it with 1009, message too big).
+        self._too_big: _Document | None = None
+        self._largest_sent = 0
+        # What went over the network (issue 11's benchmarks and tests count it).
+        self.stats: Counter[str] = Counter()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -295,11 +429,34 @@ class Replica:
                 synchronous=self.synchronous,
                 busy_timeout_s=self.store_busy_timeout_s,
             )
+        self._stopped = False
+        for prefix in self.store.kept_folders():
+            await self.keep(prefix)
 
     async def stop(self) -> None:
         """Close every document (local edits are already on disk) and the file."""
+        self._stopped = True
         for name in list(self._docs):
             await self.close(name)
+        task, self._mux_task = self._mux_task, None
+        if task is not None:
+            mux = self._mux
+            if mux is not None:
+                # A normal close (1000) first, as for one document's connection.
+                with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
+                    async with asyncio.timeout(1.0):
+                        await mux.ws.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for name in list(self._stored):
+            self._drop_stored(name)
+        self._flush_remote()
+        for timer in self._reopen.values():
+            timer.cancel()
+        self._reopen.clear()
+        self._mux_supported = None
+        self._kept.clear()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -333,6 +490,10 @@ class Replica:
         if existing is not None:
             return existing.doc
         store = self._store()
+        if name in self._stored:
+            # Synced at the store level until now: a Doc takes over (its own channel's
+            # first sync settles what its folder announced).
+            self._drop_stored(name)
         stored = store.load(name)
         pending = store.pending_count(name)
         # A fresh client id on every open: reusing one after a lost tail of the file
@@ -359,8 +520,7 @@ class Replica:
         d.subscription = doc.observe(lambda event: self._on_transaction(d, event))
         d.awareness = Awareness(doc, outdated_timeout=int(AWARENESS_TIMEOUT_S * 1000))
         d.awareness.observe(lambda topic, change: self._on_awareness_change(d, topic, change))
-        if self.relay is not None:
-            d.task = asyncio.create_task(self._connect_loop(d), name=f"crdtsync:{name}")
+        self._start_sync(d)
         return doc
 
     def _load(
@@ -448,14 +608,20 @@ class Replica:
         ):
             # Tell the room we left, as stock clients do; best effort within a short bound.
             d.awareness.set_local_state(None)
-            with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
-                async with asyncio.timeout(1.0):
-                    for frame in conn.session.data_to_send():
-                        await conn.ws.send(frame)
+            if conn.mux is None:
+                with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
+                    async with asyncio.timeout(1.0):
+                        for frame in conn.session.data_to_send():
+                            await conn.ws.send(frame)
         if d.subscription is not None:
             d.doc.unobserve(d.subscription)
         d.closing = True
-        if conn is not None:
+        timer = self._reopen.pop(name, None)
+        if timer is not None:
+            timer.cancel()
+        if conn is not None and conn.mux is not None:
+            self._end_channel(d, conn, say=True)  # the connection goes on for the others
+        elif conn is not None:
             # A normal close (1000) first: cancelling the task inside websockets'
             # context would end the connection with 1011, which reads as a failure.
             with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
@@ -486,6 +652,10 @@ class Replica:
                 store.compact(d.name, live=d.doc)
         except StoreError as exc:
             log.warning("closing %r: %s", name, exc)
+        if not self._stopped and any(name.startswith(p) for p in self._kept):
+            # A kept document goes on syncing without its Doc: what it still had to send,
+            # and what reached its channel after it closed, are exchanged once more.
+            self._want_stored(name)
 
     def pending(self, name: str) -> int:
         """Local transactions of ``name`` not yet acknowledged as durably stored by the relay.
@@ -509,6 +679,7 @@ class Replica:
             last_error=d.last_error,
             quarantined=d.quarantined,
             refused=d.refused,
+            stopped=d.stop_reconnecting,
         )
 
     def awareness(self, name: str) -> Awareness:
@@ -559,6 +730,9 @@ class Replica:
         async def notify() -> None:
             async with d.changed:
                 d.changed.notify_all()
+            if self._kept:
+                async with self._progress:
+                    self._progress.notify_all()
 
         with contextlib.suppress(RuntimeError):  # no running loop: nobody can be waiting
             asyncio.get_running_loop().create_task(notify())
@@ -656,8 +830,16 @@ class Replica:
         self._queue_frames(conn)
 
     def _queue_frames(self, conn: _Connection) -> None:
-        conn.outbox.extend(conn.session.data_to_send())
-        conn.wake.set()
+        frames = conn.session.data_to_send()
+        mux = conn.mux
+        if mux is None:
+            conn.outbox.extend(frames)
+            conn.wake.set()
+        elif frames and not conn.closed:
+            assert conn.channel is not None
+            header = channel_header(conn.channel)
+            mux.outbox.extend(header + frame for frame in frames)
+            mux.wake.set()
 
     def _schedule_retry(self) -> None:
         if self._retry_handle is not None:
@@ -759,18 +941,19 @@ class Replica:
 
     def _flush_remote(self) -> None:
         self._flush_handle = None
-        items = [(d.name, u) for d in self._docs.values() for u in d.remote_buffer]
+        docs = self._synced_docs()
+        items = [(d.name, u) for d in docs for u in d.remote_buffer]
         if not items:
             return
         try:
             self._store().append_many(items)
         except (StoreError, RuntimeError) as exc:
-            for d in self._docs.values():
+            for d in docs:
                 if d.remote_buffer:
                     d.last_error = f"could not store remote updates: {exc}"
             return
         finally:
-            for d in self._docs.values():
+            for d in docs:
                 d.remote_buffer.clear()
         for d in self._docs.values():
             d.tail += sum(1 for name, _ in items if name == d.name)
@@ -819,6 +1002,7 @@ class Replica:
                     compression=None,
                     ssl=self.ssl_context if self.relay and self.relay.startswith("wss:") else None,
                 ) as ws:
+                    self.stats["connections"] += 1
                     began = time.monotonic()
                     try:
                         await self._run_connection(d, ws)
@@ -865,7 +1049,10 @@ class Replica:
             await conn.wake.wait()
             conn.wake.clear()
             while conn.outbox:
-                await conn.ws.send(conn.outbox.popleft())
+                frame = conn.outbox.popleft()
+                self.stats["messages_out"] += 1
+                self.stats["bytes_out"] += len(frame)
+                await conn.ws.send(frame)
 
     async def _run_connection(self, d: _Document, ws: ClientConnection) -> None:
         session = SyncSession(
@@ -883,6 +1070,8 @@ class Replica:
         keeper = asyncio.create_task(self._keep_awareness(d))
         try:
             async for data in ws:
+                self.stats["messages_in"] += 1
+                self.stats["bytes_in"] += len(data)
                 session.receive_data(data)
                 for event in session.events_received():
                     self._on_event(d, conn, event)
@@ -1076,8 +1265,11 @@ class Replica:
                 self._receive(d, conn, event.update, event.info)
             if event.answer:
                 conn.resyncing = False
+                first = not d.synced
                 d.synced = True
                 self._notify(d)
+                if first and self._kept and d.name not in self._stored:
+                    self._settled(d.name)
         elif isinstance(event, StateRequested):
             conn.relay_state = event.state_vector
             if conn.requests.allow(time.monotonic()):
@@ -1114,6 +1306,647 @@ class Replica:
                 )
         elif isinstance(event, Failed):
             d.last_error = f"relay sent bad data: {event.reason}"
+
+    # -- one multiplexed connection for every document (issue 11) ---------------------------
+
+    def _start_sync(self, d: _Document) -> None:
+        """Sync ``d`` through the relay: a channel of the multiplexed connection, or a
+        connection of its own where the relay has none (the reference server)."""
+        if self.relay is None:
+            return
+        if self.multiplex and self._mux_supported is not False:
+            if self._mux_task is None:
+                self._mux_task = asyncio.get_running_loop().create_task(
+                    self._mux_loop(), name="crdtsync:mux"
+                )
+            elif self._mux is not None:
+                self._open_channel(self._mux, d)
+            return
+        d.task = asyncio.get_running_loop().create_task(
+            self._connect_loop(d), name=f"crdtsync:{d.name}"
+        )
+
+    def _mux_url(self) -> str:
+        params = [EXTENSION_QUERY, MUX_QUERY]
+        params += [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.params.items()]
+        return f"{self.relay}/?{'&'.join(params)}"
+
+    def _synced_docs(self) -> list[_Document]:
+        return [*self._docs.values(), *self._stored.values()]
+
+    def _say_error(self, error: str) -> None:
+        self.last_error = error
+        for d in self._docs.values():
+            d.last_error = error
+            self._notify(d)
+
+    async def _mux_loop(self) -> None:
+        """Keep the multiplexed connection up (backoff, tokens, as one document's loop)."""
+        backoff = self._backoff()
+        while not self._stopped:
+            delay: float | None = None
+            try:
+                headers = self._authorization(await self._token())
+                async with connect(
+                    self._mux_url(),
+                    additional_headers=headers,
+                    max_size=self.max_message_bytes,
+                    open_timeout=self.open_timeout_s,
+                    # (a server without multiplexing may keep talking: no long goodbye)
+                    close_timeout=2.0,
+                    compression=None,
+                    ssl=self.ssl_context if self.relay and self.relay.startswith("wss:") else None,
+                ) as ws:
+                    async with asyncio.timeout(self.open_timeout_s):
+                        first = await ws.recv()
+                    if not _is_hello(first):
+                        # A relay without multiplexing that took "/" as a document (the
+                        # reference server): one connection per document, as stock clients.
+                        self._fall_back("the relay does not multiplex documents")
+                        return
+                    self._mux_supported = True
+                    self.stats["connections"] += 1
+                    mux = _Mux(ws)
+                    self._mux = mux
+                    self._too_big, self._largest_sent = None, 0
+                    began = time.monotonic()
+                    try:
+                        await self._run_mux(mux)
+                    finally:
+                        self._mux = None
+                        self._mux_down(mux)
+                        if time.monotonic() - began >= HEALTHY_AFTER_S:
+                            backoff.reset()
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                if (
+                    code == CloseCode.POLICY_VIOLATION
+                    and self._mux_supported is None
+                    and "document name" in reason
+                ):
+                    # A crdtsync relay from before multiplexing: "/" is no document there.
+                    self._fall_back("the relay does not multiplex documents")
+                    return
+                self._say_error(_describe_close(exc))
+                culprit = self._too_big
+                self._too_big = None
+                if code == CloseCode.MESSAGE_TOO_BIG and culprit is not None:
+                    # One document's frame was over the relay's limit: that document stops
+                    # (resending it would be refused again), the others reconnect.
+                    culprit.stop_reconnecting = True
+                    culprit.last_error = _describe_close(exc)
+                    self._notify(culprit)
+                elif retry_after_close(code) is not Retry.BACKOFF:
+                    delay = ACCESS_RETRY_S
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                body = exc.response.body.decode("utf-8", "replace").strip()[:200]
+                self._say_error(f"the relay refused the connection: HTTP {status} {body}".rstrip())
+                if status == 403 or (status == 401 and isinstance(self.token, str)):
+                    delay = ACCESS_RETRY_S
+            except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
+                self._say_error(f"cannot connect to {self.relay}: {_describe_connect_error(exc)}")
+            except Exception as exc:
+                log.exception("the multiplexed connection failed")
+                self._say_error(f"sync failed: {type(exc).__name__}: {exc}")
+            next_delay = backoff.next_delay()
+            await asyncio.sleep(next_delay if delay is None else max(delay, next_delay))
+
+    def _fall_back(self, reason: str) -> None:
+        """No multiplexing at this relay: every open document gets a connection of its own;
+        kept folders cannot be announced (said in their errors)."""
+        log.info("%s: one connection per document", reason)
+        self._mux_supported = False
+        self._mux_task = None
+        for d in self._docs.values():
+            if d.task is None:
+                d.task = asyncio.get_running_loop().create_task(
+                    self._connect_loop(d), name=f"crdtsync:{d.name}"
+                )
+        for folder in self._kept.values():
+            folder.error = f"{reason}: folders cannot be kept through it"
+        self._notify_progress()
+
+    async def _run_mux(self, mux: _Mux) -> None:
+        writer = asyncio.create_task(self._mux_writer(mux))
+        try:
+            for d in list(self._docs.values()):
+                if not d.stop_reconnecting:
+                    self._open_channel(mux, d)
+            for folder in self._kept.values():
+                self._subscribe(mux, folder)
+            async for data in mux.ws:
+                self.stats["messages_in"] += 1
+                self.stats["bytes_in"] += len(data)
+                if isinstance(data, str):
+                    await mux.ws.close(CloseCode.UNSUPPORTED_DATA, "text frames are not supported")
+                    return
+                try:
+                    msg = decode_message(data, max_bytes=self.max_message_bytes)
+                except MalformedMessage as exc:
+                    await mux.ws.close(CloseCode.PROTOCOL_ERROR, close_reason(str(exc)))
+                    return
+                if isinstance(msg, ExtChannel):
+                    self._on_channel_data(mux, msg.channel, msg.frame)
+                elif isinstance(msg, ExtClose):
+                    self._on_channel_closed(mux, msg)
+                elif isinstance(msg, ExtChanged):
+                    self._on_changed(mux, msg)
+                elif isinstance(msg, ExtHello):
+                    pass  # a repeat of the relay's confirmation (a duplicating path)
+                elif not isinstance(msg, ExtUnsubscribe):
+                    await mux.ws.close(
+                        CloseCode.PROTOCOL_ERROR,
+                        close_reason(f"{type(msg).__name__} outside a channel"),
+                    )
+                    return
+                else:
+                    refused = mux.folders.pop(msg.folder, None)
+                    if refused is not None:
+                        folder = refused
+                        folder.number = None
+                        folder.error = f"the relay refused the folder: {msg.code} {msg.reason}"
+                        log.warning("folder %r: %s", folder.prefix, folder.error)
+                        self._notify_progress()
+                if writer.done():
+                    writer.result()  # surface the send error
+        finally:
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _mux_writer(self, mux: _Mux) -> None:
+        while True:
+            await mux.wake.wait()
+            mux.wake.clear()
+            while mux.outbox:
+                frame = mux.outbox.popleft()
+                self.stats["messages_out"] += 1
+                self.stats["bytes_out"] += len(frame)
+                if len(frame) > self._largest_sent:
+                    self._largest_sent = len(frame)
+                    self._too_big = self._document_of(mux, frame)
+                await mux.ws.send(frame)
+
+    @staticmethod
+    def _document_of(mux: _Mux, frame: bytes) -> _Document | None:
+        """The document a channel frame belongs to (None for other frames)."""
+        if frame[:2] != bytes((MessageType.CRDTSYNC, ExtType.CHANNEL)):
+            return None
+        try:
+            channel, _ = read_var_uint(frame, 2)
+        except MalformedMessage:
+            return None
+        entry = mux.channels.get(channel)
+        return entry[0] if entry is not None else None
+
+    def _mux_down(self, mux: _Mux) -> None:
+        """The multiplexed connection ended: every channel with it; kept documents synced
+        at the store level are dropped (their folders' cursors did not pass them)."""
+        for d, conn in list(mux.channels.values()):
+            self._end_channel(d, conn, say=False)
+        for name in list(self._stored):
+            self._drop_stored(name)
+        self._stored_queue.clear()
+        self._stored_wanted.clear()
+        for folder in self._kept.values():
+            folder.number = None
+            folder.caught_up = False
+            folder.batches.clear()
+            if folder.digests is not None:
+                folder.digests.cancel()
+                folder.digests = None
+        for timer in self._reopen.values():
+            timer.cancel()
+        self._reopen.clear()
+        self._notify_progress()
+
+    def _open_channel(self, mux: _Mux, d: _Document) -> None:
+        """Open ``d`` on the connection: one message, no handshake."""
+        if d.conn is not None or d.closing:
+            return
+        number = mux.next_channel
+        mux.next_channel += 1
+        session = SyncSession(
+            max_message_bytes=self.max_message_bytes, extensions=True, validate=self._validate
+        )
+        conn = _Connection(mux.ws, session, channel=number, mux=mux)
+        mux.channels[number] = (d, conn)
+        self.stats["channels_opened"] += 1
+        d.conn = conn
+        mux.outbox.append(ExtOpen(number, d.name).encode())
+        session.send_step1(d.doc.get_state())
+        conn.resyncing = True  # until the relay answers this step 1
+        if d.awareness is not None:
+            if d.awareness.get_local_state() is not None:
+                session.send_awareness(d.awareness.encode_awareness_update([d.awareness.client_id]))
+            conn.keeper = asyncio.get_running_loop().create_task(self._keep_awareness(d))
+        self._queue_frames(conn)
+
+    def _end_channel(self, d: _Document, conn: _Connection, *, say: bool) -> None:
+        mux = conn.mux
+        assert mux is not None
+        assert conn.channel is not None
+        entry = mux.channels.get(conn.channel)
+        if entry is not None and entry[1] is conn:
+            del mux.channels[conn.channel]
+        if say and not conn.closed:
+            mux.outbox.append(ExtClose(conn.channel).encode())
+            mux.wake.set()
+        conn.closed = True
+        if conn.deferred is not None:
+            conn.deferred.cancel()
+        if conn.keeper is not None:
+            conn.keeper.cancel()
+        if d.conn is conn:
+            d.conn = None
+            d.synced = False
+            self._notify(d)
+
+    def _on_channel_data(self, mux: _Mux, number: int, frame: bytes) -> None:
+        entry = mux.channels.get(number)
+        if entry is None:
+            return  # a channel we closed: its last messages crossed our close
+        d, conn = entry
+        session = conn.session
+        session.receive_data(frame)
+        for event in session.events_received():
+            self._on_event(d, conn, event)
+            if isinstance(event, Failed):
+                # The relay sent this document bad data: close it alone, open it again later.
+                self._end_channel(d, conn, say=True)
+                self._reopen_later(d, self._channel_backoff(d).next_delay())
+                return
+        self._queue_frames(conn)
+        if d.name in self._stored:
+            self._maybe_drop_stored(d)
+
+    def _on_channel_closed(self, mux: _Mux, msg: ExtClose) -> None:
+        entry = mux.channels.get(msg.channel)
+        if entry is None:
+            return
+        d, conn = entry
+        self._end_channel(d, conn, say=False)
+        d.last_error = f"relay closed the document: {msg.code} {msg.reason}".rstrip()
+        log.info("%s", d.last_error)
+        retry = retry_after_close(msg.code)
+        if d.name in self._stored:
+            self._drop_stored(d.name)
+            if retry is Retry.BACKOFF:
+                # (e.g. 1013: the store failed for it) tried again, still owed to its folder
+                delay = self._channel_backoff(d).next_delay()
+                asyncio.get_running_loop().call_later(delay, self._want_stored, d.name)
+                return
+            # A kept document the relay will not serve (rights changed since it was
+            # announced): given up here, announced again if it changes.
+            self._settled(d.name)
+            return
+        if retry is Retry.NEVER:
+            d.stop_reconnecting = True
+        else:
+            later = ACCESS_RETRY_S if retry is Retry.LATER else None
+            self._reopen_later(d, later or self._channel_backoff(d).next_delay())
+        self._notify(d)
+
+    def _channel_backoff(self, d: _Document) -> Backoff:
+        if d.backoff is None:
+            d.backoff = self._backoff()
+        return d.backoff
+
+    def _reopen_later(self, d: _Document, delay: float) -> None:
+        def reopen() -> None:
+            self._reopen.pop(d.name, None)
+            if self._docs.get(d.name) is d and self._mux is not None:
+                self._open_channel(self._mux, d)
+
+        old = self._reopen.pop(d.name, None)
+        if old is not None:
+            old.cancel()
+        self._reopen[d.name] = asyncio.get_running_loop().call_later(delay, reopen)
+
+    # -- folders kept offline ---------------------------------------------------------------
+
+    async def keep(self, prefix: str) -> None:
+        """Keep every document whose name starts with ``prefix`` synced in the local file,
+        including documents created later anywhere; remembered in the file (kept again at
+        the next start). Documents the app never opens are synced without a ``Doc``.
+
+        Raises:
+            InvalidDocumentName: ``prefix`` cannot start a document name.
+        """
+        validate_prefix(prefix)
+        store = self._store()
+        store.keep_folder(prefix)
+        if prefix in self._kept:
+            return
+        stored = store.kept_folders()[prefix]
+        folder = _KeptFolder(prefix, Cursor(*stored))
+        self._kept[prefix] = folder
+        if self.relay is None:
+            return
+        if self._mux_supported is False:
+            folder.error = "the relay does not multiplex documents: folders cannot be kept"
+        elif self._mux is not None:
+            self._subscribe(self._mux, folder)
+        elif self.multiplex and self._mux_task is None:
+            self._mux_task = asyncio.get_running_loop().create_task(
+                self._mux_loop(), name="crdtsync:mux"
+            )
+
+    async def unkeep(self, prefix: str) -> None:
+        """No longer keep ``prefix`` synced (its documents stay in the file)."""
+        folder = self._kept.pop(prefix, None)
+        self._store().forget_folder(prefix)
+        if folder is None:
+            return
+        mux = self._mux
+        if mux is not None and folder.number is not None:
+            mux.folders.pop(folder.number, None)
+            mux.outbox.append(ExtUnsubscribe(folder.number).encode())
+            mux.wake.set()
+        if folder.digests is not None:
+            folder.digests.cancel()
+
+    def kept(self) -> list[str]:
+        """The prefixes this replica keeps."""
+        return sorted(self._kept)
+
+    def documents(self, prefix: str = "") -> list[str]:
+        """Names of the documents under ``prefix`` held in the local file (no network)."""
+        store = self._store()
+        names: list[str] = []
+        after = ""
+        while True:
+            page = store.documents_in(prefix, after, 5000)
+            names.extend(page)
+            if len(page) < 5000:
+                return names
+            after = page[-1]
+
+    def pending_in(self, prefix: str) -> int:
+        """Local transactions of documents under ``prefix`` not yet acknowledged by the
+        relay (open or not); survives restarts."""
+        unsaved = sum(len(d.unsaved) for d in self._docs.values() if d.name.startswith(prefix))
+        return self._store().pending_in(prefix) + unsaved
+
+    def folder_status(self, prefix: str) -> FolderStatus:
+        """What the replica knows about a kept folder's sync."""
+        folder = self._kept.get(prefix)
+        if folder is None:
+            raise KeyError(f"folder {prefix!r} is not kept")
+        return FolderStatus(
+            subscribed=folder.number is not None,
+            caught_up=folder.caught_up,
+            to_sync=self._to_sync_in(prefix),
+            pending=self.pending_in(prefix),
+            error=folder.error,
+        )
+
+    def _to_sync_in(self, prefix: str) -> int:
+        folder = self._kept[prefix]
+        announced: set[str] = set()
+        for _, names in folder.batches:
+            announced |= names
+        announced |= {n for n in self._stored_wanted if n.startswith(prefix)}
+        announced |= {n for n in self._stored if n.startswith(prefix)}
+        return len(announced)
+
+    async def wait_synced_in(self, prefix: str, timeout: float | None = None) -> None:
+        """Wait until the folder ``prefix`` is in sync: the relay's announcements caught
+        up, every announced document synced here, every local change acknowledged.
+
+        Raises:
+            KeyError: the folder is not kept.
+            FoldersUnsupported: the relay cannot keep folders.
+            SyncTimeout: ``timeout`` seconds passed first.
+        """
+        if prefix not in self._kept:
+            raise KeyError(f"folder {prefix!r} is not kept")
+
+        def done() -> bool:
+            folder = self._kept.get(prefix)
+            if folder is None:
+                raise KeyError(f"folder {prefix!r} is no longer kept")
+            if self._mux_supported is False:
+                raise FoldersUnsupported(folder.error or "the relay cannot keep folders")
+            return (
+                folder.caught_up and self._to_sync_in(prefix) == 0 and self.pending_in(prefix) == 0
+            )
+
+        try:
+            async with asyncio.timeout(timeout), self._progress:
+                await self._progress.wait_for(done)
+        except TimeoutError:
+            status = self.folder_status(prefix)
+            raise SyncTimeout(
+                f"folder {prefix!r} not in sync after {timeout} s: {status}"
+            ) from None
+
+    def _notify_progress(self) -> None:
+        async def notify() -> None:
+            async with self._progress:
+                self._progress.notify_all()
+
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().create_task(notify())
+
+    def _subscribe(self, mux: _Mux, folder: _KeptFolder) -> None:
+        number = mux.next_folder
+        mux.next_folder += 1
+        mux.folders[number] = folder
+        folder.number = number
+        folder.caught_up = False
+        folder.error = None
+        folder.batches.clear()
+        c = folder.cursor
+        mux.outbox.append(
+            ExtSubscribe(number, folder.prefix, c.store, c.epoch, c.position).encode()
+        )
+        mux.wake.set()
+        # Documents edited here while offline go up whatever the relay announces.
+        for name in self._store().pending_documents_in(folder.prefix):
+            if name not in self._docs:
+                self._want_stored(name)
+
+    def _on_changed(self, mux: _Mux, msg: ExtChanged) -> None:
+        folder = mux.folders.get(msg.folder)
+        if folder is None:
+            return
+        if msg.digests_wanted:
+            if folder.digests is None:
+                folder.digests = asyncio.get_running_loop().create_task(
+                    self._send_digests(mux, msg.folder, folder)
+                )
+            return
+        outstanding = set()
+        self.stats["documents_announced"] += len(msg.documents)
+        digests = dict(zip(msg.documents, msg.digests, strict=True)) if msg.digests else {}
+        for name in msg.documents:
+            if not name.startswith(folder.prefix):
+                continue  # not this folder's: a relay's mistake, never synced into it
+            try:
+                validate_document_name(name)
+            except InvalidDocumentName:
+                continue
+            d = self._docs.get(name)
+            if d is not None:
+                if not d.synced:
+                    outstanding.add(name)  # its channel's sync brings it
+                continue
+            s = self._stored.get(name)
+            if s is not None:
+                # Being synced without a Doc: its channel may close before the change
+                # reaches it there, so it asks once more (and stays until answered).
+                outstanding.add(name)
+                if s.conn is not None and s.synced:
+                    s.synced = False
+                    s.conn.resyncing = True
+                    s.conn.session.send_step1(s.doc.get_state())
+                    self._queue_frames(s.conn)
+                continue
+            if name in digests and self._digest(name) == digests[name]:
+                self.stats["documents_already_held"] += 1
+                continue  # held here as the relay holds it (e.g. our own edits)
+            outstanding.add(name)
+            self._want_stored(name)
+        cursor = None
+        if msg.cursor or msg.caught_up:
+            cursor = Cursor(msg.store, msg.epoch, msg.cursor)
+        folder.batches.append((cursor, outstanding))
+        if msg.caught_up:
+            folder.caught_up = True
+        self._advance(folder)
+
+    def _advance(self, folder: _KeptFolder) -> None:
+        """Record the cursor of every announcement whose documents are all synced here."""
+        moved = False
+        while folder.batches and not folder.batches[0][1]:
+            cursor = folder.batches.popleft()[0]
+            if (cursor is not None and cursor.position >= folder.cursor.position) or (
+                cursor is not None and cursor.store != folder.cursor.store
+            ):
+                folder.cursor = cursor
+                moved = True
+        if moved:
+            c = folder.cursor
+            self._flush_remote()  # what the cursor passed is in the file first
+            try:
+                self._store().set_folder_cursor(folder.prefix, c.store, c.epoch, c.position)
+            except StoreError as exc:
+                folder.error = f"could not record the folder's cursor: {exc}"
+        self._notify_progress()
+
+    def _settled(self, name: str) -> None:
+        """``name`` is synced here (or given up): the announcements naming it are done."""
+        for folder in self._kept.values():
+            if not name.startswith(folder.prefix):
+                continue
+            for _, names in folder.batches:
+                names.discard(name)
+            self._advance(folder)
+
+    def _digest(self, name: str) -> bytes | None:
+        """The digest of ``name`` as this replica holds it (None: it cannot be read)."""
+        try:
+            return document_digest(self._store().load(name).all_updates())
+        except (StoreError, MalformedMessage) as exc:
+            log.warning("cannot read %r for its digest: %s", name, exc)
+            return None
+
+    async def _send_digests(self, mux: _Mux, number: int, folder: _KeptFolder) -> None:
+        """Describe what this replica holds of a folder, a page at a time."""
+        try:
+            store = self._store()
+            after = ""
+            while True:
+                page = store.documents_in(folder.prefix, after, DIGEST_BATCH)
+                entries = []
+                for name in page:
+                    d = self._docs.get(name)
+                    if d is not None:
+                        digest = document_digest([d.doc.get_update()])
+                    else:
+                        digest = document_digest(store.load(name).all_updates())
+                    entries.append((name, digest))
+                last = len(page) < DIGEST_BATCH
+                if mux.folders.get(number) is not folder:
+                    return
+                mux.outbox.append(ExtDigests(number, tuple(entries), last).encode())
+                mux.wake.set()
+                if last:
+                    return
+                after = page[-1]
+                await asyncio.sleep(0)  # other documents' traffic goes on meanwhile
+        except StoreError as exc:
+            folder.error = f"could not read the folder's documents: {exc}"
+        finally:
+            if folder.digests is asyncio.current_task():
+                folder.digests = None
+
+    # -- kept documents the app has not opened: synced at the store level -------------------
+
+    def _want_stored(self, name: str) -> None:
+        if name in self._stored or name in self._stored_wanted or name in self._docs:
+            return
+        self._stored_wanted.add(name)
+        self._stored_queue.append(name)
+        self._pump_stored()
+
+    def _pump_stored(self) -> None:
+        mux = self._mux
+        while mux is not None and self._stored_queue and len(self._stored) < MAX_STORED_SYNCS:
+            name = self._stored_queue.popleft()
+            self._stored_wanted.discard(name)
+            if name in self._docs or name in self._stored:
+                continue  # open meanwhile: its channel's first sync settles it
+            store = self._store()
+            try:
+                stored = store.load(name)
+                pending = store.pending_count(name)
+            except StoreError as exc:
+                log.warning("cannot sync kept document %r: %s", name, exc)
+                self._settled(name)
+                continue
+            doc = _StoredDoc(stored.all_updates())
+            d = _Document(name, doc, pending=pending, tail=len(stored.updates))  # type: ignore[arg-type]
+            self._stored[name] = d
+            self._open_channel(mux, d)
+
+    def _maybe_drop_stored(self, d: _Document) -> None:
+        """A kept document synced at the store level goes once it has nothing to wait for."""
+        if not d.synced or d.held:
+            return
+        conn = d.conn
+        if conn is not None and conn.acks and conn.in_flight:
+            return  # its acknowledgements are on their way (what was refused stays pending)
+        self._drop_stored(d.name)
+        self._settled(d.name)
+
+    def _drop_stored(self, name: str) -> None:
+        d = self._stored.get(name)
+        if d is None:
+            return
+        if d.conn is not None:
+            self._end_channel(d, d.conn, say=self._mux is not None)
+        self._flush_remote()
+        del self._stored[name]
+        if d.tail >= self.compact_after_updates:
+            try:
+                self._store().compact(name)
+            except StoreError as exc:
+                log.warning("compacting kept document %r: %s", name, exc)
+        self._pump_stored()
+
+
+def _is_hello(data: bytes | str) -> bool:
+    """Whether a relay's first message confirms the multiplexed connection."""
+    if isinstance(data, str):
+        return False
+    try:
+        msg = decode_message(data)
+    except MalformedMessage:
+        return False
+    return isinstance(msg, ExtHello) and msg.version >= MUX_VERSION
 
 
 def _describe_connect_error(exc: BaseException) -> str:

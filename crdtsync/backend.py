@@ -190,6 +190,10 @@ class RelayStore(Protocol):
         each document once, at its latest change."""
         ...
 
+    async def last_change(self) -> int:
+        """The cursor of the latest change: :meth:`changes` after it lists only later ones."""
+        ...
+
     async def close(self) -> None:
         """Release the store (what was appended is durable already)."""
         ...

@@ -234,6 +234,15 @@ def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="N",
         help="local relay processes; replicas are spread over them (1)",
     )
+    p.add_argument(
+        "--documents",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="spread the edits over N documents (check/0000...): every replica keeps the "
+        "folder check/ and has only a few open at a time; every replica's file must end "
+        "up holding every document as the relays do (1: one document, open throughout)",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed (0)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="how many seeds to run (1)")
     p.add_argument("--steps", type=_positive_int, default=40, help="steps per schedule (40)")
@@ -275,7 +284,52 @@ def build_parser() -> argparse.ArgumentParser:
     _relay_parser(sub)
     _check_parser(sub)
     _token_parser(sub)
+    p = sub.add_parser(
+        "new-epoch",
+        help="mark a store as restored from a backup (run before a relay serves it)",
+        description=(
+            "Raise the store's epoch. Run it after restoring a relay's store (its SQLite "
+            "file, or its Redis) from a backup: replicas' folder cursors of the store as it "
+            "was then no longer match, so each compares what it holds by digests and sends "
+            "again what the backup lacks (README: many documents)."
+        ),
+    )
+    p.add_argument("store", help="the SQLite file, or the redis:// URL")
     return parser
+
+
+def _run_new_epoch(args: argparse.Namespace) -> int:
+    from .backend import is_redis_address
+    from .errors import StoreError
+
+    try:
+        if is_redis_address(args.store):
+            from .server.redis_store import RedisStore
+
+            async def raise_epoch() -> tuple[str, int]:
+                store = RedisStore(args.store)
+                try:
+                    identity = await store.new_epoch()
+                finally:
+                    await store.close()
+                return identity.id, identity.epoch
+
+            store_id, epoch = asyncio.run(raise_epoch())
+        else:
+            from pathlib import Path
+
+            from .store import UpdateLog
+
+            if not Path(args.store).exists():
+                print(f"crdtsync new-epoch: no store at {args.store}", file=sys.stderr)
+                return 2
+            with UpdateLog(args.store) as log:
+                store_id, epoch = log.new_epoch()
+    except StoreError as exc:
+        print(f"crdtsync new-epoch: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"store": store_id, "epoch": epoch}))
+    return 0
 
 
 def _relay_settings(args: argparse.Namespace) -> RelaySettings | None:
@@ -421,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_check(args)
     if args.command == "token":
         return _run_token(args)
+    if args.command == "new-epoch":
+        return _run_new_epoch(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects others
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "CloseCode",
     "CrdtsyncError",
     "DocumentsFailed",
+    "FoldersUnsupported",
     "InvalidDocumentName",
     "LimitExceeded",
     "MalformedMessage",
@@ -248,6 +249,11 @@ class DocumentsFailed(PositionConflict):
 
 class AcknowledgementsUnsupported(CrdtsyncError):
     """The relay does not confirm durable storage (e.g. the reference y-websocket server)."""
+
+
+class FoldersUnsupported(CrdtsyncError):
+    """The relay cannot keep folders (no multiplexed connection: e.g. the reference
+    y-websocket server, or a crdtsync relay older than issue 11)."""
 
 
 class SyncTimeout(CrdtsyncError, TimeoutError):

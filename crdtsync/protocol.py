@@ -24,15 +24,25 @@ from .errors import LimitExceeded, MalformedMessage, MessageTooLarge
 
 __all__ = [
     "CLIENT_KEY_BYTES",
+    "DIGEST_BYTES",
     "EXTENSION_VERSION",
     "MAX_CLAIMS_PER_MESSAGE",
+    "MAX_NAMES_PER_MESSAGE",
+    "MUX_VERSION",
     "AwarenessEntry",
     "AwarenessMessage",
     "ExtAck",
+    "ExtChanged",
+    "ExtChannel",
     "ExtClaim",
+    "ExtClose",
+    "ExtDigests",
     "ExtHello",
+    "ExtOpen",
     "ExtRefused",
+    "ExtSubscribe",
     "ExtType",
+    "ExtUnsubscribe",
     "ExtUpdate",
     "Message",
     "MessageType",
@@ -41,6 +51,7 @@ __all__ = [
     "SyncStep1",
     "SyncStep2",
     "SyncUpdate",
+    "channel_header",
     "decode_awareness",
     "decode_message",
     "decode_state_vector",
@@ -51,6 +62,9 @@ __all__ = [
 ]
 
 EXTENSION_VERSION = 1
+# The hello on a multiplexed connection (issue 11) says version 2 or more: a server that
+# confirms extensions but knows nothing of channels (it took "/" for a document) says 1.
+MUX_VERSION = 2
 # lib0 var-uints carry at most 53 bits in JS (Number.MAX_SAFE_INTEGER): 8 bytes of 7 bits.
 _MAX_VAR_UINT_BYTES = 8
 MAX_SAFE_INTEGER = 2**53 - 1
@@ -74,6 +88,15 @@ class ExtType(IntEnum):
     ACK = 2  # relay -> replica: the update with this key is durably stored
     CLAIM = 3  # replica -> relay: client ids it owns, each with the key proving it
     REFUSED = 4  # relay -> replica: (part of) the update with this key was refused, and why
+    # A multiplexed connection (issue 11): documents as numbered channels on one socket.
+    OPEN = 5  # replica -> relay: open channel N on a document
+    CLOSE = 6  # either way: channel N is closed (by the relay: refused, with code and reason)
+    CHANNEL = 7  # either way: one message of channel N's document (the rest of the frame)
+    # Folders: every document under a prefix, announced as it changes.
+    SUBSCRIBE = 8  # replica -> relay: keep folder N (a prefix) from a cursor of this store
+    CHANGED = 9  # relay -> replica: documents of folder N that changed, up to a cursor
+    DIGESTS = 10  # replica -> relay: what it holds of folder N (when the cursor is no use)
+    UNSUBSCRIBE = 11  # either way: folder N is no longer kept (by the relay: refused, why)
 
 
 class AuthType(IntEnum):
@@ -293,6 +316,177 @@ class ExtRefused:
         )
 
 
+DIGEST_BYTES = 16  # crdtsync.folders.document_digest
+MAX_NAMES_PER_MESSAGE = 1024  # documents named by one CHANGED or DIGESTS message
+
+
+def channel_header(channel: int) -> bytes:
+    """What precedes a channel's message in a multiplexed frame (:class:`ExtChannel`)."""
+    return bytes((MessageType.CRDTSYNC, ExtType.CHANNEL)) + write_var_uint(channel)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtOpen:
+    """Open channel ``channel`` on ``document`` (a multiplexed connection)."""
+
+    channel: int
+    document: str
+
+    def encode(self) -> bytes:
+        return (
+            bytes((MessageType.CRDTSYNC, ExtType.OPEN))
+            + write_var_uint(self.channel)
+            + _var_bytes(self.document.encode("utf-8"))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExtClose:
+    """Channel ``channel`` is closed; from the relay, with a websocket close code and why."""
+
+    channel: int
+    code: int = 1000
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return (
+            bytes((MessageType.CRDTSYNC, ExtType.CLOSE))
+            + write_var_uint(self.channel)
+            + write_var_uint(self.code)
+            + _var_bytes(self.reason.encode("utf-8"))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExtChannel:
+    """One message of channel ``channel``'s document: ``frame`` is what a connection of
+    its own would carry (a stock or extension message), to the end of the frame."""
+
+    channel: int
+    frame: bytes
+
+    def encode(self) -> bytes:
+        return channel_header(self.channel) + self.frame
+
+
+@dataclass(frozen=True, slots=True)
+class ExtSubscribe:
+    """Keep folder ``folder``: every document whose name starts with ``prefix``.
+
+    ``store``, ``epoch`` and ``cursor`` say what the sender has seen of that store's
+    changes (``store`` empty: nothing yet); the relay lists what changed after it.
+    """
+
+    folder: int
+    prefix: str
+    store: str = ""
+    epoch: int = 0
+    cursor: int = 0
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                bytes((MessageType.CRDTSYNC, ExtType.SUBSCRIBE)),
+                write_var_uint(self.folder),
+                _var_bytes(self.prefix.encode("utf-8")),
+                _var_bytes(self.store.encode("utf-8")),
+                write_var_uint(self.epoch),
+                write_var_uint(self.cursor),
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExtChanged:
+    """Documents of folder ``folder`` changed; after them the relay's listing reached
+    ``cursor`` of store ``store`` (epoch ``epoch``).
+
+    ``caught_up``: the listing of what changed before the subscription is done (later
+    messages are live announcements). ``digests_wanted``: the cursor sent was of no use
+    here (another store, a restored one, none): send digests of what you hold.
+    ``digests``: none, or one per document (crdtsync.folders): a receiver that holds a
+    document with the same digest has nothing to exchange for it.
+    """
+
+    folder: int
+    documents: tuple[str, ...]
+    store: str
+    epoch: int
+    cursor: int
+    caught_up: bool = False
+    digests_wanted: bool = False
+    digests: tuple[bytes, ...] = ()
+
+    def encode(self) -> bytes:
+        out = [
+            bytes((MessageType.CRDTSYNC, ExtType.CHANGED)),
+            write_var_uint(self.folder),
+            write_var_uint(
+                int(self.caught_up) | int(self.digests_wanted) << 1 | int(bool(self.digests)) << 2
+            ),
+            _var_bytes(self.store.encode("utf-8")),
+            write_var_uint(self.epoch),
+            write_var_uint(self.cursor),
+            write_var_uint(len(self.documents)),
+        ]
+        out.extend(_var_bytes(name.encode("utf-8")) for name in self.documents)
+        if self.digests:
+            if len(self.digests) != len(self.documents):
+                raise ValueError("one digest per document, or none")
+            out.extend(self.digests)
+        return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtDigests:
+    """What the sender holds of folder ``folder``: ``(document, digest)`` pairs; ``last``:
+    the final batch (the relay then names what the sender lacks)."""
+
+    folder: int
+    entries: tuple[tuple[str, bytes], ...]
+    last: bool = False
+
+    def encode(self) -> bytes:
+        out = [
+            bytes((MessageType.CRDTSYNC, ExtType.DIGESTS)),
+            write_var_uint(self.folder),
+            write_var_uint(int(self.last)),
+            write_var_uint(len(self.entries)),
+        ]
+        for name, digest in self.entries:
+            out.append(_var_bytes(name.encode("utf-8")))
+            out.append(_var_bytes(digest))
+        return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ExtUnsubscribe:
+    """Folder ``folder`` is no longer kept; from the relay, with a close code and why."""
+
+    folder: int
+    code: int = 1000
+    reason: str = ""
+
+    def encode(self) -> bytes:
+        return (
+            bytes((MessageType.CRDTSYNC, ExtType.UNSUBSCRIBE))
+            + write_var_uint(self.folder)
+            + write_var_uint(self.code)
+            + _var_bytes(self.reason.encode("utf-8"))
+        )
+
+
+def _read_names(data: bytes, pos: int, what: str) -> tuple[list[str], int]:
+    count, pos = read_var_uint(data, pos)
+    if count > MAX_NAMES_PER_MESSAGE:
+        raise MalformedMessage(f"{what} names {count} documents, more than {MAX_NAMES_PER_MESSAGE}")
+    names = []
+    for _ in range(count):
+        name, pos = _read_var_string(data, pos, "document name")
+        names.append(name)
+    return names, pos
+
+
 _SYNC_KINDS: dict[int, tuple[type[SyncStep1 | SyncStep2 | SyncUpdate], str]] = {
     YSyncMessageType.SYNC_STEP1: (SyncStep1, "sync step 1 state vector"),
     YSyncMessageType.SYNC_STEP2: (SyncStep2, "sync step 2 update"),
@@ -311,6 +505,13 @@ Message = (
     | ExtAck
     | ExtClaim
     | ExtRefused
+    | ExtOpen
+    | ExtClose
+    | ExtChannel
+    | ExtSubscribe
+    | ExtChanged
+    | ExtDigests
+    | ExtUnsubscribe
 )
 
 
@@ -396,6 +597,75 @@ def decode_message(data: bytes, *, max_bytes: int | None = None) -> Message:
             flags, pos = read_var_uint(data, pos)
             reason, pos = _read_var_string(data, pos, "refusal reason")
             msg = ExtRefused(key, reason, bool(flags & 1))
+        elif sub == ExtType.OPEN:
+            channel, pos = read_var_uint(data, pos)
+            name, pos = _read_var_string(data, pos, "document name")
+            msg = ExtOpen(channel, name)
+        elif sub == ExtType.CLOSE:
+            channel, pos = read_var_uint(data, pos)
+            code, pos = read_var_uint(data, pos)
+            reason, pos = _read_var_string(data, pos, "close reason")
+            msg = ExtClose(channel, code, reason)
+        elif sub == ExtType.CHANNEL:
+            channel, pos = read_var_uint(data, pos)
+            if pos == len(data):
+                raise MalformedMessage(f"channel {channel} message carries nothing")
+            msg = ExtChannel(channel, data[pos:])
+            pos = len(data)
+        elif sub == ExtType.SUBSCRIBE:
+            folder, pos = read_var_uint(data, pos)
+            prefix, pos = _read_var_string(data, pos, "folder prefix")
+            store, pos = _read_var_string(data, pos, "store id")
+            epoch, pos = read_var_uint(data, pos)
+            cursor, pos = read_var_uint(data, pos)
+            msg = ExtSubscribe(folder, prefix, store, epoch, cursor)
+        elif sub == ExtType.CHANGED:
+            folder, pos = read_var_uint(data, pos)
+            flags, pos = read_var_uint(data, pos)
+            store, pos = _read_var_string(data, pos, "store id")
+            epoch, pos = read_var_uint(data, pos)
+            cursor, pos = read_var_uint(data, pos)
+            names, pos = _read_names(data, pos, "change message")
+            digests: list[bytes] = []
+            if flags & 4:
+                end = pos + DIGEST_BYTES * len(names)
+                if end > len(data):
+                    raise MalformedMessage("change message ends inside its digests")
+                digests = [data[i : i + DIGEST_BYTES] for i in range(pos, end, DIGEST_BYTES)]
+                pos = end
+            msg = ExtChanged(
+                folder,
+                tuple(names),
+                store,
+                epoch,
+                cursor,
+                bool(flags & 1),
+                bool(flags & 2),
+                tuple(digests),
+            )
+        elif sub == ExtType.DIGESTS:
+            folder, pos = read_var_uint(data, pos)
+            last, pos = read_var_uint(data, pos)
+            count, pos = read_var_uint(data, pos)
+            if count > MAX_NAMES_PER_MESSAGE:
+                raise MalformedMessage(
+                    f"digest message names {count} documents, more than {MAX_NAMES_PER_MESSAGE}"
+                )
+            entries = []
+            for _ in range(count):
+                name, pos = _read_var_string(data, pos, "document name")
+                digest, pos = _read_var_bytes(data, pos, "digest")
+                if len(digest) != DIGEST_BYTES:
+                    raise MalformedMessage(
+                        f"digest of {name!r} has {len(digest)} bytes, not {DIGEST_BYTES}"
+                    )
+                entries.append((name, digest))
+            msg = ExtDigests(folder, tuple(entries), bool(last & 1))
+        elif sub == ExtType.UNSUBSCRIBE:
+            folder, pos = read_var_uint(data, pos)
+            code, pos = read_var_uint(data, pos)
+            reason, pos = _read_var_string(data, pos, "reason")
+            msg = ExtUnsubscribe(folder, code, reason)
         else:
             raise MalformedMessage(f"unknown crdtsync extension message type {sub}")
     else:

@@ -78,6 +78,15 @@ class RelaySettings(BaseSettings):
     answer_piece_bytes: int = Field(default=512 * 1024, ge=1024)
     compact_after_updates: int = Field(default=1000, ge=1)
     max_connections: int = Field(default=10_000, ge=1)
+    # a multiplexed connection (issue 11): documents open on it at once, folders it keeps,
+    # and documents it may describe by digest in one folder (when its cursor is of no use)
+    max_channels_per_connection: int = Field(default=10_000, ge=1)
+    max_folders_per_connection: int = Field(default=64, ge=1)
+    max_folder_documents: int = Field(default=100_000, ge=1)
+    # channels opened per second on one multiplexed connection (each reads the store, as
+    # a sync request does; its channel then has the sync-request budget of a connection)
+    channel_opens_per_s: float = Field(default=500.0, gt=0)
+    channel_open_burst: int = Field(default=1000, ge=1)
     # a reader whose unsent backlog stays above this for slow_reader_grace_s is closed
     # (1013) and resyncs on reconnect; above it by more than the largest update: at once
     max_write_buffer_bytes: int = Field(default=32 * 1024 * 1024, ge=1024)

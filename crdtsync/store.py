@@ -176,6 +176,19 @@ def m005_identity(db: Database) -> None:
     db.execute("CREATE INDEX documents_snapshot_seq ON documents (snapshot_seq)")
 
 
+def m006_kept_folders(db: Database) -> None:
+    # Folders a replica keeps (issue 11), with how far the relay's announcements went: a
+    # cursor of the store that made them (crdtsync.folders.Cursor; store '' = none yet).
+    db.execute(
+        """CREATE TABLE kept_folders (
+            prefix TEXT PRIMARY KEY,
+            store TEXT NOT NULL DEFAULT '',
+            epoch INTEGER NOT NULL DEFAULT 0,
+            cursor INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID"""
+    )
+
+
 # The schema's steps, in order (sqlite-utils' migrations: one row each in _sqlite_migrations).
 MIGRATIONS = (
     m001_update_log,
@@ -183,6 +196,7 @@ MIGRATIONS = (
     m003_snapshot_chunks,
     m004_update_chunks,
     m005_identity,
+    m006_kept_folders,
 )
 
 
@@ -843,6 +857,59 @@ class UpdateLog:
             ).fetchone()
         return int(row[0])
 
+    def documents_in(self, prefix: str, after: str = "", limit: int = 1000) -> list[str]:
+        """Names of documents under ``prefix`` stored here, in order, after ``after``."""
+        low = max(prefix, after)
+        with self._lock, _store_errors(self.path):
+            rows = self.conn.execute(
+                "SELECT name FROM (SELECT name FROM documents WHERE name >= ?1 "
+                "UNION SELECT DISTINCT doc FROM updates WHERE doc >= ?1) "
+                "WHERE name > ?2 AND substr(name, 1, ?3) = ?4 ORDER BY 1 LIMIT ?5",
+                (low, after, len(prefix), prefix, limit),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def pending_in(self, prefix: str) -> int:
+        """Local transactions of documents under ``prefix`` not yet acknowledged."""
+        with self._lock, _store_errors(self.path):
+            row = self.conn.execute(
+                "SELECT count(*) FROM pending WHERE substr(doc, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchone()
+        return int(row[0])
+
+    def pending_documents_in(self, prefix: str) -> list[str]:
+        """Documents under ``prefix`` with local transactions not yet acknowledged."""
+        with self._lock, _store_errors(self.path):
+            rows = self.conn.execute(
+                "SELECT DISTINCT doc FROM pending WHERE substr(doc, 1, ?) = ? ORDER BY 1",
+                (len(prefix), prefix),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def kept_folders(self) -> dict[str, tuple[str, int, int]]:
+        """Kept folders: prefix -> ``(store, epoch, cursor)`` of their announcements."""
+        with self._lock, _store_errors(self.path):
+            rows = self.conn.execute("SELECT prefix, store, epoch, cursor FROM kept_folders")
+            return {r[0]: (r[1], int(r[2]), int(r[3])) for r in rows.fetchall()}
+
+    def keep_folder(self, prefix: str) -> None:
+        """Record ``prefix`` as kept (its cursor, if it has one, stays)."""
+        with self._write() as conn:
+            conn.execute("INSERT OR IGNORE INTO kept_folders (prefix) VALUES (?)", (prefix,))
+
+    def forget_folder(self, prefix: str) -> None:
+        """No longer keep ``prefix`` (its documents stay)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM kept_folders WHERE prefix = ?", (prefix,))
+
+    def set_folder_cursor(self, prefix: str, store: str, epoch: int, cursor: int) -> None:
+        """Record how far ``prefix``'s announcements went (all of them synced here)."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE kept_folders SET store = ?, epoch = ?, cursor = ? WHERE prefix = ?",
+                (store, epoch, cursor, prefix),
+            )
+
     def documents(self) -> list[str]:
         """Every document name with a snapshot or updates in this file."""
         with self._lock, _store_errors(self.path):
@@ -857,17 +924,18 @@ class UpdateLog:
         with self._lock, _store_errors(self.path):
             return _position(self.conn, doc)
 
-    def changes(self, cursor: int, limit: int) -> list[tuple[str, int]]:
+    def changes(self, cursor: int, limit: int, prefix: str = "") -> list[tuple[str, int]]:
         """``(document, position)`` of the documents whose position is past ``cursor``,
         lowest first, at most ``limit`` (crdtsync.backend: positions are this file's
-        global sequence numbers, so they are also change cursors)."""
+        global sequence numbers, so they are also change cursors); only names starting
+        with ``prefix``."""
         with self._lock, _store_errors(self.path):
             rows = self.conn.execute(
                 "SELECT doc, max(seq) AS p FROM ("
-                "SELECT doc, seq FROM updates WHERE seq > ? "
-                "UNION ALL SELECT name, snapshot_seq FROM documents WHERE snapshot_seq > ?"
-                ") GROUP BY doc ORDER BY p LIMIT ?",
-                (cursor, cursor, limit),
+                "SELECT doc, seq FROM updates WHERE seq > ?1 "
+                "UNION ALL SELECT name, snapshot_seq FROM documents WHERE snapshot_seq > ?1"
+                ") WHERE substr(doc, 1, ?2) = ?3 GROUP BY doc ORDER BY p LIMIT ?4",
+                (cursor, len(prefix), prefix, limit),
             ).fetchall()
         return [(doc, int(p)) for doc, p in rows]
 

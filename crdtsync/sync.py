@@ -256,6 +256,8 @@ def split_update(update: bytes, max_bytes: int, info: UpdateInfo | None = None) 
 class SyncSession:
     """The sync logic of one connection, for one document, on either side.
 
+    (Slotted: a relay keeps one per open document, thousands on one connection.)
+
     Args:
         max_message_bytes: refuse incoming frames larger than this (close 1009).
         answer_piece_bytes: cut large step-2 answers into pieces of about this size.
@@ -271,6 +273,24 @@ class SyncSession:
         max_presence_bytes, max_presence_state_bytes: presence messages and states over
             these are dropped unread (a :class:`LimitHit` event), never decoded.
     """
+
+    __slots__ = (
+        "_checked",
+        "_events",
+        "_out",
+        "_validate",
+        "answer_piece_bytes",
+        "can_write",
+        "claimed",
+        "extensions",
+        "failure",
+        "max_message_bytes",
+        "max_presence_bytes",
+        "max_presence_state_bytes",
+        "messages_received",
+        "synced",
+        "writes_dropped",
+    )
 
     def __init__(
         self,
@@ -422,6 +442,9 @@ class SyncSession:
             self._events.append(ClientsClaimed(claimed, msg.fresh))
         elif isinstance(msg, ExtRefused):
             self._events.append(Refused(msg.key, msg.reason, msg.unproven))
+        else:
+            # Channels and folders belong to a multiplexed connection, around sessions.
+            raise ProtocolError(f"{type(msg).__name__} inside one document's messages")
 
     # -- output -----------------------------------------------------------------------
 

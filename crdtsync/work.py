@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from pycrdt import get_state, get_update
 
+from .folders import document_digest
 from .integrity import Comparison, Lookup, compare_stored
 from .store import UpdateLog, merge_in_batches
 from .sync import split_update
@@ -134,3 +135,16 @@ def compare_file(path: str, doc: str, update: bytes, lookup: Lookup) -> Comparis
         lambda: log.load(doc).all_updates(),
         lambda: log.load_ledger(doc).ends(),  # read here: O(clients), off the loop
     )
+
+
+def digest_file(path: str, docs: list[str]) -> list[bytes]:
+    """:func:`~crdtsync.folders.document_digest` of each of ``docs`` as stored in ``path``
+    (an empty document's for one that is not stored)."""
+    log = _log(path)
+    return [document_digest(log.load(doc).all_updates()) for doc in docs]
+
+
+def changes_file(path: str, cursor: int, limit: int, prefix: str) -> list[tuple[str, int]]:
+    """:meth:`~crdtsync.store.UpdateLog.changes` of the store at ``path`` (a listing from
+    an old cursor reads much of the log: never on the relay's loop)."""
+    return _log(path).changes(cursor, limit, prefix)

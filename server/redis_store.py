@@ -765,6 +765,14 @@ class RedisStore:
             raise self._error("listing changes", exc) from exc
         return [Change(_text(doc), int(score)) for doc, score in cast(list[Any], rows)]
 
+    async def last_change(self) -> int:
+        """The cursor of the latest change (0: none yet)."""
+        try:
+            rows = await self.redis.zrevrange(self._changes_key, 0, 0, withscores=True)
+        except RedisError as exc:
+            raise self._error("reading the latest change", exc) from exc
+        return int(rows[0][1]) if rows else 0
+
     async def close(self) -> None:
         """Close the connections."""
         await self.redis.aclose()

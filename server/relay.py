@@ -44,11 +44,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from crdtsync.auth import Rights, TokenClaims, TokenVerifier, token_from_request
-from crdtsync.backend import Entry, Follower, Gap, RelayStore
+from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore
 from crdtsync.backoff import Backoff
 from crdtsync.errors import (
     AccessDenied,
     CloseCode,
+    CrdtsyncError,
     DocumentsFailed,
     InvalidDocumentName,
     MalformedMessage,
@@ -58,13 +59,26 @@ from crdtsync.errors import (
     TokenRefused,
     close_reason,
 )
+from crdtsync.folders import Cursor, FolderIndex, document_digest, in_folder, validate_prefix
 from crdtsync.integrity import ClientsAsRead, Comparison, Ledger, Lookup, Writer, compare_stored
 from crdtsync.limits import Strikes, TokenBucket
 from crdtsync.protocol import (
+    MAX_NAMES_PER_MESSAGE,
+    MUX_VERSION,
     AwarenessEntry,
     AwarenessMessage,
+    ExtChanged,
+    ExtChannel,
+    ExtClose,
+    ExtDigests,
+    ExtHello,
+    ExtOpen,
+    ExtSubscribe,
+    ExtUnsubscribe,
     SyncUpdate,
+    channel_header,
     decode_awareness,
+    decode_message,
     encode_awareness,
 )
 from crdtsync.settings import RelaySettings, validate_document_name
@@ -94,7 +108,9 @@ from crdtsync.updates import UpdateInfo, check_update
 from crdtsync.work import (
     Read,
     answer_read,
+    changes_file,
     compare_file,
+    digest_file,
     forget_read,
     read_file,
     release,
@@ -112,6 +128,11 @@ log = logging.getLogger("crdtsync.relay")
 _T = TypeVar("_T")
 
 EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for extensions (DESIGN: wire protocol)
+MUX_QUERY = "mux"  # "/?crdtsync=1&mux=1": a multiplexed connection (issue 11)
+MAX_EARLY_BYTES = 256 * 1024  # per multiplexed connection: messages ahead of their open
+PRESENCE_BYTES_PER_CHANNEL = 4096  # a multiplexed connection's presence share per channel
+CHANGES_PAGE = 1024  # changes read from the store at a time (listings, the watcher)
+CHANGES_POLL_S = 0.25  # how often a shared store's changes are read while folders are kept
 MAX_HELD_FRAMES = 10_000  # a peer that never sends step 1 goes live after this many
 HOLD_LIMIT_S = 5.0  # ... or after this long
 # A stored document larger than this is merged in a worker process, off the event loop
@@ -253,6 +274,19 @@ class Budget:
     strikes: Strikes
     work: TokenBucket  # seconds of the work process this connection's updates took
 
+    def channel(self, s: RelaySettings) -> Budget:
+        """A channel's budget on a multiplexed connection with this one: the connection's
+        writes, work and strikes, and sync requests and presence of its own (what a
+        connection per document would have)."""
+        return Budget(
+            self.updates,
+            self.update_bytes,
+            TokenBucket(s.sync_requests_per_s, s.sync_request_burst),
+            TokenBucket(s.presence_per_s, s.presence_burst),
+            self.strikes,
+            self.work,
+        )
+
     @classmethod
     def of(cls, s: RelaySettings) -> Budget:
         return cls(
@@ -265,57 +299,24 @@ class Budget:
         )
 
 
-@dataclass(eq=False)
-class Peer:
-    """One websocket connection in a room."""
+@dataclass(eq=False, slots=True)
+class Wire:
+    """One websocket as the peers on it send through it: a document's own connection
+    (one peer), or a multiplexed one (a peer per open channel, issue 11).
+
+    Frames queued behind a large one that goes out in fragments wait in ``outbox``, for
+    every peer on the wire: a frame broadcast to a socket in the middle of a fragmented
+    send is skipped by websockets, so nothing may overtake the queue.
+    """
 
     ws: ServerConnection
-    session: SyncSession
-    document: str
-    budget: Budget
-    address: str = ""
-    access: Access = field(default_factory=lambda: Access(Rights()))
-    id: str = ""  # short, for logs
-    opened: float = 0.0  # time.monotonic() at its handshake
-    messages_in: int = 0
-    bytes_in: int = 0
-    updates_stored: int = 0
-    updates_refused: int = 0
-    answered: bool = False  # its first sync request was answered (join latency)
-    writer: Writer = field(default_factory=Writer)  # the client ids it proved (integrity)
-    engaged: bool = False  # it sent a sync message (step 1, step 2 or an update)
-    owed_updates: int = 0  # not yet charged to its budget
-    closing: bool = False  # closed over limits: the close is under way
-    owed_bytes: int = 0
-    presence_bytes: dict[int, int] = field(default_factory=dict)  # client id -> state size
-    behind_since: float | None = None  # since when its backlog is over the limit
-    awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
-    # Live updates held back until this peer's step 1 is answered (None: live). A live
-    # update must not overtake the answer: Yrs (pycrdt 0.14) can lose a Map change when
-    # one client's updates are applied out of order (y-crdt#413); Yjs cannot, but order
-    # costs nothing here.
-    held: list[Frame] | None = field(default_factory=list)
-    # The stored document as read at join, kept for the answer to this peer's first
-    # step 1: whatever is stored after that read reaches the peer through the fan-out it
-    # joined first (held until the answer), so the store is read once per join, not twice.
-    joined: Read | None = None
-
-    # Frames queued behind a large one that goes out in fragments (None: nothing is).
-    outbox: deque[Frame] | None = None
+    outbox: deque[Frame] | None = None  # None: nothing is waiting
     outbox_bytes: int = 0
     sender: asyncio.Task[None] | None = None
-
-    def context(self) -> dict[str, Any]:
-        """This connection in a log line (crdtsync.logs): never its token."""
-        return {
-            "document": self.document,
-            "connection": self.id,
-            "peer": self.address,
-            "subject": self.access.subject,
-        }
+    closing: bool = False  # the whole connection is being closed
 
     def push(self, frame: Frame) -> None:
-        """Send a frame, in order with every other frame pushed to this peer.
+        """Send a frame, in order with every other frame pushed to this wire.
 
         A large frame goes out in fragments, each written once the previous one left
         (websockets waits for the socket to drain): one frame of tens of megabytes to
@@ -349,10 +350,96 @@ class Peer:
             self.sender = None
 
     def backlog(self) -> int:
-        """Bytes waiting to be sent to this peer: queued frames and the transport's buffer."""
+        """Bytes waiting to be sent: queued frames and the transport's buffer."""
         transport = self.ws.transport
         size = transport.get_write_buffer_size() if transport is not None else 0
         return size + self.outbox_bytes
+
+
+@dataclass(eq=False, slots=True)
+class Peer:
+    """One document's connection in a room: a websocket of its own, or a channel of a
+    multiplexed one (``channel`` set: every frame to it starts with ``header``)."""
+
+    wire: Wire
+    session: SyncSession
+    document: str
+    budget: Budget
+    address: str = ""
+    access: Access = field(default_factory=lambda: Access(Rights()))
+    id: str = ""  # short, for logs
+    opened: float = 0.0  # time.monotonic() at its handshake
+    messages_in: int = 0
+    bytes_in: int = 0
+    updates_stored: int = 0
+    updates_refused: int = 0
+    answered: bool = False  # its first sync request was answered (join latency)
+    writer: Writer = field(default_factory=Writer)  # the client ids it proved (integrity)
+    engaged: bool = False  # it sent a sync message (step 1, step 2 or an update)
+    owed_updates: int = 0  # not yet charged to its budget
+    closing: bool = False  # closed over limits: the close is under way
+    owed_bytes: int = 0
+    presence_bytes: dict[int, int] = field(default_factory=dict)  # client id -> state size
+    behind_since: float | None = None  # since when its backlog is over the limit
+    awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
+    # Live updates held back until this peer's step 1 is answered (None: live). A live
+    # update must not overtake the answer: Yrs (pycrdt 0.14) can lose a Map change when
+    # one client's updates are applied out of order (y-crdt#413); Yjs cannot, but order
+    # costs nothing here.
+    held: list[Frame] | None = field(default_factory=list)
+    # The stored document as read at join, kept for the answer to this peer's first
+    # step 1: whatever is stored after that read reaches the peer through the fan-out it
+    # joined first (held until the answer), so the store is read once per join, not twice.
+    joined: Read | None = None
+    channel: int | None = None  # its number on a multiplexed connection
+    header: bytes = b""  # what precedes each frame to it (a channel's header)
+    detached: bool = False  # its channel was closed: the connection goes on without it
+    mux: Mux | None = None  # the multiplexed connection it is a channel of
+    room: Room | None = None
+    hold_timer: asyncio.TimerHandle | None = None  # sends it live if it never asks (step 1)
+    sync_timer: asyncio.TimerHandle | None = None  # closes it if it never syncs
+    parted: bool = False  # it left its room (Relay._part)
+    close_code: int = CloseCode.NORMAL  # a channel's, once closed
+    close_reason: str = ""
+
+    @property
+    def ws(self) -> ServerConnection:
+        return self.wire.ws
+
+    @property
+    def outbox(self) -> deque[Frame] | None:
+        return self.wire.outbox
+
+    @property
+    def gone(self) -> bool:
+        """Nothing more can be sent to it: its connection or its channel closed."""
+        return self.detached or self.wire.ws.close_code is not None
+
+    def framed(self, frame: Frame) -> Frame:
+        """``frame`` as this peer's connection carries it."""
+        if not self.header:
+            return frame
+        if isinstance(frame, LargeFrame):
+            return LargeFrame(self.header + frame.header, frame.payload)
+        return self.header + frame
+
+    def context(self) -> dict[str, Any]:
+        """This connection in a log line (crdtsync.logs): never its token."""
+        return {
+            "document": self.document,
+            "connection": self.id,
+            "peer": self.address,
+            "subject": self.access.subject,
+        }
+
+    def push(self, frame: Frame) -> None:
+        """Send a frame, in order with every other frame to its connection."""
+        if not self.detached:
+            self.wire.push(self.framed(frame))
+
+    def backlog(self) -> int:
+        """Bytes waiting to be sent on its connection (a channel's are its connection's)."""
+        return self.wire.backlog()
 
     def send_update_frame(self, frame: Frame) -> None:
         """Send a live update now, or hold it until the peer's sync answer went out."""
@@ -366,13 +453,77 @@ class Peer:
 
     def release(self) -> None:
         """Go live: send what was held, in order."""
+        if self.hold_timer is not None:
+            self.hold_timer.cancel()
+            self.hold_timer = None
         self.joined = None
         held, self.held = self.held, None
         for frame in held or ():
             self.push(frame)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
+class Folder:
+    """A folder one multiplexed connection keeps: its documents are announced as they change.
+
+    Until its listing reached the present (``live``), announcements wait in ``pending``.
+    """
+
+    number: int
+    prefix: str
+    live: bool = False
+    pending: dict[str, None] = field(default_factory=dict)  # names, in order, once each
+    cursor: int = 0  # the change position the next announcement reaches
+    head: int = 0  # the change position its listing goes up to
+    # While the connection describes what it holds (digests): hashes of the names it
+    # named, so that the rest of the folder can be listed after its last batch.
+    held: set[int] | None = None
+    task: asyncio.Task[None] | None = None  # its listing
+
+
+@dataclass(eq=False, slots=True)
+class Mux:
+    """A multiplexed connection (issue 11): documents as channels, folders kept."""
+
+    wire: Wire
+    request: Request
+    access: Access  # its token, verified at the handshake; rights are per document
+    address: str
+    budget: Budget
+    opens: TokenBucket  # channels opened
+    channels: dict[int, Peer] = field(default_factory=dict)
+    # Channel numbers are used once: every number below ``floor`` was, and those in ``used``
+    # (a reordering path may bring the opens of 4 and 5 in the other order).
+    floor: int = 1
+    used: set[int] = field(default_factory=set)
+    last_channel: int = 0  # the highest number used (the count of channels, in a log)
+    # Messages of channels not opened yet (a reordering path), until their open comes.
+    early: dict[int, list[ExtChannel]] = field(default_factory=dict)
+    early_bytes: int = 0
+    documents: set[str] = field(default_factory=set)  # open on its channels (once each)
+    presence_states: int = 0  # its channels' presence states, together
+    presence_bytes: int = 0
+    listing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one listing at a time
+    folders: dict[int, Folder] = field(default_factory=dict)
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # listings under way
+    id: str = ""
+
+    def context(self) -> dict[str, Any]:
+        return {"connection": self.id, "peer": self.address, "subject": self.access.subject}
+
+    def unused(self, number: int) -> bool:
+        """Whether channel ``number`` was never opened on this connection."""
+        return number >= self.floor and number not in self.used
+
+    def use(self, number: int) -> None:
+        self.used.add(number)
+        self.last_channel = max(self.last_channel, number)
+        while self.floor in self.used:
+            self.used.discard(self.floor)
+            self.floor += 1
+
+
+@dataclass(eq=False, slots=True)
 class Room:
     """The live connections on one document and their awareness states; nothing durable."""
 
@@ -455,6 +606,20 @@ class Relay:
         self._staging_ledgers: dict[str, Ledger] = {}
         self._claims_waiting: dict[str, list[tuple[Peer, tuple[int, ...]]]] = {}
         self.rooms: dict[str, Room] = {}
+        s = self.settings
+        self._check = functools.partial(
+            check_update,
+            max_bytes=s.max_update_bytes,
+            max_clients=s.max_update_clients,
+            max_structs=s.max_update_structs,
+        )
+        # Multiplexed connections, and the folders they keep (issue 11): announced from
+        # the store's changes by one task, while any folder is kept.
+        self._muxes: set[Mux] = set()
+        self._folders: FolderIndex[tuple[Mux, Folder]] = FolderIndex()
+        self._change_watcher: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # this process appended: look at the changes
+        self._identity: tuple[str, int] | None = None  # the store's, last read
         self.store: UpdateLog | None = None  # an SQLite store (the embedded default)
         # A shared store (Redis: settings.store is its URL), with the relay processes
         # that share it; None with an SQLite store (whose calls stay inline, as always).
@@ -540,6 +705,11 @@ class Relay:
             "frames_fanned_out": 0,
             "store_errors": 0,
             "connections_opened": 0,
+            "multiplexed_connections": 0,  # opened
+            "channels_opened": 0,
+            "documents_announced": 0,
+            "folder_cursors_used": 0,  # folders listed from a cursor valid here
+            "folder_digest_exchanges": 0,  # ... compared by digests instead
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -614,6 +784,8 @@ class Relay:
         self._stopping = True
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._change_watcher is not None:
+            self._change_watcher.cancel()
         if self._rechecker is not None:
             self._rechecker.cancel()
         if self._server is not None:
@@ -629,8 +801,9 @@ class Relay:
             with contextlib.suppress(Exception):
                 await asyncio.wait({asyncio.shield(self._committer)}, timeout=_left(deadline))
         peers = [p for room in self.rooms.values() for p in room.peers]
+        wires = {p.wire for p in peers} | {m.wire for m in self._muxes}
         closing = asyncio.gather(
-            *(p.ws.close(CloseCode.GOING_AWAY, "relay shutting down") for p in peers),
+            *(w.ws.close(CloseCode.GOING_AWAY, "relay shutting down") for w in wires),
             return_exceptions=True,
         )
         try:
@@ -638,14 +811,14 @@ class Relay:
             # what its handler is sending): the drain is bounded, then the rest is cut.
             await asyncio.wait_for(asyncio.shield(closing), _left(deadline))
         except TimeoutError:
-            for p in peers:
-                if p.ws.transport is not None:
-                    p.ws.transport.abort()
+            for w in wires:
+                if w.ws.transport is not None:
+                    w.ws.transport.abort()
             with contextlib.suppress(Exception):
                 await closing
-        for p in peers:
-            if p.sender is not None:
-                p.sender.cancel()
+        for w in wires:
+            if w.sender is not None:
+                w.sender.cancel()
         # Handlers still running past the deadline (waiting on the work process, or
         # paced) are cancelled: nothing they could still do is acknowledged anyway.
         if self._handlers:
@@ -776,6 +949,8 @@ class Relay:
             return conn.respond(
                 HTTPStatus.TOO_MANY_REQUESTS, "too many connections from this address\n"
             )
+        if path == "/" and parse_qs(request.path.partition("?")[2]).get(MUX_QUERY) == ["1"]:
+            return await self._admit_mux(conn, request)
         try:
             document = validate_document_name(path[1:])
         except InvalidDocumentName:
@@ -802,6 +977,21 @@ class Relay:
             self.stats["refused_forbidden"] += 1
             return conn.respond(HTTPStatus.FORBIDDEN, f"no access to {document!r}\n")
         self._access[conn] = access
+        return None
+
+    async def _admit_mux(self, conn: ServerConnection, request: Request) -> Response | None:
+        """A multiplexed connection's handshake: its token is verified now (401 if it is
+        refused); its rights are decided per document, as channels open."""
+        claims = None
+        if self._verifier is not None:
+            try:
+                claims = self._verifier.verify(token_from_request(request.path, request.headers))
+            except TokenRefused as exc:
+                self.stats["refused_unauthorized"] += 1
+                return conn.respond(
+                    HTTPStatus.UNAUTHORIZED, f"token refused ({exc.reason}): {exc}\n"
+                )
+        self._access[conn] = Access(Rights(), claims)
         return None
 
     def _metrics_response(self, conn: ServerConnection, request: Request) -> Response:
@@ -835,23 +1025,36 @@ class Relay:
             len(self._compacting),
         )  # fmt: skip
 
-    async def _decide_access(self, request: Request, document: str) -> Access:
+    async def _decide_access(
+        self,
+        request: Request,
+        document: str,
+        claims: TokenClaims | None = None,
+        *,
+        verified: bool = False,
+        ask_revoked: bool = True,
+    ) -> Access:
         """The token's rights to ``document``, and what ``authorize`` allows.
+
+        ``verified``: ``claims`` is the connection's token, verified at its handshake (a
+        multiplexed connection's), not read from ``request`` again. ``ask_revoked``:
+        whether the ``revoked`` hook is asked (not for every announced name).
 
         Raises:
             TokenRefused: tokens are required and this one is missing or invalid (401).
             AccessDenied: ``authorize`` refused (403).
             TimeoutError: ``authorize`` took longer than AUTHORIZE_TIMEOUT_S.
         """
-        claims = None
         rights = Rights()
         if self._verifier is not None:
-            claims = self._verifier.verify(token_from_request(request.path, request.headers))
+            if not verified or claims is None:
+                claims = self._verifier.verify(token_from_request(request.path, request.headers))
             rights = claims.grants.rights_for(document)
             # Asked at connect too: a token closed as revoked must not come straight back
             # with full access until the next periodic check.
             if (
                 self.revoked is not None
+                and ask_revoked
                 and rights.read
                 and await self._revoked_now(claims, document)
             ):
@@ -890,6 +1093,10 @@ class Relay:
         request = ws.request
         assert request is not None  # set by the handshake before the handler runs
         raw_path, _, query = request.path.partition("?")
+        params = parse_qs(query)
+        if raw_path == "/" and params.get(MUX_QUERY) == ["1"]:
+            await self._handle_mux(ws, request, params)
+            return
         try:
             # The room is the raw path up to "?", not URL-decoded (DESIGN: facts from the anchors).
             document = validate_document_name(raw_path[1:])
@@ -902,101 +1109,32 @@ class Relay:
             await ws.close(exc.close_code, close_reason(str(exc)))
             return
         # Only crdtsync=1 asks for extensions: anything else (crdtsync=0) is a stock client.
-        extensions = parse_qs(query).get(EXTENSION_QUERY) == ["1"]
+        extensions = params.get(EXTENSION_QUERY) == ["1"]
         s = self.settings
-        check = functools.partial(
-            check_update,
-            max_bytes=s.max_update_bytes,
-            max_clients=s.max_update_clients,
-            max_structs=s.max_update_structs,
-        )
-
-        session = SyncSession(
-            max_message_bytes=s.max_message_bytes,
-            answer_piece_bytes=s.answer_piece_bytes,
-            extensions=extensions,
-            can_write=access.rights.write,
-            validate=check,
-            max_presence_bytes=s.max_presence_state_bytes * s.max_presence_states_per_connection
-            + 1024,
-            max_presence_state_bytes=s.max_presence_state_bytes,
-        )
         address = self._address(ws, request)
-        peer = Peer(ws, session, document, Budget.of(s), address, access)
-        peer.writer = Writer(frozenset(), access.subject)
-        peer.id = ws.id.hex[:12]
-        peer.opened = time.monotonic()
-        rights = access.rights
-        log.info(
-            "connection opened",
-            extra={
-                **peer.context(),
-                "event": "open",
-                "access": "rw" if rights.write else "r",
-                "extensions": extensions,
-            },
-        )
-        room = self.rooms.get(document)
-        if room is None:
-            # (Its size and tail length are learnt from its first read.)
-            room = self.rooms[document] = Room(document)
-            if self._presence is not None:
-                self._presence.add(document)  # (which asks the others who is here)
-        # Join the fan-out before reading the store: no update slips between the two.
-        room.peers.add(peer)
-        loop = asyncio.get_running_loop()
-        release_timer = loop.call_later(HOLD_LIMIT_S, peer.release)
-        sync_timer: asyncio.TimerHandle | None = loop.call_later(
-            s.sync_timeout_s, self._sync_timeout, peer
-        )
-        expiry_timer = None
-        if access.claims is not None and access.claims.exp is not None:
-            # A token is good until its exp, plus the leeway allowed for clock skew
-            # (the handshake accepted it on the same terms).
-            left = access.claims.exp + s.token_leeway_s - time.time()
-            expiry_timer = loop.call_later(
-                max(0.0, left), self._close_access, peer, "token expired"
-            )
+        wire = Wire(ws)
+        peer = self._new_peer(wire, document, access, extensions, address, Budget.of(s))
         self.stats["connections"] += 1
         self.stats["connections_opened"] += 1
         self._per_address[address] = self._per_address.get(address, 0) + 1
+        expiry_timer = self._expire_at_token(
+            access, lambda: self._close_access(peer, "token expired")
+        )
         received = 0
         handler = asyncio.current_task()
         if handler is not None:
             self._handlers.add(handler)
         try:
-            if extensions:
-                # First, before anything the room may broadcast while the store is read:
-                # the replica takes a first message that is not the hello as "no extensions".
-                session.send_hello()
-                await self._send(peer)
-            peer.joined = await self._fresh_read(room)
-            session.send_step1(peer.joined.state)
-            if room.awareness:
-                session.send_awareness(encode_awareness(list(room.awareness.values())))
-            await self._send(peer)
+            room = await self._join(peer)
             async for data in ws:
                 received += len(data)
+                peer.bytes_in += len(data)
                 peer.messages_in += 1
                 if self._stopping or peer.closing:
                     continue  # what it sent after its close began is not handled
-                checked = None
-                if len(data) >= s.offload_update_bytes and isinstance(data, bytes):
-                    # Walking a large update costs milliseconds per megabyte in Python,
-                    # under the GIL: do it in the work process (DESIGN: bounded work).
-                    self.stats["checks_in_worker"] += 1
-                    checked = await self._off_loop(check_message_update, data, check)
-                session.receive_data(data, checked)
-                delay = await self._dispatch(peer, room)
-                if session.failure is not None:
+                delay = await self._take(peer, room, data)
+                if peer.session.failure is not None:
                     break
-                if not self._queue_room.is_set():
-                    # The shared store is behind: stop reading writers (TCP slows them)
-                    # until it caught up; a store that does not is unavailable (1013).
-                    await self._wait_for_store(peer)
-                if peer.engaged and sync_timer is not None:
-                    sync_timer.cancel()
-                    sync_timer = None
                 if delay > PACE_MIN_S:
                     # Pace this connection: stop reading it for a while (its sender
                     # slows down through TCP); other connections go on (DESIGN: bounded work).
@@ -1014,9 +1152,6 @@ class Relay:
         finally:
             if handler is not None:
                 self._handlers.discard(handler)
-            release_timer.cancel()
-            if sync_timer is not None:
-                sync_timer.cancel()
             if expiry_timer is not None:
                 expiry_timer.cancel()
             if received >= BIG_CONNECTION_BYTES:
@@ -1025,32 +1160,758 @@ class Relay:
                 # stay for good: gigabytes after a few such connections.
                 self._collect_soon()
             self.stats["connections"] -= 1
-            left = self._per_address.get(address, 1) - 1
-            if left:
-                self._per_address[address] = left
-            else:
-                self._per_address.pop(address, None)
-            self._leave(room, peer)
-            self.stats["writes_dropped"] += session.writes_dropped
-            self.metrics.refusals["read_only"] += session.writes_dropped
+            self._forget_address(address)
             self.stats["bytes_in"] += received
-            self.stats["messages_in"] += peer.messages_in
+            self._part(peer)
+            code = ws.close_code if ws.close_code is not None else CloseCode.ABNORMAL
+            self.metrics.closed(code)
+
+    def _new_peer(
+        self,
+        wire: Wire,
+        document: str,
+        access: Access,
+        extensions: bool,
+        address: str,
+        budget: Budget,
+        channel: int | None = None,
+    ) -> Peer:
+        """A peer for one document on ``wire`` (its own connection, or ``channel`` of it)."""
+        s = self.settings
+        check = self._check
+        session = SyncSession(
+            max_message_bytes=s.max_message_bytes,
+            answer_piece_bytes=s.answer_piece_bytes,
+            extensions=extensions,
+            can_write=access.rights.write,
+            validate=check,
+            max_presence_bytes=s.max_presence_state_bytes * s.max_presence_states_per_connection
+            + 1024,
+            max_presence_state_bytes=s.max_presence_state_bytes,
+        )
+        peer = Peer(wire, session, document, budget, address, access)
+        peer.writer = Writer(frozenset(), access.subject)
+        peer.id = wire.ws.id.hex[:12] if channel is None else f"{wire.ws.id.hex[:12]}/{channel}"
+        peer.opened = time.monotonic()
+        if channel is not None:
+            peer.channel = channel
+            peer.header = channel_header(channel)
+        return peer
+
+    async def _join(self, peer: Peer) -> Room:
+        """Put ``peer`` in its document's room and start its sync (hello, step 1, presence).
+
+        The timers it needs start here; :meth:`_part` ends them, whatever happened.
+        """
+        log.info(
+            "connection opened",
+            extra={
+                **peer.context(),
+                "event": "open",
+                "access": "rw" if peer.access.rights.write else "r",
+                "extensions": peer.session.extensions,
+            },
+        )
+        room = self.rooms.get(peer.document)
+        if room is None:
+            # (Its size and tail length are learnt from its first read.)
+            room = self.rooms[peer.document] = Room(peer.document)
+            if self._presence is not None:
+                self._presence.add(peer.document)  # (which asks the others who is here)
+        # Join the fan-out before reading the store: no update slips between the two.
+        room.peers.add(peer)
+        peer.room = room
+        loop = asyncio.get_running_loop()
+        peer.hold_timer = loop.call_later(HOLD_LIMIT_S, peer.release)
+        peer.sync_timer = loop.call_later(self.settings.sync_timeout_s, self._sync_timeout, peer)
+        session = peer.session
+        if session.extensions:
+            # First, before anything the room may broadcast while the store is read:
+            # the replica takes a first message that is not the hello as "no extensions".
+            session.send_hello()
+            await self._send(peer)
+        peer.joined = await self._fresh_read(room)
+        session.send_step1(peer.joined.state)
+        if room.awareness:
+            session.send_awareness(encode_awareness(list(room.awareness.values())))
+        await self._send(peer)
+        return room
+
+    async def _take(self, peer: Peer, room: Room, data: bytes | str) -> float:
+        """Handle one message of ``peer``; return how long to pause reading its connection."""
+        s = self.settings
+        checked = None
+        if len(data) >= s.offload_update_bytes and isinstance(data, bytes):
+            # Walking a large update costs milliseconds per megabyte in Python,
+            # under the GIL: do it in the work process (DESIGN: bounded work).
+            self.stats["checks_in_worker"] += 1
+            checked = await self._off_loop(check_message_update, data, peer.session._validate)
+        peer.session.receive_data(data, checked)
+        delay = await self._dispatch(peer, room)
+        if peer.session.failure is not None:
+            return 0.0
+        if not self._queue_room.is_set():
+            # The shared store is behind: stop reading writers (TCP slows them)
+            # until it caught up; a store that does not is unavailable (1013).
+            await self._wait_for_store(peer)
+        if peer.engaged and peer.sync_timer is not None:
+            peer.sync_timer.cancel()
+            peer.sync_timer = None
+        return delay
+
+    def _part(self, peer: Peer) -> None:
+        """``peer`` is gone (its connection or channel closed): leave its room, end its
+        timers, count and log it. Once per peer."""
+        if peer.parted:
+            return
+        peer.parted = True
+        if peer.mux is not None:
+            peer.mux.documents.discard(peer.document)
+        if peer.hold_timer is not None:
+            peer.hold_timer.cancel()
+        if peer.sync_timer is not None:
+            peer.sync_timer.cancel()
+        if peer.room is not None:
+            self._leave(peer.room, peer)
+        session = peer.session
+        self.stats["writes_dropped"] += session.writes_dropped
+        self.metrics.refusals["read_only"] += session.writes_dropped
+        self.stats["messages_in"] += peer.messages_in
+        ws = peer.ws
+        if peer.channel is not None:
+            code, reason = peer.close_code, peer.close_reason
+        else:
+            code = ws.close_code if ws.close_code is not None else CloseCode.ABNORMAL
+            reason = ws.close_reason or ""
+        log.info(
+            "connection closed",
+            extra={
+                **peer.context(),
+                "event": "close",
+                "code": int(code),
+                "reason": reason,
+                "duration_s": round(time.monotonic() - peer.opened, 3),
+                "messages_in": peer.messages_in,
+                "bytes_in": peer.bytes_in,
+                "updates_stored": peer.updates_stored,
+                "updates_refused": peer.updates_refused,
+            },
+        )
+
+    def _expire_at_token(
+        self, access: Access, expire: Callable[[], None]
+    ) -> asyncio.TimerHandle | None:
+        """Call ``expire`` when the connection's token expires, if it has an expiry."""
+        if access.claims is None or access.claims.exp is None:
+            return None
+        # A token is good until its exp, plus the leeway allowed for clock skew
+        # (the handshake accepted it on the same terms).
+        left = access.claims.exp + self.settings.token_leeway_s - time.time()
+        return asyncio.get_running_loop().call_later(max(0.0, left), expire)
+
+    def _forget_address(self, address: str) -> None:
+        left = self._per_address.get(address, 1) - 1
+        if left:
+            self._per_address[address] = left
+        else:
+            self._per_address.pop(address, None)
+
+    # -- a multiplexed connection: many documents, folders (issue 11) ---------------------
+
+    async def _handle_mux(
+        self, ws: ServerConnection, request: Request, params: dict[str, list[str]]
+    ) -> None:
+        """Serve a multiplexed connection: each open channel is a peer in its document's
+        room, as a connection of its own would be; a channel that fails or is refused is
+        closed alone. The connection's budget is shared by its channels."""
+        access = self._access.pop(ws, None)
+        if access is None or params.get(EXTENSION_QUERY) != ["1"]:
+            self.stats["refused"] += 1
+            await ws.close(CloseCode.POLICY_VIOLATION, "a multiplexed connection needs crdtsync=1")
+            return
+        s = self.settings
+        address = self._address(ws, request)
+        mux = Mux(
+            Wire(ws),
+            request,
+            access,
+            address,
+            Budget.of(s),
+            TokenBucket(s.channel_opens_per_s, s.channel_open_burst),
+            id=ws.id.hex[:12],
+        )
+        self._muxes.add(mux)
+        self.stats["connections"] += 1
+        self.stats["connections_opened"] += 1
+        self.stats["multiplexed_connections"] += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        expiry_timer = self._expire_at_token(
+            access, lambda: self._close_mux(mux, CloseCode.UNAUTHORIZED, "token expired")
+        )
+        received = 0
+        handler = asyncio.current_task()
+        if handler is not None:
+            self._handlers.add(handler)
+        log.info("multiplexed connection started", extra={**mux.context(), "event": "connect"})
+        try:
+            await ws.send(ExtHello(MUX_VERSION).encode())
+            async for data in ws:
+                received += len(data)
+                if self._stopping or mux.wire.closing:
+                    continue
+                if isinstance(data, str):
+                    await ws.close(CloseCode.UNSUPPORTED_DATA, "text frames are not supported")
+                    break
+                try:
+                    msg = decode_message(data, max_bytes=s.max_message_bytes)
+                except CrdtsyncError as exc:
+                    code = getattr(exc, "close_code", CloseCode.PROTOCOL_ERROR)
+                    await ws.close(code, close_reason(str(exc)))
+                    break
+                delay = 0.0
+                if isinstance(msg, ExtChannel):
+                    if mux.unused(msg.channel):
+                        self._early(mux, msg)  # overtook its open (a reordering path)
+                        continue
+                    delay = await self._channel_message(mux, msg)
+                elif isinstance(msg, ExtOpen):
+                    delay = await self._open_channel(mux, msg)
+                    for early in mux.early.pop(msg.channel, ()):
+                        mux.early_bytes -= len(early.frame)
+                        delay = max(delay, await self._channel_message(mux, early))
+                elif isinstance(msg, ExtClose):
+                    peer = mux.channels.pop(msg.channel, None)
+                    if peer is not None:
+                        peer.detached = peer.closing = True
+                        self._part(peer)
+                elif isinstance(msg, ExtSubscribe):
+                    folder = self._keep_folder(mux, msg)
+                    if folder is not None:
+                        folder.task = self._run_for(mux, self._subscribe(mux, folder, msg))
+                elif isinstance(msg, ExtDigests):
+                    await self._take_digests(mux, msg)
+                elif isinstance(msg, ExtUnsubscribe):
+                    self._unsubscribe(mux, msg.folder)
+                else:
+                    await ws.close(
+                        CloseCode.PROTOCOL_ERROR,
+                        close_reason(f"{type(msg).__name__} outside a channel"),
+                    )
+                    break
+                if delay > PACE_MIN_S:
+                    await asyncio.sleep(delay)  # the whole connection is paced
+        except StoreError as exc:
+            log.error("store error: %s", exc, extra=mux.context())
+            await ws.close(exc.close_code, close_reason(f"store unavailable: {exc}"))
+        except (ConnectionClosed, ConnectionClosedByStop):
+            pass
+        except Exception:
+            log.exception("bug while serving a multiplexed connection", extra=mux.context())
+            await ws.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            if handler is not None:
+                self._handlers.discard(handler)
+            if expiry_timer is not None:
+                expiry_timer.cancel()
+            for task in mux.tasks:
+                task.cancel()
+            for number in list(mux.folders):
+                self._unsubscribe(mux, number, say=False)
+            for peer in list(mux.channels.values()):
+                peer.detached = True
+                # Its channel ended with the connection.
+                peer.close_code = ws.close_code if ws.close_code is not None else CloseCode.ABNORMAL
+                peer.close_reason = ws.close_reason or ""
+                self._part(peer)
+            mux.channels.clear()
+            self._muxes.discard(mux)
+            if received >= BIG_CONNECTION_BYTES:
+                self._collect_soon()
+            self.stats["connections"] -= 1
+            self._forget_address(address)
+            self.stats["bytes_in"] += received
             code = ws.close_code if ws.close_code is not None else CloseCode.ABNORMAL
             self.metrics.closed(code)
             log.info(
-                "connection closed",
+                "multiplexed connection ended",
                 extra={
-                    **peer.context(),
-                    "event": "close",
+                    **mux.context(),
+                    "event": "disconnect",
                     "code": int(code),
                     "reason": ws.close_reason or "",
-                    "duration_s": round(time.monotonic() - peer.opened, 3),
-                    "messages_in": peer.messages_in,
                     "bytes_in": received,
-                    "updates_stored": peer.updates_stored,
-                    "updates_refused": peer.updates_refused,
+                    "channels_opened": mux.last_channel,
                 },
             )
+
+    async def _channel_message(self, mux: Mux, msg: ExtChannel) -> float:
+        """Handle one message of an open channel; a store failure closes that channel."""
+        peer = mux.channels.get(msg.channel)
+        if peer is None or peer.closing or peer.room is None:
+            return 0.0  # closed meanwhile (its close crossed this message)
+        peer.bytes_in += len(msg.frame)
+        peer.messages_in += 1
+        try:
+            return await self._take(peer, peer.room, msg.frame)
+        except StoreError as exc:
+            log.error("store error: %s", exc, extra=peer.context())
+            self._close_channel(peer, exc.close_code, f"store unavailable: {exc}")
+            return 0.0
+
+    def _early(self, mux: Mux, msg: ExtChannel) -> None:
+        """Keep a message that came before its channel's open, a few small ones per
+        connection (its document's own sync recovers the rest: step 1 both ways)."""
+        size = len(msg.frame)
+        if mux.early_bytes + size > MAX_EARLY_BYTES or len(mux.early) >= 64:
+            return
+        mux.early.setdefault(msg.channel, []).append(msg)
+        mux.early_bytes += size
+
+    def _run_for(self, mux: Mux, work: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``work`` for ``mux`` beside its reading; cancelled when it closes."""
+
+        async def run() -> None:
+            try:
+                await work
+            except StoreError as exc:
+                log.error("store error: %s", exc, extra=mux.context())
+                self._close_mux(mux, exc.close_code, f"store unavailable: {exc}")
+            except (ConnectionClosed, asyncio.CancelledError):
+                pass
+            except Exception:
+                log.exception("bug while serving a folder", extra=mux.context())
+                self._close_mux(mux, CloseCode.INTERNAL_ERROR, "internal error")
+
+        task = asyncio.get_running_loop().create_task(run())
+        mux.tasks.add(task)
+        task.add_done_callback(mux.tasks.discard)
+        return task
+
+    def _close_mux(self, mux: Mux, code: int, reason: str) -> None:
+        if mux.wire.closing:
+            return
+        mux.wire.closing = True
+        if code == CloseCode.UNAUTHORIZED:
+            self.stats["closed_unauthorized"] += 1
+        log.info("closing a multiplexed connection: %s", reason, extra=mux.context())
+        for peer in mux.channels.values():
+            peer.closing = True
+        self._close_later(mux.wire.ws, code, close_reason(reason))
+
+    async def _open_channel(self, mux: Mux, msg: ExtOpen) -> float:
+        """Open a channel on a document, or refuse it alone; return a pause for the
+        connection (each open reads the store, as a sync request does)."""
+        s = self.settings
+        number = msg.channel
+        if not mux.unused(number):
+            # A repeat of an open (a duplicating path) or a stale one: never a second
+            # channel with one number, and never a close of the live one (costs nothing).
+            return 0.0
+        if len(mux.used) >= 2 * s.max_channels_per_connection:
+            # Numbers skipped without end (they are to be used in order).
+            self._close_mux(mux, CloseCode.POLICY_VIOLATION, "channel numbers out of order")
+            return 0.0
+        mux.use(number)
+        if len(mux.channels) >= s.max_channels_per_connection:
+            self._refuse_channel(
+                mux,
+                number,
+                CloseCode.TRY_AGAIN_LATER,
+                f"over {s.max_channels_per_connection} documents on one connection",
+            )
+            return 0.0
+        delay = mux.opens.take(time.monotonic())
+        if msg.document in mux.documents:
+            # (A fan-out to it would be copied once per channel.) Its close may be on
+            # the way: the replica opens it again after a backoff.
+            self._refuse_channel(
+                mux, number, CloseCode.TRY_AGAIN_LATER, "document already open on this connection"
+            )
+            return 0.0
+        try:
+            document = validate_document_name(msg.document)
+            access = await self._channel_access(mux, document)
+        except InvalidDocumentName as exc:
+            self.stats["refused"] += 1
+            self._refuse_channel(mux, number, exc.close_code, str(exc))
+            return delay
+        except AccessDenied as exc:
+            # As a connection of its own would get HTTP 403: the rights may come back.
+            self.stats["refused"] += 1
+            self._refuse_channel(mux, number, CloseCode.FORBIDDEN, str(exc))
+            return delay
+        except TokenRefused as exc:
+            self.stats["refused_unauthorized"] += 1
+            self._refuse_channel(mux, number, CloseCode.UNAUTHORIZED, f"token {exc.reason}")
+            return delay
+        except TimeoutError:
+            self._refuse_channel(mux, number, CloseCode.TRY_AGAIN_LATER, "authorization timed out")
+            return delay
+        peer = self._new_peer(
+            mux.wire, document, access, True, mux.address, mux.budget.channel(s), channel=number
+        )
+        peer.mux = mux
+        mux.channels[number] = peer
+        mux.documents.add(document)
+        self.stats["channels_opened"] += 1
+        try:
+            await self._join(peer)
+        except StoreError as exc:
+            log.error("store error: %s", exc, extra=peer.context())
+            self._close_channel(peer, exc.close_code, f"store unavailable: {exc}")
+        return delay
+
+    async def _channel_access(self, mux: Mux, document: str) -> Access:
+        """The connection's rights to ``document`` (its token's, and ``authorize``'s).
+
+        Raises:
+            AccessDenied: no right to read it.
+            TokenRefused: its token was revoked.
+            TimeoutError: a hook took too long.
+        """
+        try:
+            access = await self._decide_access(
+                mux.request, document, mux.access.claims, verified=True
+            )
+        except AccessDenied:
+            self.stats["refused_forbidden"] += 1
+            raise
+        if not access.rights.read:
+            self.stats["refused_forbidden"] += 1
+            raise AccessDenied(f"no access to {document!r}")
+        return access
+
+    def _refuse_channel(self, mux: Mux, number: int, code: int, reason: str) -> None:
+        mux.wire.push(ExtClose(number, int(code), close_reason(reason)).encode())
+
+    def _close_channel(self, peer: Peer, code: int, reason: str) -> None:
+        """Close one channel of a multiplexed connection; the others go on."""
+        if peer.detached or peer.mux is None or peer.channel is None:
+            return
+        peer.wire.push(ExtClose(peer.channel, int(code), close_reason(reason)).encode())
+        peer.detached = peer.closing = True
+        peer.close_code, peer.close_reason = int(code), reason
+        peer.mux.channels.pop(peer.channel, None)
+        # Not now: the caller may be walking the room's peers.
+        asyncio.get_running_loop().call_soon(self._part, peer)
+
+    def _close_peer(self, peer: Peer, code: int, reason: str) -> None:
+        """Close a peer from synchronous code: its connection, or its channel alone."""
+        if peer.channel is not None:
+            self._close_channel(peer, code, reason)
+        else:
+            self._close_later(peer.ws, code, reason)
+
+    # -- folders --------------------------------------------------------------------------
+
+    def _keep_folder(self, mux: Mux, msg: ExtSubscribe) -> Folder | None:
+        """Register a folder at once, in the connection's order (an unsubscribe right
+        behind it finds it); None if it is refused or already kept."""
+        s = self.settings
+        kept = mux.folders.get(msg.folder)
+        if kept is not None:
+            if kept.prefix != msg.prefix:
+                self._refuse_folder(
+                    mux, msg.folder, CloseCode.PROTOCOL_ERROR, "folder number already used"
+                )
+            return None  # the same request again (a duplicating path): it is being served
+        if len(mux.folders) >= s.max_folders_per_connection:
+            self._refuse_folder(
+                mux,
+                msg.folder,
+                CloseCode.TRY_AGAIN_LATER,
+                f"over {s.max_folders_per_connection} folders on one connection",
+            )
+            return None
+        try:
+            prefix = validate_prefix(msg.prefix)
+        except InvalidDocumentName as exc:
+            self._refuse_folder(mux, msg.folder, CloseCode.POLICY_VIOLATION, str(exc))
+            return None
+        folder = Folder(msg.folder, prefix)
+        mux.folders[msg.folder] = folder
+        # Announcements are collected from now: what changes during the listing is
+        # announced after it (twice at worst: harmless).
+        self._folders.add(prefix, (mux, folder))
+        return folder
+
+    async def _subscribe(self, mux: Mux, folder: Folder, msg: ExtSubscribe) -> None:
+        """List what changed in ``folder`` after the connection's cursor (or ask for
+        digests when the cursor is of no use here), then announce changes as they come."""
+        store, epoch = await self._store_identity()
+        head = await self._last_change()
+        folder.head = head
+        # Started from this head (not from what the store says when the task first
+        # runs): what changes after it reaches the folder, what changed before is listed.
+        self._watch_changes(head)
+        cursor = Cursor(msg.store, msg.epoch, msg.cursor)
+        if cursor.valid_on(store, epoch) and cursor.position <= head:
+            self.stats["folder_cursors_used"] += 1
+            async with mux.listing:
+                await self._list(mux, folder, cursor.position, head, None)
+            self._caught_up(mux, folder)
+        else:
+            # Another store's cursor, a restored store's, or none: what the connection
+            # holds is compared by digests (ExtDigests), then the rest is listed.
+            self.stats["folder_digest_exchanges"] += 1
+            folder.held = set()
+            mux.wire.push(
+                ExtChanged(folder.number, (), store, epoch, 0, digests_wanted=True).encode()
+            )
+
+    async def _list(
+        self, mux: Mux, folder: Folder, after: int, head: int, skip: set[int] | None
+    ) -> None:
+        """Announce the folder's documents changed after ``after`` up to ``head``, a page
+        at a time (never the whole folder in memory); ``skip``: hashes of names not to
+        announce (the connection said it lacks the others). Listed from a cursor, each
+        comes with its digest: the connection may hold it already (its own edits, sent
+        after its cursor was recorded), and then exchanges nothing for it."""
+        store, epoch = await self._store_identity()
+        cursor = after
+        while cursor < head and not mux.wire.closing and mux.folders.get(folder.number) is folder:
+            # Paced before the page is read: its cost is charged from the last one.
+            await self._pace_work(mux, 0.0)
+            started = time.monotonic()
+            changes = await self._changes(cursor, CHANGES_PAGE, listing=folder.prefix)
+            if not changes:
+                break
+            names = [
+                c.document
+                for c in changes
+                if c.cursor <= head
+                and in_folder(c.document, folder.prefix)
+                and (skip is None or hash(c.document) not in skip)
+            ]
+            cursor = min(head, changes[-1].cursor)
+            names = await self._readable(mux, names)
+            digests = None
+            if skip is None and names:
+                ours = await self._digests(names)
+                digests = [ours[n] for n in names]
+            spent = time.monotonic() - started
+            await self._announce_now(mux, folder, names, store, epoch, cursor, digests)
+            # Reading the log and the documents is the connection's work: paced by its
+            # share, so that one old cursor cannot hold the work process for long.
+            await self._pace_work(mux, spent)
+            if changes[-1].cursor >= head or len(changes) < CHANGES_PAGE:
+                break
+
+    def _caught_up(self, mux: Mux, folder: Folder) -> None:
+        """The folder's listing reached its head: say so, then go live."""
+        if mux.folders.get(folder.number) is not folder:
+            return
+        folder.live = True
+        folder.cursor = max(folder.cursor, folder.head)
+        store, epoch = self._identity or ("", 0)
+        pending = list(folder.pending)
+        folder.pending.clear()
+        for i in range(0, len(pending), MAX_NAMES_PER_MESSAGE):
+            part = tuple(pending[i : i + MAX_NAMES_PER_MESSAGE])
+            mux.wire.push(ExtChanged(folder.number, part, store, epoch, 0).encode())
+        mux.wire.push(
+            ExtChanged(folder.number, (), store, epoch, folder.cursor, caught_up=True).encode()
+        )
+
+    def _announce(
+        self, mux: Mux, folder: Folder, names: list[str], store: str, epoch: int, cursor: int
+    ) -> None:
+        backlog = mux.wire.backlog()
+        if backlog > self.settings.max_write_buffer_bytes:
+            # A connection that does not read its announcements cannot make the relay
+            # keep them (its channels' frames are under the backlog rule already).
+            self.stats["closed_slow"] += 1
+            self._close_mux(mux, CloseCode.TRY_AGAIN_LATER, "reader too slow; reconnect")
+            return
+        for i in range(0, max(1, len(names)), MAX_NAMES_PER_MESSAGE):
+            part = tuple(names[i : i + MAX_NAMES_PER_MESSAGE])
+            mux.wire.push(ExtChanged(folder.number, part, store, epoch, cursor).encode())
+            self.stats["documents_announced"] += len(part)
+
+    async def _announce_now(
+        self,
+        mux: Mux,
+        folder: Folder,
+        names: list[str],
+        store: str,
+        epoch: int,
+        cursor: int,
+        digests: list[bytes] | None = None,
+    ) -> None:
+        """:meth:`_announce`, waiting for the socket to take it (a listing of a large
+        folder is paced by its reader, never piled up in memory)."""
+        for i in range(0, max(1, len(names)), MAX_NAMES_PER_MESSAGE):
+            part = tuple(names[i : i + MAX_NAMES_PER_MESSAGE])
+            some = tuple(digests[i : i + MAX_NAMES_PER_MESSAGE]) if digests else ()
+            frame = ExtChanged(folder.number, part, store, epoch, cursor, digests=some).encode()
+            if mux.wire.outbox is None:
+                await mux.wire.ws.send(frame)
+            else:
+                mux.wire.push(frame)
+            self.stats["documents_announced"] += len(part)
+
+    async def _take_digests(self, mux: Mux, msg: ExtDigests) -> None:
+        """Compare what the connection holds with the store: announce what differs; after
+        the last batch, the rest of the folder (what it lacks), then go live."""
+        folder = mux.folders.get(msg.folder)
+        if folder is None or folder.held is None:
+            return  # not (or no longer) waiting for digests: a late batch
+        names = [n for n, _ in msg.entries if in_folder(n, folder.prefix)]
+        if len(folder.held) + len(names) > self.settings.max_folder_documents:
+            self._refuse_folder(
+                mux,
+                folder.number,
+                CloseCode.TRY_AGAIN_LATER,
+                f"over {self.settings.max_folder_documents} documents described in one folder",
+            )
+            return
+        folder.held.update(hash(n) for n in names)
+        started = time.monotonic()
+        readable = set(await self._readable(mux, names))
+        given = {n: d for n, d in msg.entries if n in readable}
+        ours = await self._digests(list(given))
+        await self._pace_work(mux, time.monotonic() - started)
+        differ = [n for n, d in given.items() if ours.get(n) != d]
+        store, epoch = await self._store_identity()
+        if differ:
+            await self._announce_now(mux, folder, differ, store, epoch, 0)
+        if msg.last:
+            held, folder.held = folder.held, None
+            folder.task = self._run_for(mux, self._list_rest(mux, folder, held))
+
+    async def _list_rest(self, mux: Mux, folder: Folder, held: set[int]) -> None:
+        async with mux.listing:
+            await self._list(mux, folder, 0, folder.head, held)
+        self._caught_up(mux, folder)
+
+    async def _pace_work(self, mux: Mux, spent: float) -> None:
+        """Charge ``spent`` seconds of reading to the connection; wait out any debt."""
+        wait = mux.budget.work.take(time.monotonic(), spent)
+        if wait > PACE_MIN_S:
+            await asyncio.sleep(wait)
+
+    def _unsubscribe(self, mux: Mux, number: int, *, say: bool = False) -> None:
+        folder = mux.folders.pop(number, None)
+        if folder is not None:
+            self._folders.discard(folder.prefix, (mux, folder))
+            if folder.task is not None:
+                folder.task.cancel()  # its listing ends with it
+
+    def _refuse_folder(self, mux: Mux, number: int, code: int, reason: str) -> None:
+        self._unsubscribe(mux, number)
+        mux.wire.push(ExtUnsubscribe(number, int(code), close_reason(reason)).encode())
+
+    async def _readable(self, mux: Mux, names: list[str]) -> list[str]:
+        """Those of ``names`` the connection may read: a name it may not is never told."""
+        out = []
+        for name in names:
+            try:
+                access = await self._decide_access(
+                    mux.request, name, mux.access.claims, verified=True, ask_revoked=False
+                )
+            except (AccessDenied, TokenRefused, TimeoutError):
+                continue
+            except Exception:
+                log.exception("authorize hook failed", extra={"document": name})
+                continue
+            if access.rights.read:
+                out.append(name)
+        return out
+
+    async def _digests(self, names: list[str]) -> dict[str, bytes]:
+        """The store's digest of each of ``names`` (crdtsync.folders), off the loop."""
+        if not names:
+            return {}
+        if self.backend is None:
+            assert self.store is not None
+            digests = await self._off_loop(digest_file, self.store.path, names)
+            return dict(zip(names, digests, strict=True))
+        out = {}
+        for name in names:
+            stored = await self.backend.load(name)
+            out[name] = await self._off_loop(document_digest, stored.all_updates())
+        return out
+
+    async def _store_identity(self) -> tuple[str, int]:
+        if self.backend is not None:
+            identity = await self.backend.identity()
+            self._identity = (identity.id, identity.epoch)
+        else:
+            assert self.store is not None
+            self._identity = self.store.identity()
+        return self._identity
+
+    async def _last_change(self) -> int:
+        if self.backend is not None:
+            return await self.backend.last_change()
+        assert self.store is not None
+        return self.store.last_position()
+
+    async def _changes(
+        self, cursor: int, limit: int, *, listing: str | None = None
+    ) -> list[Change]:
+        """The store's changes after ``cursor``; a listing's (of the folder ``listing``,
+        from a cursor that may be old: much of the log to read) off the loop."""
+        if self.backend is not None:
+            return await self.backend.changes(cursor, limit)
+        assert self.store is not None
+        if listing is not None:
+            rows = await self._off_loop(changes_file, self.store.path, cursor, limit, listing)
+        else:
+            rows = self.store.changes(cursor, limit)
+        return [Change(doc, p) for doc, p in rows]
+
+    def _watch_changes(self, start: int) -> None:
+        """Announce changes after ``start`` to the folders kept (if nothing does yet)."""
+        if self._change_watcher is None or self._change_watcher.done():
+            self._change_watcher = asyncio.get_running_loop().create_task(
+                self._follow_changes(start)
+            )
+
+    async def _follow_changes(self, seen: int) -> None:
+        """Announce every change of the store after ``seen`` to the folders it is in, while
+        any are kept.
+
+        On SQLite this process made every change: it looks when a commit woke it. A
+        shared store is read every CHANGES_POLL_S, since other processes change it.
+        """
+        backoff = Backoff(*FOLLOW_BACKOFF_S)
+        while self._folders and not self._stopping:
+            try:
+                changes = await self._changes(seen, CHANGES_PAGE)
+            except StoreError as exc:
+                log.warning("reading the store's changes failed: %s", exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            if changes:
+                seen = changes[-1].cursor
+                await self._deliver_changes(changes)
+                if len(changes) == CHANGES_PAGE:
+                    continue
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CHANGES_POLL_S if self._shared else 1.0):
+                    await self._changed.wait()
+
+    async def _deliver_changes(self, changes: list[Change]) -> None:
+        store, epoch = self._identity or await self._store_identity()
+        touched: dict[tuple[Mux, Folder], list[str]] = {}
+        for change in changes:
+            for _, (mux, folder) in self._folders.matching(change.document):
+                touched.setdefault((mux, folder), []).append(change.document)
+        cursor = changes[-1].cursor
+        for (mux, folder), names in touched.items():
+            if mux.wire.closing or mux.folders.get(folder.number) is not folder:
+                continue
+            # (Documents open on its channels too: it may be closing one of them.)
+            names = await self._readable(mux, names)
+            if not folder.live:
+                folder.pending.update(dict.fromkeys(names))
+                continue
+            folder.cursor = max(folder.cursor, cursor)
+            # Sent with no names too: the connection's cursor moves past what it has.
+            self._announce(mux, folder, names, store, epoch, folder.cursor)
 
     def _collect_soon(self) -> None:
         """A garbage collection, at most once a second (a full one costs milliseconds)."""
@@ -1070,7 +1931,7 @@ class Relay:
         peer.closing = True
         self.stats["closed_unauthorized"] += 1
         log.info("closing a connection: %s", reason, extra=peer.context())
-        self._close_later(peer.ws, CloseCode.UNAUTHORIZED, reason)
+        self._close_peer(peer, CloseCode.UNAUTHORIZED, reason)
 
     async def _ask_revoked(self, claims: TokenClaims, document: str) -> bool:
         """The ``revoked`` hook's answer, within AUTHORIZE_TIMEOUT_S.
@@ -1130,6 +1991,22 @@ class Relay:
             ]
             for i in range(0, len(peers), 256):  # bounded concurrency towards the hook
                 await asyncio.gather(*(ask(p) for p in peers[i : i + 256]))
+            # A multiplexed connection's folders are announced under its token too: asked
+            # for each prefix it keeps (its channels were asked above, as documents).
+            muxes = [m for m in self._muxes if m.access.claims is not None and m.folders]
+            for mux in muxes:
+                for folder in list(mux.folders.values()):
+                    if await self._mux_revoked(mux, folder.prefix):
+                        self._close_mux(mux, CloseCode.UNAUTHORIZED, "token revoked")
+                        break
+
+    async def _mux_revoked(self, mux: Mux, prefix: str) -> bool:
+        assert mux.access.claims is not None
+        try:
+            return await self._ask_revoked(mux.access.claims, prefix)
+        except Exception as exc:
+            log.error("revoked hook failed: %r", exc, extra=mux.context())
+            return False
 
     def _sync_timeout(self, peer: Peer) -> None:
         if not peer.engaged:
@@ -1143,7 +2020,7 @@ class Relay:
         peer.closing = True
         self.stats["closed_over_limits"] += 1
         log.info("closing a connection: %s", reason, extra=peer.context())
-        self._close_later(peer.ws, CloseCode.POLICY_VIOLATION, close_reason(reason))
+        self._close_peer(peer, CloseCode.POLICY_VIOLATION, close_reason(reason))
 
     def _strike(self, peer: Peer, reason: str) -> None:
         """Count a refusal; a connection that keeps going over a cap is closed (1008)."""
@@ -1160,6 +2037,11 @@ class Relay:
     async def _answer(self, room: Room, read: Read, state_vector: bytes) -> list[bytes]:
         """The answer to a step 1, cut into pieces; shared by peers that ask the same of
         the same read (a crowd of new joiners all send an empty state vector)."""
+        if read.merged is not None:
+            # A small document: answering costs less than a task to share the answer.
+            return split_update(
+                get_update(read.merged, state_vector), self.settings.answer_piece_bytes
+            )
         cached, answers = room.answers
         if cached != read.id:
             answers = {}
@@ -1299,8 +2181,11 @@ class Relay:
 
     async def _send(self, peer: Peer) -> None:
         for frame in peer.session.data_to_send():
+            if peer.detached:
+                continue
             if peer.outbox is None and len(frame) < LARGE_FRAME_BYTES:
-                await peer.ws.send(frame)  # waits for the socket to drain: backpressure
+                # Waits for the socket to drain: backpressure.
+                await peer.ws.send(peer.header + frame)
             else:
                 peer.push(frame)
 
@@ -1358,7 +2243,7 @@ class Relay:
                     if lookup and not self._shared:
                         comparison, spent = await self._compare(peer, event.update, lookup)
                         delay = max(delay, budget.work.take(time.monotonic(), spent))
-                        if peer.ws.close_code is not None:
+                        if peer.gone:
                             return 0.0
                 self._submit(
                     _Pending(peer, event.update, event.key, event.info, peer.writer, comparison)
@@ -1372,7 +2257,7 @@ class Relay:
                     # Each answer reads the stored document: a peer asking too often waits
                     # (and what it asks meanwhile is answered once, afterwards).
                     await asyncio.sleep(wait)
-                    if peer.ws.close_code is not None:
+                    if peer.gone:
                         return 0.0
                 started = time.monotonic()
                 read = peer.joined
@@ -1415,7 +2300,10 @@ class Relay:
                     extra={**peer.context(), "code": event.close_code},
                 )
                 await self._send(peer)
-                await peer.ws.close(event.close_code, event.reason)
+                if peer.channel is not None:
+                    self._close_channel(peer, event.close_code, event.reason)
+                else:
+                    await peer.ws.close(event.close_code, event.reason)
                 return 0.0
         await self._send(peer)
         if answered and peer.held is not None:
@@ -1424,6 +2312,9 @@ class Relay:
 
     def _leave(self, room: Room, peer: Peer) -> None:
         room.peers.discard(peer)
+        if peer.mux is not None:
+            peer.mux.presence_states -= len(peer.awareness_clients)
+            peer.mux.presence_bytes -= sum(peer.presence_bytes.values())
         gone = [
             AwarenessEntry(cid, clock + 1, None)
             for cid, clock in peer.awareness_clients.items()
@@ -1475,7 +2366,9 @@ class Relay:
                 continue
             if entry.removed:
                 self._forget_presence(room, cid)
-                peer.awareness_clients.pop(cid, None)
+                if peer.awareness_clients.pop(cid, None) is not None and peer.mux is not None:
+                    peer.mux.presence_states -= 1
+                    peer.mux.presence_bytes -= peer.presence_bytes.pop(cid, 0)
                 accepted.append(entry)
                 continue
             old_size = current.size if current is not None else 0
@@ -1486,6 +2379,23 @@ class Relay:
                     peer, f"more than {s.max_presence_states_per_connection} presence states"
                 )
                 continue
+            mux = peer.mux
+            if mux is not None:
+                # A multiplexed connection's states together: about one per open
+                # document (a replica's own), not the per-connection cap per channel.
+                known = cid in peer.awareness_clients
+                grow = entry.size - peer.presence_bytes.get(cid, 0)
+                cap = s.max_presence_states_per_connection + len(mux.channels)
+                if (not known and mux.presence_states >= cap) or (
+                    mux.presence_bytes + grow
+                    > s.max_presence_state_bytes * s.max_presence_states_per_connection
+                    + PRESENCE_BYTES_PER_CHANNEL * len(mux.channels)
+                ):
+                    self._strike(peer, "presence over its connection's share")
+                    continue
+                mux.presence_states += 0 if known else 1
+                mux.presence_bytes += grow
+                peer.presence_bytes[cid] = entry.size
             if current is None and len(room.awareness) >= s.max_presence_states_per_room:
                 self._strike(peer, f"room holds {s.max_presence_states_per_room} presence states")
                 continue
@@ -1520,7 +2430,7 @@ class Relay:
         Every frame goes under this rule (presence included): a peer that does not read
         cannot make the relay hold more than its share for it.
         """
-        broadcast([p.ws for p in peers if not p.closing and p.outbox is None], frame)
+        _broadcast([p for p in peers if not p.closing and p.outbox is None], frame)
         for p in peers:
             if p.outbox is not None and not p.closing:
                 p.push(frame)
@@ -1549,7 +2459,7 @@ class Relay:
         now = time.monotonic() if now is None else now
         total = 0
         for p in peers:
-            if p.closing or p.ws.transport is None:
+            if p.closing or p.wire.closing or p.ws.transport is None:
                 continue
             size = p.backlog()
             if size <= limit:
@@ -1590,6 +2500,10 @@ class Relay:
         timeout), and what is buffered for it stays until the connection is cut: after
         ``close_timeout_s``, or at once with ``cut`` (the memory is needed now)."""
         peer.closing = True
+        if peer.wire.closing:
+            return
+        # (A channel's connection is slow for all its channels: it is closed whole.)
+        peer.wire.closing = True
         self.stats["closed_slow"] += 1
         self._close_later(peer.ws, CloseCode.TRY_AGAIN_LATER, reason)
         loop = asyncio.get_running_loop()
@@ -1629,10 +2543,9 @@ class Relay:
         # Memory held for peers: transport buffers, and each large frame waiting in
         # outboxes once (several peers' outboxes share it).
         waiting = {id(f): len(f) for p in peers if p.outbox for f in p.outbox}
+        wires = {p.wire for p in peers if not p.closing and p.ws.transport is not None}
         total = sum(waiting.values()) + sum(
-            p.ws.transport.get_write_buffer_size()
-            for p in peers
-            if not p.closing and p.ws.transport is not None
+            w.ws.transport.get_write_buffer_size() for w in wires if w.ws.transport is not None
         )
         if total <= budget:
             return
@@ -1755,13 +2668,13 @@ class Relay:
                 self._staging_ledgers.pop(name, None)
             for name in names:
                 for peer, fresh in self._claims_waiting.pop(name, []):
-                    if peer.closing or peer.ws.close_code is not None:
+                    if peer.closing or peer.gone:
                         continue
                     try:
                         self._record_claims(peer, fresh)
                     except StoreError as exc:
                         reason = close_reason(f"store unavailable: {exc}")
-                        self._close_later(peer.ws, exc.close_code, reason)
+                        self._close_peer(peer, exc.close_code, reason)
             deferred = [item for name in names for item in self._deferred.pop(name, [])]
             if deferred:
                 # Before anything of theirs submitted since (each document's own order
@@ -1785,7 +2698,7 @@ class Relay:
             # What it sent after this is not stored either (it would leave a hole in its
             # clocks): its replica sends it all again on reconnect.
             peer.closing = True
-            self._close_later(peer.ws, exc.close_code, close_reason(f"store unavailable: {exc}"))
+            self._close_peer(peer, exc.close_code, close_reason(f"store unavailable: {exc}"))
         if self._queue:
             self._queue = [item for item in self._queue if item.peer not in failed]
 
@@ -1793,6 +2706,7 @@ class Relay:
         self, batch: list[_Pending], stored: list[_Pending], ledgers: dict[str, Ledger]
     ) -> None:
         """After a commit: fan out, acknowledge and refuse, in the order received."""
+        self._changed.set()
         self.stats["updates_stored"] += len(stored)
         self.stats["commits"] += 1
         by_room: dict[str, list[_Pending]] = {}
@@ -2070,7 +2984,7 @@ class Relay:
         live = [p for p in room.peers if p not in ext_senders and not p.closing]
         for frame in frames:
             if isinstance(frame, bytes) and len(frame) < LARGE_FRAME_BYTES:
-                broadcast([p.ws for p in live if p.held is None and p.outbox is None], frame)
+                _broadcast([p for p in live if p.held is None and p.outbox is None], frame)
                 for p in live:
                     if p.held is not None or p.outbox is not None:
                         p.send_update_frame(frame)
@@ -2559,7 +3473,7 @@ class Relay:
                         self._positions.pop(name, None)
                     for peer in {item.peer for item in batch}:
                         peer.closing = True
-                        self._close_later(peer.ws, CloseCode.INTERNAL_ERROR, "internal error")
+                        self._close_peer(peer, CloseCode.INTERNAL_ERROR, "internal error")
         finally:
             self._committer = None
             self._queue_room.set()
@@ -2948,3 +3862,16 @@ def _lock_store(path: str) -> IO[bytes]:
 
 def _awareness_frame(payload: bytes) -> bytes:
     return AwarenessMessage(payload).encode()
+
+
+def _broadcast(peers: Iterable[Peer], frame: bytes) -> None:
+    """Send a small frame now to peers with nothing queued on their connections: one
+    broadcast to the connections of their own, each channel with its header."""
+    direct = []
+    for p in peers:
+        if not p.header:
+            direct.append(p.ws)
+        elif not p.detached:
+            broadcast([p.ws], p.header + frame)
+    if direct:
+        broadcast(direct, frame)

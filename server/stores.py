@@ -138,6 +138,10 @@ class SqliteStore:
             self._cpu, compact_file, self.address, document, self.synchronous
         )
 
+    async def last_change(self) -> int:
+        """The cursor of the latest change (a position)."""
+        return self.log.last_position()
+
     async def changes(self, cursor: int, limit: int) -> list[Change]:
         """Documents changed after ``cursor``, oldest change first (cursor: a position)."""
         return [Change(doc, p) for doc, p in self.log.changes(cursor, limit)]

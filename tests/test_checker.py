@@ -79,3 +79,26 @@ def test_structs_waiting_behind_a_gap_do_not_count_as_present():
     edit_c = EditRecord.from_update("c", "S", 2, updates[2])
     violations = check_history([edit_c], [final_state("P", partial.get_update())])
     assert [v.kind for v in violations] == ["lost-applied"]
+
+
+def test_violations_in_one_of_many_documents_name_it_and_edits_are_keyed_by_it():
+    a, b = Doc(), Doc()
+    updates: list[bytes] = []
+    sub = a.observe(lambda e: updates.append(e.update))
+    with a.transaction():
+        a.get("t", type=Text).insert(0, "hello")
+    a.unobserve(sub)
+    edit = EditRecord.from_update("a1", "A", 3, updates[0], True, document="team/0007")
+    assert edit.key == ("team/0007", "a1")
+    finals = [final_state("A", a.get_update()), final_state("B", b.get_update())]
+    violations = check_history([edit], finals, document="team/0007")
+    assert [(v.kind, v.document) for v in violations] == [
+        ("diverged", "team/0007"),
+        ("lost-acknowledged", "team/0007"),
+    ]
+    assert all(v.message.startswith("document team/0007: ") for v in violations)
+    assert "edit a1 (acknowledged by the relay on A at step 3)" in violations[1].message
+    # Without a document (one-document campaigns) the messages are as they were.
+    plain = check_history([edit], finals)
+    assert [v.document for v in plain] == [None, None]
+    assert plain[1].message.startswith("edit a1 (acknowledged")

@@ -232,7 +232,7 @@ def test_truncated_payload_names_declared_and_present_lengths() -> None:
         (b"\x80\x01", "unknown message type 128"),
         (b"\x00\x03\x00", "unknown sync message type 3"),
         (b"\x02\x01\x00", "unknown auth message type 1"),
-        (b"\x64\x09", "unknown crdtsync extension message type 9"),
+        (b"\x64\x63", "unknown crdtsync extension message type 99"),
     ],
 )
 def test_unknown_message_type_is_malformed(data: bytes, message: str) -> None:

@@ -324,7 +324,8 @@ async def test_reordered_extension_hello_still_gives_acknowledgements(
     events: list[dict[str, Any]] = []
     async with FaultProxy(relay.url, rng=Scripted(), on_event=events.append) as proxy:
         proxy.set_reorder(1.0, window=2)  # the relay's hello and step 1 swap places
-        async with Replica(tmp_path / "a.db", relay=proxy.url) as a:
+        # (A connection of its own: the premise is about one document's first messages.)
+        async with Replica(tmp_path / "a.db", relay=proxy.url, multiplex=False) as a:
             doc = await a.open(DOC)
             mark(doc, "a", 1)
 
@@ -357,7 +358,8 @@ async def test_swapped_updates_converge_without_a_reconnect(
     async with (
         FaultProxy(relay.url, rng=Scripted(), max_hold_s=2, on_event=events.append) as proxy,
         Replica(tmp_path / "a.db", relay=relay.url) as a,  # A talks to the relay directly
-        Replica(tmp_path / "b.db", relay=proxy.url) as b,
+        # (B on a connection of its own: the premise names the frames of one document)
+        Replica(tmp_path / "b.db", relay=proxy.url, multiplex=False) as b,
     ):
         doc_a = await a.open(DOC)
         doc_b = await b.open(DOC)

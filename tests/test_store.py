@@ -494,6 +494,7 @@ def test_fresh_file_gets_the_schema(path: Path) -> None:
         ("crdtsync", "m003_snapshot_chunks"),
         ("crdtsync", "m004_update_chunks"),
         ("crdtsync", "m005_identity"),
+        ("crdtsync", "m006_kept_folders"),
     ]
 
 

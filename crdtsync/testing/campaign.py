@@ -55,6 +55,7 @@ from .checker import (
     check_history,
     converged,
     final_state,
+    in_document,
     stored_conflicts,
 )
 from .processes import CommandChild, HostileChild, ProcessFailed, RelayChild, WorkerChild
@@ -87,13 +88,25 @@ LOCAL_ONLY = {"kill-relay", "kill-redis"}
 BACKENDS = ("sqlite", "redis")
 REDIS_FAULT = "kill-redis"  # the Redis backend's own fault kind (not in FAULT_KINDS)
 DOCUMENT = "check/doc"
+FOLDER = "check/"  # with ``documents`` > 1: every replica keeps it
+HOT_DOCUMENTS = 8  # ... and half of the edits go to its first documents (more conflicts)
+
+
+def document_names(n: int) -> list[str]:
+    """The documents of a campaign over ``n`` (> 1) documents: ``check/0000``..."""
+    width = max(4, len(str(n - 1)))
+    return [f"{FOLDER}{i:0{width}d}" for i in range(n)]
 
 
 @dataclass(frozen=True, slots=True)
 class Step:
     """One logical step of a schedule.
 
-    ``kind`` is ``edit`` (``count`` edits by replica ``target``), ``attack`` (``count``
+    ``kind`` is ``edit`` (``count`` edits by replica ``target``, in ``document`` when the
+    campaign has many), ``close`` (replica ``target`` closes the ``count`` documents it
+    used least recently: they go on syncing in its file, not open), ``populate``
+    (replica ``target`` makes one edit in each of its share of the ``count`` documents:
+    every ``replicas``-th one), ``attack`` (``count``
     actions of hostile participant ``target``), a fault (``partition``,
     ``heal``, ``drop``, ``duplicate``/``reorder``/``delay`` with ``amount``, ``clear``,
     ``kill-relay``, ``restart-relay``, ``kill-replica``, ``lose-replica`` (killed and its
@@ -105,10 +118,15 @@ class Step:
     target: int = 0
     count: int = 0
     amount: float = 0.0
+    document: str = ""  # an edit's, in a campaign over many documents
 
     def __str__(self) -> str:
-        if self.kind in ("edit", "attack"):
+        if self.kind == "edit" and self.document:
+            return f"edit(replica {self.target}, {self.count}, {self.document})"
+        if self.kind in ("edit", "attack", "close"):
             return f"{self.kind}(replica {self.target}, {self.count})"
+        if self.kind == "populate":
+            return f"populate(replica {self.target}, its share of {self.count} documents)"
         if self.kind in ("duplicate", "reorder", "delay"):
             return f"{self.kind}(link {self.target}, {self.amount:g})"
         if self.kind in ("kill-relay", "restart-relay"):
@@ -127,6 +145,12 @@ class CampaignConfig:
     ``hostile`` participants join on top of the ``replicas`` honest ones: their steps
     are attacks (:mod:`crdtsync.testing.hostile`), their links and processes take the
     same faults, and their own state is not judged.
+
+    ``documents`` > 1: every replica keeps the folder ``check/`` (``Replica.keep``) and
+    edits spread over ``check/0000``... ``open_documents`` at most are open at a time in
+    a replica (it closes the least recently used); the others sync into its file
+    without being open. Every replica's file must end up holding every document as
+    the relays' stores do. Not with ``hostile``.
     """
 
     replicas: int = 3
@@ -146,10 +170,25 @@ class CampaignConfig:
     backend: str = "sqlite"
     settle_s: float = 20.0
     on_progress: Callable[[str, dict[str, Any]], None] | None = None
+    documents: int = 1  # > 1: a folder of that many documents (see above)
+    open_documents: int = 6  # (documents > 1) open at once in a replica
+
+    def __post_init__(self) -> None:
+        if self.documents < 1:
+            raise ValueError(f"documents must be at least 1, not {self.documents}")
+        if self.documents > 1 and self.hostile:
+            raise ValueError("hostile participants attack one document: use documents=1")
+        if self.open_documents < 1:
+            raise ValueError(f"open_documents must be at least 1, not {self.open_documents}")
 
     @property
     def local(self) -> bool:
         return not self.relays
+
+    @property
+    def many(self) -> bool:
+        """A campaign over many documents (a kept folder)."""
+        return self.documents > 1
 
 
 @dataclass
@@ -169,6 +208,8 @@ class CampaignReport:
     # hostile participants: actions sent, by kind and by "kind variant"
     attacks: dict[str, int] = field(default_factory=dict)
     refused: int = 0  # permission-denied messages the relays sent hostile participants
+    documents: int = 1  # the documents the campaign spread its edits over
+    edited_documents: int = 0  # ... and how many of them were edited
 
     @property
     def ok(self) -> bool:
@@ -176,8 +217,13 @@ class CampaignReport:
 
     def summary(self) -> str:
         verdict = "ok" if self.ok else "FAILED"
+        over = (
+            f" in {self.edited_documents} of {self.documents} documents"
+            if self.documents > 1
+            else ""
+        )
         lines = [
-            f"seed {self.seed}: {verdict}: {len(self.schedule)} steps, {self.edits} edits "
+            f"seed {self.seed}: {verdict}: {len(self.schedule)} steps, {self.edits} edits{over} "
             f"({self.acknowledged} acknowledged), faults {dict(sorted(self.faults.items()))}, "
             f"{self.seconds:.1f} s"
         ]
@@ -206,6 +252,8 @@ class CampaignReport:
             "shrunk": None if self.shrunk is None else [asdict(s) for s in self.shrunk],
             "attacks": self.attacks,
             "refused": self.refused,
+            "documents": self.documents,
+            "edited_documents": self.edited_documents,
         }
 
 
@@ -231,6 +279,11 @@ def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
     dead_replicas: set[int] = set()
     dead_relays: set[int] = set()
     steps: list[Step] = []
+    names = document_names(config.documents) if config.many else []
+    if config.many:
+        # Every document exists from the start, each written by one replica: the others
+        # sync it into their files without ever opening it (unless an edit does).
+        steps += [Step("populate", r, count=config.documents) for r in range(config.replicas)]
     for _ in range(config.steps):
         roll = rng.random()
         replica = rng.randrange(participants)
@@ -271,8 +324,47 @@ def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
             steps.append(Step("quiet"))
         else:
             kind = "edit" if replica < config.replicas else "attack"
-            steps.append(Step(kind, replica, count=rng.randint(1, config.edits_per_step)))
+            count = rng.randint(1, config.edits_per_step)
+            if not config.many:
+                steps.append(Step(kind, replica, count=count))
+            elif rng.random() < 0.15:
+                steps.append(Step("close", replica, count=rng.randint(1, 3)))
+            else:
+                hot = rng.random() < 0.5
+                document = rng.choice(names[:HOT_DOCUMENTS] if hot else names)
+                steps.append(Step(kind, replica, count=count, document=document))
     return steps
+
+
+EMPTY_DOCUMENT = Doc().get_update()  # what a participant that lacks a document holds
+
+
+@dataclass
+class _Held:
+    """What one participant holds at the end, document by document (None: it cannot be
+    judged there; a violation says why). ``complete``: a document it lacks counts as
+    empty (a file, a store); else it is not judged there (the documents a replica has
+    open)."""
+
+    name: str
+    states: dict[str, bytes | None]
+    complete: bool = True
+
+
+def decode_states(
+    answer: dict[str, Any],
+) -> tuple[dict[str, bytes | None], dict[str, bytes | None], dict[str, str]]:
+    """A worker's ``states`` answer: the documents in its file and those it has open
+    (None: not to be judged there), and the documents it could not read, with why."""
+    in_file: dict[str, bytes | None] = {
+        d: base64.b64decode(u) for d, u in answer["documents"].items()
+    }
+    in_docs: dict[str, bytes | None] = {d: base64.b64decode(u) for d, u in answer["open"].items()}
+    errors: dict[str, str] = dict(answer.get("errors", {}))
+    for document in errors:
+        in_file[document] = None
+        in_docs.pop(document, None)
+    return in_file, in_docs, errors
 
 
 class _Run:
@@ -291,8 +383,10 @@ class _Run:
         self.participants = config.replicas + config.hostile
         self.workers: list[CommandChild | None] = []
         self.generation = [0] * self.participants
-        self.edits: dict[str, EditRecord] = {}
-        self.acknowledged: set[str] = set()
+        # (document, edit id) -> the edit: ids are unique within a document
+        self.edits: dict[tuple[str, str], EditRecord] = {}
+        self.acknowledged: set[tuple[str, str]] = set()
+        self.documents = document_names(config.documents) if config.many else [DOCUMENT]
         self.lost: set[str] = set()
         self.faults: dict[str, int] = {}
         self.writes: list[ForeignWrite] = []
@@ -386,10 +480,13 @@ class _Run:
                 log=self.folder / f"{self.worker_name(i)}.log",
             )
         else:
+            many = self.config.many
             worker = WorkerChild(
                 db=self.folder / f"{self.worker_name(i)}.db",
                 relay=self.proxies[i].url,
-                doc=DOCUMENT,
+                doc=None if many else DOCUMENT,
+                keep=FOLDER if many else None,
+                max_open=self.config.open_documents if many else None,
                 workload=self.config.workload,
                 seed=seed,
                 cwd=Path.cwd(),
@@ -433,14 +530,23 @@ class _Run:
         self.check_relays()
         i = step.target
         if step.kind == "edit":
-            answer = await self.call(i, {"cmd": "edit", "count": step.count})
-            for e in answer.get("edits", []):
-                if not e["stored"]:
-                    continue  # the replica reported a store error: not promised durable
-                update = base64.b64decode(e["update"])
-                record = EditRecord.from_update(e["id"], self.worker_name(i), n, update)
-                self.edits[record.id] = record
-                self.log("edit", id=record.id, replica=self.worker_name(i))
+            cmd: dict[str, Any] = {"cmd": "edit", "count": step.count}
+            if self.config.many:
+                cmd["doc"] = step.document
+            self.record_edits(n, i, await self.call(i, cmd))
+        elif step.kind == "populate" and self.config.many:
+            # One edit in every document of this replica's share (one command each: the
+            # replica opens them in turn, and closes them as it goes).
+            replicas = self.config.replicas
+            for document in self.documents[i % replicas :: replicas]:
+                if self.workers[i] is None:
+                    break  # it died: the run says so
+                cmd = {"cmd": "edit", "count": 1, "doc": document}
+                self.record_edits(n, i, await self.call(i, cmd))
+        elif step.kind == "close" and self.config.many:
+            answer = await self.call(i, {"cmd": "close", "count": step.count})
+            if answer.get("closed"):
+                self.log("closed", replica=self.worker_name(i), documents=answer["closed"])
         elif step.kind == "attack":
             await self.attack(n, i, step.count)
         elif step.kind == "partition":
@@ -500,6 +606,21 @@ class _Run:
                 await self.restart(i)
         elif step.kind == "quiet":
             await self.quiet(2.0)
+
+    def record_edits(self, n: int, i: int, answer: dict[str, Any]) -> None:
+        """Keep the edits a replica reported made (at step ``n``) for the checker."""
+        for e in answer.get("edits", []):
+            if not e["stored"]:
+                continue  # the replica reported a store error: not promised durable
+            update = base64.b64decode(e["update"])
+            document = e.get("doc", DOCUMENT)
+            name = self.worker_name(i)
+            record = EditRecord.from_update(e["id"], name, n, update, document=document)
+            self.edits[record.key] = record
+            if self.config.many:
+                self.log("edit", id=record.id, replica=name, document=document)
+            else:
+                self.log("edit", id=record.id, replica=name)
 
     async def restart(self, i: int) -> bool:
         """Start participant ``i`` again; an honest replica that cannot is unusable."""
@@ -584,22 +705,30 @@ class _Run:
             )
         return problems
 
-    async def poll_acknowledgements(self) -> list[dict[str, Any]]:
+    async def poll_acknowledgements(self, full: bool = False) -> list[dict[str, Any]]:
         """Ask every live replica for its status, recording newly acknowledged edits.
 
-        A worker reports each acknowledgement once, so every status answer goes through here.
+        A worker reports each acknowledgement once, so every status answer goes through
+        here. ``full``: (many documents) quarantines counted in every document of the
+        file, not only in those open.
         """
         statuses = []
         for i in self.honest():
-            status = await self.call(i, {"cmd": "status"})
+            cmd: dict[str, Any] = {"cmd": "status", "full": True} if full else {"cmd": "status"}
+            status = await self.call(i, cmd)
             if not status:
                 continue
             status["name"] = self.worker_name(i)
             statuses.append(status)
-            for edit_id in status.get("acknowledged", []):
-                if edit_id in self.edits and edit_id not in self.acknowledged:
-                    self.acknowledged.add(edit_id)
-                    self.log("acknowledged", id=edit_id, replica=self.worker_name(i))
+            for entry in status.get("acknowledged", []):
+                # one document: edit ids; many: [document, edit id]
+                key = (entry[0], entry[1]) if isinstance(entry, list) else (DOCUMENT, entry)
+                if key in self.edits and key not in self.acknowledged:
+                    self.acknowledged.add(key)
+                    if self.config.many:
+                        self.log("acknowledged", id=key[1], replica=status["name"], document=key[0])
+                    else:
+                        self.log("acknowledged", id=key[1], replica=status["name"])
         return statuses
 
     async def quiet(self, limit_s: float) -> None:
@@ -664,7 +793,10 @@ class _Run:
             await worker.quit()
             self.workers[i] = None
 
-    async def final_states(self) -> list[FinalState]:
+    async def final_states(self) -> dict[str, list[FinalState]]:
+        """Every participant's final state, document by document (polled until they agree
+        or ``settle_s`` passed): honest replicas (with many documents: their files, then
+        the documents they have open), a fresh replica of each relay, each relay store."""
         deadline = time.monotonic() + self.config.settle_s
         for i in self.honest():
             left = max(1.0, deadline - time.monotonic())
@@ -675,23 +807,20 @@ class _Run:
                 self.log("sync-timeout", error=answer.get("error"))
         # After the honest replicas synced: the relays' answers to the last attacks are in.
         await self.hostile_statuses()
-        for status in await self.poll_acknowledgements():
+        for status in await self.poll_acknowledgements(full=self.config.many):
             self.problems += self.judge_status(status)
-        finals: list[FinalState] = []
+        finals: dict[str, list[FinalState]] = {}
         # States may still be in flight between replicas: poll until equal, bounded.
         while True:
-            finals = []
+            held: list[_Held] = []
             for i in self.honest():
-                answer = await self.call(i, {"cmd": "state"})
-                name = self.worker_name(i)
-                if answer.get("ok"):
-                    finals.append(final_state(name, base64.b64decode(answer["update"])))
-                elif answer:
-                    self.problem(name, f"{name} cannot encode its document: {answer['error']}")
-                    self.unusable.add(name)
-            relay_finals, relay_problems = await self.relay_states()
-            finals += relay_finals
-            same = all(converged(finals[0], f) for f in finals[1:])
+                held += await self.replica_states(i)
+            relay_held, relay_problems = await self.relay_states()
+            held += relay_held
+            finals = self.by_document(held)
+            same = all(
+                all(converged(states[0], f) for f in states[1:]) for states in finals.values()
+            )
             if same or time.monotonic() > deadline:
                 self.problems += relay_problems
                 for v in relay_problems:
@@ -699,70 +828,145 @@ class _Run:
                 return finals
             await asyncio.sleep(0.1)
 
-    async def relay_states(self) -> tuple[list[FinalState], list[Violation]]:
+    async def replica_states(self, i: int) -> list[_Held]:
+        """What honest replica ``i`` holds: its document; with many, its file and what it
+        has open."""
+        name = self.worker_name(i)
+        if not self.config.many:
+            answer = await self.call(i, {"cmd": "state"})
+            if answer.get("ok"):
+                return [_Held(name, {DOCUMENT: base64.b64decode(answer["update"])})]
+            if answer:
+                self.problem(name, f"{name} cannot encode its document: {answer['error']}")
+                self.unusable.add(name)
+            return []
+        answer = await self.call(i, {"cmd": "states"}, timeout_s=60)
+        if not answer.get("ok"):
+            return []
+        in_file, in_docs, errors = decode_states(answer)
+        for document, error in errors.items():
+            # Not judged there (the violation says why), rather than judged empty; the
+            # replica is not asked again (it is unusable).
+            self.problem(name, f"{name} cannot load document {document}: {error}")
+            self.unusable.add(name)
+        return [_Held(name, in_file), _Held(f"{name}'s open Doc", in_docs, complete=False)]
+
+    def by_document(self, held: list[_Held]) -> dict[str, list[FinalState]]:
+        """Final states per document, participants in order. With many documents, a
+        document a participant's file lacks counts as empty there (it should hold it);
+        documents nobody holds and nobody edited are left out."""
+        documents = {e.document for e in self.edits.values()}
+        documents |= {d for h in held for d, u in h.states.items() if u is not None}
+        if not self.config.many:
+            documents = {DOCUMENT}
+        finals: dict[str, list[FinalState]] = {d: [] for d in sorted(documents)}
+        for h in held:
+            for document, states in finals.items():
+                if document in h.states:
+                    update = h.states[document]
+                    if update is not None:
+                        states.append(final_state(h.name, update))
+                elif h.complete:
+                    states.append(final_state(h.name, EMPTY_DOCUMENT))
+        return finals
+
+    async def fresh_state(self, r: int, url: str) -> tuple[_Held | None, list[Violation]]:
+        """What a fresh replica of relay ``r`` holds once synced, and what went wrong."""
+        many = self.config.many
+        name = f"fresh replica of relay {r}"
+        problems: list[Violation] = []
+        fresh = WorkerChild(
+            db=self.folder / f"fresh-{r}-{time.monotonic_ns()}.db",
+            relay=url,
+            doc=None if many else DOCUMENT,
+            keep=FOLDER if many else None,
+            workload=self.config.workload,
+            seed=0,
+            cwd=Path.cwd(),
+            log=self.folder / f"fresh-{r}.log",
+        )
+        await fresh.start()
+        try:
+            wait = 30 if many else 10  # (many: every document of the folder)
+            synced = await fresh.call({"cmd": "synced", "timeout": wait}, timeout_s=wait + 10)
+            if synced.get("stopped"):
+                why = synced["stopped"]
+                return None, [Violation("unusable", f"{name} stopped syncing: {why}")]
+            if many and not synced.get("ok"):
+                self.log("sync-timeout", participant=name, error=synced.get("error"))
+            cmd: dict[str, Any] = {"cmd": "status", "full": True} if many else {"cmd": "status"}
+            status = await fresh.call(cmd)
+            status["name"] = name
+            problems += self.judge_status(status)
+            if not many:
+                answer = await fresh.call({"cmd": "state"})
+                return _Held(name, {DOCUMENT: base64.b64decode(answer["update"])}), problems
+            answer = await fresh.call({"cmd": "states"}, timeout_s=60)
+            in_file, _, errors = decode_states(answer)
+            problems += [
+                Violation("unusable", f"{name} cannot load document {d}: {e}", document=d)
+                for d, e in errors.items()
+            ]
+            return _Held(name, in_file), problems
+        except ProcessFailed:
+            return None, [*problems, Violation("unusable", f"{name}'s worker {fresh.death()}")]
+        finally:
+            await fresh.quit()
+
+    async def relay_states(self) -> tuple[list[_Held], list[Violation]]:
         """A fresh replica per relay, syncing straight from it; in local mode, the store file.
 
         Returns the states, and violations: a fresh replica that stopped syncing, a
         store that holds two contents for one id or no longer loads into a document.
         """
-        out: list[FinalState] = []
+        many = self.config.many
+        out: list[_Held] = []
         problems: list[Violation] = []
-        for r, url in enumerate(self.relay_urls):
-            name = f"fresh replica of relay {r}"
-            fresh = WorkerChild(
-                db=self.folder / f"fresh-{r}-{time.monotonic_ns()}.db",
-                relay=url,
-                doc=DOCUMENT,
-                workload=self.config.workload,
-                seed=0,
-                cwd=Path.cwd(),
-                log=self.folder / f"fresh-{r}.log",
-            )
-            await fresh.start()
-            try:
-                synced = await fresh.call({"cmd": "synced", "timeout": 10}, timeout_s=20)
-                if synced.get("stopped"):
-                    why = synced["stopped"]
-                    problems.append(Violation("unusable", f"{name} stopped syncing: {why}"))
-                    continue
-                status = await fresh.call({"cmd": "status"})
-                status["name"] = name
-                problems += self.judge_status(status)
-                answer = await fresh.call({"cmd": "state"})
-                out.append(final_state(name, base64.b64decode(answer["update"])))
-            except ProcessFailed:
-                problems.append(Violation("unusable", f"{name}'s worker {fresh.death()}"))
-            finally:
-                await fresh.quit()
+        # One fresh replica per relay, all at once (with many documents each syncs them all).
+        for fresh, found in await asyncio.gather(
+            *(self.fresh_state(r, url) for r, url in enumerate(self.relay_urls))
+        ):
+            out += [fresh] if fresh is not None else []
+            problems += found
         stores = [(f"relay {r}", relay.store) for r, relay in enumerate(self.relays)]
         if self.redis is not None:
             stores = [("the relays' Redis", self.store_of(0))]
         for where, address in stores:
             try:
-                stored = await _load_store(address)
-                merged = stored.merged()
+                logs = await _load_store(address, self.documents, FOLDER if many else None)
             except StoreError as exc:
                 raise StoreError(f"{where}'s store does not open cleanly: {exc}") from exc
-            problems += stored_conflicts(
-                f"the store of {where}",
-                stored.all_updates(),
-                list(self.edits.values()),
-                self.writes,
-            )
-            doc: Doc[Any] = Doc()
-            try:
-                doc.apply_update(merged)
-            except Exception as exc:  # pycrdt refuses what the store holds together
-                problems.append(
-                    Violation(
-                        "unusable",
-                        f"the store of {where} no longer loads into a document: "
-                        f"{type(exc).__name__}: {exc}",
-                        where=(f"store of {where}",),
-                    )
+            held: dict[str, bytes | None] = {}
+            for document, stored in logs.items():
+                try:
+                    merged = stored.merged()
+                except StoreError as exc:
+                    raise StoreError(f"{where}'s store does not open cleanly: {exc}") from exc
+                edits = [e for e in self.edits.values() if e.document == document]
+                conflicts = stored_conflicts(
+                    f"the store of {where}", stored.all_updates(), edits, self.writes
                 )
-                continue
-            out.append(final_state(f"store of {where}", doc.get_update()))
+                problems += in_document(conflicts, document if many else None)
+                doc: Doc[Any] = Doc()
+                try:
+                    doc.apply_update(merged)
+                except Exception as exc:  # pycrdt refuses what the store holds together
+                    what = f"document {document} of " if many else ""
+                    problems.append(
+                        Violation(
+                            "unusable",
+                            f"the store of {where} no longer loads {what}into a document: "
+                            f"{type(exc).__name__}: {exc}",
+                            where=(f"store of {where}",),
+                            document=document if many else None,
+                        )
+                    )
+                    held[document] = None
+                    continue
+                if many and not stored.all_updates():
+                    continue  # not in this store (judged empty)
+                held[document] = doc.get_update()
+            out.append(_Held(f"store of {where}", held))
         return out, problems
 
     async def close(self) -> None:
@@ -801,14 +1005,20 @@ async def run_campaign(
             await run.heal_all()
             finals = await run.final_states()
         edits = [
-            dataclasses.replace(e, acknowledged=e.id in run.acknowledged)
+            dataclasses.replace(e, acknowledged=e.key in run.acknowledged)
             for e in run.edits.values()
         ]
         # A replica that stopped working may not have passed on what nobody acknowledged
         # (its "unusable" violation says why); what was acknowledged must be everywhere.
-        report.violations = run.problems + check_history(
-            edits, finals, lost_files=run.lost | run.unusable, writes=run.writes
-        )
+        report.violations = list(run.problems)
+        for document, states in finals.items():
+            report.violations += check_history(
+                [e for e in edits if e.document == document],
+                states,
+                lost_files=run.lost | run.unusable,
+                writes=run.writes,
+                document=document if config.many else None,
+            )
     except TimeoutError:
         report.error = f"the run did not finish within --duration {config.duration_s} s"
     except (ProcessFailed, CrdtsyncError, OSError) as exc:
@@ -817,6 +1027,8 @@ async def run_campaign(
         report.seconds = time.monotonic() - started
         report.edits = len(run.edits)
         report.acknowledged = len(run.acknowledged)
+        report.documents = config.documents
+        report.edited_documents = len({e.document for e in run.edits.values()})
         report.faults = dict(run.faults)
         report.attacks = dict(run.attacks)
         report.refused = run.refused + sum(run.refused_by.values())
@@ -827,7 +1039,8 @@ async def run_campaign(
         if report.error is not None and not report.violations and run.problems:
             report.violations = list(run.problems)  # what broke before the run gave up
         for v in report.violations:
-            run.log("violation", kind=v.kind, message=v.message, edit=v.edit)
+            where = {"document": v.document} if v.document is not None else {}
+            run.log("violation", kind=v.kind, message=v.message, edit=v.edit, **where)
         run.log("verdict", ok=report.ok, error=report.error)
         await run.close()
         (folder / "report.json").write_text(json.dumps(report.to_json(), indent=2))
@@ -837,23 +1050,33 @@ async def run_campaign(
     return report
 
 
-async def _load_store(address: Path | str) -> DocumentLog:
-    """The checked document as a relay store holds it (an SQLite file, or Redis)."""
+async def _load_store(
+    address: Path | str, documents: Sequence[str], folder: str | None = None
+) -> dict[str, DocumentLog]:
+    """The checked documents as a relay store holds them (an SQLite file, or Redis); with
+    ``folder``, also any other document the store holds under it."""
     if isinstance(address, str):
         from ..server.redis_store import RedisStore
 
         store = RedisStore(address)
         try:
-            return await store.load(DOCUMENT)
+            return {d: await store.load(d) for d in documents}
         finally:
             await store.close()
     with UpdateLog(address) as log:
-        return log.load(DOCUMENT)
+        names = dict.fromkeys(documents)
+        if folder is not None:
+            after = ""
+            while page := log.documents_in(folder, after, 1000):
+                names.update(dict.fromkeys(page))
+                after = page[-1]
+        return {d: log.load(d) for d in names}
 
 
 def _same_failure(report: CampaignReport, original: CampaignReport) -> bool:
-    kinds = {v.kind for v in original.violations}
-    return bool(kinds & {v.kind for v in report.violations}) or (
+    """A violation of the same kind (in the same document, with many), or both erred."""
+    kinds = {(v.kind, v.document) for v in original.violations}
+    return bool(kinds & {(v.kind, v.document) for v in report.violations}) or (
         original.error is not None and report.error is not None
     )
 

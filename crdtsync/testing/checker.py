@@ -20,7 +20,7 @@ Pure: no processes, no sockets. The campaign feeds it records and final states.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pycrdt import get_state
 
@@ -37,6 +37,7 @@ __all__ = [
     "content_conflicts",
     "converged",
     "final_state",
+    "in_document",
     "stored_conflicts",
 ]
 
@@ -83,10 +84,18 @@ class EditRecord:
     acknowledged: bool = False
     # The content the edit wrote, id by id; empty: judged by ids only (older callers).
     units: Units = field(default_factory=dict, compare=False, repr=False)
+    document: str = ""  # the document it edited (a campaign over many documents)
 
     @classmethod
     def from_update(
-        cls, edit_id: str, replica: str, step: int, update: bytes, acknowledged: bool = False
+        cls,
+        edit_id: str,
+        replica: str,
+        step: int,
+        update: bytes,
+        acknowledged: bool = False,
+        *,
+        document: str = "",
     ) -> EditRecord:
         """Record an edit from its transaction's update."""
         info = check_update(update)
@@ -99,7 +108,13 @@ class EditRecord:
             info.deletes,
             acknowledged,
             read_units(update),
+            document,
         )
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(document, edit id)``: edit ids are unique within a document."""
+        return (self.document, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,9 +374,20 @@ class Violation:
     message: str
     edit: str | None = None
     where: tuple[str, ...] = field(default_factory=tuple)
+    document: str | None = None  # set when a campaign checks many documents
 
     def __str__(self) -> str:
         return self.message
+
+
+def in_document(violations: Iterable[Violation], document: str | None) -> list[Violation]:
+    """``violations`` found in ``document``, saying so (unchanged when it is None)."""
+    if document is None:
+        return list(violations)
+    return [
+        replace(v, message=f"document {document}: {v.message}", document=document)
+        for v in violations
+    ]
 
 
 def check_history(
@@ -370,6 +396,7 @@ def check_history(
     *,
     lost_files: Iterable[str] = (),
     writes: Sequence[ForeignWrite] = (),
+    document: str | None = None,
 ) -> list[Violation]:
     """Check convergence and presence; return every violation found (empty: all is well).
 
@@ -380,7 +407,18 @@ def check_history(
             acknowledged may legitimately be gone; acknowledged ones may not.
         writes: what hostile participants wrote; only used to name what replaced an
             edit or made two participants differ.
+        document: the document the states and edits are of, when a campaign checks
+            many: every violation names it.
     """
+    return in_document(_check_history(edits, finals, lost_files, writes), document)
+
+
+def _check_history(
+    edits: Sequence[EditRecord],
+    finals: Iterable[FinalState],
+    lost_files: Iterable[str],
+    writes: Sequence[ForeignWrite],
+) -> list[Violation]:
     finals = list(finals)
     lost = set(lost_files)
     violations: list[Violation] = []

@@ -81,6 +81,8 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
         load_workload(args.workload)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.documents > 1 and args.hostile:
+        raise UsageError("--hostile attacks one document: not with --documents")
     if args.shrink_runs < 0:
         raise UsageError("--shrink-runs must be 0 or more")
     out = Path(args.out) if args.out else None
@@ -101,14 +103,17 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
         workload=args.workload,
         out=out,
         duration_s=args.duration,
+        documents=args.documents,
     )
 
 
-def _table(reports: list[CampaignReport], hostile: bool) -> Table:
+def _table(reports: list[CampaignReport], hostile: bool, many: bool = False) -> Table:
     table = Table(title="crdtsync check")
     columns = ["seed", "verdict", "steps", "edits", "acked", "faults", "violations", "s"]
     if hostile:
         columns[6:6] = ["attacks", "refused"]
+    if many:
+        columns[4:4] = ["documents"]  # edited, of --documents
     for column in columns:
         table.add_column(column, justify="right" if column not in ("verdict",) else "left")
     for r in reports:
@@ -125,6 +130,8 @@ def _table(reports: list[CampaignReport], hostile: bool) -> Table:
         if hostile:
             # attacks counts each action once by kind, and again by "kind variant"
             row[6:6] = [str(sum(n for k, n in r.attacks.items() if " " not in k)), str(r.refused)]
+        if many:
+            row[4:4] = [f"{r.edited_documents}/{r.documents}"]
         table.add_row(*row)
     return table
 
@@ -140,7 +147,9 @@ async def _run(args: argparse.Namespace, config: CampaignConfig, console: Consol
         transient=True,
     ) as progress:
         for seed in range(args.seed, args.seed + args.seeds):
-            task = progress.add_task("run", total=config.steps, seed=seed, note="")
+            # (many documents: one populate step per replica comes first)
+            total = config.steps + (config.replicas if config.many else 0)
+            task = progress.add_task("run", total=total, seed=seed, note="")
 
             def on_progress(event: str, fields: dict[str, Any], task: Any = task) -> None:
                 if event == "step":
@@ -167,7 +176,7 @@ async def _run(args: argparse.Namespace, config: CampaignConfig, console: Consol
                 if report.out:
                     console.print(f"  history: {report.out}/history.jsonl")
             reports.append(report)
-    console.print(_table(reports, config.hostile > 0))
+    console.print(_table(reports, config.hostile > 0, config.many))
     failed = [r.seed for r in reports if not r.ok]
     edits = sum(r.edits for r in reports)
     console.print(

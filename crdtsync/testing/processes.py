@@ -344,16 +344,23 @@ class WorkerChild(CommandChild):
         *,
         db: Path,
         relay: str,
-        doc: str,
+        doc: str | None,
         workload: str,
         seed: int,
         cwd: Path,
         log: Path,
+        keep: str | None = None,
+        max_open: int | None = None,
     ) -> None:
+        """One document (``doc``), or many: every document under ``keep``, at most
+        ``max_open`` of them open at once."""
+        which = ["--doc", doc] if doc is not None else []
+        which += ["--keep", keep] if keep is not None else []
         argv = [
             sys.executable, "-m", "crdtsync.testing.worker", "--db", str(db), "--relay", relay,
-            "--doc", doc, "--workload", workload, "--seed", str(seed),
+            *which, "--workload", workload, "--seed", str(seed),
         ]  # fmt: skip
+        argv += ["--max-open", str(max_open)] if max_open is not None else []
         super().__init__(argv, cwd=cwd, log=log)
 
 

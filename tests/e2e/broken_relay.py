@@ -27,7 +27,8 @@ from crdtsync.settings import RelaySettings
 class AckBeforePersist(Relay):
     def _submit(self, item: _Pending) -> None:
         if item.key is not None:
-            broadcast([item.peer.ws], ExtAck(item.key).encode())  # acknowledged, not stored
+            # acknowledged, not stored (a channel's frame on a multiplexed connection)
+            broadcast([item.peer.ws], item.peer.header + ExtAck(item.key).encode())
             item = _Pending(item.peer, item.update, None)
         self._batch.append(item)
         if self._flush_handle is None:

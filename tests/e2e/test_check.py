@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -11,11 +13,12 @@ from crdtsync.testing import (
     FAULT_KINDS,
     CampaignConfig,
     CampaignFailed,
+    CampaignReport,
     Step,
     make_schedule,
     run_campaign_sync,
 )
-from crdtsync.testing.campaign import REDIS_FAULT
+from crdtsync.testing.campaign import REDIS_FAULT, document_names
 
 BROKEN = str(Path(__file__).with_name("broken_relay.py"))
 
@@ -186,3 +189,119 @@ def test_checker_catches_relay_that_never_answers_with_the_tail(tmp_path):
         v.kind in ("lost-applied", "lost-acknowledged") and "fresh replica of relay 0" in v.where
         for v in report.violations
     ), report.summary()
+
+
+# -- many documents: every replica keeps the folder check/ (issue 11) -----------------------
+
+DOCUMENTS = 200
+
+
+def many_config(tmp_path: Path, **kwargs: object) -> CampaignConfig:
+    config = CampaignConfig(documents=DOCUMENTS, steps=30, duration_s=100, out=tmp_path / "runs")
+    return dataclasses.replace(config, **kwargs)
+
+
+def run_many(tmp_path: Path, seeds: Iterable[int], **kwargs: object) -> list[CampaignReport]:
+    """Run each seed (bounded: ``duration_s`` each); raise on the first that fails."""
+    return [
+        run_campaign_sync(seed, many_config(tmp_path, **kwargs), shrink_runs=0) for seed in seeds
+    ]
+
+
+def fault_totals(reports: list[CampaignReport]) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for report in reports:
+        for kind, n in report.faults.items():
+            totals[kind] = totals.get(kind, 0) + n
+    return totals
+
+
+def test_a_schedule_over_many_documents_names_them_and_keeps_one_document_seeds():
+    config = CampaignConfig(documents=DOCUMENTS, steps=200)
+    schedule = make_schedule(3, config)
+    assert schedule == make_schedule(3, config)
+    # Every replica first writes its share of the documents; edits then name theirs.
+    assert schedule[:3] == [Step("populate", r, count=DOCUMENTS) for r in range(3)]
+    names = set(document_names(DOCUMENTS))
+    edits = [s for s in schedule if s.kind == "edit"]
+    assert edits
+    assert all(s.document in names for s in edits)
+    assert len({s.document for s in edits}) > 40  # spread over the folder...
+    assert sum(s.document in document_names(DOCUMENTS)[:8] for s in edits) > len(edits) / 3
+    assert any(s.kind == "close" for s in schedule)  # ...and documents are closed again
+    assert str(edits[0]).startswith(f"edit(replica {edits[0].target}, ")
+    assert str(edits[0]).endswith(f", {edits[0].document})")
+    # One document: no step names a document, and a seed keeps its schedule.
+    one = make_schedule(3, CampaignConfig(steps=200))
+    assert not any(s.document or s.kind in ("populate", "close") for s in one)
+    assert one == make_schedule(3, CampaignConfig(steps=200, documents=1))
+    with pytest.raises(ValueError, match="hostile"):
+        CampaignConfig(documents=2, hostile=1)
+
+
+@pytest.mark.slow  # ~20 s on 2 cores
+def test_edits_over_two_hundred_documents_reach_every_file_under_every_fault_kind(tmp_path):
+    """Three replicas keep check/, open a few documents at a time, and every file ends
+    up holding every document as the relay's store does, with no edit missing."""
+    reports = run_many(tmp_path, range(3))
+    for report in reports:
+        assert report.ok, report.summary()
+        assert report.documents == report.edited_documents == DOCUMENTS
+        assert report.edits > DOCUMENTS
+    faults = fault_totals(reports)
+    assert len([k for k in faults if not k.startswith("messages ")]) >= 4, faults
+
+
+@pytest.mark.long  # (in .ci/run's longer set)
+@pytest.mark.slow  # ~30 s on 2 cores
+def test_edits_over_two_hundred_documents_reach_every_file_through_two_relays_on_redis(tmp_path):
+    # Seeds whose 10 steps kill a relay, Redis, and lose a replica's file between them.
+    reports = run_many(
+        tmp_path,
+        (0, 11),
+        local_relays=2,
+        backend="redis",
+        faults=FAULTS_ON_REDIS,
+        steps=10,
+    )
+    for report in reports:
+        assert report.ok, report.summary()
+        assert report.edited_documents == DOCUMENTS
+    faults = fault_totals(reports)
+    for kind in ("kill-relay", REDIS_FAULT, "lose-replica"):
+        assert faults.get(kind, 0) > 0, faults
+
+
+@pytest.mark.long  # 20 seeds over 200 documents, every fault kind: in .ci/run's longer set
+@pytest.mark.timeout(900)
+def test_twenty_seeds_over_two_hundred_documents_converge_with_every_fault_kind(tmp_path):
+    reports = run_many(tmp_path, range(20))
+    faults = fault_totals(reports)
+    for kind in (*FAULT_KINDS, "messages duplicated", "messages reordered"):
+        assert faults.get(kind, 0) > 0, f"no {kind} in 20 seeds: {faults}"
+    assert sum(r.edits for r in reports) > 20 * DOCUMENTS
+
+
+@pytest.mark.long  # (in .ci/run's longer set)
+@pytest.mark.slow
+def test_a_loss_in_one_of_many_documents_is_reported_and_shrunk_with_its_name(tmp_path):
+    documents = 20
+    config = broken(
+        "drop-1-in-50",
+        tmp_path,
+        documents=documents,
+        workload="crdtsync.testing.workload:insert_only_workload",
+    )
+    names = document_names(documents)
+    schedule = [Step("populate", r, count=documents) for r in range(3)]
+    schedule += [Step("edit", i % 3, count=3, document=names[i % 7]) for i in range(30)]
+    with pytest.raises(CampaignFailed) as failed:
+        run_campaign_sync(3, config, schedule=schedule, shrink_runs=1)
+    report = failed.value.report
+    lost = [v for v in report.violations if v.kind in ("lost-acknowledged", "diverged")]
+    assert lost, report.summary()
+    for v in lost:
+        assert v.document in names
+        assert v.message.startswith(f"document {v.document}: ")
+    assert report.shrunk is not None
+    assert "shortest failing schedule" in str(failed.value)

@@ -86,3 +86,33 @@ def test_the_fault_kinds_in_the_help_are_the_campaigns() -> None:
     from crdtsync.testing.campaign import FAULT_KINDS
 
     assert ",".join(FAULT_KINDS) == FAULT_KINDS_HELP
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--documents", "0"], "argument --documents: must be at least 1, got 0"),
+        (["--documents", "5", "--hostile", "1"], "--hostile attacks one document"),
+    ],
+)
+def test_check_refuses_bad_documents_options_with_one_clear_line(tmp_path, args, message):
+    result = check(*args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.mark.slow
+def test_check_over_many_documents_reports_them(tmp_path):
+    result = check(
+        "--documents", "30", "--steps", "12", "--seed", "4", "--out", str(tmp_path / "out"),
+        "--shrink-runs", "0", cwd=tmp_path,
+    )  # fmt: skip
+    (report,) = (tmp_path / "out").glob("seed-4-*/report.json")
+    data = json.loads(report.read_text())
+    assert data["documents"] == data["edited_documents"] == 30, result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "30/30" in result.stdout  # the documents column: edited of --documents
+    history = (report.parent / "history.jsonl").read_text().splitlines()
+    edits = [json.loads(line) for line in history if '"event": "edit"' in line]
+    assert {e["document"] for e in edits} == {f"check/{i:04d}" for i in range(30)}

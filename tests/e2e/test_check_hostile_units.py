@@ -214,3 +214,73 @@ def test_sync_watch_names_why_a_replica_stopped_syncing():
     before, after = asyncio.run(main())
     assert before is None
     assert after == "RuntimeError: Cannot apply update: block parent <1#0> must be deleted"
+
+
+class _Replica:
+    """What SyncWatch reads of a Replica: whether it multiplexes, its open documents."""
+
+    def __init__(self) -> None:
+        self._mux_supported: bool | None = None
+        self._docs: dict[str, object] = {}
+
+
+def test_sync_watch_follows_the_multiplexed_connection_and_a_fallback_to_one_per_document():
+    async def main() -> list[str | None]:
+        replica = _Replica()
+        seen: list[str | None] = []
+        watch = SyncWatch("team/doc", replica)  # before any sync task exists
+        assert watch.task is None
+        assert watch.stopped(None) is None
+        fall_back = asyncio.Event()
+        mux = asyncio.create_task(fall_back.wait(), name="crdtsync:mux")
+        assert watch.task is mux  # looked up again: every document syncs through it
+        seen.append(watch.stopped(None))
+        # The relay does not multiplex: the connection task ends, and the document gets
+        # a connection of its own (crdtsync:<document>). That is no stop.
+        replica._mux_supported = False
+        fall_back.set()
+        await mux
+        seen.append(watch.stopped(None))
+        fail = asyncio.Event()
+
+        async def own_connection() -> None:
+            await fail.wait()
+            raise RuntimeError("Cannot apply update")
+
+        own = asyncio.create_task(own_connection(), name="crdtsync:team/doc")
+        assert watch.task is own
+        seen.append(watch.stopped(None))
+        fail.set()
+        await asyncio.wait_for(watch.ended(), timeout=5)
+        seen.append(watch.stopped("connection lost"))
+        return seen
+
+    assert asyncio.run(main()) == [None, None, None, "RuntimeError: Cannot apply update"]
+
+
+def test_sync_watch_sees_the_multiplexed_connection_end_and_a_document_given_up():
+    class Given:
+        stop_reconnecting = True
+
+    async def main() -> tuple[str | None, str | None, str | None]:
+        replica = _Replica()
+        folder = SyncWatch(None, replica)  # a kept folder: the connection alone
+
+        async def mux_loop() -> None:
+            await asyncio.sleep(0)
+            raise OSError("the loop broke")
+
+        task = asyncio.create_task(mux_loop(), name="crdtsync:mux")
+        watch = SyncWatch("team/doc", replica)
+        await asyncio.wait_for(folder.ended(), timeout=5)
+        assert task.done()
+        broken = folder.stopped("x"), watch.stopped("x")
+        replica._docs["team/doc"] = Given()  # the relay refused it for good (Retry.NEVER)
+        other = SyncWatch("team/doc", _Replica())
+        given = SyncWatch("team/doc", replica).stopped("relay closed 'team/doc': 1009")
+        assert other.stopped(None) is None  # (no task at all: nothing to say)
+        return broken[0], broken[1], given
+
+    folder, document, given = asyncio.run(main())
+    assert folder == document == "OSError: the loop broke"
+    assert given == "it gave up on the document: relay closed 'team/doc': 1009"

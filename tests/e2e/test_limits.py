@@ -710,7 +710,11 @@ async def test_replica_drops_presence_nested_too_deep_and_goes_on(tmp_path):
         async for data in ws:
             fake.received.append(data)
 
-    async with FakeRelay(behave) as fake, Replica(tmp_path / "r.db", relay=fake.url) as replica:
+    async with (
+        FakeRelay(behave) as fake,
+        # (one connection per document: the fake relay counts connections)
+        Replica(tmp_path / "r.db", relay=fake.url, multiplex=False) as replica,
+    ):
         await replica.open(ROOM)
         states = replica.awareness(ROOM).states
         await eventually(lambda: states.get(8) == {"user": "after"}, what="the later presence")

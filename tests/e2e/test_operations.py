@@ -119,5 +119,6 @@ async def test_text_log_format_for_a_terminal(relay_factory, tmp_path):
         await eventually(lambda: replica.status("ops/text").connected, what="a connection")
     await eventually(lambda: "connection closed" in relay.stderr(), what="the close line")
     line = next(li for li in relay.stderr().splitlines() if "connection opened" in li)
+    # (the document's channel; its multiplexed connection has lines of its own)
     assert "document=ops/text" in line
     assert "INFO" in line

@@ -103,8 +103,9 @@ class ErrorWatch:
 
     def closes(self, who: str, code: int) -> list[str]:
         self._sample()
-        prefix = f"relay closed the connection: {code}"
-        return [e for e in self.seen[who] if e.startswith(prefix)]
+        # (a document's own connection, or its channel on the replica's connection)
+        prefixes = (f"relay closed the connection: {code}", f"relay closed the document: {code}")
+        return [e for e in self.seen[who] if e.startswith(prefixes)]
 
     async def __aenter__(self) -> ErrorWatch:
         self._task = asyncio.create_task(self._run())
@@ -485,7 +486,7 @@ async def _full_disk(relay: Any, disk: Path, tmp_path: Path) -> None:
             full_closes = watch.closes("a", 1013)
             assert full_closes, f"the disk never filled; A saw {watch.seen['a']}"
             assert all(
-                c.startswith("relay closed the connection: 1013 store unavailable: store ")
+                c.split(": 1013 ", 1)[1].startswith("store unavailable: store ")
                 for c in full_closes
             ), full_closes
             assert "database or disk is full" in relay.stderr(), relay.stderr()
