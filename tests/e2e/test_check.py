@@ -80,6 +80,7 @@ def run_redis_seeds(tmp_path: Path, seeds: range, steps: int = 30) -> dict[str, 
     return totals
 
 
+@pytest.mark.long  # in .ci/run's longer set: the default suite stays under 10 minutes
 @pytest.mark.slow
 def test_three_seeds_on_three_relays_sharing_one_redis_converge(tmp_path):
     totals = run_redis_seeds(tmp_path, range(100, 103))
@@ -128,6 +129,7 @@ def test_same_seed_gives_same_schedule_and_verdict(tmp_path):
     assert (first.ok, first.violations) == (second.ok, second.violations) == (True, [])
 
 
+@pytest.mark.long  # in .ci/run's longer set: the default suite stays under 10 minutes
 @pytest.mark.slow
 def test_checker_catches_relay_that_acknowledges_before_persisting(tmp_path):
     schedule = [
@@ -157,6 +159,7 @@ def test_checker_catches_relay_that_acknowledges_before_persisting(tmp_path):
     assert "shortest failing schedule" in str(failed.value)
 
 
+@pytest.mark.long  # in .ci/run's longer set: the default suite stays under 10 minutes
 @pytest.mark.slow
 def test_checker_catches_relay_that_drops_one_update_in_fifty(tmp_path):
     # Inserts only: with deletes, a later overwrite can legitimately supersede a lost delete.
@@ -179,6 +182,7 @@ def test_checker_catches_relay_that_drops_one_update_in_fifty(tmp_path):
     assert len(report.shrunk) < len(schedule)
 
 
+@pytest.mark.long  # in .ci/run's longer set: the default suite stays under 10 minutes
 @pytest.mark.slow
 def test_checker_catches_relay_that_never_answers_with_the_tail(tmp_path):
     schedule = [Step("edit", 0, count=3), Step("edit", 1, count=2), Step("quiet")]

@@ -65,6 +65,7 @@ def assert_attacked(reports: list[CampaignReport], *, refused: bool) -> None:
         assert sum(r.refused for r in reports) > 0, attacks
 
 
+@pytest.mark.long  # in .ci/run's longer set: the default suite stays under 10 minutes
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_honest_replicas_come_through_a_hostile_participant_unharmed(tmp_path):

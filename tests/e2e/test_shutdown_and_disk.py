@@ -406,6 +406,7 @@ async def test_sigterm_under_load_exits_0_keeps_acknowledged_edits_and_says_1001
     await _sigterm_under_load(relay, tmp_path)
 
 
+@pytest.mark.long  # in .ci/run's longer set: the default suite stays under 10 minutes
 @pytest.mark.slow
 async def test_sigterm_exits_with_a_peer_that_stopped_reading_before_the_keepalive_ping(
     relay_factory, tmp_path
