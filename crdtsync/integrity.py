@@ -94,10 +94,15 @@ class Writer:
     """Who sends an update: the client ids it proved, and its token subject if any.
 
     ``Writer()`` is an anonymous stock client: it may write unowned client ids only.
+    ``awaiting_claims``: a crdtsync replica whose claims have not arrived yet. It may not
+    write unowned ids meanwhile: content it sends first would be stored with no owner
+    (its claim skips ids with content), so anyone could extend its ids later. Its
+    refusal is "unproven": the replica claims and sends it again.
     """
 
     proven: frozenset[int] = frozenset()
     subject: str | None = None
+    awaiting_claims: bool = False
 
     def owner_for(self, client: int) -> str | None:
         """The owner a first write of ``client`` by this writer records (None: none).
@@ -114,7 +119,7 @@ class Writer:
     def may_write(self, client: int, owner: str | None) -> bool:
         """Whether this writer may add new content under ``client`` owned by ``owner``."""
         if owner is None:
-            return True
+            return not self.awaiting_claims
         if owner == KEY_OWNER:
             return client in self.proven
         return self.subject is not None and owner == f"sub:{self.subject}"
@@ -397,8 +402,13 @@ class Ledger:
             owner = self.owners.get(client)
             if writer is not None and not writer.may_write(client, owner):
                 unproven.add(client)
+                whose = (
+                    "is not proven yet (claims come first)"
+                    if owner is None
+                    else "belongs to another writer"
+                )
                 refused[client] = (
-                    f"client {client} belongs to another writer: new content at clocks "
+                    f"client {client} {whose}: new content at clocks "
                     f"{new[0][0]}-{new[-1][1] - 1} refused"
                 )
                 continue
@@ -514,7 +524,11 @@ class Ledger:
             if client in claims:
                 return False
             owner = owners.get(client)
-            if owner is not None and writer is not None and not writer.may_write(client, owner):
+            if (
+                writer is not None
+                and (owner is not None or writer.awaiting_claims)
+                and not writer.may_write(client, owner)
+            ):
                 return False
         state = info.state
         for client, start in info.starts.items():

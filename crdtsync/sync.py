@@ -514,6 +514,10 @@ class SyncSession:
         if not self.extensions:
             raise RuntimeError("claims need extensions")
         items = list(claims.items())
+        if not items:
+            # Still said: until a replica's claims arrive, the relay takes no content
+            # of ids without an owner from it (crdtsync.integrity.Writer).
+            self._out.append(ExtClaim(()).encode())
         for i in range(0, len(items), MAX_CLAIMS_PER_MESSAGE):
             part = tuple(items[i : i + MAX_CLAIMS_PER_MESSAGE])
             self._out.append(ExtClaim(part, tuple(c for c, _ in part if c in fresh)).encode())

@@ -1190,7 +1190,9 @@ class Relay:
             max_presence_state_bytes=s.max_presence_state_bytes,
         )
         peer = Peer(wire, session, document, budget, address, access)
-        peer.writer = Writer(frozenset(), access.subject)
+        # A crdtsync replica claims its ids right after the hello; until it has, its
+        # first writes of ids would be stored with no owner (crdtsync.integrity.Writer).
+        peer.writer = Writer(frozenset(), access.subject, awaiting_claims=extensions)
         peer.id = wire.ws.id.hex[:12] if channel is None else f"{wire.ws.id.hex[:12]}/{channel}"
         peer.opened = time.monotonic()
         if channel is not None:
@@ -2277,7 +2279,7 @@ class Relay:
                 session.send_awareness(encode_awareness(list(room.awareness.values())))
             elif isinstance(event, ClientsClaimed):
                 peer.writer = Writer(event.clients, peer.writer.subject)
-                if self.settings.integrity:
+                if self.settings.integrity and event.fresh:
                     if self._shared:
                         # Recorded by the append, in the turn's order (another process
                         # may write the same ledger: its write is conditional).

@@ -2085,3 +2085,27 @@ def test_any_value_repeats_are_trimmed_and_other_values_refused(first: Any, seco
     else:
         assert refused_clients(verdict) == {C}, f"{first!r} rewritten as {second!r} accepted"
     assert doc_of(relay.stored).get("m", type=Map).to_py() == writer.get("m", type=Map).to_py()
+
+
+def test_a_replica_awaiting_its_claims_writes_no_unowned_id() -> None:
+    """A crdtsync connection before its claims: the first content of an id would be
+    stored with no owner (its later claim skips ids with content), so it is refused as
+    unproven, on the fast path and in the full judgement alike; ids owned by its token's
+    subject stay writable, and once it claimed (however little) it writes as before."""
+    awaiting = Writer(subject=None, awaiting_claims=True)
+    owner: Doc[Any] = Doc(client_id=C)
+    first = keystrokes(owner, "a")[0]
+    relay = Relay()
+    verdict = relay.offer(first, awaiting)
+    assert verdict.update is None
+    assert [(r.client, r.unproven) for r in verdict.refusals] == [(C, True)]
+    assert "not proven yet" in verdict.refusals[0].reason
+    assert (relay.ledger.ranges, relay.ledger.owners) == ({}, {})
+    assert relay.offer(first, Writer(frozenset({C}))) == Verdict(first, [])
+    assert relay.ledger.owners == {C: KEY_OWNER}
+    # nothing to prove, claimed: a stock writer's unowned content may be relayed again
+    other: Doc[Any] = Doc(client_id=D)
+    relayed = keystrokes(other, "b")[0]
+    assert relay.offer(relayed, Writer()) == Verdict(relayed, [])
+    assert Writer(subject="ann", awaiting_claims=True).may_write(D, "sub:ann")
+    assert not Writer(subject="ann", awaiting_claims=True).may_write(D, None)

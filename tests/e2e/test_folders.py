@@ -22,6 +22,7 @@ from crdtsync.client import Replica
 from crdtsync.protocol import (
     ExtChanged,
     ExtChannel,
+    ExtClaim,
     ExtClose,
     ExtHello,
     ExtOpen,
@@ -222,6 +223,7 @@ async def test_refused_documents_are_closed_alone_on_a_multiplexed_connection(re
             )
         )
         writer = Doc()
+        await client.send(ExtChannel(1, ExtClaim(()).encode()))  # nothing to prove, said
         await client.send(ExtChannel(1, ExtUpdate(7, text_update(writer, "from mux")).encode()))
         await client.until(
             lambda m: (

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import urllib.request
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from helpers import eventually, timeout_s
@@ -17,6 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from crdtsync.client import Replica
+from crdtsync.integrity import KEY_OWNER, client_id_of_key
 from crdtsync.protocol import (
     ExtAck,
     ExtClaim,
@@ -390,3 +393,114 @@ async def test_update_overtaking_its_claim_is_refused_as_unproven_and_the_replic
     assert (refused.key, refused.unproven) == (1, True)
     assert acked == ExtAck(2)
     assert str(stored_document(relay.store, ROOM).get("text", type=Text)) == "mine!"
+
+
+async def recv_reply(ws: Any) -> ExtRefused | ExtAck:
+    while True:
+        msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+        if isinstance(msg, (ExtRefused, ExtAck)):
+            return msg
+
+
+async def test_first_content_of_an_id_sent_before_the_claims_gets_no_ownerless_record(
+    relay, tmp_path
+):
+    """Seen in crdtsync check (hostile participant, seed 8): a reordering path delivered
+    the relay's step 1 before its hello, so the replica answered unkeyed and unclaimed;
+    the relay stored its id with no owner, and its claim (which skips ids with content)
+    came too late: a stock client then wrote at the replica's next clocks. Until a
+    crdtsync connection's claims arrive, the first content of an id is refused as
+    unproven; once claimed, the id is the key's, and a stranger's write there is refused.
+    A replica that proves nothing says so (an empty claim) and may then relay
+    ownerless content as before."""
+    key = os.urandom(32)
+    client = client_id_of_key(key)
+    doc = Doc(client_id=client)
+    doc.get("text", type=Text).insert(0, "first")
+    first = doc.get_update()
+    async with asyncio.timeout(timeout_s(10)), connect(f"{relay.url}/{ROOM}?crdtsync=1") as ws:
+        await ws.send(SyncStep2(first).encode())  # unkeyed, as a replica that took no hello
+        await ws.send(ExtUpdate(1, first).encode())
+        assert await recv_reply(ws) == ExtRefused(0, mock.ANY, True)
+        assert await recv_reply(ws) == ExtRefused(1, mock.ANY, True)
+        assert stored_document(relay.store, ROOM).get_state() == Doc().get_state()
+        await ws.send(ExtClaim(((client, key),)).encode())
+        await ws.send(ExtUpdate(2, first).encode())
+        assert await recv_reply(ws) == ExtAck(2)
+    # A stock client (it proves nothing) at the owner's next clock is refused.
+    forged = Doc(client_id=client)
+    forged.apply_update(first)
+    before = forged.get_state()
+    forged.get("text", type=Text).insert(5, " forged")
+    async with asyncio.timeout(timeout_s(10)), connect(f"{relay.url}/{ROOM}") as ws:
+        await ws.send(SyncUpdate(forged.get_update(before)).encode())
+        while not isinstance(decode_message(await ws.recv()), PermissionDenied):  # type: ignore[arg-type]
+            pass
+    assert str(stored_document(relay.store, ROOM).get("text", type=Text)) == "first"
+    # A replica with nothing to prove relays someone else's ownerless content after its
+    # empty claim (a kept document it never opened, refilling an emptied store).
+    other = Doc(client_id=77)
+    other.get("text", type=Text).insert(0, "relayed ")
+    async with asyncio.timeout(timeout_s(10)), connect(f"{relay.url}/{ROOM}?crdtsync=1") as ws:
+        await ws.send(ExtClaim(()).encode())
+        await ws.send(ExtUpdate(1, other.get_update()).encode())
+        assert await recv_reply(ws) == ExtAck(1)
+    assert "relayed" in str(stored_document(relay.store, ROOM).get("text", type=Text))
+
+
+async def test_replica_whose_hello_is_overtaken_claims_late_and_keeps_its_id(relay, tmp_path):
+    """The whole seed-8 path, end to end: a path that delivers the relay's step 1 ahead of
+    its hello (and holds the hello until the relay refused what the replica answered
+    unclaimed). The replica must not count that refusal, must claim once the hello
+    comes, and its edit must be stored owned by its key."""
+    from websockets.asyncio.server import serve
+
+    held_hello = asyncio.Event()
+
+    async def reordering(client: Any) -> None:
+        assert client.request is not None
+        async with connect(f"{relay.url}{client.request.path}") as upstream:
+
+            async def up() -> None:
+                async for message in client:
+                    await upstream.send(message)
+
+            async def down() -> None:
+                hello = None
+                async for message in upstream:
+                    if hello is None and not held_hello.is_set():
+                        hello = message  # the first message: the hello, held back
+                        held_hello.set()
+                        continue
+                    await client.send(message)
+                    if hello is not None and isinstance(
+                        decode_message(message),  # type: ignore[arg-type]
+                        ExtRefused,
+                    ):
+                        await client.send(hello)
+                        hello = None
+
+            tasks = [asyncio.ensure_future(up()), asyncio.ensure_future(down())]
+            try:
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in tasks:
+                    task.cancel()
+
+    async with Replica(tmp_path / "r.db") as offline:  # no relay: an edit made offline
+        doc = await offline.open(ROOM)
+        doc.get("text", type=Text).insert(0, "offline edit")
+        client = doc.client_id
+    async with serve(reordering, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with Replica(tmp_path / "r.db", relay=f"ws://127.0.0.1:{port}", multiplex=False) as r:
+            await r.open(ROOM)
+            # (wait_synced would say "no acknowledgements" while the hello is held back)
+            await eventually(lambda: r.status(ROOM).pending == 0, timeout=timeout_s(15))
+            status = r.status(ROOM)
+            assert (status.refused, status.pending, status.last_error) == (0, 0, None)
+    assert held_hello.is_set()
+    assert health(relay)["updates_refused"] >= 1  # the premise: the unclaimed answer came first
+    ledger = UpdateLog(relay.store).load_ledger(ROOM)
+    assert ledger.owners.get(client) == KEY_OWNER
+    assert str(stored_document(relay.store, ROOM).get("text", type=Text)) == "offline edit"

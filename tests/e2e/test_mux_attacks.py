@@ -31,6 +31,7 @@ from crdtsync.protocol import (
     ExtAck,
     ExtChanged,
     ExtChannel,
+    ExtClaim,
     ExtClose,
     ExtDigests,
     ExtHello,
@@ -238,6 +239,7 @@ class Prober:
     async def _run(self, ws: ClientConnection) -> None:
         doc: Doc[Any] = Doc()
         key = 0
+        await ws.send(ExtClaim(()).encode())  # nothing to prove, said (as replicas do)
         try:
             while True:
                 key += 1
@@ -432,6 +434,7 @@ async def test_one_document_on_many_channels_does_not_multiply_a_fan_out_in_memo
     ):
         await asyncio.sleep(0.3)
         big = text_update(Doc(), "y" * int(3.5 * MIB))
+        await writer.send(ExtClaim(()).encode())
         await writer.send(ExtUpdate(1, big).encode())
         async with asyncio.timeout(timeout_s(30)):
             while True:
@@ -613,6 +616,7 @@ async def write_docs(url: str, texts: dict[str, str], query: str = "") -> None:
     client = await mux_client(url, query)
     for n, (name, text) in enumerate(texts.items(), start=1):
         await client.send(ExtOpen(n, name))
+        await client.send(ExtChannel(n, ExtClaim(()).encode()))
         await client.send(ExtChannel(n, ExtUpdate(n, text_update(Doc(), text)).encode()))
     for n in range(1, len(texts) + 1):
         await client.until(
@@ -887,6 +891,7 @@ async def test_many_folders_on_everything_that_never_read_cost_other_rooms_littl
             batch = range(written + 1, written + 51)
             for n in batch:
                 await writer.send(ExtOpen(n, f"many/{n}"))
+                await writer.send(ExtChannel(n, ExtClaim(()).encode()))
                 await writer.send(ExtChannel(n, ExtUpdate(1, text_update(Doc(), "w")).encode()))
                 await writer.send(ExtClose(n))
             written += len(batch)
@@ -931,6 +936,7 @@ async def test_no_document_created_while_a_folder_is_subscribed_goes_unannounced
             for n in range(1, 9000):  # (channels stay open: a closed one gets no ack)
                 names[n] = f"race/{w}-{n:05d}"
                 await writer.send(ExtOpen(n, names[n]))
+                await writer.send(ExtChannel(n, ExtClaim(()).encode()))
                 await writer.send(ExtChannel(n, ExtUpdate(1, text_update(Doc(), "r")).encode()))
                 await asyncio.sleep(0.002)  # (500 opens/s: a connection's pace)
         finally:
@@ -1007,6 +1013,7 @@ async def test_connection_level_messages_inside_a_channel_close_that_channel_alo
     await client.drain(1.5)
     closed = {m.channel: (m.code, m.reason) for m in client.seen if isinstance(m, ExtClose)}
     # The healthy channel still syncs, both ways.
+    await client.send(ExtChannel(1, ExtClaim(()).encode()))
     await client.send(ExtChannel(1, ExtUpdate(1, text_update(Doc(), "still here")).encode()))
     await client.until(
         lambda m: (
