@@ -33,6 +33,7 @@ from pycrdt import Awareness, Doc, Subscription, TransactionEvent, get_state, ge
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
+from crdtsync.docsync import DEFER_S, AckOrder, DocumentSync, HeldUpdates
 from crdtsync.errors import (
     AcknowledgementsUnsupported,
     CloseCode,
@@ -47,7 +48,6 @@ from crdtsync.errors import (
 )
 from crdtsync.folders import Cursor, document_digest, validate_prefix
 from crdtsync.integrity import KEY_OWNER, Ledger, Writer, client_id_of_key
-from crdtsync.limits import TokenBucket
 from crdtsync.protocol import (
     CLIENT_KEY_BYTES,
     MUX_VERSION,
@@ -77,16 +77,10 @@ from crdtsync.store import (
 )
 from crdtsync.sync import (
     MAX_CLAIMED_CLIENTS,
-    Acknowledged,
     AwarenessQueried,
     AwarenessReceived,
-    ExtensionsConfirmed,
     Failed,
-    PermissionRefused,
-    Refused,
-    StateRequested,
     SyncSession,
-    UpdateReceived,
 )
 from crdtsync.updates import UpdateInfo, check_update
 
@@ -101,8 +95,6 @@ MUX_QUERY = "mux=1"  # with EXTENSION_QUERY on "/": one connection for every doc
 MAX_STORED_SYNCS = 64  # kept documents the app has not opened, synced at once
 DIGEST_BATCH = 512  # documents described per digest message
 AWARENESS_TIMEOUT_S = 30.0  # y-protocols: a state not renewed for 30 s is gone
-MAX_RECLAIMS = 8  # per connection: claims resent after "not proven" refusals
-MAX_HELD_UPDATES = 256  # remote updates kept aside while a gap before them is open
 # After the relay refused our rights (HTTP 403, close 4403 or 1008): try again this much
 # later, with a fresh token, never in a tight loop and never giving up for good.
 ACCESS_RETRY_S = 60.0
@@ -193,21 +185,57 @@ class _Connection:
     mux: _Mux | None = None
     closed: bool = False  # (a channel) closed: nothing more is sent on it
     keeper: asyncio.Task[None] | None = None  # (a channel) renews its presence
-    acks: bool | None = None  # decided by the relay's first message
-    next_key: int = 1
-    in_flight: dict[int, list[int]] = field(default_factory=dict)  # key -> local seqs
-    resyncing: bool = False  # a step 1 of ours is waiting for its answer
-    relay_state: bytes | None = None  # the state vector of the relay's step 1
+    sync: DocumentSync | None = None  # the document's protocol on this link (set at once)
     outbox: deque[bytes] = field(default_factory=deque)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    # A relay may ask (step 1) or make us ask (gap updates) without end: both are paced,
-    # and what waits is done once, for the latest request (DESIGN: bounded work).
-    requests: TokenBucket = field(default_factory=lambda: TokenBucket(2.0, 5))
-    resyncs: TokenBucket = field(default_factory=lambda: TokenBucket(1.0, 3))
-    deferred: asyncio.TimerHandle | None = None  # a paced answer or resync, waiting
-    deferred_request: bytes | None = None
-    deferred_resync: bool = False
-    reclaims: int = 0  # claims sent again after a refusal for want of them
+    deferred: asyncio.TimerHandle | None = None  # the sync's paced answer or resync, waiting
+
+    @property
+    def doc_sync(self) -> DocumentSync:
+        assert self.sync is not None
+        return self.sync
+
+
+class _Host:
+    """The replica's side of one document's sync on one link (crdtsync.docsync)."""
+
+    __slots__ = ("conn", "d", "replica")
+
+    def __init__(self, replica: Replica, d: _Document, conn: _Connection) -> None:
+        self.replica, self.d, self.conn = replica, d, conn
+
+    def state(self) -> bytes:
+        return self.d.doc.get_state()
+
+    def update_since(self, state: bytes) -> bytes:
+        return self.d.doc.get_update(state)
+
+    def admit_and_apply(self, update: bytes, info: UpdateInfo) -> set[int]:
+        return self.replica._admit_and_apply(self.d, update, info)
+
+    def apply_known(self, update: bytes) -> None:
+        self.replica._apply_remote(self.d, update)
+
+    def claims(self) -> tuple[dict[int, bytes], frozenset[int]]:
+        return self.replica._claims(self.d)
+
+    def confirm(self, seqs: list[int]) -> None:
+        self.replica._confirm(self.d, seqs)
+
+    def decided(self) -> None:
+        self.d.acks = self.conn.doc_sync.acks
+        self.replica._notify(self.d)
+
+    def synced(self) -> None:
+        self.replica._on_synced(self.d)
+
+    def refused(self, reason: str) -> None:
+        self.d.refused += 1
+        self.d.last_error = f"the relay refused content: {reason}"
+        self.replica._notify(self.d)
+
+    def denied(self, reason: str) -> None:
+        self.d.last_error = f"permission denied: {reason}"
 
 
 @dataclass(eq=False)
@@ -288,6 +316,7 @@ class _Document:
     doc: Doc[Any]
     pending: int
     tail: int
+    order: AckOrder  # local transactions not yet confirmed
     subscription: Subscription | None = None
     conn: _Connection | None = None
     task: asyncio.Task[None] | None = None
@@ -302,18 +331,13 @@ class _Document:
     closing: bool = False  # Replica.close() is closing it: no reconnect, nothing to report
     compaction_scheduled: bool = False
     awareness: Awareness | None = None
-    # local seqs not yet confirmed, ascending; loaded from the file on first use, so that
-    # opening a document with a long offline history stays fast
-    pending_seqs: deque[int] | None = None
-    acked: set[int] = field(default_factory=set)  # acknowledged, waiting for earlier ones
     # What the integrity check learned of this document's shared types (crdtsync.integrity).
     types: set[tuple[int, int]] = field(default_factory=set)
     claims: dict[int, set[int]] = field(default_factory=dict)
     quarantined: int = 0
     refused: int = 0
-    # Remote updates that start after a gap, kept until it is filled (at most
-    # MAX_HELD_UPDATES; the relay's answer to a step 1 brings whatever is dropped).
-    held: list[tuple[bytes, UpdateInfo]] = field(default_factory=list)
+    # Remote updates that start after a gap, kept until it is filled.
+    held: HeldUpdates = field(default_factory=HeldUpdates)
     backoff: Backoff | None = None  # (a channel) reopening after the relay closed it
 
 
@@ -468,6 +492,10 @@ class Replica:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def _ack_order(self, name: str) -> AckOrder:
+        # Loaded on first use: opening a document with a long offline history stays fast.
+        return AckOrder(lambda: self._store().pending_seqs(name))
+
     def _store(self) -> UpdateLog:
         if self.store is None:
             raise RuntimeError("replica not started: use 'async with Replica(...)'")
@@ -510,7 +538,11 @@ class Replica:
             name, doc, stored.snapshot, stored.seqs, stored.updates, d_types, d_claims
         )
         d = _Document(
-            name, doc, pending=store.pending_count(name), tail=len(stored.updates) - quarantined
+            name,
+            doc,
+            pending=store.pending_count(name),
+            tail=len(stored.updates) - quarantined,
+            order=self._ack_order(name),
         )
         d.types, d.claims = d_types, d_claims
         d.quarantined = store.quarantine_count(name)
@@ -766,8 +798,7 @@ class Replica:
             self._notify(d)
             return
         d.pending += 1
-        if d.pending_seqs is not None:
-            d.pending_seqs.append(seq)  # seqs only grow: the deque stays sorted
+        d.order.added(seq)
         d.tail += 1
         self._send_local(d, seq, update)
         self._maybe_compact(d)
@@ -818,15 +849,9 @@ class Replica:
 
     def _send_local(self, d: _Document, seq: int, update: bytes) -> None:
         conn = d.conn
-        if conn is None or conn.acks is None:
-            return  # the answer to the relay's step 1 will carry it
-        if conn.acks:
-            key = conn.next_key
-            conn.next_key += 1
-            conn.in_flight[key] = [seq]
-            conn.session.send_update(update, key)
-        else:
-            conn.session.send_update(update)
+        if conn is None:
+            return  # the next link's catch-up carries it
+        conn.doc_sync.local(seq, update)
         self._queue_frames(conn)
 
     def _queue_frames(self, conn: _Connection) -> None:
@@ -864,8 +889,7 @@ class Replica:
                 return
             d.unsaved.pop(0)
             d.pending += 1
-            if d.pending_seqs is not None:
-                d.pending_seqs.append(seq)
+            d.order.added(seq)
             self._send_local(d, seq, update)
         d.last_error = None
         self._notify(d)
@@ -1061,8 +1085,7 @@ class Replica:
         conn = _Connection(ws, session)
         d.conn = conn
         d.last_error = None
-        session.send_step1(d.doc.get_state())
-        conn.resyncing = True  # until the relay answers this step 1
+        self._link(d, conn)
         if d.awareness is not None and d.awareness.get_local_state() is not None:
             session.send_awareness(d.awareness.encode_awareness_update([d.awareness.client_id]))
         self._queue_frames(conn)
@@ -1090,14 +1113,14 @@ class Replica:
             # suppressing CancelledError here once let close() wait forever.
             await asyncio.gather(writer, keeper, return_exceptions=True)
 
-    def _answer(self, d: _Document, conn: _Connection, state_vector: bytes) -> None:
-        if conn.acks:
-            self._send_catch_up(d, conn, state_vector)
-        else:
-            conn.session.answer_state_request(d.doc.get_update(state_vector))
+    def _link(self, d: _Document, conn: _Connection) -> DocumentSync:
+        """Start ``d``'s sync protocol on ``conn`` (crdtsync.docsync)."""
+        conn.sync = DocumentSync(conn.session, _Host(self, d, conn), d.order, d.held)
+        conn.sync.start()
+        return conn.sync
 
     def _defer(self, d: _Document, conn: _Connection) -> None:
-        """Do a paced answer or resync once the budget allows; one timer per connection."""
+        """Run the sync's paced answer or resync later; one timer per link."""
         if conn.deferred is not None:
             return
 
@@ -1105,23 +1128,14 @@ class Replica:
             conn.deferred = None
             if d.conn is not conn:
                 return  # that connection is gone; the next one syncs from scratch
-            if conn.deferred_request is not None:
-                request, conn.deferred_request = conn.deferred_request, None
-                self._answer(d, conn, request)
-            if conn.deferred_resync and not conn.resyncing:
-                conn.deferred_resync = False
-                conn.resyncing = True
-                conn.session.send_step1(d.doc.get_state())
+            conn.doc_sync.run_deferred()
             self._queue_frames(conn)
 
-        conn.deferred = asyncio.get_running_loop().call_later(1.0, run)
+        conn.deferred = asyncio.get_running_loop().call_later(DEFER_S, run)
 
-    def _send_claims(self, d: _Document, conn: _Connection) -> None:
-        """Prove to the relay that our client ids are ours, before any content of theirs.
-
-        The current id and the ids of earlier opens whose edits may still be pending;
-        the relay refuses new content under an owned id from anyone else.
-        """
+    def _claims(self, d: _Document) -> tuple[dict[int, bytes], frozenset[int]]:
+        """Our client ids of ``d`` to prove, with their keys: the current id and the ids
+        of earlier opens whose edits may still be pending."""
         claims = self._store().own_clients(d.name)
         current = d.doc.client_id
         others = sorted(c for c in claims if c != current)[-(MAX_CLAIMED_CLIENTS - 1) :]
@@ -1129,174 +1143,35 @@ class Replica:
         # The current id before its first edit is fresh: the relay records its owner at
         # once, so that nobody who saw it (in our presence) can write there first.
         fresh = current in ordered and not decode_state_vector(d.doc.get_state()).get(current)
-        conn.session.send_claim(ordered, frozenset({current}) if fresh else frozenset())
-
-    def _send_catch_up(self, d: _Document, conn: _Connection, relay_state: bytes) -> None:
-        """Send what the relay lacks as one update acknowledged for every pending transaction.
-
-        That is how offline edits are confirmed after a reconnect.
-        """
-        update = d.doc.get_update(relay_state)
-        pending = list(self._pending_seqs(d))
-        if update == EMPTY_UPDATE and not pending:
-            return  # nothing the relay lacks, nothing to confirm
-        key = conn.next_key
-        conn.next_key += 1
-        conn.in_flight[key] = pending
-        conn.session.send_update(update, key)
-
-    def _pending_seqs(self, d: _Document) -> deque[int]:
-        if d.pending_seqs is None:
-            d.pending_seqs = deque(self._store().pending_seqs(d.name))
-        return d.pending_seqs
+        return ordered, frozenset({current}) if fresh else frozenset()
 
     def _confirm(self, d: _Document, seqs: list[int]) -> None:
-        """Count acknowledged transactions as stored, in order only.
-
-        A transaction is confirmed once it and every earlier local transaction of the
-        document are acknowledged. An update acknowledged after a gap (an earlier one
-        reordered away, then lost with its sender) cannot be integrated by anyone: it
-        is not durably stored in any useful sense, so it stays pending and is sent again.
-        """
-        d.acked.update(seqs)
-        confirmed = []
-        pending = self._pending_seqs(d)
-        while pending and pending[0] in d.acked:
-            seq = pending.popleft()
-            d.acked.discard(seq)
-            confirmed.append(seq)
-        if not confirmed:
-            return
+        """Count transactions the relay confirmed (in order) as stored, in the file."""
         try:
-            d.pending -= self._store().acknowledge(d.name, confirmed)
+            d.pending -= self._store().acknowledge(d.name, seqs)
         except StoreError as exc:
             d.last_error = str(exc)
         self._notify(d)
 
-    def _receive(self, d: _Document, conn: _Connection, update: bytes, info: UpdateInfo) -> None:
-        """Apply a remote update, or keep it aside while something before it is missing."""
-        state = decode_state_vector(d.doc.get_state())
-        gaps = {c for c, start in info.starts.items() if start > state.get(c, 0)}
-        if gaps:
-            # Something before this update never arrived (a reordered or lost delivery).
-            # Yrs would keep it pending and retry it with each later update (a relay
-            # sending thousands cost quadratic time) and may apply it out of order
-            # (y-crdt#413): keep those clients' part here, apply it once the gap is
-            # filled, and ask again. The other clients' part applies now (a stored
-            # document may keep a gap for good: its other content must not wait on it).
-            held, rest = _split_clients(update, info, gaps)
-            if len(d.held) < MAX_HELD_UPDATES:
-                d.held.append((held, info if rest is None else check_update(held)))
-            # (Beyond that it is dropped: the answer to our step 1 brings it.)
-            self._ask_again(d, conn)
-            if rest is None:
-                return
-            update, info = rest, check_update(rest)
-        self._admit_and_apply(d, conn, update, info)
-        while d.held:
-            state = decode_state_vector(d.doc.get_state())
-            ready = [
-                held
-                for held in d.held
-                if all(start <= state.get(c, 0) for c, start in held[1].starts.items())
-            ]
-            if not ready:
-                break
-            taken = {id(held) for held in ready}
-            d.held = [held for held in d.held if id(held) not in taken]
-            for u, i in ready:
-                state = decode_state_vector(d.doc.get_state())
-                if all(end <= state.get(c, 0) for c, end in i.state.items()):
-                    # Its content arrived meanwhile (with the answer to our step 1): not
-                    # compared with the document again; Yrs skips known structs, so only
-                    # its delete set (which never conflicts) is applied.
-                    if i.deletes:
-                        self._apply_remote(d, u)
-                    continue
-                self._admit_and_apply(d, conn, u, i)
-
-    def _admit_and_apply(
-        self, d: _Document, conn: _Connection, update: bytes, info: UpdateInfo
-    ) -> None:
+    def _admit_and_apply(self, d: _Document, update: bytes, info: UpdateInfo) -> set[int]:
         accepted, refused = self._admit(d, update, info)
         if accepted is not None:
             self._apply_remote(d, accepted)
-        ends = {c: end for c, end in info.state.items() if c not in refused}
-        if self._left_gap(d, ends):
-            # Applied but not integrated (it depends on content we lack): ask again;
-            # the relay's answer fills the gap.
-            self._ask_again(d, conn)
+        return refused
 
-    def _ask_again(self, d: _Document, conn: _Connection) -> None:
-        """Send our state vector (sync step 1) so the relay sends what we lack; paced."""
-        if conn.resyncing:
-            return
-        if conn.resyncs.allow(time.monotonic()):
-            conn.resyncing = True
-            conn.session.send_step1(d.doc.get_state())
-        else:
-            conn.deferred_resync = True
-            self._defer(d, conn)
-
-    @staticmethod
-    def _left_gap(d: _Document, ends: dict[int, int]) -> bool:
-        state = decode_state_vector(d.doc.get_state())
-        return any(state.get(client, 0) < end for client, end in ends.items())
+    def _on_synced(self, d: _Document) -> None:
+        first = not d.synced
+        d.synced = True
+        self._notify(d)
+        if first and self._kept and d.name not in self._stored:
+            self._settled(d.name)
 
     def _on_event(self, d: _Document, conn: _Connection, event: Any) -> None:
-        if conn.acks is None:
-            # The relay confirms extensions before anything else; a server whose first
-            # message is something else (the reference server) will never acknowledge.
-            conn.acks = isinstance(event, ExtensionsConfirmed)
-            d.acks = conn.acks
-            if conn.acks:
-                self._send_claims(d, conn)
-            self._notify(d)
-        elif isinstance(event, ExtensionsConfirmed) and not conn.acks:
-            # A confirmation that a reordering path delivered late: acknowledgements are
-            # on after all. What was sent unkeyed is covered by one keyed catch-up update.
-            conn.acks = d.acks = True
-            self._send_claims(d, conn)
-            if conn.relay_state is not None:
-                self._send_catch_up(d, conn, conn.relay_state)
-            self._notify(d)
-        if isinstance(event, UpdateReceived):
-            if not event.info.is_empty:
-                self._receive(d, conn, event.update, event.info)
-            if event.answer:
-                conn.resyncing = False
-                first = not d.synced
-                d.synced = True
-                self._notify(d)
-                if first and self._kept and d.name not in self._stored:
-                    self._settled(d.name)
-        elif isinstance(event, StateRequested):
-            conn.relay_state = event.state_vector
-            if conn.requests.allow(time.monotonic()):
-                self._answer(d, conn, event.state_vector)
-            else:
-                conn.deferred_request = event.state_vector  # answered once, later
-                self._defer(d, conn)
-        elif isinstance(event, Acknowledged):
-            seqs = conn.in_flight.pop(event.key, None)
-            if seqs:
-                self._confirm(d, seqs)
-        elif isinstance(event, Refused):
-            # Never acknowledged: what it carried stays pending.
-            conn.in_flight.pop(event.key, None)
-            if event.unproven and conn.reclaims < MAX_RECLAIMS and conn.relay_state is not None:
-                # Our claim was overtaken (a reordering path) or lost: our ids are ours,
-                # so prove them again and resend what is pending.
-                conn.reclaims += 1
-                self._send_claims(d, conn)
-                self._send_catch_up(d, conn, conn.relay_state)
-                return
-            d.refused += 1
-            d.last_error = f"the relay refused content: {event.reason}"
-            self._notify(d)
-        elif isinstance(event, PermissionRefused):
-            d.last_error = f"permission denied: {event.reason}"
-        elif isinstance(event, AwarenessReceived):
+        sync = conn.doc_sync
+        sync.handle(event, time.monotonic())
+        if sync.timer_wanted:
+            self._defer(d, conn)
+        if isinstance(event, AwarenessReceived):
             if d.awareness is not None:
                 d.awareness.apply_awareness_update(event.payload, "remote")
         elif isinstance(event, AwarenessQueried):
@@ -1535,8 +1410,7 @@ class Replica:
         self.stats["channels_opened"] += 1
         d.conn = conn
         mux.outbox.append(ExtOpen(number, d.name).encode())
-        session.send_step1(d.doc.get_state())
-        conn.resyncing = True  # until the relay answers this step 1
+        self._link(d, conn)
         if d.awareness is not None:
             if d.awareness.get_local_state() is not None:
                 session.send_awareness(d.awareness.encode_awareness_update([d.awareness.client_id]))
@@ -1800,8 +1674,7 @@ class Replica:
                 outstanding.add(name)
                 if s.conn is not None and s.synced:
                     s.synced = False
-                    s.conn.resyncing = True
-                    s.conn.session.send_step1(s.doc.get_state())
+                    s.conn.doc_sync.resync()
                     self._queue_frames(s.conn)
                 continue
             if name in digests and self._digest(name) == digests[name]:
@@ -1908,16 +1781,22 @@ class Replica:
                 self._settled(name)
                 continue
             doc = _StoredDoc(stored.all_updates())
-            d = _Document(name, doc, pending=pending, tail=len(stored.updates))  # type: ignore[arg-type]
+            d = _Document(
+                name,
+                doc,  # type: ignore[arg-type]
+                pending=pending,
+                tail=len(stored.updates),
+                order=self._ack_order(name),
+            )
             self._stored[name] = d
             self._open_channel(mux, d)
 
     def _maybe_drop_stored(self, d: _Document) -> None:
         """A kept document synced at the store level goes once it has nothing to wait for."""
-        if not d.synced or d.held:
+        if not d.synced or len(d.held):
             return
         conn = d.conn
-        if conn is not None and conn.acks and conn.in_flight:
+        if conn is not None and conn.doc_sync.waiting_for_acks:
             return  # its acknowledgements are on their way (what was refused stays pending)
         self._drop_stored(d.name)
         self._settled(d.name)
@@ -1989,18 +1868,3 @@ def _content_for(doc: Doc[Any], info: UpdateInfo) -> bytes:
         if client in sv:
             sv[client] = 0
     return doc.get_update(encode_state_vector(sv))
-
-
-def _split_clients(
-    update: bytes, info: UpdateInfo, clients: set[int]
-) -> tuple[bytes, bytes | None]:
-    """``update`` cut in two: the part of ``clients``, and the rest (None when the update
-    holds no other client). Each part carries the delete set (deleting is idempotent)."""
-    if len(clients) == len(info.starts):
-        return update, None
-    others = {c: end for c, end in info.state.items() if c not in clients}
-    theirs = {c: end for c, end in info.state.items() if c in clients}
-    return (
-        get_update(update, encode_state_vector(others)),
-        get_update(update, encode_state_vector(theirs)),
-    )
