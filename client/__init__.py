@@ -1,12 +1,14 @@
 """crdtsync.client: the Replica, documents in local SQLite synced through a relay."""
 
 from .backoff import Backoff
-from .replica import DocumentStatus, Replica, ThreadSafeDoc, TokenSource
+from .documents import DocumentStatus, FolderStatus, ThreadSafeDoc
+from .replica import Replica, TokenSource
 from .sync_replica import SyncReplica
 
 __all__ = [
     "Backoff",
     "DocumentStatus",
+    "FolderStatus",
     "Replica",
     "SyncReplica",
     "ThreadSafeDoc",

@@ -22,23 +22,20 @@ import os
 import ssl
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pycrdt import Awareness, Doc, Subscription, TransactionEvent, get_state, get_update
+from pycrdt import Awareness, Doc, TransactionEvent
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 
-from crdtsync.docsync import DEFER_S, AckOrder, DocumentSync, HeldUpdates
+from crdtsync.docsync import DEFER_S, AckOrder, DocumentSync
 from crdtsync.errors import (
     AcknowledgementsUnsupported,
     CloseCode,
-    FoldersUnsupported,
-    InvalidDocumentName,
     MalformedMessage,
     Retry,
     StoreError,
@@ -46,7 +43,6 @@ from crdtsync.errors import (
     close_reason,
     retry_after_close,
 )
-from crdtsync.folders import Cursor, document_digest, validate_prefix
 from crdtsync.integrity import KEY_OWNER, Ledger, Writer, client_id_of_key
 from crdtsync.protocol import (
     CLIENT_KEY_BYTES,
@@ -54,10 +50,8 @@ from crdtsync.protocol import (
     ExtChanged,
     ExtChannel,
     ExtClose,
-    ExtDigests,
     ExtHello,
     ExtOpen,
-    ExtSubscribe,
     ExtType,
     ExtUnsubscribe,
     MessageType,
@@ -73,7 +67,6 @@ from crdtsync.store import (
     QuarantinedUpdate,
     Synchronous,
     UpdateLog,
-    merge_in_batches,
 )
 from crdtsync.sync import (
     MAX_CLAIMED_CLIENTS,
@@ -85,6 +78,16 @@ from crdtsync.sync import (
 from crdtsync.updates import UpdateInfo, check_update
 
 from .backoff import Backoff
+from .documents import (
+    DocumentStatus,
+    FolderStatus,
+    Link,
+    LocalDocument,
+    MuxLink,
+    ThreadSafeDoc,
+)
+from .folders import Folders
+from .presence import Presence
 
 __all__ = ["DocumentStatus", "FolderStatus", "Replica", "ThreadSafeDoc", "TokenSource"]
 
@@ -94,7 +97,6 @@ EXTENSION_QUERY = "crdtsync=1"
 MUX_QUERY = "mux=1"  # with EXTENSION_QUERY on "/": one connection for every document
 MAX_STORED_SYNCS = 64  # kept documents the app has not opened, synced at once
 DIGEST_BATCH = 512  # documents described per digest message
-AWARENESS_TIMEOUT_S = 30.0  # y-protocols: a state not renewed for 30 s is gone
 # After the relay refused our rights (HTTP 403, close 4403 or 1008): try again this much
 # later, with a fresh token, never in a tight loop and never giving up for good.
 ACCESS_RETRY_S = 60.0
@@ -104,104 +106,12 @@ TokenSource = str | Callable[[], "str | Awaitable[str]"]
 HEALTHY_AFTER_S = 5.0  # a connection synced and up this long resets the reconnect backoff
 
 
-class ThreadSafeDoc(Doc[Any]):
-    """A ``pycrdt.Doc`` whose root transactions are serialised across threads.
-
-    pycrdt transactions are not per thread: a second thread's ``doc.transaction()``
-    joins whatever transaction is open, and pycrdt releases its lock before it clears
-    the current transaction. A reentrant lock held for the whole root transaction, from
-    before pycrdt opens it to after pycrdt has cleaned it up, makes each thread wait for
-    its own transaction instead (used by :class:`~crdtsync.client.SyncReplica`).
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs["allow_multithreading"] = True
-        super().__init__(*args, **kwargs)
-        self._thread_lock = threading.RLock()
-
-    def transaction(self, origin: Any = None) -> Any:
-        return _LockedTransaction(self, origin)
-
-
-class _LockedTransaction:
-    def __init__(self, doc: ThreadSafeDoc, origin: Any) -> None:
-        self._doc = doc
-        self._origin = origin
-        self._inner: Any = None
-
-    def __enter__(self) -> Any:
-        self._doc._thread_lock.acquire()
-        try:
-            self._inner = Doc.transaction(self._doc, self._origin)
-            return self._inner.__enter__()
-        except BaseException:
-            self._doc._thread_lock.release()
-            raise
-
-    def __exit__(self, *exc: Any) -> Any:
-        try:
-            return self._inner.__exit__(*exc)
-        finally:
-            self._doc._thread_lock.release()
-
-
-@dataclass(frozen=True, slots=True)
-class DocumentStatus:
-    """What a replica knows about one document's sync state.
-
-    Attributes:
-        connected: a websocket to the relay is open.
-        synced: the initial sync of this connection finished (the relay answered our step 1).
-        pending: local transactions the relay has not yet acknowledged as durably stored.
-        acknowledgements: True if the relay confirms durable storage, False if it does
-            not (e.g. the reference y-websocket server), None until known.
-        last_error: the last connection or store problem, if any.
-        quarantined: updates from the relay (or found in the file) that would have
-            broken the document, kept aside instead of applied (see
-            :meth:`Replica.quarantined`).
-        refused: local updates the relay refused to store (they stay pending).
-        stopped: the replica gave up syncing this document (the relay refused it in a way
-            that retrying cannot change, e.g. its name; ``last_error`` says why).
-    """
-
-    connected: bool
-    synced: bool
-    pending: int
-    acknowledgements: bool | None
-    last_error: str | None
-    quarantined: int = 0
-    refused: int = 0
-    stopped: bool = False
-
-
-@dataclass(eq=False)
-class _Connection:
-    """One document's link to the relay: a connection of its own, or a channel of the
-    multiplexed one (``channel`` set: its frames go through ``mux``)."""
-
-    ws: ClientConnection
-    session: SyncSession
-    channel: int | None = None
-    mux: _Mux | None = None
-    closed: bool = False  # (a channel) closed: nothing more is sent on it
-    keeper: asyncio.Task[None] | None = None  # (a channel) renews its presence
-    sync: DocumentSync | None = None  # the document's protocol on this link (set at once)
-    outbox: deque[bytes] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    deferred: asyncio.TimerHandle | None = None  # the sync's paced answer or resync, waiting
-
-    @property
-    def doc_sync(self) -> DocumentSync:
-        assert self.sync is not None
-        return self.sync
-
-
-class _Host:
+class LinkHost:
     """The replica's side of one document's sync on one link (crdtsync.docsync)."""
 
     __slots__ = ("conn", "d", "replica")
 
-    def __init__(self, replica: Replica, d: _Document, conn: _Connection) -> None:
+    def __init__(self, replica: Replica, d: LocalDocument, conn: Link) -> None:
         self.replica, self.d, self.conn = replica, d, conn
 
     def state(self) -> bytes:
@@ -236,109 +146,6 @@ class _Host:
 
     def denied(self, reason: str) -> None:
         self.d.last_error = f"permission denied: {reason}"
-
-
-@dataclass(eq=False)
-class _Mux:
-    """The multiplexed connection: documents as channels, folders kept (issue 11)."""
-
-    ws: ClientConnection
-    outbox: deque[bytes] = field(default_factory=deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    next_channel: int = 1
-    channels: dict[int, tuple[_Document, _Connection]] = field(default_factory=dict)
-    next_folder: int = 1
-    folders: dict[int, _KeptFolder] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class _KeptFolder:
-    """A folder kept in sync: its cursor (in the file) and what its announcements named
-    that is not yet synced here, in order (the cursor passes an announcement once all
-    of it is)."""
-
-    prefix: str
-    cursor: Cursor
-    number: int | None = None  # on the current connection
-    caught_up: bool = False
-    batches: deque[tuple[Cursor | None, set[str]]] = field(default_factory=deque)
-    digests: asyncio.Task[None] | None = None
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FolderStatus:
-    """What a replica knows about a kept folder.
-
-    Attributes:
-        subscribed: the relay is announcing the folder's changes to this replica.
-        caught_up: the relay listed everything that changed while this replica was away.
-        to_sync: documents announced and not yet synced here.
-        pending: local transactions in the folder not yet acknowledged.
-        error: why the folder is not kept in sync, if it is not.
-    """
-
-    subscribed: bool
-    caught_up: bool
-    to_sync: int
-    pending: int
-    error: str | None
-
-
-class _StoredDoc:
-    """A kept document the app has not opened, as the sync logic sees a ``Doc``: its
-    stored updates, merged when asked (no ``Doc`` is built; issue 11)."""
-
-    client_id = -1  # no client of this replica writes through it
-
-    def __init__(self, updates: list[bytes]) -> None:
-        self._parts = [u for u in updates if u]
-
-    def _update(self) -> bytes:
-        if len(self._parts) > 1:
-            self._parts = [merge_in_batches(self._parts)]
-        return self._parts[0] if self._parts else EMPTY_UPDATE
-
-    def get_state(self) -> bytes:
-        return get_state(self._update())
-
-    def get_update(self, state: bytes | None = None) -> bytes:
-        update = self._update()
-        return update if state is None else get_update(update, state)
-
-    def apply_update(self, update: bytes) -> None:
-        self._parts.append(update)
-
-
-@dataclass(eq=False)
-class _Document:
-    name: str
-    doc: Doc[Any]
-    pending: int
-    tail: int
-    order: AckOrder  # local transactions not yet confirmed
-    subscription: Subscription | None = None
-    conn: _Connection | None = None
-    task: asyncio.Task[None] | None = None
-    applying_remote: bool = False
-    unsaved: list[bytes] = field(default_factory=list)  # local updates a store error kept
-    remote_buffer: list[bytes] = field(default_factory=list)
-    last_error: str | None = None
-    acks: bool | None = None
-    synced: bool = False
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-    stop_reconnecting: bool = False
-    closing: bool = False  # Replica.close() is closing it: no reconnect, nothing to report
-    compaction_scheduled: bool = False
-    awareness: Awareness | None = None
-    # What the integrity check learned of this document's shared types (crdtsync.integrity).
-    types: set[tuple[int, int]] = field(default_factory=set)
-    claims: dict[int, set[int]] = field(default_factory=dict)
-    quarantined: int = 0
-    refused: int = 0
-    # Remote updates that start after a gap, kept until it is filled.
-    held: HeldUpdates = field(default_factory=HeldUpdates)
-    backoff: Backoff | None = None  # (a channel) reopening after the relay closed it
 
 
 class Replica:
@@ -409,7 +216,7 @@ class Replica:
         self.params = dict(params or {})
         self.open_timeout_s = open_timeout_s
         self.store: UpdateLog | None = None
-        self._docs: dict[str, _Document] = {}
+        self._docs: dict[str, LocalDocument] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._retry_handle: asyncio.TimerHandle | None = None
         self.multithreaded = multithreaded
@@ -424,19 +231,15 @@ class Replica:
         self._loop_thread: int | None = None
         self.multiplex = multiplex
         self.last_error: str | None = None  # of the multiplexed connection
-        self._mux: _Mux | None = None
+        self._mux: MuxLink | None = None
         self._mux_task: asyncio.Task[None] | None = None
         self._mux_supported: bool | None = None  # decided by the relay's first answer
         self._stopped = False
-        self._kept: dict[str, _KeptFolder] = {}
-        self._stored: dict[str, _Document] = {}  # kept documents synced without a Doc
-        self._stored_queue: deque[str] = deque()
-        self._stored_wanted: set[str] = set()
+        self._folders = Folders(self)
         self._reopen: dict[str, asyncio.TimerHandle] = {}
-        self._progress = asyncio.Condition()
         # The document of the largest frame sent on the multiplexed connection (blamed
         # when the relay closes it with 1009, message too big).
-        self._too_big: _Document | None = None
+        self._too_big: LocalDocument | None = None
         self._largest_sent = 0
         # What went over the network (issue 11's benchmarks and tests count it).
         self.stats: Counter[str] = Counter()
@@ -473,14 +276,12 @@ class Replica:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for name in list(self._stored):
-            self._drop_stored(name)
+        self._folders.stop()
         self._flush_remote()
         for timer in self._reopen.values():
             timer.cancel()
         self._reopen.clear()
         self._mux_supported = None
-        self._kept.clear()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -518,10 +319,10 @@ class Replica:
         if existing is not None:
             return existing.doc
         store = self._store()
-        if name in self._stored:
+        if name in self._folders.stored:
             # Synced at the store level until now: a Doc takes over (its own channel's
             # first sync settles what its folder announced).
-            self._drop_stored(name)
+            self._folders.drop(name)
         stored = store.load(name)
         pending = store.pending_count(name)
         # A fresh client id on every open: reusing one after a lost tail of the file
@@ -537,7 +338,7 @@ class Replica:
         quarantined = self._load(
             name, doc, stored.snapshot, stored.seqs, stored.updates, d_types, d_claims
         )
-        d = _Document(
+        d = LocalDocument(
             name,
             doc,
             pending=store.pending_count(name),
@@ -550,8 +351,9 @@ class Replica:
             d.last_error = f"{quarantined} stored updates quarantined at open (see quarantined())"
         self._docs[name] = d
         d.subscription = doc.observe(lambda event: self._on_transaction(d, event))
-        d.awareness = Awareness(doc, outdated_timeout=int(AWARENESS_TIMEOUT_S * 1000))
-        d.awareness.observe(lambda topic, change: self._on_awareness_change(d, topic, change))
+        d.presence = Presence(
+            doc, lambda update: self._send_presence(d, update), self._loop, self._loop_thread
+        )
         self._start_sync(d)
         return doc
 
@@ -633,18 +435,15 @@ class Replica:
         if d is None:
             return
         conn = d.conn
-        if (
-            conn is not None
-            and d.awareness is not None
-            and d.awareness.get_local_state() is not None
-        ):
-            # Tell the room we left, as stock clients do; best effort within a short bound.
-            d.awareness.set_local_state(None)
-            if conn.mux is None:
-                with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
-                    async with asyncio.timeout(1.0):
-                        for frame in conn.session.data_to_send():
-                            await conn.ws.send(frame)
+        # Tell the room we left, as stock clients do; best effort within a short bound.
+        if conn is not None and d.presence is not None and d.presence.leave() and conn.mux is None:
+            # (Its removal was queued for the writer, which is about to be cancelled.)
+            frames = [*conn.outbox, *conn.session.data_to_send()]
+            conn.outbox.clear()
+            with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
+                async with asyncio.timeout(1.0):
+                    for frame in frames:
+                        await conn.ws.send(frame)
         if d.subscription is not None:
             d.doc.unobserve(d.subscription)
         d.closing = True
@@ -684,10 +483,10 @@ class Replica:
                 store.compact(d.name, live=d.doc)
         except StoreError as exc:
             log.warning("closing %r: %s", name, exc)
-        if not self._stopped and any(name.startswith(p) for p in self._kept):
+        if not self._stopped and any(name.startswith(p) for p in self._folders.folders):
             # A kept document goes on syncing without its Doc: what it still had to send,
             # and what reached its channel after it closed, are exchanged once more.
-            self._want_stored(name)
+            self._folders.want(name)
 
     def pending(self, name: str) -> int:
         """Local transactions of ``name`` not yet acknowledged as durably stored by the relay.
@@ -721,9 +520,9 @@ class Replica:
         renewed while connected. Other clients' states arrive in ``states``. Presence is
         relayed, never stored.
         """
-        awareness = self._doc(name).awareness
-        assert awareness is not None  # set by open()
-        return awareness
+        presence = self._doc(name).presence
+        assert presence is not None  # set by open()
+        return presence.awareness
 
     async def wait_synced(self, name: str, timeout: float | None = None) -> None:
         """Wait until the relay has durably stored every local change of ``name``.
@@ -752,26 +551,26 @@ class Replica:
                 + (f" (last error: {d.last_error})" if d.last_error else "")
             ) from None
 
-    def _doc(self, name: str) -> _Document:
+    def _doc(self, name: str) -> LocalDocument:
         try:
             return self._docs[name]
         except KeyError:
             raise KeyError(f"document {name!r} is not open") from None
 
-    def _notify(self, d: _Document) -> None:
+    def _notify(self, d: LocalDocument) -> None:
         async def notify() -> None:
             async with d.changed:
                 d.changed.notify_all()
-            if self._kept:
-                async with self._progress:
-                    self._progress.notify_all()
+            if self._folders.folders:
+                async with self._folders.progress:
+                    self._folders.progress.notify_all()
 
         with contextlib.suppress(RuntimeError):  # no running loop: nobody can be waiting
             asyncio.get_running_loop().create_task(notify())
 
     # -- local transactions ---------------------------------------------------------------
 
-    def _on_transaction(self, d: _Document, event: TransactionEvent) -> None:
+    def _on_transaction(self, d: LocalDocument, event: TransactionEvent) -> None:
         # Never raise here: pycrdt would turn it into an error of the app's edit call.
         # Runs in the thread that edited; the write happens here, before the edit returns.
         if d.applying_remote and threading.get_ident() == self._loop_thread:
@@ -789,7 +588,9 @@ class Replica:
         else:
             self._loop.call_soon_threadsafe(self._local_done, d, update, seq, error)
 
-    def _local_done(self, d: _Document, update: bytes, seq: int | None, error: str | None) -> None:
+    def _local_done(
+        self, d: LocalDocument, update: bytes, seq: int | None, error: str | None
+    ) -> None:
         if seq is None:
             # The edit is in the Doc; keep its update, retry, and report (DESIGN: replica).
             d.unsaved.append(update)
@@ -803,58 +604,28 @@ class Replica:
         self._send_local(d, seq, update)
         self._maybe_compact(d)
 
-    def _maybe_compact(self, d: _Document) -> None:
+    def _maybe_compact(self, d: LocalDocument) -> None:
         if d.tail >= self.compact_after_updates and not d.compaction_scheduled:
             # Not now: the Doc may be mid-commit and cannot be encoded until that returns.
             with contextlib.suppress(RuntimeError):
                 asyncio.get_running_loop().call_soon(self._compact, d)
                 d.compaction_scheduled = True
 
-    def _on_awareness_change(self, d: _Document, topic: str, change: tuple[Any, Any]) -> None:
-        changes, origin = change
-        if topic != "update" or origin != "local":
-            return
-        clients = changes["added"] + changes["updated"] + changes["removed"]
-        if threading.get_ident() == self._loop_thread or self._loop is None:
-            self._send_awareness(d, clients)
-        else:
-            self._loop.call_soon_threadsafe(self._send_awareness, d, clients)
-
-    def _send_awareness(self, d: _Document, clients: list[int]) -> None:
+    def _send_presence(self, d: LocalDocument, update: bytes) -> None:
         conn = d.conn
-        if conn is None or d.awareness is None or not clients:
-            return
-        conn.session.send_awareness(d.awareness.encode_awareness_update(clients))
+        if conn is None:
+            return  # the next link announces our state
+        conn.session.send_awareness(update)
         self._queue_frames(conn)
 
-    async def _keep_awareness(self, d: _Document) -> None:
-        """Renew our presence and expire silent peers' (y-protocols awareness timing)."""
-        awareness = d.awareness
-        assert awareness is not None
-        while True:
-            await asyncio.sleep(AWARENESS_TIMEOUT_S / 2)
-            state = awareness.get_local_state()
-            if state is not None:
-                awareness.set_local_state(state)
-            now_ms = time.time() * 1000
-            outdated = [
-                client
-                for client, meta in awareness.meta.items()
-                if client != awareness.client_id
-                and client in awareness.states
-                and now_ms - meta["lastUpdated"] >= AWARENESS_TIMEOUT_S * 1000
-            ]
-            if outdated:
-                awareness.remove_awareness_states(outdated, "timeout")
-
-    def _send_local(self, d: _Document, seq: int, update: bytes) -> None:
+    def _send_local(self, d: LocalDocument, seq: int, update: bytes) -> None:
         conn = d.conn
         if conn is None:
             return  # the next link's catch-up carries it
         conn.doc_sync.local(seq, update)
         self._queue_frames(conn)
 
-    def _queue_frames(self, conn: _Connection) -> None:
+    def _queue_frames(self, conn: Link) -> None:
         frames = conn.session.data_to_send()
         mux = conn.mux
         if mux is None:
@@ -878,7 +649,7 @@ class Replica:
         for d in self._docs.values():
             self._retry_unsaved(d)
 
-    def _retry_unsaved(self, d: _Document) -> None:
+    def _retry_unsaved(self, d: LocalDocument) -> None:
         while d.unsaved:
             update = d.unsaved[0]
             try:
@@ -894,7 +665,7 @@ class Replica:
         d.last_error = None
         self._notify(d)
 
-    def _compact(self, d: _Document) -> None:
+    def _compact(self, d: LocalDocument) -> None:
         d.compaction_scheduled = False
         if self._docs.get(d.name) is not d or self.store is None:
             return  # closed meanwhile
@@ -911,7 +682,7 @@ class Replica:
     # -- remote updates ---------------------------------------------------------------------
 
     def _admit(
-        self, d: _Document, update: bytes, info: UpdateInfo
+        self, d: LocalDocument, update: bytes, info: UpdateInfo
     ) -> tuple[bytes | None, set[int]]:
         """Check a remote update against the document before it reaches the file or the Doc.
 
@@ -935,7 +706,7 @@ class Replica:
             self._quarantine_remote(d, update, "; ".join(r.reason for r in verdict.refusals))
         return verdict.update, {r.client for r in verdict.refusals}
 
-    def _quarantine_remote(self, d: _Document, update: bytes, reason: str) -> None:
+    def _quarantine_remote(self, d: LocalDocument, update: bytes, reason: str) -> None:
         log.warning("quarantined an update from the relay for %r: %s", d.name, reason)
         d.quarantined += 1
         d.last_error = f"quarantined an update from the relay: {reason}"
@@ -945,7 +716,7 @@ class Replica:
             log.error("could not keep the quarantined update of %r: %s", d.name, exc)
         self._notify(d)
 
-    def _apply_remote(self, d: _Document, update: bytes) -> None:
+    def _apply_remote(self, d: LocalDocument, update: bytes) -> None:
         d.applying_remote = True
         try:
             d.doc.apply_update(update)
@@ -1012,7 +783,7 @@ class Replica:
             raise ValueError("the token has characters an HTTP header cannot carry")
         return {"Authorization": f"Bearer {token}"}
 
-    async def _connect_loop(self, d: _Document) -> None:
+    async def _connect_loop(self, d: LocalDocument) -> None:
         backoff = self._backoff()
         while not d.stop_reconnecting and not d.closing:
             delay: float | None = None  # None: the backoff's next delay
@@ -1068,7 +839,7 @@ class Replica:
             next_delay = backoff.next_delay()
             await asyncio.sleep(next_delay if delay is None else max(delay, next_delay))
 
-    async def _writer(self, conn: _Connection) -> None:
+    async def _writer(self, conn: Link) -> None:
         while True:
             await conn.wake.wait()
             conn.wake.clear()
@@ -1078,19 +849,20 @@ class Replica:
                 self.stats["bytes_out"] += len(frame)
                 await conn.ws.send(frame)
 
-    async def _run_connection(self, d: _Document, ws: ClientConnection) -> None:
+    async def _run_connection(self, d: LocalDocument, ws: ClientConnection) -> None:
         session = SyncSession(
             max_message_bytes=self.max_message_bytes, extensions=True, validate=self._validate
         )
-        conn = _Connection(ws, session)
+        conn = Link(ws, session)
         d.conn = conn
         d.last_error = None
         self._link(d, conn)
-        if d.awareness is not None and d.awareness.get_local_state() is not None:
-            session.send_awareness(d.awareness.encode_awareness_update([d.awareness.client_id]))
+        presence = d.presence
+        assert presence is not None  # (an open document: only those have a connection)
+        presence.announce(session)
         self._queue_frames(conn)
         writer = asyncio.create_task(self._writer(conn))
-        keeper = asyncio.create_task(self._keep_awareness(d))
+        keeper = asyncio.create_task(presence.keep())
         try:
             async for data in ws:
                 self.stats["messages_in"] += 1
@@ -1113,13 +885,13 @@ class Replica:
             # suppressing CancelledError here once let close() wait forever.
             await asyncio.gather(writer, keeper, return_exceptions=True)
 
-    def _link(self, d: _Document, conn: _Connection) -> DocumentSync:
+    def _link(self, d: LocalDocument, conn: Link) -> DocumentSync:
         """Start ``d``'s sync protocol on ``conn`` (crdtsync.docsync)."""
-        conn.sync = DocumentSync(conn.session, _Host(self, d, conn), d.order, d.held)
+        conn.sync = DocumentSync(conn.session, LinkHost(self, d, conn), d.order, d.held)
         conn.sync.start()
         return conn.sync
 
-    def _defer(self, d: _Document, conn: _Connection) -> None:
+    def _defer(self, d: LocalDocument, conn: Link) -> None:
         """Run the sync's paced answer or resync later; one timer per link."""
         if conn.deferred is not None:
             return
@@ -1133,7 +905,7 @@ class Replica:
 
         conn.deferred = asyncio.get_running_loop().call_later(DEFER_S, run)
 
-    def _claims(self, d: _Document) -> tuple[dict[int, bytes], frozenset[int]]:
+    def _claims(self, d: LocalDocument) -> tuple[dict[int, bytes], frozenset[int]]:
         """Our client ids of ``d`` to prove, with their keys: the current id and the ids
         of earlier opens whose edits may still be pending."""
         claims = self._store().own_clients(d.name)
@@ -1145,7 +917,7 @@ class Replica:
         fresh = current in ordered and not decode_state_vector(d.doc.get_state()).get(current)
         return ordered, frozenset({current}) if fresh else frozenset()
 
-    def _confirm(self, d: _Document, seqs: list[int]) -> None:
+    def _confirm(self, d: LocalDocument, seqs: list[int]) -> None:
         """Count transactions the relay confirmed (in order) as stored, in the file."""
         try:
             d.pending -= self._store().acknowledge(d.name, seqs)
@@ -1153,47 +925,50 @@ class Replica:
             d.last_error = str(exc)
         self._notify(d)
 
-    def _admit_and_apply(self, d: _Document, update: bytes, info: UpdateInfo) -> set[int]:
+    def _admit_and_apply(self, d: LocalDocument, update: bytes, info: UpdateInfo) -> set[int]:
         accepted, refused = self._admit(d, update, info)
         if accepted is not None:
             self._apply_remote(d, accepted)
         return refused
 
-    def _on_synced(self, d: _Document) -> None:
+    def _on_synced(self, d: LocalDocument) -> None:
         first = not d.synced
         d.synced = True
         self._notify(d)
-        if first and self._kept and d.name not in self._stored:
-            self._settled(d.name)
+        if first and self._folders.folders and d.name not in self._folders.stored:
+            self._folders.settled(d.name)
 
-    def _on_event(self, d: _Document, conn: _Connection, event: Any) -> None:
+    def _on_event(self, d: LocalDocument, conn: Link, event: Any) -> None:
         sync = conn.doc_sync
         sync.handle(event, time.monotonic())
         if sync.timer_wanted:
             self._defer(d, conn)
         if isinstance(event, AwarenessReceived):
-            if d.awareness is not None:
-                d.awareness.apply_awareness_update(event.payload, "remote")
+            if d.presence is not None:
+                d.presence.received(event.payload)
         elif isinstance(event, AwarenessQueried):
-            if d.awareness is not None and d.awareness.get_local_state() is not None:
-                conn.session.send_awareness(
-                    d.awareness.encode_awareness_update([d.awareness.client_id])
-                )
+            if d.presence is not None:
+                d.presence.announce(conn.session)
         elif isinstance(event, Failed):
             d.last_error = f"relay sent bad data: {event.reason}"
 
     # -- one multiplexed connection for every document (issue 11) ---------------------------
 
-    def _start_sync(self, d: _Document) -> None:
+    def _ensure_mux(self) -> None:
+        """Run the multiplexed connection (once: it reconnects by itself)."""
+        if self._mux_task is None:
+            self._mux_task = asyncio.get_running_loop().create_task(
+                self._mux_loop(), name="crdtsync:mux"
+            )
+
+    def _start_sync(self, d: LocalDocument) -> None:
         """Sync ``d`` through the relay: a channel of the multiplexed connection, or a
         connection of its own where the relay has none (the reference server)."""
         if self.relay is None:
             return
         if self.multiplex and self._mux_supported is not False:
             if self._mux_task is None:
-                self._mux_task = asyncio.get_running_loop().create_task(
-                    self._mux_loop(), name="crdtsync:mux"
-                )
+                self._ensure_mux()
             elif self._mux is not None:
                 self._open_channel(self._mux, d)
             return
@@ -1206,8 +981,8 @@ class Replica:
         params += [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.params.items()]
         return f"{self.relay}/?{'&'.join(params)}"
 
-    def _synced_docs(self) -> list[_Document]:
-        return [*self._docs.values(), *self._stored.values()]
+    def _synced_docs(self) -> list[LocalDocument]:
+        return [*self._docs.values(), *self._folders.stored.values()]
 
     def _say_error(self, error: str) -> None:
         self.last_error = error
@@ -1241,7 +1016,7 @@ class Replica:
                         return
                     self._mux_supported = True
                     self.stats["connections"] += 1
-                    mux = _Mux(ws)
+                    mux = MuxLink(ws)
                     self._mux = mux
                     self._too_big, self._largest_sent = None, 0
                     began = time.monotonic()
@@ -1299,18 +1074,15 @@ class Replica:
                 d.task = asyncio.get_running_loop().create_task(
                     self._connect_loop(d), name=f"crdtsync:{d.name}"
                 )
-        for folder in self._kept.values():
-            folder.error = f"{reason}: folders cannot be kept through it"
-        self._notify_progress()
+        self._folders.unsupported(reason)
 
-    async def _run_mux(self, mux: _Mux) -> None:
+    async def _run_mux(self, mux: MuxLink) -> None:
         writer = asyncio.create_task(self._mux_writer(mux))
         try:
             for d in list(self._docs.values()):
                 if not d.stop_reconnecting:
                     self._open_channel(mux, d)
-            for folder in self._kept.values():
-                self._subscribe(mux, folder)
+            self._folders.connected(mux)
             async for data in mux.ws:
                 self.stats["messages_in"] += 1
                 self.stats["bytes_in"] += len(data)
@@ -1327,7 +1099,7 @@ class Replica:
                 elif isinstance(msg, ExtClose):
                     self._on_channel_closed(mux, msg)
                 elif isinstance(msg, ExtChanged):
-                    self._on_changed(mux, msg)
+                    self._folders.on_changed(mux, msg)
                 elif isinstance(msg, ExtHello):
                     pass  # a repeat of the relay's confirmation (a duplicating path)
                 elif not isinstance(msg, ExtUnsubscribe):
@@ -1343,14 +1115,14 @@ class Replica:
                         folder.number = None
                         folder.error = f"the relay refused the folder: {msg.code} {msg.reason}"
                         log.warning("folder %r: %s", folder.prefix, folder.error)
-                        self._notify_progress()
+                        self._folders.notify()
                 if writer.done():
                     writer.result()  # surface the send error
         finally:
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
-    async def _mux_writer(self, mux: _Mux) -> None:
+    async def _mux_writer(self, mux: MuxLink) -> None:
         while True:
             await mux.wake.wait()
             mux.wake.clear()
@@ -1364,7 +1136,7 @@ class Replica:
                 await mux.ws.send(frame)
 
     @staticmethod
-    def _document_of(mux: _Mux, frame: bytes) -> _Document | None:
+    def _document_of(mux: MuxLink, frame: bytes) -> LocalDocument | None:
         """The document a channel frame belongs to (None for other frames)."""
         if frame[:2] != bytes((MessageType.CRDTSYNC, ExtType.CHANNEL)):
             return None
@@ -1375,28 +1147,17 @@ class Replica:
         entry = mux.channels.get(channel)
         return entry[0] if entry is not None else None
 
-    def _mux_down(self, mux: _Mux) -> None:
+    def _mux_down(self, mux: MuxLink) -> None:
         """The multiplexed connection ended: every channel with it; kept documents synced
         at the store level are dropped (their folders' cursors did not pass them)."""
         for d, conn in list(mux.channels.values()):
             self._end_channel(d, conn, say=False)
-        for name in list(self._stored):
-            self._drop_stored(name)
-        self._stored_queue.clear()
-        self._stored_wanted.clear()
-        for folder in self._kept.values():
-            folder.number = None
-            folder.caught_up = False
-            folder.batches.clear()
-            if folder.digests is not None:
-                folder.digests.cancel()
-                folder.digests = None
+        self._folders.connection_lost()
         for timer in self._reopen.values():
             timer.cancel()
         self._reopen.clear()
-        self._notify_progress()
 
-    def _open_channel(self, mux: _Mux, d: _Document) -> None:
+    def _open_channel(self, mux: MuxLink, d: LocalDocument) -> None:
         """Open ``d`` on the connection: one message, no handshake."""
         if d.conn is not None or d.closing:
             return
@@ -1405,19 +1166,18 @@ class Replica:
         session = SyncSession(
             max_message_bytes=self.max_message_bytes, extensions=True, validate=self._validate
         )
-        conn = _Connection(mux.ws, session, channel=number, mux=mux)
+        conn = Link(mux.ws, session, channel=number, mux=mux)
         mux.channels[number] = (d, conn)
         self.stats["channels_opened"] += 1
         d.conn = conn
         mux.outbox.append(ExtOpen(number, d.name).encode())
         self._link(d, conn)
-        if d.awareness is not None:
-            if d.awareness.get_local_state() is not None:
-                session.send_awareness(d.awareness.encode_awareness_update([d.awareness.client_id]))
-            conn.keeper = asyncio.get_running_loop().create_task(self._keep_awareness(d))
+        if d.presence is not None:
+            d.presence.announce(session)
+            conn.keeper = asyncio.get_running_loop().create_task(d.presence.keep())
         self._queue_frames(conn)
 
-    def _end_channel(self, d: _Document, conn: _Connection, *, say: bool) -> None:
+    def _end_channel(self, d: LocalDocument, conn: Link, *, say: bool) -> None:
         mux = conn.mux
         assert mux is not None
         assert conn.channel is not None
@@ -1437,7 +1197,7 @@ class Replica:
             d.synced = False
             self._notify(d)
 
-    def _on_channel_data(self, mux: _Mux, number: int, frame: bytes) -> None:
+    def _on_channel_data(self, mux: MuxLink, number: int, frame: bytes) -> None:
         entry = mux.channels.get(number)
         if entry is None:
             return  # a channel we closed: its last messages crossed our close
@@ -1452,10 +1212,10 @@ class Replica:
                 self._reopen_later(d, self._channel_backoff(d).next_delay())
                 return
         self._queue_frames(conn)
-        if d.name in self._stored:
-            self._maybe_drop_stored(d)
+        if d.name in self._folders.stored:
+            self._folders.maybe_drop(d)
 
-    def _on_channel_closed(self, mux: _Mux, msg: ExtClose) -> None:
+    def _on_channel_closed(self, mux: MuxLink, msg: ExtClose) -> None:
         entry = mux.channels.get(msg.channel)
         if entry is None:
             return
@@ -1464,16 +1224,16 @@ class Replica:
         d.last_error = f"relay closed the document: {msg.code} {msg.reason}".rstrip()
         log.info("%s", d.last_error)
         retry = retry_after_close(msg.code)
-        if d.name in self._stored:
-            self._drop_stored(d.name)
+        if d.name in self._folders.stored:
+            self._folders.drop(d.name)
             if retry is Retry.BACKOFF:
                 # (e.g. 1013: the store failed for it) tried again, still owed to its folder
                 delay = self._channel_backoff(d).next_delay()
-                asyncio.get_running_loop().call_later(delay, self._want_stored, d.name)
+                asyncio.get_running_loop().call_later(delay, self._folders.want, d.name)
                 return
             # A kept document the relay will not serve (rights changed since it was
             # announced): given up here, announced again if it changes.
-            self._settled(d.name)
+            self._folders.settled(d.name)
             return
         if retry is Retry.NEVER:
             d.stop_reconnecting = True
@@ -1482,12 +1242,12 @@ class Replica:
             self._reopen_later(d, later or self._channel_backoff(d).next_delay())
         self._notify(d)
 
-    def _channel_backoff(self, d: _Document) -> Backoff:
+    def _channel_backoff(self, d: LocalDocument) -> Backoff:
         if d.backoff is None:
             d.backoff = self._backoff()
         return d.backoff
 
-    def _reopen_later(self, d: _Document, delay: float) -> None:
+    def _reopen_later(self, d: LocalDocument, delay: float) -> None:
         def reopen() -> None:
             self._reopen.pop(d.name, None)
             if self._docs.get(d.name) is d and self._mux is not None:
@@ -1498,7 +1258,7 @@ class Replica:
             old.cancel()
         self._reopen[d.name] = asyncio.get_running_loop().call_later(delay, reopen)
 
-    # -- folders kept offline ---------------------------------------------------------------
+    # -- folders kept offline (client/folders.py) -------------------------------------------
 
     async def keep(self, prefix: str) -> None:
         """Keep every document whose name starts with ``prefix`` synced in the local file,
@@ -1508,82 +1268,28 @@ class Replica:
         Raises:
             InvalidDocumentName: ``prefix`` cannot start a document name.
         """
-        validate_prefix(prefix)
-        store = self._store()
-        store.keep_folder(prefix)
-        if prefix in self._kept:
-            return
-        stored = store.kept_folders()[prefix]
-        folder = _KeptFolder(prefix, Cursor(*stored))
-        self._kept[prefix] = folder
-        if self.relay is None:
-            return
-        if self._mux_supported is False:
-            folder.error = "the relay does not multiplex documents: folders cannot be kept"
-        elif self._mux is not None:
-            self._subscribe(self._mux, folder)
-        elif self.multiplex and self._mux_task is None:
-            self._mux_task = asyncio.get_running_loop().create_task(
-                self._mux_loop(), name="crdtsync:mux"
-            )
+        await self._folders.keep(prefix)
 
     async def unkeep(self, prefix: str) -> None:
         """No longer keep ``prefix`` synced (its documents stay in the file)."""
-        folder = self._kept.pop(prefix, None)
-        self._store().forget_folder(prefix)
-        if folder is None:
-            return
-        mux = self._mux
-        if mux is not None and folder.number is not None:
-            mux.folders.pop(folder.number, None)
-            mux.outbox.append(ExtUnsubscribe(folder.number).encode())
-            mux.wake.set()
-        if folder.digests is not None:
-            folder.digests.cancel()
+        await self._folders.unkeep(prefix)
 
     def kept(self) -> list[str]:
         """The prefixes this replica keeps."""
-        return sorted(self._kept)
+        return self._folders.kept()
 
     def documents(self, prefix: str = "") -> list[str]:
         """Names of the documents under ``prefix`` held in the local file (no network)."""
-        store = self._store()
-        names: list[str] = []
-        after = ""
-        while True:
-            page = store.documents_in(prefix, after, 5000)
-            names.extend(page)
-            if len(page) < 5000:
-                return names
-            after = page[-1]
+        return self._folders.documents(prefix)
 
     def pending_in(self, prefix: str) -> int:
         """Local transactions of documents under ``prefix`` not yet acknowledged by the
         relay (open or not); survives restarts."""
-        unsaved = sum(len(d.unsaved) for d in self._docs.values() if d.name.startswith(prefix))
-        return self._store().pending_in(prefix) + unsaved
+        return self._folders.pending_in(prefix)
 
     def folder_status(self, prefix: str) -> FolderStatus:
         """What the replica knows about a kept folder's sync."""
-        folder = self._kept.get(prefix)
-        if folder is None:
-            raise KeyError(f"folder {prefix!r} is not kept")
-        return FolderStatus(
-            subscribed=folder.number is not None,
-            caught_up=folder.caught_up,
-            to_sync=self._to_sync_in(prefix),
-            pending=self.pending_in(prefix),
-            error=folder.error,
-        )
-
-    def _to_sync_in(self, prefix: str) -> int:
-        folder = self._kept[prefix]
-        announced: set[str] = set()
-        for _, names in folder.batches:
-            announced |= names
-        announced |= {n for n in self._stored_wanted if n.startswith(prefix)}
-        announced |= {n for n in self._stored if n.startswith(prefix)}
-        return len(announced)
+        return self._folders.folder_status(prefix)
 
     async def wait_synced_in(self, prefix: str, timeout: float | None = None) -> None:
         """Wait until the folder ``prefix`` is in sync: the relay's announcements caught
@@ -1594,227 +1300,7 @@ class Replica:
             FoldersUnsupported: the relay cannot keep folders.
             SyncTimeout: ``timeout`` seconds passed first.
         """
-        if prefix not in self._kept:
-            raise KeyError(f"folder {prefix!r} is not kept")
-
-        def done() -> bool:
-            folder = self._kept.get(prefix)
-            if folder is None:
-                raise KeyError(f"folder {prefix!r} is no longer kept")
-            if self._mux_supported is False:
-                raise FoldersUnsupported(folder.error or "the relay cannot keep folders")
-            return (
-                folder.caught_up and self._to_sync_in(prefix) == 0 and self.pending_in(prefix) == 0
-            )
-
-        try:
-            async with asyncio.timeout(timeout), self._progress:
-                await self._progress.wait_for(done)
-        except TimeoutError:
-            status = self.folder_status(prefix)
-            raise SyncTimeout(
-                f"folder {prefix!r} not in sync after {timeout} s: {status}"
-            ) from None
-
-    def _notify_progress(self) -> None:
-        async def notify() -> None:
-            async with self._progress:
-                self._progress.notify_all()
-
-        with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(notify())
-
-    def _subscribe(self, mux: _Mux, folder: _KeptFolder) -> None:
-        number = mux.next_folder
-        mux.next_folder += 1
-        mux.folders[number] = folder
-        folder.number = number
-        folder.caught_up = False
-        folder.error = None
-        folder.batches.clear()
-        c = folder.cursor
-        mux.outbox.append(
-            ExtSubscribe(number, folder.prefix, c.store, c.epoch, c.position).encode()
-        )
-        mux.wake.set()
-        # Documents edited here while offline go up whatever the relay announces.
-        for name in self._store().pending_documents_in(folder.prefix):
-            if name not in self._docs:
-                self._want_stored(name)
-
-    def _on_changed(self, mux: _Mux, msg: ExtChanged) -> None:
-        folder = mux.folders.get(msg.folder)
-        if folder is None:
-            return
-        if msg.digests_wanted:
-            if folder.digests is None:
-                folder.digests = asyncio.get_running_loop().create_task(
-                    self._send_digests(mux, msg.folder, folder)
-                )
-            return
-        outstanding = set()
-        self.stats["documents_announced"] += len(msg.documents)
-        digests = dict(zip(msg.documents, msg.digests, strict=True)) if msg.digests else {}
-        for name in msg.documents:
-            if not name.startswith(folder.prefix):
-                continue  # not this folder's: a relay's mistake, never synced into it
-            try:
-                validate_document_name(name)
-            except InvalidDocumentName:
-                continue
-            d = self._docs.get(name)
-            if d is not None:
-                if not d.synced:
-                    outstanding.add(name)  # its channel's sync brings it
-                continue
-            s = self._stored.get(name)
-            if s is not None:
-                # Being synced without a Doc: its channel may close before the change
-                # reaches it there, so it asks once more (and stays until answered).
-                outstanding.add(name)
-                if s.conn is not None and s.synced:
-                    s.synced = False
-                    s.conn.doc_sync.resync()
-                    self._queue_frames(s.conn)
-                continue
-            if name in digests and self._digest(name) == digests[name]:
-                self.stats["documents_already_held"] += 1
-                continue  # held here as the relay holds it (e.g. our own edits)
-            outstanding.add(name)
-            self._want_stored(name)
-        cursor = None
-        if msg.cursor or msg.caught_up:
-            cursor = Cursor(msg.store, msg.epoch, msg.cursor)
-        folder.batches.append((cursor, outstanding))
-        if msg.caught_up:
-            folder.caught_up = True
-        self._advance(folder)
-
-    def _advance(self, folder: _KeptFolder) -> None:
-        """Record the cursor of every announcement whose documents are all synced here."""
-        moved = False
-        while folder.batches and not folder.batches[0][1]:
-            cursor = folder.batches.popleft()[0]
-            if (cursor is not None and cursor.position >= folder.cursor.position) or (
-                cursor is not None and cursor.store != folder.cursor.store
-            ):
-                folder.cursor = cursor
-                moved = True
-        if moved:
-            c = folder.cursor
-            self._flush_remote()  # what the cursor passed is in the file first
-            try:
-                self._store().set_folder_cursor(folder.prefix, c.store, c.epoch, c.position)
-            except StoreError as exc:
-                folder.error = f"could not record the folder's cursor: {exc}"
-        self._notify_progress()
-
-    def _settled(self, name: str) -> None:
-        """``name`` is synced here (or given up): the announcements naming it are done."""
-        for folder in self._kept.values():
-            if not name.startswith(folder.prefix):
-                continue
-            for _, names in folder.batches:
-                names.discard(name)
-            self._advance(folder)
-
-    def _digest(self, name: str) -> bytes | None:
-        """The digest of ``name`` as this replica holds it (None: it cannot be read)."""
-        try:
-            return document_digest(self._store().load(name).all_updates())
-        except (StoreError, MalformedMessage) as exc:
-            log.warning("cannot read %r for its digest: %s", name, exc)
-            return None
-
-    async def _send_digests(self, mux: _Mux, number: int, folder: _KeptFolder) -> None:
-        """Describe what this replica holds of a folder, a page at a time."""
-        try:
-            store = self._store()
-            after = ""
-            while True:
-                page = store.documents_in(folder.prefix, after, DIGEST_BATCH)
-                entries = []
-                for name in page:
-                    d = self._docs.get(name)
-                    if d is not None:
-                        digest = document_digest([d.doc.get_update()])
-                    else:
-                        digest = document_digest(store.load(name).all_updates())
-                    entries.append((name, digest))
-                last = len(page) < DIGEST_BATCH
-                if mux.folders.get(number) is not folder:
-                    return
-                mux.outbox.append(ExtDigests(number, tuple(entries), last).encode())
-                mux.wake.set()
-                if last:
-                    return
-                after = page[-1]
-                await asyncio.sleep(0)  # other documents' traffic goes on meanwhile
-        except StoreError as exc:
-            folder.error = f"could not read the folder's documents: {exc}"
-        finally:
-            if folder.digests is asyncio.current_task():
-                folder.digests = None
-
-    # -- kept documents the app has not opened: synced at the store level -------------------
-
-    def _want_stored(self, name: str) -> None:
-        if name in self._stored or name in self._stored_wanted or name in self._docs:
-            return
-        self._stored_wanted.add(name)
-        self._stored_queue.append(name)
-        self._pump_stored()
-
-    def _pump_stored(self) -> None:
-        mux = self._mux
-        while mux is not None and self._stored_queue and len(self._stored) < MAX_STORED_SYNCS:
-            name = self._stored_queue.popleft()
-            self._stored_wanted.discard(name)
-            if name in self._docs or name in self._stored:
-                continue  # open meanwhile: its channel's first sync settles it
-            store = self._store()
-            try:
-                stored = store.load(name)
-                pending = store.pending_count(name)
-            except StoreError as exc:
-                log.warning("cannot sync kept document %r: %s", name, exc)
-                self._settled(name)
-                continue
-            doc = _StoredDoc(stored.all_updates())
-            d = _Document(
-                name,
-                doc,  # type: ignore[arg-type]
-                pending=pending,
-                tail=len(stored.updates),
-                order=self._ack_order(name),
-            )
-            self._stored[name] = d
-            self._open_channel(mux, d)
-
-    def _maybe_drop_stored(self, d: _Document) -> None:
-        """A kept document synced at the store level goes once it has nothing to wait for."""
-        if not d.synced or len(d.held):
-            return
-        conn = d.conn
-        if conn is not None and conn.doc_sync.waiting_for_acks:
-            return  # its acknowledgements are on their way (what was refused stays pending)
-        self._drop_stored(d.name)
-        self._settled(d.name)
-
-    def _drop_stored(self, name: str) -> None:
-        d = self._stored.get(name)
-        if d is None:
-            return
-        if d.conn is not None:
-            self._end_channel(d, d.conn, say=self._mux is not None)
-        self._flush_remote()
-        del self._stored[name]
-        if d.tail >= self.compact_after_updates:
-            try:
-                self._store().compact(name)
-            except StoreError as exc:
-                log.warning("compacting kept document %r: %s", name, exc)
-        self._pump_stored()
+        await self._folders.wait_synced_in(prefix, timeout)
 
 
 def _is_hello(data: bytes | str) -> bool:

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 from pycrdt import Doc
 
-from .replica import DocumentStatus, Replica, TokenSource
+from .documents import DocumentStatus, FolderStatus
+from .replica import Replica, TokenSource
 
 __all__ = ["SyncReplica"]
 
@@ -101,6 +102,40 @@ class SyncReplica:
         """See :meth:`Replica.wait_synced` (raises ``SyncTimeout`` after ``timeout``)."""
         limit = None if timeout is None else timeout + self.timeout_s
         self._run(self._replica.wait_synced(name, timeout), limit)
+
+    def keep(self, prefix: str) -> None:
+        """See :meth:`Replica.keep`."""
+        self._run(self._replica.keep(prefix))
+
+    def unkeep(self, prefix: str) -> None:
+        """See :meth:`Replica.unkeep`."""
+        self._run(self._replica.unkeep(prefix))
+
+    def kept(self) -> list[str]:
+        """See :meth:`Replica.kept`."""
+        return self._run(_call(self._replica.kept))
+
+    def documents(self, prefix: str = "") -> list[str]:
+        """See :meth:`Replica.documents`."""
+        return self._run(_value(self._replica.documents, prefix))
+
+    def pending_in(self, prefix: str) -> int:
+        """See :meth:`Replica.pending_in`."""
+        return self._run(_value(self._replica.pending_in, prefix))
+
+    def folder_status(self, prefix: str) -> FolderStatus:
+        """See :meth:`Replica.folder_status`."""
+        return self._run(_value(self._replica.folder_status, prefix))
+
+    def wait_synced_in(self, prefix: str, timeout: float | None = None) -> None:
+        """See :meth:`Replica.wait_synced_in` (raises ``SyncTimeout`` after ``timeout``)."""
+        limit = None if timeout is None else timeout + self.timeout_s
+        self._run(self._replica.wait_synced_in(prefix, timeout), limit)
+
+
+async def _call(fn: Callable[[], T]) -> T:
+    """Call a plain method on the loop thread, where the replica's state lives."""
+    return fn()
 
 
 async def _value(fn: Callable[[str], T], name: str) -> T:

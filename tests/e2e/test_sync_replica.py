@@ -66,3 +66,22 @@ def test_sync_replica_wait_synced_times_out_offline(tmp_path):
         assert a.pending("offline") == 1
         with pytest.raises(SyncTimeout, match="1 changes to 'offline' still pending"):
             a.wait_synced("offline", timeout=0.3)
+
+
+def test_sync_replica_keeps_a_folder_it_never_opened(relay, tmp_path):
+    with (
+        SyncReplica(tmp_path / "a.db", relay=relay.url) as a,
+        SyncReplica(tmp_path / "b.db", relay=relay.url) as b,
+    ):
+        b.keep("notes/")
+        assert b.kept() == ["notes/"]
+        for i in range(3):
+            a.open(f"notes/{i}").get("text", type=Text).insert(0, f"note {i}")
+            a.wait_synced(f"notes/{i}", timeout=10)
+        b.wait_synced_in("notes/", timeout=10)
+        assert b.documents("notes/") == ["notes/0", "notes/1", "notes/2"]
+        status = b.folder_status("notes/")
+        assert (status.caught_up, status.to_sync, status.pending) == (True, 0, 0)
+        assert b.pending_in("notes/") == 0
+        b.unkeep("notes/")
+        assert b.kept() == []
