@@ -44,6 +44,15 @@ class Cursor:
         """Whether this cursor means something on store ``store`` at ``epoch``."""
         return bool(self.store) and self.store == store and self.epoch == epoch
 
+    def replaces(self, older: Cursor) -> bool:
+        """Whether a replica should record this cursor instead of ``older``: a position
+        at least as far on the same store and epoch, or any position of another store
+        or epoch (a restored store counts again from lower positions, and the older
+        cursor means nothing there)."""
+        if not older.valid_on(self.store, self.epoch):
+            return True
+        return self.position >= older.position
+
 
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` if it can start a document name ("" keeps every document).

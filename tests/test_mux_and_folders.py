@@ -166,6 +166,16 @@ def test_cursor_is_valid_only_on_its_store_and_epoch() -> None:
     assert not Cursor("", 0, 0).valid_on("", 0)
 
 
+def test_a_cursor_of_a_restored_store_replaces_a_higher_one_of_its_former_epoch() -> None:
+    recorded = Cursor("s1", 1, 500)
+    assert Cursor("s1", 1, 500).replaces(recorded)
+    assert Cursor("s1", 1, 501).replaces(recorded)
+    assert not Cursor("s1", 1, 499).replaces(recorded)  # an older announcement
+    assert Cursor("s1", 2, 40).replaces(recorded)  # restored: positions count again
+    assert Cursor("s2", 1, 3).replaces(recorded)  # another store
+    assert Cursor("s1", 1, 0).replaces(Cursor("", 0, 0))  # the first one
+
+
 def test_folder_index_finds_every_folder_of_a_name() -> None:
     index: FolderIndex[str] = FolderIndex()
     index.add("", "all")
