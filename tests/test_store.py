@@ -787,3 +787,47 @@ class _Failing:
         if sql.startswith("DELETE") and self._calls["fail_deletes"]:
             raise StoreError("disk full (test)")
         return self._conn.executemany(sql, *args)
+
+
+def _changes_by_aggregation(log: UpdateLog, cursor: int, prefix: str) -> list[tuple[str, int]]:
+    """The obvious query (every row past the cursor, grouped): the oracle for changes()."""
+    rows = log.conn.execute(
+        "SELECT doc, max(seq) AS p FROM ("
+        "SELECT doc, seq FROM updates WHERE seq > ?1 "
+        "UNION ALL SELECT name, snapshot_seq FROM documents WHERE snapshot_seq > ?1"
+        ") WHERE substr(doc, 1, ?2) = ?3 GROUP BY doc ORDER BY p",
+        (cursor, len(prefix), prefix),
+    ).fetchall()
+    return [(doc, int(p)) for doc, p in rows]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_changes_pages_list_what_the_aggregate_lists_through_appends_and_compactions(
+    tmp_path: Path, seed: int
+) -> None:
+    import random
+
+    rng = random.Random(seed)
+    names = [f"{folder}/{i}" for folder in ("a", "ab", "b") for i in range(6)]
+    docs = {name: Doc() for name in names}
+    with UpdateLog(tmp_path / "c.db") as log:
+        for _ in range(120):
+            name = rng.choice(names)
+            if rng.random() < 0.15:
+                log.compact(name)
+                continue
+            before = docs[name].get_state()
+            docs[name].get("text", type=Text).insert(0, "x")
+            log.append_many([(name, docs[name].get_update(before))])
+            for prefix in ("", "a", "a/", "b/"):
+                cursor = rng.choice([0, *(p for _, p in _changes_by_aggregation(log, 0, ""))])
+                expected = _changes_by_aggregation(log, cursor, prefix)
+                listed: list[tuple[str, int]] = []
+                at = cursor
+                for _ in range(len(names) + 1):  # pages of 2, bounded
+                    page = log.changes(at, 2, prefix)
+                    if not page:
+                        break
+                    listed += page
+                    at = page[-1][1]
+                assert listed == expected, (cursor, prefix)
