@@ -84,8 +84,12 @@ async def test_offline_edits_reach_peer_and_pending_survives_restart(relay, tmp_
 
 @pytest.mark.slow
 async def test_acknowledged_edits_survive_relay_sigkill_mid_stream(relay, tmp_path):
+    # Long enough streams (3 s or more each) that the last worker to start has had an
+    # acknowledgement before the first one ends, on a loaded 2-core machine too.
+    count = 1500
     workers = [
-        worker(tmp_path, f"w{i}", relay.url, "--count", "400", "--delay", "0.002") for i in range(3)
+        worker(tmp_path, f"w{i}", relay.url, "--count", str(count), "--delay", "0.002")
+        for i in range(3)
     ]
     try:
         # Kill the relay while every worker is mid-stream and has had edits acknowledged.
@@ -109,11 +113,11 @@ async def test_acknowledged_edits_survive_relay_sigkill_mid_stream(relay, tmp_pa
             w.stop()
     marks = stored_marks(relay.store, "shared")
     for name in ("w0", "w1", "w2"):
-        assert sorted(v for k, v in marks.items() if k.startswith(f"{name}-")) == list(range(400))
+        assert sorted(v for k, v in marks.items() if k.startswith(f"{name}-")) == list(range(count))
     # and a fresh replica loads exactly that state from the restarted relay
     async with Replica(tmp_path / "check.db", relay=relay.url) as check:
         doc = await check.open("shared")
-        await eventually(lambda: len(doc.get("marks", type=Map)) == 1200, what="1200 marks")
+        await eventually(lambda: len(doc.get("marks", type=Map)) == 3 * count, what="all marks")
         assert doc.get("marks", type=Map).to_py() == marks
 
 
