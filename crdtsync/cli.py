@@ -295,7 +295,61 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("store", help="the SQLite file, or the redis:// URL")
+    _store_parser(sub)
     return parser
+
+
+def _store_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "store",
+        help="inspect, compact, export and import a relay's documents",
+        description=(
+            "Tools on a relay's store (a SQLite file or a redis:// URL). Reading and "
+            "compacting are safe beside running relays; importing into a SQLite file "
+            "waits for its relay to stop (README: store tools)."
+        ),
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+    a = actions.add_parser("ls", help="documents: position, tail updates, bytes stored")
+    a.add_argument("store")
+    a.add_argument("--prefix", default="", help="only names starting with this")
+    a.add_argument("--json", action="store_true", help="one JSON object per line")
+    a = actions.add_parser("show", help="a document's content as JSON")
+    a.add_argument("store")
+    a.add_argument("document")
+    a.add_argument("--root", help="print this root alone (a text as it is, to the byte)")
+    a.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        metavar="NAME=KIND",
+        help="a root's kind: text, map, array or xml (otherwise told by its content)",
+    )
+    a = actions.add_parser("compact", help="fold documents' tails into their snapshots")
+    a.add_argument("store")
+    a.add_argument("document", nargs="?", help="one document (default: all)")
+    a.add_argument("--prefix", default="", help="with no document: only these")
+    a = actions.add_parser("export", help="a document as one Yjs update, to a file")
+    a.add_argument("store")
+    a.add_argument("document")
+    a.add_argument("file")
+    a = actions.add_parser("import", help="a Yjs update from a file into a document")
+    a.add_argument("store")
+    a.add_argument("file")
+    a.add_argument("document")
+    a = actions.add_parser("check", help="read every document; report any that fails")
+    a.add_argument("store")
+    a.add_argument("--prefix", default="", help="only names starting with this")
+
+
+def _run_store(args: argparse.Namespace) -> int:
+    from .server.tools import StoreToolError, run_store_command
+
+    try:
+        return asyncio.run(run_store_command(args))
+    except (StoreToolError, StoreError) as exc:
+        print(f"crdtsync store {args.action}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _run_new_epoch(args: argparse.Namespace) -> int:
@@ -477,6 +531,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_token(args)
     if args.command == "new-epoch":
         return _run_new_epoch(args)
+    if args.command == "store":
+        return _run_store(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse rejects others
 
 

@@ -15,6 +15,7 @@ The store touches only its own file, synchronously; callers choose where it runs
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import secrets
 import sqlite3
@@ -24,7 +25,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 from pycrdt import Doc, merge_updates
 
@@ -48,6 +49,7 @@ __all__ = [
     "checkpoint_file",
     "compact_file",
     "compact_updates",
+    "lock_store",
     "merge_in_batches",
 ]
 
@@ -282,6 +284,27 @@ def compact_updates(updates: Sequence[bytes], doc: Doc[Any] | None = None) -> by
     if leftovers:
         snapshot = merge_in_batches([snapshot, *leftovers])
     return snapshot
+
+
+def lock_store(path: str | Path) -> IO[bytes]:
+    """Hold an exclusive lock on ``<store>.lock`` for as long as the returned file stays
+    open: the relay serving a SQLite file holds it (it keeps the integrity ledgers in
+    memory), and so does a tool that writes ledgers (``crdtsync store import``).
+
+    Raises:
+        StoreError: another process holds it.
+    """
+    lock = open(f"{path}.lock", "ab")  # noqa: SIM115 - kept open: the lock lives with it
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        lock.close()
+        raise StoreError(
+            f"store {path} is served by another relay process (one relay per SQLite file; "
+            "several relay processes share a Redis store instead)",
+            path=str(path),
+        ) from exc
+    return lock
 
 
 @dataclass(frozen=True, slots=True)

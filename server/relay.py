@@ -88,6 +88,7 @@ from crdtsync.store import (
     UpdateLog,
     checkpoint_file,
     compact_file,
+    lock_store,
     merge_in_batches,
 )
 from crdtsync.sync import (
@@ -726,7 +727,7 @@ class Relay:
         if self._shared:
             await self._open_shared_store()
         else:
-            self._store_lock = _lock_store(str(s.store))
+            self._store_lock = lock_store(s.store)
             self.store = UpdateLog(s.store, synchronous=s.synchronous, autocheckpoint=False)
             # Chunks of large updates a killed relay was staging (never appended).
             self.store.drop_unused_chunks()
@@ -3841,25 +3842,6 @@ def _shut_down(pool: ProcessPoolExecutor, wait: bool) -> None:
             with contextlib.suppress(Exception):
                 process.terminate()
     pool.shutdown(wait=wait, cancel_futures=True)
-
-
-def _lock_store(path: str) -> IO[bytes]:
-    """Hold an exclusive lock on ``<store>.lock`` for as long as the file stays open.
-
-    Raises:
-        StoreError: another process holds it.
-    """
-    lock = open(f"{path}.lock", "ab")  # noqa: SIM115 - kept open: the lock lives with it
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        lock.close()
-        raise StoreError(
-            f"store {path} is served by another relay process (one relay per SQLite file; "
-            "several relay processes share a Redis store instead)",
-            path=path,
-        ) from exc
-    return lock
 
 
 def _awareness_frame(payload: bytes) -> bytes:
