@@ -54,6 +54,7 @@ class Folders:
         """A multiplexed connection is up: subscribe every kept folder on it."""
         for folder in self.folders.values():
             self.subscribe(mux, folder)
+        self.pump()  # what was wanted while offline (e.g. a kept document closed then)
 
     def connection_lost(self) -> None:
         """The multiplexed connection ended: documents synced at the store level are
@@ -70,6 +71,16 @@ class Folders:
                 folder.digests.cancel()
                 folder.digests = None
         self.notify()
+
+    def failed(self, name: str, reason: str) -> None:
+        """A document synced without a ``Doc`` got data this replica refuses: given up
+        (announced again when it changes), and said in its folders' status."""
+        log.warning("kept document %r not synced: %s", name, reason)
+        for folder in self.folders.values():
+            if name.startswith(folder.prefix):
+                folder.error = f"document {name!r} not synced: {reason}"
+        self.drop(name)
+        self.settled(name)
 
     def stop(self) -> None:
         """The replica stops: drop what is synced at the store level, forget the folders
@@ -372,8 +383,14 @@ class Folders:
             self.r._open_channel(mux, d)
 
     def maybe_drop(self, d: LocalDocument) -> None:
-        """A kept document synced at the store level goes once it has nothing to wait for."""
-        if not d.synced or len(d.held):
+        """A kept document synced at the store level goes once it has nothing to wait for.
+
+        Updates still held after the relay answered our step 1 wait on a gap the relay
+        itself has (content it never received): waiting would hold a place among
+        MAX_STORED_SYNCS for good. They go; the relay announces the document again when
+        the gap is filled.
+        """
+        if not d.synced:
             return
         conn = d.conn
         if conn is not None and conn.doc_sync.waiting_for_acks:

@@ -9,6 +9,7 @@ set the local state from any thread: sending always happens on the replica's loo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +42,7 @@ class Presence:
         self._send = send
         self._loop = loop
         self._loop_thread = loop_thread
-        self.awareness.observe(self._on_change)
+        self._observer = self.awareness.observe(self._on_change)
 
     def _on_change(self, topic: str, change: tuple[Any, Any]) -> None:
         changes, origin = change
@@ -53,7 +54,9 @@ class Presence:
         if self._loop is None or threading.get_ident() == self._loop_thread:
             self._send_clients(clients)
         else:
-            self._loop.call_soon_threadsafe(self._send_clients, clients)
+            # (An app thread setting its state after the replica stopped: nothing to send.)
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._send_clients, clients)
 
     def _send_clients(self, clients: list[int]) -> None:
         self._send(self.awareness.encode_awareness_update(clients))
@@ -81,6 +84,11 @@ class Presence:
             return False
         self.awareness.set_local_state(None)
         return True
+
+    def close(self) -> None:
+        """Stop sending: the document is closed (its awareness may still be set, to no
+        effect)."""
+        self.awareness.unobserve(self._observer)
 
     async def keep(self) -> None:
         """Renew our state and expire silent peers' (y-protocols awareness timing); runs

@@ -134,6 +134,10 @@ class LinkHost:
 
     def decided(self) -> None:
         self.d.acks = self.conn.doc_sync.acks
+        # Our presence names our client id: it goes out after our claim of that id (a
+        # room member that saw it first could write there before us), so only now.
+        if self.d.presence is not None:
+            self.d.presence.announce(self.conn.session)
         self.replica._notify(self.d)
 
     def synced(self) -> None:
@@ -446,6 +450,8 @@ class Replica:
                         await conn.ws.send(frame)
         if d.subscription is not None:
             d.doc.unobserve(d.subscription)
+        if d.presence is not None:
+            d.presence.close()
         d.closing = True
         timer = self._reopen.pop(name, None)
         if timer is not None:
@@ -613,8 +619,8 @@ class Replica:
 
     def _send_presence(self, d: LocalDocument, update: bytes) -> None:
         conn = d.conn
-        if conn is None:
-            return  # the next link announces our state
+        if conn is None or conn.doc_sync.acks is None:
+            return  # the link announces our state once the relay spoke (LinkHost.decided)
         conn.session.send_awareness(update)
         self._queue_frames(conn)
 
@@ -859,7 +865,6 @@ class Replica:
         self._link(d, conn)
         presence = d.presence
         assert presence is not None  # (an open document: only those have a connection)
-        presence.announce(session)
         self._queue_frames(conn)
         writer = asyncio.create_task(self._writer(conn))
         keeper = asyncio.create_task(presence.keep())
@@ -1173,7 +1178,6 @@ class Replica:
         mux.outbox.append(ExtOpen(number, d.name).encode())
         self._link(d, conn)
         if d.presence is not None:
-            d.presence.announce(session)
             conn.keeper = asyncio.get_running_loop().create_task(d.presence.keep())
         self._queue_frames(conn)
 
@@ -1207,7 +1211,11 @@ class Replica:
         for event in session.events_received():
             self._on_event(d, conn, event)
             if isinstance(event, Failed):
-                # The relay sent this document bad data: close it alone, open it again later.
+                # The relay sent this document bad data: close it alone, open it again
+                # later (one synced without a Doc: given up, reported on its folder).
+                if d.name in self._folders.stored:
+                    self._folders.failed(d.name, event.reason)
+                    return
                 self._end_channel(d, conn, say=True)
                 self._reopen_later(d, self._channel_backoff(d).next_delay())
                 return

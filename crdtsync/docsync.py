@@ -55,6 +55,7 @@ __all__ = [
 
 MAX_RECLAIMS = 8  # per link: claims resent after "not proven" refusals
 MAX_HELD_UPDATES = 256  # remote updates kept aside while a gap before them is open
+MAX_HELD_BYTES = 64 * 1024 * 1024  # ... and their bytes (a relay's updates may be large)
 DEFER_S = 1.0  # a paced answer or resync waits this long (one timer per link)
 
 
@@ -109,17 +110,20 @@ class AckOrder:
     (opening a document with a long offline history stays fast).
     """
 
-    __slots__ = ("_acked", "_load", "_pending")
+    __slots__ = ("_acked", "_confirmed", "_load", "_pending")
 
     def __init__(self, load: Callable[[], Iterable[int]]) -> None:
         self._load = load
         self._pending: deque[int] | None = None
         self._acked: set[int] = set()
+        self._confirmed = 0  # the highest sequence number confirmed so far
 
     def added(self, seq: int) -> None:
         """A new local transaction (sequence numbers only grow)."""
-        if self._pending is not None:
-            self._pending.append(seq)
+        pending = self._pending
+        # (Loaded from the file meanwhile, by another thread's edit: it may be in already.)
+        if pending is not None and seq > self._confirmed and (not pending or pending[-1] < seq):
+            pending.append(seq)
 
     def pending(self) -> list[int]:
         """Every transaction not yet confirmed, oldest first."""
@@ -137,33 +141,39 @@ class AckOrder:
         update acknowledged after a gap (an earlier one reordered away, then lost with
         its sender) cannot be integrated by anyone, so it stays pending and is sent again.
         """
-        self._acked.update(seqs)
-        confirmed = []
         pending = self._seqs()
+        # (One transaction may be acknowledged twice, by two updates that carried it.)
+        self._acked.update(seq for seq in seqs if seq > self._confirmed)
+        confirmed = []
         while pending and pending[0] in self._acked:
             seq = pending.popleft()
             self._acked.discard(seq)
             confirmed.append(seq)
+        if confirmed:
+            self._confirmed = confirmed[-1]
         return confirmed
 
 
 class HeldUpdates:
     """Remote updates (one client's part each) waiting for content before them."""
 
-    __slots__ = ("_held", "limit")
+    __slots__ = ("_bytes", "_held", "limit", "max_bytes")
 
-    def __init__(self, limit: int = MAX_HELD_UPDATES) -> None:
+    def __init__(self, limit: int = MAX_HELD_UPDATES, max_bytes: int = MAX_HELD_BYTES) -> None:
         self.limit = limit
+        self.max_bytes = max_bytes
         self._held: list[tuple[bytes, UpdateInfo]] = []
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._held)
 
     def hold(self, update: bytes, info: UpdateInfo) -> bool:
         """Keep ``update``; False when full (the answer to a step 1 brings it instead)."""
-        if len(self._held) >= self.limit:
+        if len(self._held) >= self.limit or self._bytes + len(update) > self.max_bytes:
             return False
         self._held.append((update, info))
+        self._bytes += len(update)
         return True
 
     def take_ready(self, state: dict[int, int]) -> list[tuple[bytes, UpdateInfo]]:
@@ -176,11 +186,13 @@ class HeldUpdates:
         if ready:
             taken = {id(held) for held in ready}
             self._held = [held for held in self._held if id(held) not in taken]
+            self._bytes -= sum(len(update) for update, _ in ready)
         return ready
 
     def clear(self) -> None:
         """Forget everything held."""
         self._held.clear()
+        self._bytes = 0
 
 
 class DocumentSync:
@@ -194,6 +206,8 @@ class DocumentSync:
 
     __slots__ = (
         "acks",
+        "catch_up_key",
+        "claim_key",
         "deferred_request",
         "deferred_resync",
         "held",
@@ -230,6 +244,8 @@ class DocumentSync:
         self.deferred_resync = False
         self.timer_wanted = False  # the caller should call run_deferred() DEFER_S later
         self.reclaims = 0
+        self.claim_key = 0  # the first key sent after our latest claim
+        self.catch_up_key = 0  # the latest catch-up in flight (it covers the earlier ones)
 
     # -- from the replica -------------------------------------------------------------
 
@@ -311,6 +327,11 @@ class DocumentSync:
         elif isinstance(event, Refused):
             # Never acknowledged: what it carried stays pending.
             self.in_flight.pop(event.key, None)
+            if event.unproven and (event.key < self.claim_key or not self.acks):
+                # Sent before our latest claim (a reordering path let it overtake the
+                # claim or the hello): the catch-up that follows the claim carries it.
+                # (Unkeyed ones, sent before a late hello, are refused as key 0.)
+                return
             if event.unproven and self.reclaims < MAX_RECLAIMS:
                 # Our claim was overtaken (a reordering path) or lost: our ids are ours,
                 # so prove them again and resend what is pending (or let the answer to
@@ -328,6 +349,7 @@ class DocumentSync:
         """Prove our client ids before any content of theirs (crdtsync.integrity)."""
         claims, fresh = self.host.claims()
         self.session.send_claim(claims, fresh)
+        self.claim_key = self.next_key
 
     def _answer(self, state_vector: bytes) -> None:
         if self.acks:
@@ -338,11 +360,17 @@ class DocumentSync:
     def _catch_up(self, relay_state: bytes) -> None:
         """Send what the relay lacks as one update acknowledged for every pending
         transaction: that is how offline edits are confirmed after a reconnect."""
-        update = self.host.update_since(relay_state)
+        # Pending first, then the update: a transaction another thread commits between
+        # the two is carried and not yet counted (its own update confirms it), never
+        # counted and not carried.
         pending = self.order.pending()
+        update = self.host.update_since(relay_state)
         if update == EMPTY_UPDATE and not pending:
             return  # nothing the relay lacks, nothing to confirm
-        key = self.next_key
+        # The latest catch-up carries everything pending: an earlier one still in flight
+        # is superseded (a relay asking again and again cannot grow what is tracked).
+        self.in_flight.pop(self.catch_up_key, None)
+        key = self.catch_up_key = self.next_key
         self.next_key += 1
         self.in_flight[key] = pending
         self.session.send_update(update, key)

@@ -269,13 +269,30 @@ def test_an_update_after_a_gap_is_held_until_the_gap_is_filled_then_applied_in_o
     assert len(link.sync.held) == 0
 
 
-def test_held_updates_are_bounded() -> None:
+def test_held_updates_are_bounded_in_count_and_bytes() -> None:
     held = HeldUpdates(limit=2)
     info = check_update(Doc().get_update())
     assert held.hold(b"1", info)
     assert held.hold(b"2", info)
     assert not held.hold(b"3", info)
     assert len(held) == 2
+    sized = HeldUpdates(limit=100, max_bytes=10)
+    assert sized.hold(b"x" * 6, info)
+    assert not sized.hold(b"y" * 6, info)  # 12 bytes > 10
+    assert sized.hold(b"z" * 4, info)
+    assert len(sized.take_ready({})) == 2  # (no starts: ready at once) and the room is back
+    assert sized.hold(b"w" * 10, info)
+
+
+def test_a_transaction_acknowledged_twice_is_confirmed_once_and_forgotten() -> None:
+    order = AckOrder(lambda: [1, 2])
+    assert order.acknowledge([1, 2]) == [1, 2]
+    assert order.acknowledge([1, 2]) == []  # a second update carried them too
+    order.added(2)  # (a late notice of a transaction already loaded from the file)
+    order.added(3)
+    assert order.pending() == [3]
+    assert order.acknowledge([3]) == [3]
+    assert order._acked == set()
 
 
 def test_a_flood_of_step_1s_is_answered_at_a_bounded_rate_and_the_latest_once_later() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from pycrdt import Map, Text
@@ -78,8 +79,12 @@ def test_sync_replica_keeps_a_folder_it_never_opened(relay, tmp_path):
         for i in range(3):
             a.open(f"notes/{i}").get("text", type=Text).insert(0, f"note {i}")
             a.wait_synced(f"notes/{i}", timeout=10)
+        # (The relay announces each after its commit: wait for the last one to land.)
+        deadline = time.monotonic() + 10
+        while b.documents("notes/") != ["notes/0", "notes/1", "notes/2"]:
+            assert time.monotonic() < deadline, b.documents("notes/")
+            time.sleep(0.05)
         b.wait_synced_in("notes/", timeout=10)
-        assert b.documents("notes/") == ["notes/0", "notes/1", "notes/2"]
         status = b.folder_status("notes/")
         assert (status.caught_up, status.to_sync, status.pending) == (True, 0, 0)
         assert b.pending_in("notes/") == 0
