@@ -79,6 +79,7 @@ def test_honest_replicas_come_through_a_hostile_participant_unharmed(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~20 s: in .ci/run's longer set (the default suite stays under 10 min)
 @pytest.mark.timeout(300)
 def test_negative_control_relay_without_integrity_fails_and_names_the_damage(tmp_path):
     config = hostile_config(tmp_path, "--no-integrity")

@@ -433,6 +433,7 @@ async def test_concurrent_joins_share_reads_merged_off_the_loop(relay_factory, t
     assert stats["document_reads_in_worker"] >= 1
 
 
+@pytest.mark.long  # ~20 s: in .ci/run's longer set (the default suite stays under 10 min)
 async def test_resent_documents_are_compared_off_the_loop_and_rewrites_still_refused(
     relay, tmp_path
 ):
