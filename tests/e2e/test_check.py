@@ -299,13 +299,22 @@ def test_a_loss_in_one_of_many_documents_is_reported_and_shrunk_with_its_name(tm
     names = document_names(documents)
     schedule = [Step("populate", r, count=documents) for r in range(3)]
     schedule += [Step("edit", i % 3, count=3, document=names[i % 7]) for i in range(30)]
-    with pytest.raises(CampaignFailed) as failed:
-        run_campaign_sync(3, config, schedule=schedule, shrink_runs=1)
-    report = failed.value.report
+    # A dropped update stays lost only if its writer never answers the relay's step 1
+    # again: a channel reopened meanwhile (under load, a sync timeout) sends what the
+    # relay lacks and legitimately repairs it. Up to three runs, one must show the loss.
+    failed = None
+    for _ in range(3):
+        try:
+            run_campaign_sync(3, config, schedule=schedule, shrink_runs=1)
+        except CampaignFailed as exc:
+            failed = exc
+            break
+    assert failed is not None, "three runs and every drop was repaired: no loss to catch"
+    report = failed.report
     lost = [v for v in report.violations if v.kind in ("lost-acknowledged", "diverged")]
     assert lost, report.summary()
     for v in lost:
         assert v.document in names
         assert v.message.startswith(f"document {v.document}: ")
     assert report.shrunk is not None
-    assert "shortest failing schedule" in str(failed.value)
+    assert "shortest failing schedule" in str(failed)
