@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import fcntl
 import functools
 import gc
 import hmac
