@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ import pytest
 from helpers import eventually, timeout_s
 from pycrdt import Doc, Text
 from stock import messages_within, stored_text, text_update
+from test_docsync import Host  # the document side that records what the sync asked
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
@@ -39,7 +39,7 @@ from crdtsync.docsync import (
     HeldUpdates,
 )
 from crdtsync.errors import StoreError
-from crdtsync.integrity import KEY_OWNER, client_id_of_key
+from crdtsync.integrity import KEY_OWNER
 from crdtsync.protocol import (
     AwarenessMessage,
     ExtAck,
@@ -62,48 +62,6 @@ EMPTY_STATE = Doc().get_state()
 
 
 # == DocumentSync driven by a hostile relay (no socket, no loop) ==========================
-
-
-class Host:
-    """The document side of a DocumentSync, recording what the sync asked of it."""
-
-    def __init__(self) -> None:
-        self.key = os.urandom(32)
-        self.client = client_id_of_key(self.key)
-        self.doc: Doc[Any] = Doc(client_id=self.client)
-        self.confirmed: list[int] = []
-        self.refusals: list[str] = []
-
-    def state(self) -> bytes:
-        return self.doc.get_state()
-
-    def update_since(self, state: bytes) -> bytes:
-        return self.doc.get_update(state)
-
-    def admit_and_apply(self, update: bytes, info: Any) -> set[int]:
-        self.doc.apply_update(update)
-        return set()
-
-    def apply_known(self, update: bytes) -> None:
-        self.doc.apply_update(update)
-
-    def claims(self) -> tuple[dict[int, bytes], frozenset[int]]:
-        return {self.client: self.key}, frozenset()
-
-    def confirm(self, seqs: list[int]) -> None:
-        self.confirmed.extend(seqs)
-
-    def decided(self) -> None:
-        pass
-
-    def synced(self) -> None:
-        pass
-
-    def refused(self, reason: str) -> None:
-        self.refusals.append(reason)
-
-    def denied(self, reason: str) -> None:
-        pass
 
 
 class Link:
