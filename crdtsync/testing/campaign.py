@@ -61,6 +61,7 @@ from .checker import (
 from .processes import CommandChild, HostileChild, ProcessFailed, RelayChild, WorkerChild
 from .proxy import FaultProxy
 from .redis import RedisServer
+from .report_html import write_report_html
 
 __all__ = [
     "FAULT_KINDS",
@@ -822,6 +823,7 @@ class _Run:
                 all(converged(states[0], f) for f in states[1:]) for states in finals.values()
             )
             if same or time.monotonic() > deadline:
+                self.log("settled", converged=same)  # (report.html marks the moment)
                 self.problems += relay_problems
                 for v in relay_problems:
                     self.log("unusable", participant=v.where[0], message=v.message)
@@ -1044,6 +1046,8 @@ async def run_campaign(
         run.log("verdict", ok=report.ok, error=report.error)
         await run.close()
         (folder / "report.json").write_text(json.dumps(report.to_json(), indent=2))
+        if base is None or not report.ok:  # (else the folder goes right away)
+            write_report_html(folder, report.to_json())
         if base is not None and report.ok:
             shutil.rmtree(base, ignore_errors=True)
             report.out = None
@@ -1132,6 +1136,11 @@ def run_campaign_sync(
         report = await run_campaign(seed, config, schedule)
         if not report.ok and shrink_runs > 0:
             report.shrunk = await shrink(seed, config, report, shrink_runs)
+            if report.out:  # the failing run's page, now with its shortest schedule
+                (Path(report.out) / "report.json").write_text(
+                    json.dumps(report.to_json(), indent=2)
+                )
+                write_report_html(Path(report.out), report.to_json())
         return report
 
     report = asyncio.run(main())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import sys
@@ -29,6 +30,7 @@ from .campaign import (
     shrink,
 )
 from .redis import redis_server_binary
+from .report_html import write_report_html
 from .workload import load_workload
 
 __all__ = ["run_check"]
@@ -173,8 +175,14 @@ async def _run(args: argparse.Namespace, config: CampaignConfig, console: Consol
                     console.print(f"  shortest failing schedule ({len(report.shrunk)} steps):")
                     for i, step in enumerate(report.shrunk):
                         console.print(f"    {i}: {step}")
+                    if report.out:  # the failing run's page, now with its shortest schedule
+                        (Path(report.out) / "report.json").write_text(
+                            json.dumps(report.to_json(), indent=2)
+                        )
+                        write_report_html(Path(report.out), report.to_json())
                 if report.out:
                     console.print(f"  history: {report.out}/history.jsonl")
+                    console.print(f"  report: {report.out}/report.html")
             reports.append(report)
     console.print(_table(reports, config.hostile > 0, config.many))
     failed = [r.seed for r in reports if not r.ok]
