@@ -26,21 +26,30 @@ import random
 import signal
 import ssl
 import time
+import uuid
 import weakref
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+)
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from multiprocessing import get_context
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import parse_qs
 
 from pycrdt import get_state, get_update
 from websockets.asyncio.server import Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.typing import Data, DataLike, StatusLike
 
 from crdtsync.auth import Rights, TokenClaims, TokenVerifier, token_from_request
 from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore
@@ -299,6 +308,50 @@ class Budget:
         )
 
 
+class Transport(Protocol):
+    """What the relay needs of a connection's transport (asyncio's, or an ASGI one's)."""
+
+    def get_write_buffer_size(self) -> int: ...
+    def is_closing(self) -> bool: ...
+    def abort(self) -> None: ...
+
+
+class Responder(Protocol):
+    """A connection as a handshake or a plain HTTP request is answered through it."""
+
+    @property
+    def remote_address(self) -> Any: ...
+    def respond(self, status: StatusLike, text: str) -> Response: ...
+
+
+class Socket(Protocol):
+    """A websocket as the relay serves it: websockets' ``ServerConnection`` (the standalone
+    relay), or an ASGI server's (``crdtsync.server.asgi``). Only a ``ServerConnection`` is
+    written to directly (``broadcast``); the others get every frame through ``Wire``'s
+    queue, in order."""
+
+    id: uuid.UUID
+    request: Request | None
+
+    @property
+    def remote_address(self) -> Any: ...
+    @property
+    def close_code(self) -> int | None: ...
+    @property
+    def close_reason(self) -> str | None: ...
+    @property
+    def transport(self) -> Transport | None: ...
+    async def send(
+        self,
+        message: DataLike | Iterable[DataLike] | AsyncIterable[DataLike],
+        *,
+        text: bool | None = None,
+    ) -> None: ...
+    async def close(self, code: int = 1000, reason: str = "") -> None: ...
+    def respond(self, status: StatusLike, text: str) -> Response: ...
+    def __aiter__(self) -> AsyncIterator[Data]: ...
+
+
 @dataclass(eq=False, slots=True)
 class Wire:
     """One websocket as the peers on it send through it: a document's own connection
@@ -309,11 +362,19 @@ class Wire:
     send is skipped by websockets, so nothing may overtake the queue.
     """
 
-    ws: ServerConnection
+    ws: Socket
     outbox: deque[Frame] | None = None  # None: nothing is waiting
     outbox_bytes: int = 0
     sender: asyncio.Task[None] | None = None
     closing: bool = False  # the whole connection is being closed
+    # Frames may be written straight into its transport (websockets' broadcast): a
+    # ServerConnection. An ASGI connection's frames all go through the outbox, whose
+    # single sender keeps them in order (ASGI's send is a coroutine).
+    direct: bool = True
+    emptied_at: float = 0.0  # when its outbox last emptied (time.monotonic())
+
+    def __post_init__(self) -> None:
+        self.direct = isinstance(self.ws, ServerConnection)
 
     def push(self, frame: Frame) -> None:
         """Send a frame, in order with every other frame pushed to this wire.
@@ -324,8 +385,13 @@ class Wire:
         (about a second for 60 MB to six peers) and each buffer was then shifted after
         every partial write. What comes meanwhile waits in ``outbox``, in order.
         """
-        if self.outbox is None and isinstance(frame, bytes) and len(frame) < LARGE_FRAME_BYTES:
-            broadcast([self.ws], frame)
+        if (
+            self.direct
+            and self.outbox is None
+            and isinstance(frame, bytes)
+            and len(frame) < LARGE_FRAME_BYTES
+        ):
+            broadcast([self.ws], frame)  # type: ignore[list-item]
             return
         if self.outbox is None:
             self.outbox = deque()
@@ -342,12 +408,26 @@ class Wire:
                 else:
                     await self.ws.send(_fragments(frame))
                 self.outbox_bytes -= len(frame)
+            self.emptied_at = time.monotonic()
         except ConnectionClosed:
             pass
         finally:
             self.outbox = None
             self.outbox_bytes = 0
             self.sender = None
+
+    async def send(self, frame: bytes) -> None:
+        """Send a frame in order with the others, and wait until it left (backpressure:
+        websockets waits for the socket to drain, an ASGI server for its transport)."""
+        if self.direct:
+            if self.outbox is None and len(frame) < LARGE_FRAME_BYTES:
+                await self.ws.send(frame)
+            else:
+                self.push(frame)  # (a large frame under way: not waited for, as always)
+            return
+        self.push(frame)
+        if self.sender is not None:
+            await asyncio.wait({self.sender})  # (never cancels the sender)
 
     def backlog(self) -> int:
         """Bytes waiting to be sent: queued frames and the transport's buffer."""
@@ -403,7 +483,7 @@ class Peer:
     close_reason: str = ""
 
     @property
-    def ws(self) -> ServerConnection:
+    def ws(self) -> Socket:
         return self.wire.ws
 
     @property
@@ -592,9 +672,7 @@ class Relay:
         self.revoked = revoked
         self._verifier: TokenVerifier | None = None
         # What each connection may do, from its handshake until its handler takes it.
-        self._access: weakref.WeakKeyDictionary[ServerConnection, Access] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._access: weakref.WeakKeyDictionary[Socket, Access] = weakref.WeakKeyDictionary()
         self._rechecker: asyncio.Task[None] | None = None
         self.metrics = RelayMetrics()
         # Documents whose updates are being staged (Relay._stage_and_commit): what comes
@@ -670,6 +748,7 @@ class Relay:
             ipaddress.ip_network(p, strict=False) for p in self.settings.trusted_proxies
         ]
         self._stopping = False
+        self._started = False
         self._watcher: asyncio.Task[None] | None = None
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="crdtsync-checkpoint")
         self._checkpointing: asyncio.Future[tuple[int, int]] | None = None
@@ -710,12 +789,16 @@ class Relay:
             "documents_announced": 0,
             "folder_cursors_used": 0,  # folders listed from a cursor valid here
             "folder_digest_exchanges": 0,  # ... compared by digests instead
+            "lingering": 0,  # dropped, but their sockets not yet closed (ASGI servers)
         }
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, *, listen: bool = True) -> None:
         """Open the store and start listening (port 0 picks a free port: see ``url``).
+
+        ``listen=False`` opens the store and starts the background work without a
+        server of its own: connections come from elsewhere (``crdtsync.server.asgi``).
 
         Raises:
             StoreError: the store cannot be opened, or another relay process serves it
@@ -732,6 +815,20 @@ class Relay:
             self.store.drop_unused_chunks()
         # (The compaction pool starts with the first compaction: a process started here
         # competed with the first joins for the machine's cores, at every cold start.)
+        if listen:
+            await self._listen()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_backlogs())
+        if self.revoked is not None and self._verifier is not None:
+            self._rechecker = asyncio.get_running_loop().create_task(self._recheck_tokens())
+        self._started = True
+
+    @property
+    def serving(self) -> bool:
+        """It was started and is not stopping: connections are taken."""
+        return self._started and not self._stopping
+
+    async def _listen(self) -> None:
+        s = self.settings
         tls = tls_context(s)
         # (asyncio's default: 60 s for a client that stalls mid-TLS-handshake)
         tls_options: dict[str, Any] = {} if tls is None else {"ssl_handshake_timeout": 10.0}
@@ -754,9 +851,6 @@ class Relay:
             close_timeout=s.close_timeout_s,
             compression=None,
         )
-        self._watcher = asyncio.get_running_loop().create_task(self._watch_backlogs())
-        if self.revoked is not None and self._verifier is not None:
-            self._rechecker = asyncio.get_running_loop().create_task(self._recheck_tokens())
 
     @property
     def url(self) -> str:
@@ -909,30 +1003,66 @@ class Relay:
 
     # -- HTTP -------------------------------------------------------------------------
 
-    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        path, _, query = request.path.partition("?")
-        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+    async def _process_request(self, conn: Socket, request: Request) -> Response | None:
         # Health checks are plain HTTP; a websocket to the same path is a document.
-        if not upgrade and path == "/healthz":
+        if request.headers.get("Upgrade", "").lower() != "websocket":
+            answer = self.answer_http(conn, request)
+            if answer is not None:
+                return answer
+        return await self.admit(conn, request)
+
+    def answer_http(self, conn: Responder, request: Request) -> Response | None:
+        """The answer to a plain HTTP request for ``/healthz``, ``/readyz`` or ``/metrics``
+        (README: operations); None for any other path. For servers other than the relay's
+        own (``crdtsync.server.asgi``), as for its own."""
+        path, _, query = request.path.partition("?")
+        if path == "/healthz":
             if "verbose" in parse_qs(query):
                 return conn.respond(HTTPStatus.OK, json.dumps(self.health()) + "\n")
             return conn.respond(HTTPStatus.OK, "ok\n")
-        if not upgrade and path == "/metrics":
+        if path == "/metrics":
             return self._metrics_response(conn, request)
-        if not upgrade and path == "/readyz":
+        if path == "/readyz":
             if self._stopping or (self.store is None and self.backend is None):
                 return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, "stopping\n")
             trouble = self._shared_trouble()
             if trouble:
                 return conn.respond(HTTPStatus.SERVICE_UNAVAILABLE, trouble + "\n")
             return conn.respond(HTTPStatus.OK, "ready\n")
-        response = await self._upgrade_or_refuse(conn, request, path)
+        return None
+
+    async def admit(self, conn: Socket, request: Request) -> Response | None:
+        """Decide a websocket handshake: None accepts it (then :meth:`serve_connection`), a
+        response refuses it (401, 403, 429, 503). ``request.path`` is the path under the
+        relay (``/document?query``), wherever the relay is mounted."""
+        response = await self._upgrade_or_refuse(conn, request, request.path.partition("?")[0])
         if response is not None:
             self.metrics.handshakes_refused[str(response.status_code)] += 1
         return response
 
+    @contextlib.contextmanager
+    def lingering(self, conn: Socket, request: Request) -> Iterator[None]:
+        """Count a connection the relay dropped (too slow to take even its close frame)
+        whose socket its server keeps open (an ASGI server cannot cut one): under the
+        connection limits, per address too, until the server reports it gone."""
+        address = self._address(conn, request)
+        self.stats["connections"] += 1
+        self.stats["lingering"] += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        try:
+            yield
+        finally:
+            self.stats["connections"] -= 1
+            self.stats["lingering"] -= 1
+            self._forget_address(address)
+
+    async def serve_connection(self, ws: Socket) -> None:
+        """Serve a websocket that :meth:`admit` accepted, until it closes: one document's
+        connection, or a multiplexed one. For servers other than the relay's own."""
+        await self._handle(ws)
+
     async def _upgrade_or_refuse(
-        self, conn: ServerConnection, request: Request, path: str
+        self, conn: Socket, request: Request, path: str
     ) -> Response | None:
         """None lets the websocket handshake go on; a response refuses it."""
         if self._stopping:
@@ -979,7 +1109,7 @@ class Relay:
         self._access[conn] = access
         return None
 
-    async def _admit_mux(self, conn: ServerConnection, request: Request) -> Response | None:
+    async def _admit_mux(self, conn: Socket, request: Request) -> Response | None:
         """A multiplexed connection's handshake: its token is verified now (401 if it is
         refused); its rights are decided per document, as channels open."""
         claims = None
@@ -994,7 +1124,7 @@ class Relay:
         self._access[conn] = Access(Rights(), claims)
         return None
 
-    def _metrics_response(self, conn: ServerConnection, request: Request) -> Response:
+    def _metrics_response(self, conn: Responder, request: Request) -> Response:
         expected = self.settings.metrics_token
         if expected is not None:
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -1067,7 +1197,7 @@ class Relay:
             rights &= allowed
         return Access(rights, claims)
 
-    def _address(self, conn: ServerConnection, request: Request) -> str:
+    def _address(self, conn: Socket, request: Request) -> str:
         """The client's address: the socket's, or the one a trusted proxy forwarded."""
         peer = conn.remote_address
         address = str(peer[0]) if peer else "unknown"
@@ -1089,7 +1219,7 @@ class Relay:
 
     # -- connections ------------------------------------------------------------------
 
-    async def _handle(self, ws: ServerConnection) -> None:
+    async def _handle(self, ws: Socket) -> None:
         request = ws.request
         assert request is not None  # set by the handshake before the handler runs
         raw_path, _, query = request.path.partition("?")
@@ -1320,9 +1450,7 @@ class Relay:
 
     # -- a multiplexed connection: many documents, folders (issue 11) ---------------------
 
-    async def _handle_mux(
-        self, ws: ServerConnection, request: Request, params: dict[str, list[str]]
-    ) -> None:
+    async def _handle_mux(self, ws: Socket, request: Request, params: dict[str, list[str]]) -> None:
         """Serve a multiplexed connection: each open channel is a peer in its document's
         room, as a connection of its own would be; a channel that fails or is refused is
         closed alone. The connection's budget is shared by its channels."""
@@ -1356,7 +1484,7 @@ class Relay:
             self._handlers.add(handler)
         log.info("multiplexed connection started", extra={**mux.context(), "event": "connect"})
         try:
-            await ws.send(ExtHello(MUX_VERSION).encode())
+            await mux.wire.send(ExtHello(MUX_VERSION).encode())
             async for data in ws:
                 received += len(data)
                 if self._stopping or mux.wire.closing:
@@ -1746,10 +1874,7 @@ class Relay:
             part = tuple(names[i : i + MAX_NAMES_PER_MESSAGE])
             some = tuple(digests[i : i + MAX_NAMES_PER_MESSAGE]) if digests else ()
             frame = ExtChanged(folder.number, part, store, epoch, cursor, digests=some).encode()
-            if mux.wire.outbox is None:
-                await mux.wire.ws.send(frame)
-            else:
-                mux.wire.push(frame)
+            await mux.wire.send(frame)
             self.stats["documents_announced"] += len(part)
 
     async def _take_digests(self, mux: Mux, msg: ExtDigests) -> None:
@@ -2185,11 +2310,7 @@ class Relay:
         for frame in peer.session.data_to_send():
             if peer.detached:
                 continue
-            if peer.outbox is None and len(frame) < LARGE_FRAME_BYTES:
-                # Waits for the socket to drain: backpressure.
-                await peer.ws.send(peer.header + frame)
-            else:
-                peer.push(frame)
+            await peer.wire.send(peer.header + frame)  # waits for it to leave: backpressure
 
     async def _dispatch(self, peer: Peer, room: Room) -> float:
         """Carry out the session's events; return how long to pause reading this peer."""
@@ -2432,10 +2553,11 @@ class Relay:
         Every frame goes under this rule (presence included): a peer that does not read
         cannot make the relay hold more than its share for it.
         """
+        # (Split first: a frame to an ASGI connection starts its outbox.)
+        queued = [p for p in peers if p.outbox is not None and not p.closing]
         _broadcast([p for p in peers if not p.closing and p.outbox is None], frame)
-        for p in peers:
-            if p.outbox is not None and not p.closing:
-                p.push(frame)
+        for p in queued:
+            p.push(frame)
         self._check_backlog(peers)
         self._count_sent(len(frame) * len(peers))
 
@@ -2469,7 +2591,9 @@ class Relay:
             elif size > hard:
                 self._close_slow(p, f"reader too slow: {size} bytes unsent; reconnect", cut=True)
                 continue
-            elif p.behind_since is None:
+            elif p.behind_since is None or p.wire.emptied_at > p.behind_since:
+                # (An ASGI connection's frames all wait in its queue a moment: one whose
+                # queue emptied since it fell behind is keeping up.)
                 p.behind_since = now
             elif now - p.behind_since > s.slow_reader_grace_s:
                 self._close_slow(p, "reader too slow; reconnect")
@@ -2986,10 +3110,11 @@ class Relay:
         live = [p for p in room.peers if p not in ext_senders and not p.closing]
         for frame in frames:
             if isinstance(frame, bytes) and len(frame) < LARGE_FRAME_BYTES:
+                # (Split first: a frame to an ASGI connection starts its outbox.)
+                queued = [p for p in live if p.held is not None or p.outbox is not None]
                 _broadcast([p for p in live if p.held is None and p.outbox is None], frame)
-                for p in live:
-                    if p.held is not None or p.outbox is not None:
-                        p.send_update_frame(frame)
+                for p in queued:
+                    p.send_update_frame(frame)
             else:
                 for p in live:
                     p.send_update_frame(frame)
@@ -3033,7 +3158,7 @@ class Relay:
             runs.append(run[0] if len(run) == 1 else merge_in_batches(run))
         return runs
 
-    def _close_later(self, ws: ServerConnection, code: int, reason: str) -> None:
+    def _close_later(self, ws: Socket, code: int, reason: str) -> None:
         """Close a connection from synchronous code; the task is kept until it finishes."""
         task = asyncio.get_running_loop().create_task(ws.close(code, reason))
         self._background.add(task)
@@ -3824,7 +3949,7 @@ class ConnectionClosedByStop(Exception):
     """The relay is stopping: work for a connection is not started (or not finished)."""
 
 
-def _abort_if_open(ws: ServerConnection) -> None:
+def _abort_if_open(ws: Socket) -> None:
     if ws.transport is not None and not ws.transport.is_closing():
         ws.transport.abort()
 
@@ -3852,9 +3977,11 @@ def _broadcast(peers: Iterable[Peer], frame: bytes) -> None:
     broadcast to the connections of their own, each channel with its header."""
     direct = []
     for p in peers:
-        if not p.header:
+        if not p.wire.direct:
+            p.push(frame)  # (an ASGI connection: through its queue)
+        elif not p.header:
             direct.append(p.ws)
         elif not p.detached:
-            broadcast([p.ws], p.header + frame)
+            broadcast([p.ws], p.header + frame)  # type: ignore[list-item]
     if direct:
-        broadcast(direct, frame)
+        broadcast(direct, frame)  # type: ignore[arg-type]

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import json
 import os
+import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,7 +29,10 @@ from crdtsync.testing.processes import (
     timeout_s,
 )
 
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+
 __all__ = [
+    "AsgiRelayProcess",
     "JsonLineProcess",
     "ProcessFailed",
     "RelayProcess",
@@ -124,3 +129,64 @@ class JsonLineProcess:
         """SIGTERM, then SIGKILL; the reader thread sees EOF before the pipe is closed."""
         stop_process(self.proc, 5.0)
         self._thread.join(timeout_s(5))
+
+
+class AsgiRelayProcess:
+    """``examples/fastapi_app.py`` under uvicorn on 127.0.0.1 (a free port): the relay
+    mounted at ``/sync`` behind the example's API keys. ``url`` is where documents are
+    (``ws://127.0.0.1:PORT/sync``); clients add ``params`` (the key) to their query."""
+
+    def __init__(self, store: Path, cwd: Path, user: str = "tester", **env: str) -> None:
+        self.store = store
+        self.cwd = cwd
+        self.key = secrets.token_urlsafe(12)
+        self.params = {"key": self.key}
+        self.env = {
+            **os.environ,
+            "EXAMPLE_API_KEYS": f"{user}:{self.key}",
+            "CRDTSYNC_STORE": str(store),
+            **env,
+        }
+        self.url = ""
+        self.http = ""
+        self.log = cwd / f"uvicorn-{store.stem}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AsgiRelayProcess:
+        """Start uvicorn and wait (bounded) until it says where it listens."""
+        cmd = [
+            sys.executable, "-m", "uvicorn", "fastapi_app:app",
+            "--app-dir", str(EXAMPLES_DIR), "--host", "127.0.0.1", "--port", "0",
+            "--ws-max-size", str(20 * 1024 * 1024), "--ws-max-queue", "4",
+            "--timeout-graceful-shutdown", "10",
+        ]  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.cwd, env=self.env, stdout=log, stderr=log, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout_s(30)
+        while time.monotonic() < deadline:
+            found = re.search(r"Uvicorn running on http://127\.0\.0\.1:(\d+)", self.output())
+            if found:
+                self.http = f"http://127.0.0.1:{found[1]}/sync"
+                self.url = f"ws://127.0.0.1:{found[1]}/sync"
+                return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.terminate()
+        raise AssertionError(f"uvicorn did not start; its log:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        """uvicorn's log so far (both streams)."""
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def terminate(self) -> int | None:
+        """SIGTERM (uvicorn's graceful shutdown: the relay drains), SIGKILL past a grace."""
+        if self.proc is None:
+            return None
+        stop_process(self.proc, grace_s=timeout_s(20))
+        return self.proc.returncode

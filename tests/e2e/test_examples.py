@@ -24,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from helpers import RelayProcess, timeout_s
+from helpers import AsgiRelayProcess, RelayProcess, timeout_s
 from pycrdt import Array, Doc, Map, Text
 
 from crdtsync.store import UpdateLog
@@ -177,6 +177,61 @@ def test_embedded_relay_serves_two_replicas_in_process_then_exits(tmp_path: Path
     ]
     text = stored_doc(tmp_path / "relay.db", "demo/notes").get("text", type=Text)
     assert str(text) == "hello from an embedded relay ✓"
+
+
+def test_fastapi_app_serves_replicas_behind_its_api_keys_and_drains_at_shutdown(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+    import urllib.error
+    import urllib.request
+
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    from crdtsync.client import Replica
+
+    served = AsgiRelayProcess(tmp_path / "app.db", tmp_path, user="ann").start()
+    key = served.key
+
+    async def handshake(target: str) -> int:
+        try:
+            async with connect(f"{served.url}/{target}"):
+                return 101
+        except InvalidStatus as exc:
+            return exc.response.status_code
+
+    async def scenario() -> str:
+        # The app's middleware refuses before the relay sees the handshake; the relay's
+        # authorize hook decides per document from the user the middleware named.
+        assert await handshake("notes/1") == 401
+        assert await handshake("notes/1?key=wrong") == 401
+        assert await handshake(f"private/bob/diary?key={key}") == 403
+        assert await handshake(f"private/ann/diary?key={key}") == 101
+        async with Replica(tmp_path / "ann.db", relay=served.url, params={"key": key}) as ann:
+            text = (await ann.open("notes/1")).get("text", type=Text)
+            text.insert(0, "through FastAPI")
+            await ann.wait_synced("notes/1", timeout=timeout_s(10))
+            return str(text)
+
+    try:
+        assert asyncio.run(scenario()) == "through FastAPI"
+        request = urllib.request.Request(
+            served.http.removesuffix("/sync") + "/me", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=timeout_s(10)) as resp:
+            assert json.loads(resp.read()) == {"user": "ann"}
+        with urllib.request.urlopen(f"{served.http}/readyz", timeout=timeout_s(10)) as resp:
+            assert resp.read() == b"ready\n"
+    finally:
+        code = served.terminate()
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again (its exit status).
+    assert code in (0, -15), served.output()[-3000:]
+    # It ran the relay's lifespan: the relay drained and closed the store at shutdown.
+    assert "Application shutdown complete" in served.output(), served.output()[-3000:]
+    assert str(stored_doc(tmp_path / "app.db", "notes/1").get("text", type=Text)) == (
+        "through FastAPI"
+    )
 
 
 # -- workloads ------------------------------------------------------------------------
@@ -464,6 +519,7 @@ COVERED = {
     "quickstart.py": test_quickstart_syncs_to_the_relay_and_exits_once_stored,
     "offline_notes.py": test_offline_notes_added_offline_then_synced_reach_a_second_replica,
     "embedded_relay.py": test_embedded_relay_serves_two_replicas_in_process_then_exits,
+    "fastapi_app.py": test_fastapi_app_serves_replicas_behind_its_api_keys_and_drains_at_shutdown,
     "workloads/__init__.py": test_workloads_import_by_module_name_from_the_repository_root,
     "workloads/todo.py": test_workload_converges_on_three_docs_with_unique_ids_and_deletions,
     "workloads/richtext.py": test_workload_converges_on_three_docs_with_unique_ids_and_deletions,

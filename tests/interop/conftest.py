@@ -8,10 +8,12 @@ the stderr tails of the Node processes it started are attached to the report.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+from helpers import AsgiRelayProcess
 from nodekit import (
     INTEROP_DIR,
     TRACES_DIR,
@@ -76,6 +78,45 @@ def reference_server(request: pytest.FixtureRequest) -> Iterator[ReferenceServer
         yield server
     finally:
         server.stop()
+
+
+@dataclass(frozen=True)
+class ServedRelay:
+    """A relay under test: ``url`` (documents are ``url/<name>``), the query ``params``
+    every client adds (the ASGI example's key), and its /healthz base as HTTP."""
+
+    url: str
+    params: dict[str, str]
+    http: str
+    how: str
+
+
+@pytest.fixture(params=["standalone", "asgi"])
+def relay(
+    request: pytest.FixtureRequest, relay_factory: Callable[..., Any], tmp_path: Path
+) -> Iterator[ServedRelay]:
+    """The relay each interop case runs against twice: ``crdtsync relay``, and the same
+    relay mounted in a FastAPI app under uvicorn (crdtsync.server.asgi, the example
+    examples/fastapi_app.py with its API key in front)."""
+    if request.param == "standalone":
+        process = relay_factory()
+        yield ServedRelay(process.url, {}, process.url.replace("ws://", "http://", 1), "relay")
+        return
+    asgi = AsgiRelayProcess(tmp_path / "asgi-relay.db", tmp_path).start()
+    _track(request, _UvicornLog(asgi))
+    try:
+        yield ServedRelay(asgi.url, asgi.params, asgi.http, "asgi")
+    finally:
+        asgi.terminate()
+
+
+class _UvicornLog:
+    def __init__(self, process: AsgiRelayProcess) -> None:
+        self.name = "uvicorn (the ASGI relay)"
+        self._process = process
+
+    def stderr_tail(self) -> str:
+        return self._process.output()[-4000:]
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import hashlib
 import json
 import urllib.request
 from typing import Any
+from urllib.parse import urlencode
 
 import pytest
 from helpers import eventually, timeout_s
@@ -30,10 +31,10 @@ async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
 async def test_stock_yjs_client_and_replica_converge_through_relay_with_offline_edits(
     relay, tmp_path, make_yjs_client: MakeYjsClient
 ):
-    yjs = make_yjs_client(relay.url, "shared/doc", offline=True)
+    yjs = make_yjs_client(relay.url, "shared/doc", offline=True, params=relay.params)
     # Edits the stock client makes before it ever connects.
     yjs.edit(["text_insert", "text", 0, "yjs-offline "], ["map_set", "map", "yjs", 1])
-    async with Replica(tmp_path / "r.db", relay=relay.url) as replica:
+    async with Replica(tmp_path / "r.db", relay=relay.url, params=relay.params) as replica:
         doc = await replica.open("shared/doc")
         doc.get("text", type=Text).insert(0, "replica ")
         doc.get("map", type=Map)["replica"] = 2
@@ -66,12 +67,12 @@ async def test_stock_yjs_client_and_replica_converge_through_relay_with_offline_
         await in_thread(yjs.wait_state, text={"text": text}, map={"map": mapping})
     # The stock client never saw a message type it does not know, nor a refusal.
     assert await in_thread(yjs.errors) == []
-    assert relay_counters(relay.url)["updates_refused"] == 0
+    assert relay_counters(relay.http)["updates_refused"] == 0
 
 
-def relay_counters(url: str) -> dict[str, Any]:
-    """The relay's /healthz?verbose=1 counters."""
-    http = url.replace("ws://", "http://", 1)
+def relay_counters(http: str) -> dict[str, Any]:
+    """The relay's /healthz?verbose=1 counters (``http``: where the relay is, over HTTP)."""
+    http = http.replace("ws://", "http://", 1)
     with urllib.request.urlopen(f"{http}/healthz?verbose=1", timeout=10) as resp:
         counters: dict[str, Any] = json.loads(resp.read())
     return counters
@@ -114,7 +115,7 @@ async def test_pycrdt_provider_and_replica_converge_through_relay_on_trace_sized
     if path is None:
         pytest.skip("rustcode trace not found")
     trace = load_trace(path)
-    async with Replica(tmp_path / "r.db", relay=relay.url) as replica:
+    async with Replica(tmp_path / "r.db", relay=relay.url, params=relay.params) as replica:
         doc = await replica.open("big")
         mirror = TextMirror(doc.get("text", type=Text))
         for patches in trace.txns:
@@ -123,7 +124,7 @@ async def test_pycrdt_provider_and_replica_converge_through_relay_on_trace_sized
         await replica.wait_synced("big", timeout=120)
 
         # websockets' default 1 MiB frame limit on the client: the relay's answer must fit.
-        async with connect(f"{relay.url}/big") as ws:
+        async with connect(f"{relay.url}/big?{urlencode(relay.params)}") as ws:
             pdoc = Doc()
             async with Provider(pdoc, WebsocketChannel(ws, "big")):
                 ptext = pdoc.get("text", type=Text)
@@ -160,10 +161,10 @@ async def test_replica_syncs_through_reference_server_without_acknowledgements(
 async def test_presence_is_shared_between_stock_yjs_client_and_replica(
     relay, tmp_path, make_yjs_client: MakeYjsClient
 ):
-    yjs = make_yjs_client(relay.url, "presence")
+    yjs = make_yjs_client(relay.url, "presence", params=relay.params)
     await in_thread(yjs.wait_synced)
     await in_thread(yjs.awareness_set, {"user": "yjs"})
-    async with Replica(tmp_path / "r.db", relay=relay.url) as replica:
+    async with Replica(tmp_path / "r.db", relay=relay.url, params=relay.params) as replica:
         doc = await replica.open("presence")
         states = replica.awareness("presence").states
         await eventually(lambda: {"user": "yjs"} in states.values(), what="yjs presence")
