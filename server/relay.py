@@ -2037,8 +2037,11 @@ class Relay:
                 folder.pending.update(dict.fromkeys(names))
                 continue
             folder.cursor = max(folder.cursor, cursor)
-            # Sent with no names too: the connection's cursor moves past what it has.
-            self._announce(mux, folder, names, store, epoch, folder.cursor)
+            if names:
+                # Never a cursor move alone: it would tell a connection when documents it
+                # may not read changed. Its cursor lags behind them instead; listed again
+                # from it after a reconnect, they are filtered out again.
+                self._announce(mux, folder, names, store, epoch, folder.cursor)
 
     def _collect_soon(self) -> None:
         """A garbage collection, at most once a second (a full one costs milliseconds)."""
