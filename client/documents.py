@@ -94,6 +94,8 @@ class DocumentStatus:
         refused: local updates the relay refused to store (they stay pending).
         stopped: the replica gave up syncing this document (the relay refused it in a way
             that retrying cannot change, e.g. its name; ``last_error`` says why).
+        relay: the relay in use (connected to, or tried next); of several, the one
+            failover chose; None offline.
     """
 
     connected: bool
@@ -104,6 +106,7 @@ class DocumentStatus:
     quarantined: int = 0
     refused: int = 0
     stopped: bool = False
+    relay: str | None = None
 
 
 @dataclass(eq=False)

@@ -23,7 +23,8 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -88,12 +89,14 @@ from .documents import (
 )
 from .folders import Folders
 from .presence import Presence
+from .relays import RelayChoice
 
 __all__ = ["DocumentStatus", "FolderStatus", "Replica", "ThreadSafeDoc", "TokenSource"]
 
 log = logging.getLogger("crdtsync.replica")
 
 EXTENSION_QUERY = "crdtsync=1"
+PROBE_DOCUMENT = "crdtsync-probe"  # asked for when probing a relay without multiplexing
 MUX_QUERY = "mux=1"  # with EXTENSION_QUERY on "/": one connection for every document
 MAX_STORED_SYNCS = 64  # kept documents the app has not opened, synced at once
 DIGEST_BATCH = 512  # documents described per digest message
@@ -159,7 +162,11 @@ class Replica:
 
     Args:
         path: the replica's SQLite file (created if missing).
-        relay: ``ws://`` or ``wss://`` URL of a relay; None works fully offline.
+        relay: ``ws://`` or ``wss://`` URL of a relay; None works fully offline. Several
+            (a list, in order of preference: relays of other regions, or other relay
+            processes of one region): the first that answers is used, the next when it
+            fails, and the first again once it answers (asked every ``relay_probe_s``).
+            An acknowledgement from any of them counts; ``status()`` says which is used.
         token: a token (README: access tokens), or a function returning one (a
             coroutine function too), asked before each connection attempt: an
             expired token is replaced without reconnecting by hand. Sent in an
@@ -187,7 +194,7 @@ class Replica:
     def __init__(
         self,
         path: str | Path,
-        relay: str | None = None,
+        relay: str | Sequence[str] | None = None,
         token: TokenSource | None = None,
         *,
         ssl_context: ssl.SSLContext | None = None,
@@ -203,14 +210,18 @@ class Replica:
         max_update_clients: int = 100_000,
         max_update_structs: int = 10_000_000,
         multiplex: bool = True,
+        relay_probe_s: float = 15.0,
     ) -> None:
-        if relay is not None and not relay.startswith(("ws://", "wss://")):
-            raise ValueError(f"relay must be a ws:// or wss:// URL, not {relay!r}")
-        if ssl_context is not None and relay is not None and not relay.startswith("wss://"):
-            # (it would connect in plain text, token and all, and ignore the context)
-            raise ValueError(f"ssl_context needs a wss:// relay, not {relay!r}")
+        urls = [relay] if isinstance(relay, str) else list(relay or ())
+        for url in urls:
+            if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"relay must be a ws:// or wss:// URL, not {url!r}")
+            if ssl_context is not None and not url.startswith("wss://"):
+                # (it would connect in plain text, token and all, and ignore the context)
+                raise ValueError(f"ssl_context needs a wss:// relay, not {url!r}")
         self.path = Path(path)
-        self.relay = relay.rstrip("/") if relay else None
+        self._relays = RelayChoice([u.rstrip("/") for u in urls], relay_probe_s) if urls else None
+        self._prober: asyncio.Task[None] | None = None
         self.token = token
         self.ssl_context = ssl_context
         self.synchronous = synchronous
@@ -248,6 +259,16 @@ class Replica:
         # What went over the network (issue 11's benchmarks and tests count it).
         self.stats: Counter[str] = Counter()
 
+    @property
+    def relay(self) -> str | None:
+        """The relay in use (of several: the one connected to, or tried next); None offline."""
+        return self._relays.current if self._relays is not None else None
+
+    @property
+    def relays(self) -> tuple[str, ...]:
+        """Every relay this replica may use, in order of preference."""
+        return self._relays.urls if self._relays is not None else ()
+
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -261,12 +282,21 @@ class Replica:
                 busy_timeout_s=self.store_busy_timeout_s,
             )
         self._stopped = False
+        if self._relays is not None and len(self._relays.urls) > 1 and self._prober is None:
+            self._prober = asyncio.get_running_loop().create_task(
+                self._probe_home(self._relays), name="crdtsync:probe-home"
+            )
         for prefix in self.store.kept_folders():
             await self.keep(prefix)
 
     async def stop(self) -> None:
         """Close every document (local edits are already on disk) and the file."""
         self._stopped = True
+        prober, self._prober = self._prober, None
+        if prober is not None:
+            prober.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await prober
         for name in list(self._docs):
             await self.close(name)
         task, self._mux_task = self._mux_task, None
@@ -517,6 +547,7 @@ class Replica:
             quarantined=d.quarantined,
             refused=d.refused,
             stopped=d.stop_reconnecting,
+            relay=self.relay,
         )
 
     def awareness(self, name: str) -> Awareness:
@@ -763,10 +794,10 @@ class Replica:
 
     # -- connection -------------------------------------------------------------------------
 
-    def _url(self, name: str) -> str:
+    def _url(self, relay: str, name: str) -> str:
         params = [EXTENSION_QUERY]
         params += [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.params.items()]
-        return f"{self.relay}/{name}?{'&'.join(params)}"
+        return f"{relay}/{name}?{'&'.join(params)}"
 
     async def _token(self) -> str | None:
         """The token for the next connection attempt (asking its source again)."""
@@ -791,17 +822,22 @@ class Replica:
 
     async def _connect_loop(self, d: LocalDocument) -> None:
         backoff = self._backoff()
+        relays = self._relays
+        assert relays is not None
         while not d.stop_reconnecting and not d.closing:
             delay: float | None = None  # None: the backoff's next delay
+            relay = relays.current
+            failed = False  # the relay failed (not us, not our rights): another may not
+            self.stats["connect_attempts"] += 1
             try:
                 headers = self._authorization(await self._token())
                 async with connect(
-                    self._url(d.name),
+                    self._url(relay, d.name),
                     additional_headers=headers,
                     max_size=self.max_message_bytes,
                     open_timeout=self.open_timeout_s,
                     compression=None,
-                    ssl=self.ssl_context if self.relay and self.relay.startswith("wss:") else None,
+                    ssl=self.ssl_context if relay.startswith("wss:") else None,
                 ) as ws:
                     self.stats["connections"] += 1
                     began = time.monotonic()
@@ -812,8 +848,10 @@ class Replica:
                         # relay that fails right after each handshake is retried ever slower.
                         if d.synced and time.monotonic() - began >= HEALTHY_AFTER_S:
                             backoff.reset()
+                            relays.connected(relay)
             except ConnectionClosed as exc:
                 d.last_error = _describe_close(exc)
+                failed = _relay_failed(exc)
                 retry = retry_after_close(exc.rcvd.code if exc.rcvd is not None else None)
                 if retry is Retry.NEVER:
                     d.stop_reconnecting = True  # status() says why
@@ -823,10 +861,12 @@ class Replica:
                 status = exc.response.status_code
                 body = exc.response.body.decode("utf-8", "replace").strip()[:200]
                 d.last_error = f"the relay refused the connection: HTTP {status} {body}".rstrip()
+                failed = _relay_failed(exc)
                 if status == 403 or (status == 401 and isinstance(self.token, str)):
                     delay = ACCESS_RETRY_S  # the same token would be refused again now
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-                d.last_error = f"cannot connect to {self.relay}: {_describe_connect_error(exc)}"
+                d.last_error = f"cannot connect to {relay}: {_describe_connect_error(exc)}"
+                failed = True
             except Exception as exc:
                 # Whatever went wrong, syncing goes on after a backoff and the app can
                 # see why in status(): a sync task never dies silently.
@@ -842,6 +882,8 @@ class Replica:
             if d.stop_reconnecting:
                 log.warning("stopped syncing %r: %s", d.name, d.last_error)
                 return
+            if _now_elsewhere(relays, relay, failed):
+                continue  # (another relay: at once)
             next_delay = backoff.next_delay()
             await asyncio.sleep(next_delay if delay is None else max(delay, next_delay))
 
@@ -981,10 +1023,10 @@ class Replica:
             self._connect_loop(d), name=f"crdtsync:{d.name}"
         )
 
-    def _mux_url(self) -> str:
+    def _mux_url(self, relay: str) -> str:
         params = [EXTENSION_QUERY, MUX_QUERY]
         params += [f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in self.params.items()]
-        return f"{self.relay}/?{'&'.join(params)}"
+        return f"{relay}/?{'&'.join(params)}"
 
     def _synced_docs(self) -> list[LocalDocument]:
         return [*self._docs.values(), *self._folders.stored.values()]
@@ -998,19 +1040,24 @@ class Replica:
     async def _mux_loop(self) -> None:
         """Keep the multiplexed connection up (backoff, tokens, as one document's loop)."""
         backoff = self._backoff()
+        relays = self._relays
+        assert relays is not None
         while not self._stopped:
             delay: float | None = None
+            relay = relays.current
+            failed = False  # the relay failed (not us, not our rights): another may not
+            self.stats["connect_attempts"] += 1
             try:
                 headers = self._authorization(await self._token())
                 async with connect(
-                    self._mux_url(),
+                    self._mux_url(relay),
                     additional_headers=headers,
                     max_size=self.max_message_bytes,
                     open_timeout=self.open_timeout_s,
                     # (a server without multiplexing may keep talking: no long goodbye)
                     close_timeout=2.0,
                     compression=None,
-                    ssl=self.ssl_context if self.relay and self.relay.startswith("wss:") else None,
+                    ssl=self.ssl_context if relay.startswith("wss:") else None,
                 ) as ws:
                     async with asyncio.timeout(self.open_timeout_s):
                         first = await ws.recv()
@@ -1032,6 +1079,7 @@ class Replica:
                         self._mux_down(mux)
                         if time.monotonic() - began >= HEALTHY_AFTER_S:
                             backoff.reset()
+                            relays.connected(relay)
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else None
                 reason = exc.rcvd.reason if exc.rcvd is not None else ""
@@ -1044,6 +1092,7 @@ class Replica:
                     self._fall_back("the relay does not multiplex documents")
                     return
                 self._say_error(_describe_close(exc))
+                failed = _relay_failed(exc)
                 culprit = self._too_big
                 self._too_big = None
                 if code == CloseCode.MESSAGE_TOO_BIG and culprit is not None:
@@ -1058,15 +1107,59 @@ class Replica:
                 status = exc.response.status_code
                 body = exc.response.body.decode("utf-8", "replace").strip()[:200]
                 self._say_error(f"the relay refused the connection: HTTP {status} {body}".rstrip())
+                failed = _relay_failed(exc)
                 if status == 403 or (status == 401 and isinstance(self.token, str)):
                     delay = ACCESS_RETRY_S
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError) as exc:
-                self._say_error(f"cannot connect to {self.relay}: {_describe_connect_error(exc)}")
+                self._say_error(f"cannot connect to {relay}: {_describe_connect_error(exc)}")
+                failed = True
             except Exception as exc:
                 log.exception("the multiplexed connection failed")
                 self._say_error(f"sync failed: {type(exc).__name__}: {exc}")
+            if _now_elsewhere(relays, relay, failed):
+                continue  # (another relay: at once)
             next_delay = backoff.next_delay()
             await asyncio.sleep(next_delay if delay is None else max(delay, next_delay))
+
+    async def _probe_home(self, relays: RelayChoice) -> None:
+        """While on another relay than the first, ask the first every ``probe_s`` (a
+        handshake, closed at once); once it answers, move back: the connections to the
+        other relay are closed and reconnect, to the first, at once."""
+        while not self._stopped:
+            await asyncio.sleep(min(1.0, relays.probe_s))
+            if not relays.probe_due(time.monotonic()):
+                continue
+            home = relays.home
+            answered = False
+            try:
+                headers = self._authorization(await self._token())
+                async with connect(
+                    self._mux_url(home) if self.multiplex else self._url(home, PROBE_DOCUMENT),
+                    additional_headers=headers,
+                    open_timeout=self.open_timeout_s,
+                    close_timeout=1.0,
+                    compression=None,
+                    ssl=self.ssl_context if home.startswith("wss:") else None,
+                ):
+                    answered = True
+            except Exception as exc:  # (any failure: the home is not back)
+                log.debug("the first relay %s does not answer yet: %s", home, exc)
+            if relays.probed(answered, time.monotonic()):
+                log.info("back to the first relay %s", home)
+                await self._leave_relay()
+
+    async def _leave_relay(self) -> None:
+        """Close every connection to the relay in use (1000): the loops connect again at
+        once, to the relay now chosen."""
+        links = [
+            d.conn.ws for d in self._docs.values() if d.conn is not None and d.conn.mux is None
+        ]
+        if self._mux is not None:
+            links.append(self._mux.ws)
+        for ws in links:
+            with contextlib.suppress(ConnectionClosed, TimeoutError, OSError):
+                async with asyncio.timeout(2.0):
+                    await ws.close(CloseCode.NORMAL, "moving to another relay")
 
     def _fall_back(self, reason: str) -> None:
         """No multiplexing at this relay: every open document gets a connection of its own;
@@ -1332,6 +1425,30 @@ def _describe_connect_error(exc: BaseException) -> str:
             "uses a private CA"
         )
     return str(exc) or type(exc).__name__
+
+
+# Close codes after which another relay may do better: going away (1001), dropped (1006,
+# or no close frame at all), an internal error (1011), restarting (1012), overloaded
+# (1013), a bad gateway (1014). Not refusals of this replica or its rights.
+_RELAY_TROUBLE = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
+
+
+def _relay_failed(exc: ConnectionClosed | InvalidStatus) -> bool:
+    """Whether ``exc`` says the relay is in trouble (not this replica, not its rights)."""
+    if isinstance(exc, InvalidStatus):
+        status = exc.response.status_code
+        return status >= 500 or status == HTTPStatus.TOO_MANY_REQUESTS
+    code = exc.rcvd.code if exc.rcvd is not None else None
+    return code is None or code in _RELAY_TROUBLE
+
+
+def _now_elsewhere(relays: RelayChoice, relay: str, failed: bool) -> bool:
+    """After a connection to ``relay`` ended: whether to connect again at once, because
+    the replica moved to another relay (``relay`` failed and another is left to try, or
+    the first relay came back meanwhile)."""
+    if failed:
+        return relays.failed(relay, time.monotonic())
+    return relays.current != relay
 
 
 def _describe_close(exc: ConnectionClosed) -> str:

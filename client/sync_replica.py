@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,7 +38,7 @@ class SyncReplica:
     def __init__(
         self,
         path: str | Path,
-        relay: str | None = None,
+        relay: str | Sequence[str] | None = None,
         token: TokenSource | None = None,
         *,
         timeout_s: float = 30.0,
