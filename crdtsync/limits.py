@@ -50,6 +50,13 @@ class TokenBucket:
         self.tokens -= min(amount, self.burst)
         return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
 
+    def full(self, now: float) -> bool:
+        """Whether the bucket is full at ``now``: it then acts as a new one would (a
+        holder may drop it and start a new one when it next needs one)."""
+        if self.stamp is None or now <= self.stamp:
+            return self.tokens >= self.burst
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
     def allow(self, now: float, amount: float = 1.0) -> bool:
         """Spend ``amount`` tokens if they are there (True), else spend nothing (False)."""
         self._refill(now)

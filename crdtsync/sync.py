@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 from pycrdt import get_state, get_update
 
@@ -196,6 +197,20 @@ Event = (
 MAX_ANSWER_PIECES = 32  # each piece is one pass of pycrdt over the whole answer
 
 
+@dataclass(frozen=True, slots=True)
+class _Terms:
+    """What a session is made with, fixed: one object shared by the sessions made alike
+    (a relay makes thousands the same way), not seven attributes each."""
+
+    max_message_bytes: int
+    answer_piece_bytes: int
+    max_presence_bytes: int
+    max_presence_state_bytes: int
+    validate: Callable[[bytes], UpdateInfo]
+    extensions: bool
+    can_write: bool
+
+
 def check_message_update(
     data: bytes, validate: Callable[[bytes], UpdateInfo]
 ) -> tuple[int, UpdateInfo | CrdtsyncError] | None:
@@ -275,22 +290,17 @@ class SyncSession:
     """
 
     __slots__ = (
-        "_checked",
         "_events",
         "_out",
-        "_validate",
-        "answer_piece_bytes",
-        "can_write",
+        "_terms",
         "claimed",
-        "extensions",
         "failure",
-        "max_message_bytes",
-        "max_presence_bytes",
-        "max_presence_state_bytes",
         "messages_received",
         "synced",
         "writes_dropped",
     )
+
+    _made: ClassVar[dict[_Terms, _Terms]] = {}  # the terms sessions were made with
 
     def __init__(
         self,
@@ -303,21 +313,61 @@ class SyncSession:
         max_presence_bytes: int = DEFAULT_MAX_PRESENCE_BYTES,
         max_presence_state_bytes: int = DEFAULT_MAX_PRESENCE_STATE_BYTES,
     ) -> None:
-        self.max_presence_bytes = max_presence_bytes
-        self.max_presence_state_bytes = max_presence_state_bytes
-        self.max_message_bytes = max_message_bytes
-        self.answer_piece_bytes = answer_piece_bytes
-        self.extensions = extensions
-        self.can_write = can_write
-        self._validate = validate
-        self._checked: tuple[int, UpdateInfo | Exception] | None = None
-        self._out: list[bytes] = []
-        self._events: list[Event] = []
+        terms = _Terms(
+            max_message_bytes,
+            answer_piece_bytes,
+            max_presence_bytes,
+            max_presence_state_bytes,
+            validate,
+            extensions,
+            can_write,
+        )
+        made = SyncSession._made
+        try:
+            terms = made.setdefault(terms, terms)
+        except TypeError:
+            pass  # (a validator that cannot be hashed: these terms stay this session's)
+        else:
+            if len(made) > 64:
+                made.clear()  # (sessions made with many validators: tests, not a relay)
+        self._terms = terms
+        # Frames to send and events, since the last call: None while there are none
+        # (an idle session holds no lists; a relay keeps thousands of sessions).
+        self._out: list[bytes] | None = None
+        self._events: list[Event] | None = None
         self.failure: Failed | None = None
         self.synced = False  # we received a step 2 (the answer to our step 1)
         self.messages_received = 0
         self.claimed: frozenset[int] = frozenset()  # client ids the peer proved
         self.writes_dropped = 0  # updates of a read-only peer, dropped
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._terms.max_message_bytes
+
+    @property
+    def answer_piece_bytes(self) -> int:
+        return self._terms.answer_piece_bytes
+
+    @property
+    def max_presence_bytes(self) -> int:
+        return self._terms.max_presence_bytes
+
+    @property
+    def max_presence_state_bytes(self) -> int:
+        return self._terms.max_presence_state_bytes
+
+    @property
+    def _validate(self) -> Callable[[bytes], UpdateInfo]:
+        return self._terms.validate
+
+    @property
+    def extensions(self) -> bool:
+        return self._terms.extensions
+
+    @property
+    def can_write(self) -> bool:
+        return self._terms.can_write
 
     # -- input ------------------------------------------------------------------------
 
@@ -332,7 +382,6 @@ class SyncSession:
         """
         if self.failure is not None:
             return
-        self._checked = checked
         if isinstance(data, str):
             self.fail(
                 ProtocolError("text frames are not part of the y-websocket protocol"),
@@ -340,7 +389,7 @@ class SyncSession:
             )
             return
         try:
-            self._handle(decode_message(data, max_bytes=self.max_message_bytes))
+            self._handle(decode_message(data, max_bytes=self.max_message_bytes), checked)
         except CrdtsyncError as exc:
             self.fail(exc)
 
@@ -352,18 +401,19 @@ class SyncSession:
         if code is None:
             code = CloseCode.INTERNAL_ERROR
         self.failure = Failed(exc, int(code), close_reason(str(exc)))
-        self._events.append(self.failure)
+        self._event(self.failure)
 
     def _drop_write(self, key: int | None) -> None:
         """A read-only peer's update: dropped, and said so (once to a stock client)."""
         self.writes_dropped += 1
         if key is not None:
-            self._out.append(ExtRefused(key, READ_ONLY_REASON, False).encode())
+            self._frame(ExtRefused(key, READ_ONLY_REASON, False).encode())
         elif self.writes_dropped == 1:
-            self._out.append(PermissionDenied(READ_ONLY_REASON).encode())
+            self._frame(PermissionDenied(READ_ONLY_REASON).encode())
 
-    def _check_update(self, update: bytes) -> UpdateInfo:
-        checked, self._checked = self._checked, None
+    def _check_update(
+        self, update: bytes, checked: tuple[int, UpdateInfo | Exception] | None
+    ) -> UpdateInfo:
         try:
             if checked is not None and checked[0] == len(update):
                 if isinstance(checked[1], Exception):
@@ -373,27 +423,29 @@ class SyncSession:
         except MalformedMessage as exc:
             raise MalformedMessage(f"invalid update: {exc}") from exc
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(
+        self, msg: Message, checked: tuple[int, UpdateInfo | Exception] | None = None
+    ) -> None:
         self.messages_received += 1
         if isinstance(msg, SyncStep1):
             decode_state_vector(msg.state_vector)  # refuse garbage before anyone diffs with it
-            self._events.append(StateRequested(msg.state_vector))
+            self._event(StateRequested(msg.state_vector))
         elif isinstance(msg, SyncStep2):
             # A read-only peer still answers our step 1 (stock clients always do); its
             # answer is dropped, not refused: only its streamed updates are writes.
             if self.can_write:
-                self._events.append(
-                    UpdateReceived(msg.update, self._check_update(msg.update), answer=True)
+                self._event(
+                    UpdateReceived(msg.update, self._check_update(msg.update, checked), answer=True)
                 )
             self.synced = True
         elif isinstance(msg, SyncUpdate):
             if not self.can_write:
                 self._drop_write(None)
                 return
-            self._events.append(UpdateReceived(msg.update, self._check_update(msg.update)))
+            self._event(UpdateReceived(msg.update, self._check_update(msg.update, checked)))
         elif isinstance(msg, AwarenessMessage):
             if len(msg.payload) > self.max_presence_bytes:
-                self._events.append(
+                self._event(
                     LimitHit(
                         f"presence message of {len(msg.payload)} bytes, over the limit of "
                         f"{self.max_presence_bytes}"
@@ -405,28 +457,28 @@ class SyncSession:
                     msg.payload, max_state_bytes=self.max_presence_state_bytes
                 )
             except LimitExceeded as exc:
-                self._events.append(LimitHit(str(exc)))
+                self._event(LimitHit(str(exc)))
                 return
-            self._events.append(AwarenessReceived(msg.payload, entries))
+            self._event(AwarenessReceived(msg.payload, entries))
         elif isinstance(msg, QueryAwareness):
-            self._events.append(AwarenessQueried())
+            self._event(AwarenessQueried())
         elif isinstance(msg, PermissionDenied):
-            self._events.append(PermissionRefused(msg.reason))
+            self._event(PermissionRefused(msg.reason))
         elif not self.extensions:
             raise ProtocolError(
                 f"crdtsync extension message {type(msg).__name__} without asking for extensions"
             )
         elif isinstance(msg, ExtHello):
-            self._events.append(ExtensionsConfirmed(msg.version))
+            self._event(ExtensionsConfirmed(msg.version))
         elif isinstance(msg, ExtUpdate):
             if not self.can_write:
                 self._drop_write(msg.key)
                 return
-            self._events.append(
-                UpdateReceived(msg.update, self._check_update(msg.update), key=msg.key)
+            self._event(
+                UpdateReceived(msg.update, self._check_update(msg.update, checked), key=msg.key)
             )
         elif isinstance(msg, ExtAck):
-            self._events.append(Acknowledged(msg.key))
+            self._event(Acknowledged(msg.key))
         elif isinstance(msg, ExtClaim):
             if not self.can_write:
                 return  # proofs of ownership matter to writes only: a reader's change nothing
@@ -439,9 +491,9 @@ class SyncSession:
                     f"claims for more than {MAX_CLAIMED_CLIENTS} client ids on one connection"
                 )
             self.claimed = claimed
-            self._events.append(ClientsClaimed(claimed, msg.fresh))
+            self._event(ClientsClaimed(claimed, msg.fresh))
         elif isinstance(msg, ExtRefused):
-            self._events.append(Refused(msg.key, msg.reason, msg.unproven))
+            self._event(Refused(msg.key, msg.reason, msg.unproven))
         else:
             # Channels and folders belong to a multiplexed connection, around sessions.
             raise ProtocolError(f"{type(msg).__name__} inside one document's messages")
@@ -450,23 +502,35 @@ class SyncSession:
 
     def events_received(self) -> list[Event]:
         """Events since the last call, in order."""
-        events, self._events = self._events, []
-        return events
+        events, self._events = self._events, None
+        return [] if events is None else events
 
     def data_to_send(self) -> list[bytes]:
         """Frames to send since the last call, in order."""
-        out, self._out = self._out, []
-        return out
+        out, self._out = self._out, None
+        return [] if out is None else out
+
+    def _frame(self, frame: bytes) -> None:
+        if self._out is None:
+            self._out = [frame]
+        else:
+            self._out.append(frame)
+
+    def _event(self, event: Event) -> None:
+        if self._events is None:
+            self._events = [event]
+        else:
+            self._events.append(event)
 
     def send_hello(self) -> None:
         """Confirm extensions to a peer that asked for them (relay; first message)."""
         if not self.extensions:
             raise RuntimeError("send_hello() on a session without extensions")
-        self._out.append(ExtHello().encode())
+        self._frame(ExtHello().encode())
 
     def send_step1(self, state_vector: bytes) -> None:
         """Send sync step 1: our state vector, asking for what we lack."""
-        self._out.append(SyncStep1(state_vector).encode())
+        self._frame(SyncStep1(state_vector).encode())
 
     def answer_state_request(self, update: bytes, info: UpdateInfo | None = None) -> None:
         """Answer a step 1 with what the peer lacks, cut into pieces under the size limit.
@@ -480,30 +544,30 @@ class SyncSession:
         """Answer a step 1 with an answer already cut (:func:`split_update`), e.g. one
         shared by several peers that asked the same."""
         for piece in pieces[:-1]:
-            self._out.append(SyncUpdate(piece).encode())
-        self._out.append(SyncStep2(pieces[-1]).encode())
+            self._frame(SyncUpdate(piece).encode())
+        self._frame(SyncStep2(pieces[-1]).encode())
 
     def send_update(self, update: bytes, key: int | None = None) -> None:
         """Stream an update; with ``key``, ask for an acknowledgement (extensions only)."""
         if key is None:
-            self._out.append(SyncUpdate(update).encode())
+            self._frame(SyncUpdate(update).encode())
         elif not self.extensions:
             raise RuntimeError("an acknowledged update needs extensions")
         else:
-            self._out.append(ExtUpdate(key, update).encode())
+            self._frame(ExtUpdate(key, update).encode())
 
     def acknowledge(self, key: int) -> None:
         """Tell the peer its update ``key`` is durably stored (extensions only)."""
         if self.extensions:
-            self._out.append(ExtAck(key).encode())
+            self._frame(ExtAck(key).encode())
 
     def send_awareness(self, payload: bytes) -> None:
         """Send an awareness update."""
-        self._out.append(AwarenessMessage(payload).encode())
+        self._frame(AwarenessMessage(payload).encode())
 
     def send_query_awareness(self) -> None:
         """Ask the peer for every current awareness state."""
-        self._out.append(QueryAwareness().encode())
+        self._frame(QueryAwareness().encode())
 
     def send_claim(self, claims: dict[int, bytes], fresh: frozenset[int] = frozenset()) -> None:
         """Prove ownership of client ids to the relay (extensions only; after its hello).
@@ -517,20 +581,20 @@ class SyncSession:
         if not items:
             # Still said: until a replica's claims arrive, the relay takes no content
             # of ids without an owner from it (crdtsync.integrity.Writer).
-            self._out.append(ExtClaim(()).encode())
+            self._frame(ExtClaim(()).encode())
         for i in range(0, len(items), MAX_CLAIMS_PER_MESSAGE):
             part = tuple(items[i : i + MAX_CLAIMS_PER_MESSAGE])
-            self._out.append(ExtClaim(part, tuple(c for c, _ in part if c in fresh)).encode())
+            self._frame(ExtClaim(part, tuple(c for c, _ in part if c in fresh)).encode())
 
     def refuse(self, key: int | None, reason: str, *, unproven: bool = False) -> None:
         """Tell the peer content it sent was refused: an extension message to crdtsync
         peers, the y-protocols "permission denied" to stock clients (which only log it
         and keep their connection: closing would make them resend it forever)."""
         if self.extensions:
-            self._out.append(ExtRefused(key or 0, reason, unproven).encode())
+            self._frame(ExtRefused(key or 0, reason, unproven).encode())
         else:
-            self._out.append(PermissionDenied(reason).encode())
+            self._frame(PermissionDenied(reason).encode())
 
     def deny(self, reason: str) -> None:
         """Send "permission denied" (stock clients only log it; the adapter then closes)."""
-        self._out.append(PermissionDenied(reason).encode())
+        self._frame(PermissionDenied(reason).encode())

@@ -34,6 +34,7 @@ from collections.abc import (
     AsyncIterator,
     Awaitable,
     Callable,
+    Collection,
     Iterable,
     Iterator,
 )
@@ -150,6 +151,7 @@ PACE_MIN_S = 0.005  # a connection is paced once it owes at least this much time
 PACE_BATCH = 64  # updates charged to a connection's budget together
 PACE_BATCH_BYTES = 256 * 1024
 _ANONYMOUS = Writer()
+_AWAITING_CLAIMS = Writer(awaiting_claims=True)  # (shared: a Writer is immutable)
 MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
 # A stored document of at most this many tail updates and bytes is read and merged on
 # the loop (measured: 1,000 updates of 1 KB merge in 5 ms, 20,000 one-character ones in
@@ -272,9 +274,14 @@ class Access:
         return self.claims.subject if self.claims is not None else None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Budget:
-    """What one connection may cost (crdtsync.limits): paced streams and refusals."""
+    """What one connection may cost (crdtsync.limits): paced streams and refusals.
+
+    A multiplexed connection's channels share its budget (writes, work and strikes); each
+    channel has sync requests and presence of its own instead, what a connection per
+    document would have (:meth:`Peer.sync_requests`, :meth:`Peer.presence_bucket`).
+    """
 
     updates: TokenBucket
     update_bytes: TokenBucket
@@ -282,19 +289,6 @@ class Budget:
     presence: TokenBucket
     strikes: Strikes
     work: TokenBucket  # seconds of the work process this connection's updates took
-
-    def channel(self, s: RelaySettings) -> Budget:
-        """A channel's budget on a multiplexed connection with this one: the connection's
-        writes, work and strikes, and sync requests and presence of its own (what a
-        connection per document would have)."""
-        return Budget(
-            self.updates,
-            self.update_bytes,
-            TokenBucket(s.sync_requests_per_s, s.sync_request_burst),
-            TokenBucket(s.presence_per_s, s.presence_burst),
-            self.strikes,
-            self.work,
-        )
 
     @classmethod
     def of(cls, s: RelaySettings) -> Budget:
@@ -363,6 +357,8 @@ class Wire:
     """
 
     ws: Socket
+    budget: Budget  # what the connection may cost (a multiplexed one's channels share it)
+    address: str = ""  # the client's (or the one a trusted proxy forwarded)
     outbox: deque[Frame] | None = None  # None: nothing is waiting
     outbox_bytes: int = 0
     sender: asyncio.Task[None] | None = None
@@ -437,17 +433,67 @@ class Wire:
 
 
 @dataclass(eq=False, slots=True)
-class Peer:
+class _Presence:
+    """Presence states by client id, as a room keeps them or a peer set them: None, one
+    entry (the usual case: a replica's own state; no dict then) or a dict of them, in
+    the order they came (as a dict keeps them)."""
+
+    presence: AwarenessEntry | dict[int, AwarenessEntry] | None = field(default=None, kw_only=True)
+
+    def presence_of(self, client: int) -> AwarenessEntry | None:
+        states = self.presence
+        if states is None:
+            return None
+        if isinstance(states, dict):
+            return states.get(client)
+        return states if states.client_id == client else None
+
+    def presence_count(self) -> int:
+        states = self.presence
+        return 0 if states is None else len(states) if isinstance(states, dict) else 1
+
+    def presence_entries(self) -> list[AwarenessEntry]:
+        states = self.presence
+        if states is None:
+            return []
+        if isinstance(states, dict):
+            return list(states.values())
+        return [states]
+
+    def set_presence(self, entry: AwarenessEntry) -> None:
+        states = self.presence
+        if states is None or (not isinstance(states, dict) and states.client_id == entry.client_id):
+            self.presence = entry
+        elif isinstance(states, dict):
+            states[entry.client_id] = entry
+        else:
+            self.presence = {states.client_id: states, entry.client_id: entry}
+
+    def drop_presence(self, client: int) -> AwarenessEntry | None:
+        """Forget ``client``'s state; return it (None: there was none)."""
+        states = self.presence
+        if states is None:
+            return None
+        if isinstance(states, dict):
+            entry = states.pop(client, None)
+            if len(states) <= 1:
+                self.presence = next(iter(states.values()), None)
+            return entry
+        if states.client_id != client:
+            return None
+        self.presence = None
+        return states
+
+
+@dataclass(eq=False, slots=True)
+class Peer(_Presence):
     """One document's connection in a room: a websocket of its own, or a channel of a
     multiplexed one (``channel`` set: every frame to it starts with ``header``)."""
 
     wire: Wire
     session: SyncSession
     document: str
-    budget: Budget
-    address: str = ""
     access: Access = field(default_factory=lambda: Access(Rights()))
-    id: str = ""  # short, for logs
     opened: float = 0.0  # time.monotonic() at its handshake
     messages_in: int = 0
     bytes_in: int = 0
@@ -459,9 +505,13 @@ class Peer:
     owed_updates: int = 0  # not yet charged to its budget
     closing: bool = False  # closed over limits: the close is under way
     owed_bytes: int = 0
-    presence_bytes: dict[int, int] = field(default_factory=dict)  # client id -> state size
     behind_since: float | None = None  # since when its backlog is over the limit
-    awareness_clients: dict[int, int] = field(default_factory=dict)  # client id -> clock
+    # (presence, from _Presence: the states it set, each as it set it: its clock, size)
+    # A channel's own sync-request and presence buckets (a connection of its own has
+    # them in its budget), made on first use; None again once full, as a new one is
+    # (Relay._forget_full_buckets): an idle channel holds none.
+    own_sync_requests: TokenBucket | None = None
+    own_presence: TokenBucket | None = None
     # Live updates held back until this peer's step 1 is answered (None: live). A live
     # update must not overtake the answer: Yrs (pycrdt 0.14) can lose a Map change when
     # one client's updates are applied out of order (y-crdt#413); Yjs cannot, but order
@@ -487,8 +537,46 @@ class Peer:
         return self.wire.ws
 
     @property
+    def budget(self) -> Budget:
+        """Its connection's (a multiplexed connection's channels share it)."""
+        return self.wire.budget
+
+    @property
+    def address(self) -> str:
+        return self.wire.address
+
+    @property
+    def id(self) -> str:
+        """Short, for logs: its connection's, and its channel's number."""
+        conn = self.wire.ws.id.hex[:12]
+        return conn if self.channel is None else f"{conn}/{self.channel}"
+
+    @property
     def outbox(self) -> deque[Frame] | None:
         return self.wire.outbox
+
+    def sync_requests(self, s: RelaySettings) -> TokenBucket:
+        """The bucket its sync requests take from: its connection's, or its channel's."""
+        if self.channel is None:
+            return self.budget.sync_requests
+        if self.own_sync_requests is None:
+            self.own_sync_requests = TokenBucket(s.sync_requests_per_s, s.sync_request_burst)
+        return self.own_sync_requests
+
+    def presence_bucket(self, s: RelaySettings) -> TokenBucket:
+        """The bucket its presence messages take from: its connection's, or its channel's."""
+        if self.channel is None:
+            return self.budget.presence
+        if self.own_presence is None:
+            self.own_presence = TokenBucket(s.presence_per_s, s.presence_burst)
+        return self.own_presence
+
+    def forget_full_buckets(self, now: float) -> None:
+        """Drop its channel's buckets that are full: a new one acts the same."""
+        if self.own_sync_requests is not None and self.own_sync_requests.full(now):
+            self.own_sync_requests = None
+        if self.own_presence is not None and self.own_presence.full(now):
+            self.own_presence = None
 
     @property
     def gone(self) -> bool:
@@ -580,7 +668,8 @@ class Mux:
     # Messages of channels not opened yet (a reordering path), until their open comes.
     early: dict[int, list[ExtChannel]] = field(default_factory=dict)
     early_bytes: int = 0
-    documents: set[str] = field(default_factory=set)  # open on its channels (once each)
+    # Open on its channels (once each; a dict: half the memory of a set per name).
+    documents: dict[str, None] = field(default_factory=dict)
     presence_states: int = 0  # its channels' presence states, together
     presence_bytes: int = 0
     listing: asyncio.Lock = field(default_factory=asyncio.Lock)  # one listing at a time
@@ -604,12 +693,17 @@ class Mux:
 
 
 @dataclass(eq=False, slots=True)
-class Room:
-    """The live connections on one document and their awareness states; nothing durable."""
+class Room(_Presence):
+    """The live connections on one document and their awareness states; nothing durable.
+
+    (Most rooms of an idle relay hold one peer with one presence state, or none: one
+    object each then, no set or dict; see :class:`_Presence`.)
+    """
 
     name: str
-    peers: set[Peer] = field(default_factory=set)
-    awareness: dict[int, AwarenessEntry] = field(default_factory=dict)
+    # Its peers: None, the one peer, or a set of them (use peers, add and discard).
+    members: Peer | set[Peer] | None = None
+    # (presence, from _Presence: its awareness states)
     awareness_bytes: int = 0  # the states' JSON sizes, summed
     appended: int = 0  # updates in the store's tail, as far as this process knows
     stored_bytes: int = 0  # the document's snapshot and tail, as far as this process knows
@@ -617,15 +711,42 @@ class Room:
     # one in flight, and the one that starts when it is done, for those who came later.
     reading: asyncio.Future[Read] | None = None
     read_next: asyncio.Future[Read] | None = None
-    # Answers from the latest read (by its id), by state vector (dropped with the room).
-    answers: tuple[str | None, dict[bytes, asyncio.Task[list[bytes]]]] = field(
-        default_factory=lambda: (None, {})
-    )
+    # Answers from the latest read (by its id), by state vector (dropped with the room);
+    # None until a read of a large document is answered (small ones are not cached).
+    answers: tuple[str, dict[bytes, asyncio.Task[list[bytes]]]] | None = None
     measured: bool = False  # appended and stored_bytes were read from the store
     following: bool = False  # a shared store: this process's follower reads its entries
-    # Presence states heard from other relay processes: client id -> when last renewed.
-    remote_presence: dict[int, float] = field(default_factory=dict)
+    # Presence states heard from other relay processes: client id -> when last renewed
+    # (None until there is one: a shared store's presence only).
+    remote_presence: dict[int, float] | None = None
     kept_in_worker: bool = False  # the work process keeps a read of it (crdtsync.work)
+
+    @property
+    def peers(self) -> Collection[Peer]:
+        members = self.members
+        if members is None:
+            return ()
+        if isinstance(members, Peer):
+            return (members,)
+        return members
+
+    def add(self, peer: Peer) -> None:
+        members = self.members
+        if members is None or members is peer:
+            self.members = peer
+        elif isinstance(members, Peer):
+            self.members = {members, peer}
+        else:
+            members.add(peer)
+
+    def discard(self, peer: Peer) -> None:
+        members = self.members
+        if members is peer:
+            self.members = None
+        elif isinstance(members, set):
+            members.discard(peer)
+            if len(members) == 1:
+                self.members = next(iter(members))
 
 
 @dataclass(eq=False, slots=True)
@@ -690,6 +811,10 @@ class Relay:
             max_bytes=s.max_update_bytes,
             max_clients=s.max_update_clients,
             max_structs=s.max_update_structs,
+        )
+        # (One int for every session: computed per peer, it was an object per peer.)
+        self._max_presence_bytes = (
+            s.max_presence_state_bytes * s.max_presence_states_per_connection + 1024
         )
         # Multiplexed connections, and the folders they keep (issue 11): announced from
         # the store's changes by one task, while any folder is kept.
@@ -1146,7 +1271,7 @@ class Relay:
         connections: Counter[tuple[str, str]] = Counter()
         presence = 0
         for room in self.rooms.values():
-            presence += len(room.awareness)
+            presence += room.presence_count()
             for p in room.peers:
                 ext = "yes" if p.session.extensions else "no"
                 connections[ext, "rw" if p.access.rights.write else "r"] += 1
@@ -1242,8 +1367,8 @@ class Relay:
         extensions = params.get(EXTENSION_QUERY) == ["1"]
         s = self.settings
         address = self._address(ws, request)
-        wire = Wire(ws)
-        peer = self._new_peer(wire, document, access, extensions, address, Budget.of(s))
+        wire = Wire(ws, Budget.of(s), address)
+        peer = self._new_peer(wire, document, access, extensions)
         self.stats["connections"] += 1
         self.stats["connections_opened"] += 1
         self._per_address[address] = self._per_address.get(address, 0) + 1
@@ -1302,8 +1427,6 @@ class Relay:
         document: str,
         access: Access,
         extensions: bool,
-        address: str,
-        budget: Budget,
         channel: int | None = None,
     ) -> Peer:
         """A peer for one document on ``wire`` (its own connection, or ``channel`` of it)."""
@@ -1315,15 +1438,16 @@ class Relay:
             extensions=extensions,
             can_write=access.rights.write,
             validate=check,
-            max_presence_bytes=s.max_presence_state_bytes * s.max_presence_states_per_connection
-            + 1024,
+            max_presence_bytes=self._max_presence_bytes,
             max_presence_state_bytes=s.max_presence_state_bytes,
         )
-        peer = Peer(wire, session, document, budget, address, access)
+        peer = Peer(wire, session, document, access)
         # A crdtsync replica claims its ids right after the hello; until it has, its
         # first writes of ids would be stored with no owner (crdtsync.integrity.Writer).
-        peer.writer = Writer(frozenset(), access.subject, awaiting_claims=extensions)
-        peer.id = wire.ws.id.hex[:12] if channel is None else f"{wire.ws.id.hex[:12]}/{channel}"
+        if access.subject is not None:
+            peer.writer = Writer(frozenset(), access.subject, awaiting_claims=extensions)
+        else:
+            peer.writer = _AWAITING_CLAIMS if extensions else _ANONYMOUS
         peer.opened = time.monotonic()
         if channel is not None:
             peer.channel = channel
@@ -1351,7 +1475,7 @@ class Relay:
             if self._presence is not None:
                 self._presence.add(peer.document)  # (which asks the others who is here)
         # Join the fan-out before reading the store: no update slips between the two.
-        room.peers.add(peer)
+        room.add(peer)
         peer.room = room
         loop = asyncio.get_running_loop()
         peer.hold_timer = loop.call_later(HOLD_LIMIT_S, peer.release)
@@ -1364,8 +1488,9 @@ class Relay:
             await self._send(peer)
         peer.joined = await self._fresh_read(room)
         session.send_step1(peer.joined.state)
-        if room.awareness:
-            session.send_awareness(encode_awareness(list(room.awareness.values())))
+        states = room.presence_entries()
+        if states:
+            session.send_awareness(encode_awareness(states))
         await self._send(peer)
         return room
 
@@ -1398,7 +1523,7 @@ class Relay:
             return
         peer.parted = True
         if peer.mux is not None:
-            peer.mux.documents.discard(peer.document)
+            peer.mux.documents.pop(peer.document, None)
         if peer.hold_timer is not None:
             peer.hold_timer.cancel()
         if peer.sync_timer is not None:
@@ -1461,12 +1586,13 @@ class Relay:
             return
         s = self.settings
         address = self._address(ws, request)
+        budget = Budget.of(s)
         mux = Mux(
-            Wire(ws),
+            Wire(ws, budget, address),
             request,
             access,
             address,
-            Budget.of(s),
+            budget,
             TokenBucket(s.channel_opens_per_s, s.channel_open_burst),
             id=ws.id.hex[:12],
         )
@@ -1677,12 +1803,10 @@ class Relay:
         except TimeoutError:
             self._refuse_channel(mux, number, CloseCode.TRY_AGAIN_LATER, "authorization timed out")
             return delay
-        peer = self._new_peer(
-            mux.wire, document, access, True, mux.address, mux.budget.channel(s), channel=number
-        )
+        peer = self._new_peer(mux.wire, document, access, True, channel=number)
         peer.mux = mux
         mux.channels[number] = peer
-        mux.documents.add(document)
+        mux.documents[document] = None
         self.stats["channels_opened"] += 1
         try:
             await self._join(peer)
@@ -1709,6 +1833,8 @@ class Relay:
         if not access.rights.read:
             self.stats["refused_forbidden"] += 1
             raise AccessDenied(f"no access to {document!r}")
+        if access.rights == mux.access.rights and access.claims is mux.access.claims:
+            return mux.access  # (the usual case: one object for all its channels)
         return access
 
     def _refuse_channel(self, mux: Mux, number: int, code: int, reason: str) -> None:
@@ -2139,6 +2265,7 @@ class Relay:
             return False
 
     def _sync_timeout(self, peer: Peer) -> None:
+        peer.sync_timer = None  # (served: the handle and the peer no longer hold each other)
         if not peer.engaged:
             self._close_over_limits(
                 peer, f"no sync message within {self.settings.sync_timeout_s:g} s"
@@ -2172,10 +2299,11 @@ class Relay:
             return split_update(
                 get_update(read.merged, state_vector), self.settings.answer_piece_bytes
             )
-        cached, answers = room.answers
-        if cached != read.id:
-            answers = {}
+        if room.answers is None or room.answers[0] != read.id:
+            answers: dict[bytes, asyncio.Task[list[bytes]]] = {}
             room.answers = (read.id, answers)
+        else:
+            answers = room.answers[1]
         task = answers.get(state_vector)
         if task is None:
             task = asyncio.get_running_loop().create_task(
@@ -2378,7 +2506,7 @@ class Relay:
                 peer.engaged = True
                 if any(isinstance(later, StateRequested) for later in events[i + 1 :]):
                     continue  # several in one batch: one answer, to the last of them
-                wait = budget.sync_requests.take(time.monotonic())
+                wait = peer.sync_requests(self.settings).take(time.monotonic())
                 if wait > 0:
                     # Each answer reads the stored document: a peer asking too often waits
                     # (and what it asks meanwhile is answered once, afterwards).
@@ -2400,7 +2528,7 @@ class Relay:
             elif isinstance(event, AwarenessReceived):
                 self._on_awareness(peer, room, event, time.monotonic())
             elif isinstance(event, AwarenessQueried):
-                session.send_awareness(encode_awareness(list(room.awareness.values())))
+                session.send_awareness(encode_awareness(room.presence_entries()))
             elif isinstance(event, ClientsClaimed):
                 peer.writer = Writer(event.clients, peer.writer.subject)
                 if self.settings.integrity and event.fresh:
@@ -2437,15 +2565,16 @@ class Relay:
         return delay
 
     def _leave(self, room: Room, peer: Peer) -> None:
-        room.peers.discard(peer)
+        room.discard(peer)
+        mine = peer.presence_entries()
         if peer.mux is not None:
-            peer.mux.presence_states -= len(peer.awareness_clients)
-            peer.mux.presence_bytes -= sum(peer.presence_bytes.values())
-        gone = [
-            AwarenessEntry(cid, clock + 1, None)
-            for cid, clock in peer.awareness_clients.items()
-            if cid in room.awareness and room.awareness[cid].clock <= clock
-        ]
+            peer.mux.presence_states -= len(mine)
+            peer.mux.presence_bytes -= sum(entry.size for entry in mine)
+        gone = []
+        for entry in mine:
+            current = room.presence_of(entry.client_id)
+            if current is not None and current.clock <= entry.clock:
+                gone.append(AwarenessEntry(entry.client_id, entry.clock + 1, None))
         for entry in gone:
             self._forget_presence(room, entry.client_id)
         if gone and room.peers:
@@ -2481,57 +2610,60 @@ class Relay:
     def _on_awareness(self, peer: Peer, room: Room, event: AwarenessReceived, now: float) -> None:
         """Keep and relay presence within the caps; what is over them is dropped."""
         s = self.settings
-        if not peer.budget.presence.allow(now):
+        if not peer.presence_bucket(s).allow(now):
             self._strike(peer, f"presence faster than {s.presence_per_s:g} messages/s")
             return
         accepted: list[AwarenessEntry] = []
         for entry in event.entries:
             cid = entry.client_id
-            current = room.awareness.get(cid)
+            current = room.presence_of(cid)
             if current is not None and current.clock > entry.clock:
                 continue
+            mine = peer.presence_of(cid)  # (the state it set for cid, as it set it)
             if entry.removed:
                 self._forget_presence(room, cid)
-                if peer.awareness_clients.pop(cid, None) is not None and peer.mux is not None:
-                    peer.mux.presence_states -= 1
-                    peer.mux.presence_bytes -= peer.presence_bytes.pop(cid, 0)
+                if mine is not None:
+                    peer.drop_presence(cid)
+                    if peer.mux is not None:
+                        peer.mux.presence_states -= 1
+                        peer.mux.presence_bytes -= mine.size
                 accepted.append(entry)
                 continue
             old_size = current.size if current is not None else 0
-            if cid not in peer.awareness_clients and (
-                len(peer.awareness_clients) >= s.max_presence_states_per_connection
-            ):
+            if mine is None and peer.presence_count() >= s.max_presence_states_per_connection:
                 self._strike(
                     peer, f"more than {s.max_presence_states_per_connection} presence states"
                 )
                 continue
             mux = peer.mux
+            grow = 0
             if mux is not None:
                 # A multiplexed connection's states together: about one per open
                 # document (a replica's own), not the per-connection cap per channel.
-                known = cid in peer.awareness_clients
-                grow = entry.size - peer.presence_bytes.get(cid, 0)
+                grow = entry.size - (mine.size if mine is not None else 0)
                 cap = s.max_presence_states_per_connection + len(mux.channels)
-                if (not known and mux.presence_states >= cap) or (
+                if (mine is None and mux.presence_states >= cap) or (
                     mux.presence_bytes + grow
                     > s.max_presence_state_bytes * s.max_presence_states_per_connection
                     + PRESENCE_BYTES_PER_CHANNEL * len(mux.channels)
                 ):
                     self._strike(peer, "presence over its connection's share")
                     continue
-                mux.presence_states += 0 if known else 1
-                mux.presence_bytes += grow
-                peer.presence_bytes[cid] = entry.size
-            if current is None and len(room.awareness) >= s.max_presence_states_per_room:
+            if current is None and room.presence_count() >= s.max_presence_states_per_room:
                 self._strike(peer, f"room holds {s.max_presence_states_per_room} presence states")
                 continue
             if room.awareness_bytes - old_size + entry.size > s.max_presence_bytes_per_room:
                 self._strike(peer, f"room presence over {s.max_presence_bytes_per_room} bytes")
                 continue
-            room.awareness[cid] = entry
+            if mux is not None:
+                # (Counted once the state is kept: one the room refused counts for nothing.)
+                mux.presence_states += 0 if mine is not None else 1
+                mux.presence_bytes += grow
+            room.set_presence(entry)
             room.awareness_bytes += entry.size - old_size
-            peer.awareness_clients[cid] = entry.clock
-            room.remote_presence.pop(cid, None)  # (a client that moved here from another)
+            peer.set_presence(entry)
+            if room.remote_presence is not None:
+                room.remote_presence.pop(cid, None)  # (a client that moved here from another)
             accepted.append(entry)
         if not accepted:
             return
@@ -2546,11 +2678,11 @@ class Relay:
 
     @staticmethod
     def _forget_presence(room: Room, client_id: int) -> None:
-        entry = room.awareness.pop(client_id, None)
+        entry = room.drop_presence(client_id)
         if entry is not None:
             room.awareness_bytes -= entry.size
 
-    def _deliver(self, peers: set[Peer], frame: bytes) -> None:
+    def _deliver(self, peers: Collection[Peer], frame: bytes) -> None:
         """Send a frame to peers, under the backlog rule (:meth:`_check_backlog`).
 
         Every frame goes under this rule (presence included): a peer that does not read
@@ -2662,6 +2794,15 @@ class Relay:
                 await asyncio.to_thread(self.store.drop_abandoned)
             self._checkpoint()
             self._check_budget()
+            self._forget_full_buckets()
+
+    def _forget_full_buckets(self) -> None:
+        """Drop the channels' own buckets that are full again (a new one acts the same):
+        an idle channel holds none (each channel's limits are unchanged)."""
+        now = time.monotonic()
+        for mux in self._muxes:
+            for peer in mux.channels.values():
+                peer.forget_full_buckets(now)
 
     def _check_budget(self) -> None:
         """The backlog rule for everyone, then the relay-wide budget (see above)."""
@@ -3077,16 +3218,23 @@ class Relay:
             StoreError: the ledger could not be read or written (the connection gets 1013).
         """
         assert self.store is not None
+        name = peer.document
+        # A ledger read only for this claim is not kept: written back at once, it is what
+        # the store holds, and a document its replica only reads never needs it again
+        # (the first update judged reads it again). An idle open document holds none.
+        cached = name in self._ledgers
         # (What the connection sent before its claim keeps the writer it had then: the
         # updates of this turn are judged at the flush with what each was submitted with.)
-        ledger = self._ledger(peer.document)
+        ledger = self._ledger(name)
         ledger.claim(clients, peer.writer)
         if ledger.dirty:
             try:
-                self.store.append_many([], {peer.document: ledger})
+                self.store.append_many([], {name: ledger})
             except StoreError:
-                self._ledgers.pop(peer.document, None)
+                self._ledgers.pop(name, None)
                 raise
+        if not cached and name not in self._staging_ledgers:
+            self._ledgers.pop(name, None)
 
     def _ledger(self, name: str) -> Ledger:
         ledger = self._ledgers.get(name)
@@ -3357,7 +3505,8 @@ class Relay:
             return
         if not payload:
             # Another process's room just opened: tell it this one's peers' states.
-            local = [e for cid, e in room.awareness.items() if cid not in room.remote_presence]
+            remote = room.remote_presence or {}
+            local = [e for e in room.presence_entries() if e.client_id not in remote]
             if local:
                 self._say_presence(name, encode_awareness(local))
             return
@@ -3370,21 +3519,24 @@ class Relay:
         accepted: list[AwarenessEntry] = []
         for entry in entries:
             cid = entry.client_id
-            current = room.awareness.get(cid)
+            current = room.presence_of(cid)
             if current is not None and current.clock > entry.clock:
                 continue
             if entry.removed:
                 self._forget_presence(room, cid)
-                room.remote_presence.pop(cid, None)
+                if room.remote_presence is not None:
+                    room.remote_presence.pop(cid, None)
                 accepted.append(entry)
                 continue
             old_size = current.size if current is not None else 0
-            if current is None and len(room.awareness) >= s.max_presence_states_per_room:
+            if current is None and room.presence_count() >= s.max_presence_states_per_room:
                 continue
             if room.awareness_bytes - old_size + entry.size > s.max_presence_bytes_per_room:
                 continue
-            room.awareness[cid] = entry
+            room.set_presence(entry)
             room.awareness_bytes += entry.size - old_size
+            if room.remote_presence is None:
+                room.remote_presence = {}
             room.remote_presence[cid] = now
             accepted.append(entry)
         if accepted and room.peers:
@@ -3392,20 +3544,19 @@ class Relay:
 
     def _expire_remote_presence(self, now: float) -> None:
         for room in self.rooms.values():
-            if not room.remote_presence:
+            remote = room.remote_presence
+            if not remote:
                 continue
-            old = [
-                cid
-                for cid, seen in room.remote_presence.items()
-                if now - seen > REMOTE_PRESENCE_TIMEOUT_S
-            ]
+            old = [cid for cid, seen in remote.items() if now - seen > REMOTE_PRESENCE_TIMEOUT_S]
             gone = []
             for cid in old:
-                del room.remote_presence[cid]
-                entry = room.awareness.get(cid)
+                del remote[cid]
+                entry = room.presence_of(cid)
                 if entry is not None:
                     self._forget_presence(room, cid)
                     gone.append(AwarenessEntry(cid, entry.clock + 1, None))
+            if not remote:
+                room.remote_presence = None
             if gone and room.peers:
                 self._deliver(room.peers, _awareness_frame(encode_awareness(gone)))
 
