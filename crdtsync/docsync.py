@@ -50,6 +50,7 @@ __all__ = [
     "DocumentHost",
     "DocumentSync",
     "HeldUpdates",
+    "deletes_of",
     "split_clients",
 ]
 
@@ -391,7 +392,14 @@ class DocumentSync:
             # (Beyond the limit it is dropped: the answer to our step 1 brings it.)
             self._ask_again(now)
             if rest is None:
-                return
+                if not info.deletes:
+                    return
+                # Only gapped clients' content: its delete set applies now all the same
+                # (deleting is idempotent and needs no order). Held with the content, it
+                # waited for a gap that may never fill (a stock client's gapped update,
+                # kept by the relay, is in every answer to our step 1): a delete the
+                # replica missed while away arrives only in such an answer, and was lost.
+                rest = deletes_of(update, info)
             update, info = rest, check_update(rest)
         self._apply(update, info, now)
         while len(self.held):
@@ -427,6 +435,11 @@ class DocumentSync:
         else:
             self.deferred_resync = True
             self.timer_wanted = True
+
+
+def deletes_of(update: bytes, info: UpdateInfo) -> bytes:
+    """``update``'s delete set alone, as an update (no content)."""
+    return get_update(update, encode_state_vector(info.state))
 
 
 def split_clients(update: bytes, info: UpdateInfo, clients: set[int]) -> tuple[bytes, bytes | None]:

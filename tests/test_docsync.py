@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 import pytest
-from pycrdt import Doc, Text
+from pycrdt import Doc, Text, get_update, merge_updates
 
 from crdtsync.docsync import (
     DEFER_S,
@@ -267,6 +267,42 @@ def test_an_update_after_a_gap_is_held_until_the_gap_is_filled_then_applied_in_o
     link.deliver(SyncUpdate(parts[0]).encode())
     assert str(link.host.doc.get("text", type=Text)) == "abc"
     assert len(link.sync.held) == 0
+
+
+def test_a_delete_set_beside_only_gapped_content_applies_at_once() -> None:
+    """The answer to a replica that missed a delete, from a relay that keeps a gapped
+    update (a stock client's, never filled): the gapped client's content and the delete
+    set, nothing else. The content waits for its gap; the delete applies now."""
+    link = Link()
+    link.sent()
+    link.deliver(HELLO, step1())
+    link.sent()
+    link.edit("hello", 1)
+    link.sent()
+    gapped_writer: Doc[Any] = Doc(client_id=4242)
+    gapped_text = gapped_writer.get("text", type=Text)
+    gapped_text.insert(0, "z")
+    after_first = gapped_writer.get_state()
+    gapped_text.insert(1, "z")
+    other: Doc[Any] = Doc()
+    other.apply_update(link.host.doc.get_update())
+    before = other.get_state()
+    del other.get("text", type=Text)[0:1]  # another replica's delete, stored
+    # The relay's store as it answers (merged updates: a Doc would not encode the gap).
+    stored = merge_updates(
+        link.host.doc.get_update(),
+        gapped_writer.get_update(after_first),  # clock 1 without clock 0
+        other.get_update(before),
+    )
+    answer = get_update(stored, link.host.doc.get_state())
+    info = check_update(answer)
+    assert set(info.starts) == {4242}  # the premise: only the gapped content ...
+    assert info.deletes  # ... and the delete set
+    link.deliver(SyncStep2(answer).encode())
+    assert str(link.host.doc.get("text", type=Text)) == "ello"
+    assert len(link.sync.held) == 1  # the gapped content still waits
+    assert link.host.applied
+    assert not check_update(link.host.applied[-1]).state  # the delete set alone
 
 
 def test_held_updates_are_bounded_in_count_and_bytes() -> None:

@@ -679,3 +679,42 @@ async def test_an_edit_from_another_thread_during_the_first_catch_up_is_not_conf
             # committed meanwhile is carried by it.) Never confirmed without being sent:
             sent = "late" in str(relay_holds.get("text", type=Text))
             assert sent or replica.pending(name) == 1
+
+
+@pytest.mark.anyio
+async def test_a_delete_missed_offline_arrives_beside_a_stored_gap(relay, tmp_path):
+    """A replica that was away while another deleted gets the delete in the answer to
+    its step 1; when the relay also holds a gapped update (a stock client's, never to be
+    filled), that answer is the gapped client's content plus the delete set and nothing
+    else. The replica held all of it, delete set included, until the gap filled: never.
+    (``crdtsync check --hostile 1 --seed 11``: replica-0 deleted X:31, replica-2, away
+    meanwhile, never did.)"""
+    room = "atk/gap-delete"
+    async with Replica(tmp_path / "a.db", relay=relay.url) as a:
+        doc = await a.open(room)
+        doc.get("text", type=Text).insert(0, "hello")
+        await eventually(lambda: a.pending(room) == 0, what="a's edit acknowledged")
+    writer: Doc[Any] = Doc(client_id=777)
+    text = writer.get("text", type=Text)
+    text.insert(0, "z")
+    after_first = writer.get_state()
+    text.insert(1, "z")
+    gapped = writer.get_update(after_first)  # clock 1 without clock 0: never filled
+    async with connect(f"{relay.url}/{room}") as ws:
+        await ws.send(SyncUpdate(gapped).encode())
+        await messages_within(ws, 0.5)
+    async with Replica(tmp_path / "b.db", relay=relay.url) as b:
+        doc = await b.open(room)
+        await b.wait_synced(room, timeout=timeout_s(10))
+        await eventually(lambda: str(doc.get("text", type=Text)) == "hello", what="b has a's text")
+        del doc.get("text", type=Text)[0:1]
+        await eventually(lambda: b.pending(room) == 0, what="b's delete acknowledged")
+    assert stored_text(relay.store, room) == "ello"  # the premise: the relay has it
+    async with Replica(tmp_path / "a.db", relay=relay.url) as a:
+        doc = await a.open(room)
+        await a.wait_synced(room, timeout=timeout_s(10))
+        await eventually(
+            lambda: str(doc.get("text", type=Text)) == "ello",
+            timeout=5,
+            what="the delete applied at a",
+        )
