@@ -92,7 +92,7 @@ def test_quickstart_syncs_to_the_relay_and_exits_once_stored(
     assert lines == [
         "pending: 1",
         "DocumentStatus(connected=True, synced=True, pending=0, acknowledgements=True,"
-        " last_error=None, quarantined=0, refused=0, stopped=False)",
+        f" last_error=None, quarantined=0, refused=0, stopped=False, relay='{relay.url}')",
         "pending: 0",
     ]
     assert (tmp_path / "notes.db").exists()
