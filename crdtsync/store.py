@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import json
+import os
 import secrets
 import sqlite3
 import threading
@@ -51,6 +53,10 @@ __all__ = [
     "compact_updates",
     "lock_store",
     "merge_in_batches",
+    "positions_path",
+    "read_positions",
+    "record_positions",
+    "restored_from_backup",
 ]
 
 Synchronous = Literal["OFF", "NORMAL", "FULL", "EXTRA"]
@@ -1201,3 +1207,51 @@ def checkpoint_file(path: str) -> tuple[int, int]:
             conn = conns[path] = sqlite3.connect(path, timeout=1.0, isolation_level=None)
         _, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
     return int(frames), int(copied)
+
+
+# -- restores --------------------------------------------------------------------------
+
+POSITIONS_SUFFIX = ".positions"  # beside a relay's store file: what it last held
+
+
+def positions_path(store: str | Path) -> Path:
+    """The file beside ``store`` recording the highest position its relay saw committed."""
+    return Path(f"{store}{POSITIONS_SUFFIX}")
+
+
+def read_positions(store: str | Path) -> tuple[str, int] | None:
+    """``(store id, position)`` recorded beside ``store``; None if there is none (a new
+    store, or a file nobody could read: nothing is concluded from it)."""
+    try:
+        data = json.loads(positions_path(store).read_text())
+        return str(data["store"]), int(data["position"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def record_positions(store: str | Path, store_id: str, position: int) -> None:
+    """Record that ``store`` held ``position`` (committed): written atomically and
+    durably, so it is never ahead of what the store itself held."""
+    target = positions_path(store)
+    partial = target.with_name(target.name + ".partial")
+    data = json.dumps({"store": store_id, "position": position}).encode()
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, target)
+
+
+def restored_from_backup(log: UpdateLog) -> bool:
+    """Whether ``log``'s file holds less than it once did: its highest position is below
+    the one recorded beside it for the same store (a copy from a backup put back, or
+    committed transactions lost, e.g. to a power loss with ``synchronous=NORMAL``). Then
+    positions it gave out will be given again to other content: its epoch must rise.
+    """
+    recorded = read_positions(log.path)
+    if recorded is None:
+        return False
+    store_id, position = recorded
+    return store_id == log.identity()[0] and log.last_position() < position

@@ -99,6 +99,9 @@ from crdtsync.store import (
     compact_file,
     lock_store,
     merge_in_batches,
+    read_positions,
+    record_positions,
+    restored_from_backup,
 )
 from crdtsync.sync import (
     AwarenessQueried,
@@ -874,6 +877,7 @@ class Relay:
         ]
         self._stopping = False
         self._started = False
+        self._store_id = ""  # the SQLite store's id (its positions are recorded with it)
         self._watcher: asyncio.Task[None] | None = None
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="crdtsync-checkpoint")
         self._checkpointing: asyncio.Future[tuple[int, int]] | None = None
@@ -915,6 +919,7 @@ class Relay:
             "folder_cursors_used": 0,  # folders listed from a cursor valid here
             "folder_digest_exchanges": 0,  # ... compared by digests instead
             "lingering": 0,  # dropped, but their sockets not yet closed (ASGI servers)
+            "restores_detected": 0,  # the SQLite file held less than it once did (start)
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -938,6 +943,7 @@ class Relay:
             self.store = UpdateLog(s.store, synchronous=s.synchronous, autocheckpoint=False)
             # Chunks of large updates a killed relay was staging (never appended).
             self.store.drop_unused_chunks()
+            self._guard_against_restores(self.store)
         # (The compaction pool starts with the first compaction: a process started here
         # competed with the first joins for the machine's cores, at every cold start.)
         if listen:
@@ -946,6 +952,27 @@ class Relay:
         if self.revoked is not None and self._verifier is not None:
             self._rechecker = asyncio.get_running_loop().create_task(self._recheck_tokens())
         self._started = True
+
+    def _guard_against_restores(self, store: UpdateLog) -> None:
+        """Raise the store's epoch if its file holds less than it once did (put back from
+        a backup: positions it gave out would be given again to other content, and the
+        cursors replicas hold would skip it), then record what it holds now. A relay
+        records that beside the file once a second while it commits, and at its stop."""
+        recorded = read_positions(store.path)
+        if restored_from_backup(store):
+            assert recorded is not None
+            _, epoch = store.new_epoch()
+            self.stats["restores_detected"] += 1
+            log.warning(
+                "the store holds less than it once did (position %d, recorded %d): put back "
+                "from a backup? Its epoch is raised to %d; replicas compare what they hold",
+                store.last_position(),
+                recorded[1],
+                epoch,
+            )
+        store_id, _ = store.identity()
+        self._store_id = store_id
+        _record_positions(store.path, store_id, store.last_position())
 
     @property
     def serving(self) -> bool:
@@ -1073,6 +1100,7 @@ class Relay:
                 await self._checkpointing
         self._checkpointer.shutdown(wait=True)
         if self.store is not None:
+            _record_positions(self.store.path, self._store_id, self.store.last_position())
             self.store.close()  # the last connection to close checkpoints what is left
         for handle in self._trims.values():
             handle.cancel()
@@ -2745,7 +2773,11 @@ class Relay:
             return
         self._commits_checkpointed = self.stats["commits"]
         self._checkpointing = asyncio.get_running_loop().run_in_executor(
-            self._checkpointer, checkpoint_file, self.store.path
+            self._checkpointer,
+            _checkpoint_and_record,
+            self.store.path,
+            self._store_id,
+            self.store.last_position(),  # (committed: read on the loop, between commits)
         )
 
         def done(f: asyncio.Future[tuple[int, int]]) -> None:
@@ -4106,6 +4138,22 @@ class ConnectionClosedByStop(Exception):
 def _abort_if_open(ws: Socket) -> None:
     if ws.transport is not None and not ws.transport.is_closing():
         ws.transport.abort()
+
+
+def _record_positions(path: str, store_id: str, position: int) -> None:
+    """Record the store's committed position beside it (restores: Relay._guard_against_
+    restores); a failure is logged, never fatal: the guard is lost, not the data."""
+    try:
+        record_positions(path, store_id, position)
+    except OSError as exc:
+        log.warning("cannot record the store's position beside it: %s", exc)
+
+
+def _checkpoint_and_record(path: str, store_id: str, position: int) -> tuple[int, int]:
+    """A checkpoint of the write-ahead log, then the position recorded (from a thread)."""
+    done = checkpoint_file(path)
+    _record_positions(path, store_id, position)
+    return done
 
 
 def _left(deadline: float) -> float:

@@ -831,3 +831,34 @@ def test_changes_pages_list_what_the_aggregate_lists_through_appends_and_compact
                     listed += page
                     at = page[-1][1]
                 assert listed == expected, (cursor, prefix)
+
+
+# -- restores ---------------------------------------------------------------------------
+
+
+def test_a_file_holding_less_than_its_recorded_positions_is_restored(tmp_path: Path) -> None:
+    from crdtsync.store import (
+        positions_path,
+        read_positions,
+        record_positions,
+        restored_from_backup,
+    )
+
+    path = tmp_path / "relay.db"
+    with UpdateLog(path) as log:
+        assert read_positions(path) is None
+        assert not restored_from_backup(log)  # nothing recorded: nothing concluded
+        doc: Doc[Any] = Doc()
+        doc.get("t", type=Text).insert(0, "a")
+        log.append("doc", doc.get_update())
+        store_id, _ = log.identity()
+        record_positions(path, store_id, log.last_position())
+        assert read_positions(path) == (store_id, 1)
+        assert not restored_from_backup(log)  # holds what it held
+        record_positions(path, store_id, 5)
+        assert restored_from_backup(log)  # it once held position 5
+        record_positions(path, "another store", 5)
+        assert not restored_from_backup(log)  # another store's record says nothing
+        positions_path(path).write_text("{not json")
+        assert read_positions(path) is None
+        assert not restored_from_backup(log)
