@@ -37,6 +37,7 @@ from collections.abc import (
     Collection,
     Iterable,
     Iterator,
+    Sequence,
 )
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -142,6 +143,7 @@ _T = TypeVar("_T")
 
 EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for extensions (DESIGN: wire protocol)
 MUX_QUERY = "mux"  # "/?crdtsync=1&mux=1": a multiplexed connection (issue 11)
+MAX_OWN_WRITES_NOTED = 4096  # per multiplexed connection (Relay._note_own_writes)
 MAX_EARLY_BYTES = 256 * 1024  # per multiplexed connection: messages ahead of their open
 PRESENCE_BYTES_PER_CHANNEL = 4096  # a multiplexed connection's presence share per channel
 CHANGES_PAGE = 1024  # changes read from the store at a time (listings, the watcher)
@@ -679,6 +681,10 @@ class Mux:
     folders: dict[int, Folder] = field(default_factory=dict)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # listings under way
     id: str = ""
+    # Documents of its folders it wrote itself, at the position it wrote (an SQLite
+    # store's position is its change cursor): not announced back to it while nobody
+    # wrote after (Relay._deliver_changes).
+    wrote: dict[str, int] = field(default_factory=dict)
 
     def context(self) -> dict[str, Any]:
         return {"connection": self.id, "peer": self.address, "subject": self.access.subject}
@@ -2176,15 +2182,31 @@ class Relay:
                     await self._changed.wait()
 
     async def _deliver_changes(self, changes: list[Change]) -> None:
+        try:
+            await self._announce_changes(changes)
+        finally:
+            # Those changes are past: what each connection wrote before them is forgotten.
+            for mux in self._muxes:
+                if not mux.wrote:
+                    continue
+                for change in changes:
+                    if mux.wrote.get(change.document, change.cursor + 1) <= change.cursor:
+                        del mux.wrote[change.document]
+
+    async def _announce_changes(self, changes: list[Change]) -> None:
         store, epoch = self._identity or await self._store_identity()
         touched: dict[tuple[Mux, Folder], list[str]] = {}
         for change in changes:
             for _, (mux, folder) in self._folders.matching(change.document):
                 touched.setdefault((mux, folder), []).append(change.document)
         cursor = changes[-1].cursor
+        latest = {change.document: change.cursor for change in changes}
         for (mux, folder), names in touched.items():
             if mux.wire.closing or mux.folders.get(folder.number) is not folder:
                 continue
+            if mux.wrote:
+                # Its own writes, if nobody wrote those documents after them.
+                names = [n for n in names if mux.wrote.get(n) != latest[n]]
             # (Documents open on its channels too: it may be closing one of them.)
             names = await self._readable(mux, names)
             if not folder.live:
@@ -2927,12 +2949,13 @@ class Relay:
         rows = [(item.peer.document, item.update) for item in stored if item.update]
         try:
             started = time.perf_counter()
-            self.store.append_many(rows, ledgers)
+            positions = self.store.append_many(rows, ledgers)
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
         except StoreError as exc:
             self._commit_failed(batch, ledgers, exc)
             return
         self._committed(batch, stored, ledgers)
+        self._note_own_writes([item for item in stored if item.update], positions)
 
     async def _stage_and_commit(self, batch: list[_Pending], ledgers: dict[str, Ledger]) -> None:
         """Commit a turn's updates of documents that received a large one: each large
@@ -3040,6 +3063,20 @@ class Relay:
             self._check_backlog(room.peers)
             if room.appended >= self.settings.compact_after_updates:
                 self._schedule_compaction(room)
+
+    def _note_own_writes(self, items: list[_Pending], positions: Sequence[int]) -> None:
+        """Remember, per multiplexed connection, the documents of its kept folders it just
+        wrote and where: the announcement of that change is not sent back to it (it holds
+        what it wrote; announced, it would sync the document once more for nothing)."""
+        for item, position in zip(items, positions, strict=True):
+            mux = item.peer.mux
+            if mux is None or not mux.folders:
+                continue
+            name = item.peer.document
+            if any(in_folder(name, f.prefix) for f in mux.folders.values()):
+                if len(mux.wrote) >= MAX_OWN_WRITES_NOTED:
+                    mux.wrote.clear()  # (announced back then: costs a sync, loses nothing)
+                mux.wrote[name] = position
 
     def _apply_quota(self, batch: list[_Pending]) -> None:
         """The quota without integrity ledgers: :meth:`_over_quota` for each update."""

@@ -372,3 +372,29 @@ async def test_a_stock_client_never_sees_multiplexing_and_a_replica_falls_back(r
     async with connect(f"{relay.url}/plain/doc") as stock:
         first = decode_message(await stock.recv())  # type: ignore[arg-type]
         assert isinstance(first, SyncStep1)
+
+
+async def test_a_replica_is_not_announced_its_own_writes_but_is_announced_the_others(
+    relay, tmp_path
+):
+    names = [f"f/{i:02d}" for i in range(20)]
+    async with (
+        Replica(tmp_path / "a.db", relay=relay.url) as a,
+        Replica(tmp_path / "b.db", relay=relay.url) as b,
+    ):
+        await a.keep("f/")
+        await b.keep("f/")
+        await a.wait_synced_in("f/", timeout=timeout_s(10))
+        await b.wait_synced_in("f/", timeout=timeout_s(10))
+        for name in names:
+            edit(await a.open(name), "a.")
+        await a.wait_synced_in("f/", timeout=timeout_s(20))
+        await eventually(lambda: len(b.documents("f/")) == len(names), what="b's copies")
+        await asyncio.sleep(0.5)  # (the relay's change watcher had its turns)
+        # What a wrote came back to b, not to a (a would sync each once more for nothing).
+        assert b.stats["documents_announced"] >= len(names)
+        assert a.stats["documents_announced"] == 0
+        # A change by someone else after a's own is announced to a.
+        edit(await b.open(names[0]), "b.")
+        await b.wait_synced(names[0], timeout=timeout_s(10))
+        await eventually(lambda: a.stats["documents_announced"] >= 1, what="b's change at a")
