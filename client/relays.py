@@ -24,7 +24,7 @@ class RelayChoice:
     def __init__(self, urls: Sequence[str], probe_s: float = 15.0) -> None:
         if not urls:
             raise ValueError("at least one relay")
-        if probe_s <= 0:
+        if not probe_s > 0:  # (NaN too)
             raise ValueError("probe_s must be positive")
         self.urls = tuple(urls)
         self.probe_s = probe_s
@@ -64,6 +64,11 @@ class RelayChoice:
             self.index = 0
             return False
         return True
+
+    def others_left(self) -> bool:
+        """Whether a failure of the relay in use now would move to another one at once
+        (some relay has not failed since the last healthy connection)."""
+        return self._failures + 1 < len(self.urls)
 
     def connected(self, url: str) -> None:
         """A connection to ``url`` is up (its handshake and first answer went through)."""

@@ -96,6 +96,7 @@ __all__ = ["DocumentStatus", "FolderStatus", "Replica", "ThreadSafeDoc", "TokenS
 log = logging.getLogger("crdtsync.replica")
 
 EXTENSION_QUERY = "crdtsync=1"
+STORE_UNAVAILABLE = "store unavailable"  # how a relay's close reason says its store failed
 PROBE_DOCUMENT = "crdtsync-probe"  # asked for when probing a relay without multiplexing
 MUX_QUERY = "mux=1"  # with EXTENSION_QUERY on "/": one connection for every document
 MAX_STORED_SYNCS = 64  # kept documents the app has not opened, synced at once
@@ -220,7 +221,10 @@ class Replica:
                 # (it would connect in plain text, token and all, and ignore the context)
                 raise ValueError(f"ssl_context needs a wss:// relay, not {url!r}")
         self.path = Path(path)
-        self._relays = RelayChoice([u.rstrip("/") for u in urls], relay_probe_s) if urls else None
+        # (in order, once each: a relay named twice is one relay)
+        unique = list(dict.fromkeys(u.rstrip("/") for u in urls))
+        self._relays = RelayChoice(unique, relay_probe_s) if unique else None
+        self._leaving: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self.token = token
         self.ssl_context = ssl_context
@@ -292,6 +296,9 @@ class Replica:
     async def stop(self) -> None:
         """Close every document (local edits are already on disk) and the file."""
         self._stopped = True
+        leaving, self._leaving = self._leaving, None
+        if leaving is not None:
+            leaving.cancel()
         prober, self._prober = self._prober, None
         if prober is not None:
             prober.cancel()
@@ -824,6 +831,7 @@ class Replica:
         backoff = self._backoff()
         relays = self._relays
         assert relays is not None
+        tried = 0  # relays this loop saw fail since its last healthy connection
         while not d.stop_reconnecting and not d.closing:
             delay: float | None = None  # None: the backoff's next delay
             relay = relays.current
@@ -839,6 +847,11 @@ class Replica:
                     compression=None,
                     ssl=self.ssl_context if relay.startswith("wss:") else None,
                 ) as ws:
+                    if relays.current != relay:
+                        # The replica moved while this connected (the probe closed the
+                        # links it found; this one was not one yet): follow it.
+                        await ws.close(CloseCode.NORMAL, "moving to another relay")
+                        continue
                     self.stats["connections"] += 1
                     began = time.monotonic()
                     try:
@@ -849,6 +862,7 @@ class Replica:
                         if d.synced and time.monotonic() - began >= HEALTHY_AFTER_S:
                             backoff.reset()
                             relays.connected(relay)
+                            tried = 0
             except ConnectionClosed as exc:
                 d.last_error = _describe_close(exc)
                 failed = _relay_failed(exc)
@@ -882,8 +896,10 @@ class Replica:
             if d.stop_reconnecting:
                 log.warning("stopped syncing %r: %s", d.name, d.last_error)
                 return
-            if _now_elsewhere(relays, relay, failed):
+            tried += failed
+            if _now_elsewhere(relays, relay, failed) and tried < len(relays.urls):
                 continue  # (another relay: at once)
+            tried = 0
             next_delay = backoff.next_delay()
             await asyncio.sleep(next_delay if delay is None else max(delay, next_delay))
 
@@ -1067,6 +1083,9 @@ class Replica:
                         self._fall_back("the relay does not multiplex documents")
                         return
                     self._mux_supported = True
+                    if relays.current != relay:
+                        await ws.close(CloseCode.NORMAL, "moving to another relay")
+                        continue
                     self.stats["connections"] += 1
                     mux = MuxLink(ws)
                     self._mux = mux
@@ -1131,17 +1150,23 @@ class Replica:
                 continue
             home = relays.home
             answered = False
+            mux = self.multiplex and self._mux_supported is not False
+            # (per document: one the app opened, which its token may read)
+            name = next(iter(self._docs), PROBE_DOCUMENT)
             try:
                 headers = self._authorization(await self._token())
                 async with connect(
-                    self._mux_url(home) if self.multiplex else self._url(home, PROBE_DOCUMENT),
+                    self._mux_url(home) if mux else self._url(home, name),
                     additional_headers=headers,
                     open_timeout=self.open_timeout_s,
                     close_timeout=1.0,
                     compression=None,
                     ssl=self.ssl_context if home.startswith("wss:") else None,
-                ):
-                    answered = True
+                ) as ws:
+                    # A handshake alone is no answer: a relay may accept, then drop.
+                    async with asyncio.timeout(self.open_timeout_s):
+                        first = await ws.recv()
+                    answered = _is_hello(first) or not mux
             except Exception as exc:  # (any failure: the home is not back)
                 log.debug("the first relay %s does not answer yet: %s", home, exc)
             if relays.probed(answered, time.monotonic()):
@@ -1320,6 +1345,21 @@ class Replica:
         entry = mux.channels.get(msg.channel)
         if entry is None:
             return
+        relays = self._relays
+        if (
+            msg.code in (CloseCode.INTERNAL_ERROR, CloseCode.TRY_AGAIN_LATER)
+            and msg.reason.startswith(STORE_UNAVAILABLE)
+            and relays is not None
+            and relays.others_left()
+            and self._leaving is None
+        ):
+            # The relay in use cannot reach its store (it closes each document, not the
+            # connection): another relay may, so the whole connection moves, at once.
+            # (With every relay failed in a row, the document retries here instead.)
+            relays.failed(relays.current, time.monotonic())
+            log.info("the relay's store is unavailable: moving to %s", relays.current)
+            self._leaving = asyncio.get_running_loop().create_task(self._leave_relay())
+            self._leaving.add_done_callback(lambda _: setattr(self, "_leaving", None))
         d, conn = entry
         self._end_channel(d, conn, say=False)
         d.last_error = f"relay closed the document: {msg.code} {msg.reason}".rstrip()

@@ -76,3 +76,18 @@ def test_no_relay_or_a_bad_probe_interval_is_refused(bad: list[str]) -> None:
         RelayChoice(bad)
     with pytest.raises(ValueError, match="probe_s"):
         RelayChoice([A], probe_s=0)
+
+
+def test_others_left_says_whether_a_failure_now_would_move_at_once() -> None:
+    choice = RelayChoice([A, B, C], probe_s=10)
+    assert choice.others_left()
+    choice.failed(A, 0.0)
+    assert choice.others_left()  # on B; C is left
+    choice.failed(B, 0.0)
+    assert not choice.others_left()  # on C: every other one failed in a row
+    assert not RelayChoice([A]).others_left()
+
+
+def test_a_nan_probe_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="probe_s"):
+        RelayChoice([A], probe_s=float("nan"))
