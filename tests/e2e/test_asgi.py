@@ -19,9 +19,10 @@ from fastapi import FastAPI
 from helpers import eventually, timeout_s
 from pycrdt import Doc, Text
 from stock import stored_text, text_update
+from test_backlogs import close_code
 from test_shutdown_and_disk import never_reading_peer
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from crdtsync.auth import mint_token
 from crdtsync.client import Replica
@@ -95,16 +96,6 @@ async def handshake_status(url: str) -> int:
             return 101
     except InvalidStatus as exc:
         return exc.response.status_code
-
-
-async def close_code(ws: ClientConnection, limit_s: float) -> int | None:
-    """Read (and drop) everything until the relay closes; its close code."""
-    try:
-        async with asyncio.timeout(timeout_s(limit_s)):
-            while True:
-                await ws.recv()
-    except ConnectionClosed as exc:
-        return exc.rcvd.code if exc.rcvd is not None else None
 
 
 @contextlib.asynccontextmanager
