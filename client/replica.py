@@ -1142,8 +1142,9 @@ class Replica:
 
     async def _probe_home(self, relays: RelayChoice) -> None:
         """While on another relay than the first, ask the first every ``probe_s`` (a
-        handshake, closed at once); once it answers, move back: the connections to the
-        other relay are closed and reconnect, to the first, at once."""
+        handshake and the relay's first message, then closed); once it answers, move
+        back: the connections to the other relay are closed and reconnect, to the first,
+        at once."""
         while not self._stopped:
             await asyncio.sleep(min(1.0, relays.probe_s))
             if not relays.probe_due(time.monotonic()):
