@@ -40,6 +40,9 @@ TRACES_DIR = Path(
 AUTOMERGE_PAPER = TRACES_DIR / "automerge-paper.json.gz"
 
 SERVER_NAMES = ("crdtsync", "reference", "pycrdt-websocket")
+# Run only when asked for (--servers crdtsync-asgi,...): the relay mounted in a FastAPI
+# app under uvicorn (bench/asgi_server.py).
+OPTIONAL_SERVERS = ("crdtsync-asgi",)
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -272,6 +275,10 @@ def make_server(name: str, workdir: Path, relay_args: Sequence[str] = ()) -> Ser
             "--log-level", "WARNING", *relay_args,
         ]  # fmt: skip
         return Server(name, cmd, workdir, extra={"store": store})
+    if name == "crdtsync-asgi":
+        store = workdir / "relay.db"
+        cmd = [sys.executable, str(BENCH_DIR / "asgi_server.py"), "--store", str(store)]
+        return Server(name, cmd, workdir, extra={"store": store})
     if name == "reference":
         node = shutil.which("node") or "node"
         cmd = [node, str(NODE_DIR / "reference_server.mjs"), "--host", "127.0.0.1", "--port", "0"]
@@ -389,7 +396,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--servers",
         default=",".join(SERVER_NAMES),
-        help=f"comma-separated subset of {','.join(SERVER_NAMES)}",
+        help=f"comma-separated subset of {','.join(SERVER_NAMES + OPTIONAL_SERVERS)}",
     )
     p.add_argument(
         "--quiet-wait-s",
@@ -404,8 +411,9 @@ def selected_servers(arg: str, report: Report) -> list[str]:
     """The servers to run; pycrdt-websocket is skipped with a note when not installed."""
     names = [n.strip() for n in arg.split(",") if n.strip()]
     for n in names:
-        if n not in SERVER_NAMES:
-            raise SystemExit(f"unknown server {n!r}; choose from {', '.join(SERVER_NAMES)}")
+        if n not in SERVER_NAMES + OPTIONAL_SERVERS:
+            known = ", ".join(SERVER_NAMES + OPTIONAL_SERVERS)
+            raise SystemExit(f"unknown server {n!r}; choose from {known}")
     if "pycrdt-websocket" in names and not pycrdt_websocket_available():
         report.add(
             "Note: pycrdt-websocket is not installed, so it is skipped "
