@@ -214,6 +214,8 @@ class Replica:
         relay_probe_s: float = 15.0,
     ) -> None:
         urls = [relay] if isinstance(relay, str) else list(relay or ())
+        if relay is not None and not urls:
+            raise ValueError("relay: an empty list names no relay (None works offline)")
         for url in urls:
             if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
                 raise ValueError(f"relay must be a ws:// or wss:// URL, not {url!r}")

@@ -1,9 +1,14 @@
-"""RelayChoice: which of several relays a replica uses (failover), with no sockets."""
+"""RelayChoice: which of several relays a replica uses (failover), and how a Replica takes
+its list of relays; with no sockets."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import pytest
 
+from crdtsync.client import Replica
 from crdtsync.client.relays import RelayChoice
 
 A, B, C = "ws://a", "ws://b", "ws://c"
@@ -91,3 +96,24 @@ def test_others_left_says_whether_a_failure_now_would_move_at_once() -> None:
 def test_a_nan_probe_interval_is_refused() -> None:
     with pytest.raises(ValueError, match="probe_s"):
         RelayChoice([A], probe_s=float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("relay", "message"),
+    [
+        ([], "empty list"),
+        (["ws://a", "http://b"], "ws:// or wss://"),
+        (["ws://a", 5], "ws:// or wss://"),
+    ],
+)
+def test_a_replica_refuses_a_list_of_relays_it_cannot_use(
+    tmp_path: Path, relay: Any, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        Replica(tmp_path / "r.db", relay=relay)
+
+
+def test_a_replica_names_each_relay_once_in_order(tmp_path: Path) -> None:
+    replica = Replica(tmp_path / "r.db", relay=["ws://a/", "ws://b", "ws://a"])
+    assert replica.relays == ("ws://a", "ws://b")
+    assert replica.relay == "ws://a"
