@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fastapi import FastAPI
 from helpers import eventually, timeout_s
 from pycrdt import Doc, Text
 from stock import stored_text, text_update
@@ -31,7 +30,8 @@ from crdtsync.server.asgi import RelayApp
 from crdtsync.settings import RelaySettings
 from crdtsync.store import UpdateLog
 
-uvicorn = pytest.importorskip("uvicorn")
+uvicorn = pytest.importorskip("uvicorn", reason="the asgi extra: pip install -e '.[asgi]'")
+FastAPI = pytest.importorskip("fastapi", reason="the asgi extra: pip install -e '.[asgi]'").FastAPI
 
 pytestmark = pytest.mark.anyio
 

@@ -191,6 +191,8 @@ def test_fastapi_app_serves_replicas_behind_its_api_keys_and_drains_at_shutdown(
 
     from crdtsync.client import Replica
 
+    pytest.importorskip("uvicorn", reason="the asgi extra: pip install -e '.[asgi]'")
+    pytest.importorskip("fastapi", reason="the asgi extra: pip install -e '.[asgi]'")
     served = AsgiRelayProcess(tmp_path / "app.db", tmp_path, user="ann").start()
     key = served.key
 

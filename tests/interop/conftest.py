@@ -102,6 +102,8 @@ def relay(
         process = relay_factory()
         yield ServedRelay(process.url, {}, process.url.replace("ws://", "http://", 1), "relay")
         return
+    pytest.importorskip("uvicorn", reason="the asgi extra: pip install -e '.[asgi]'")
+    pytest.importorskip("fastapi", reason="the asgi extra: pip install -e '.[asgi]'")
     asgi = AsgiRelayProcess(tmp_path / "asgi-relay.db", tmp_path).start()
     _track(request, _UvicornLog(asgi))
     try:
