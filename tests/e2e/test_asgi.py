@@ -26,7 +26,7 @@ from websockets.exceptions import InvalidStatus
 from crdtsync.auth import mint_token
 from crdtsync.client import Replica
 from crdtsync.protocol import SyncStep1, SyncUpdate, decode_message
-from crdtsync.server.asgi import RelayApp
+from crdtsync.server.asgi import RelayApp, create_app
 from crdtsync.settings import RelaySettings
 from crdtsync.store import UpdateLog
 
@@ -246,3 +246,29 @@ async def test_shutdown_drains_and_what_was_acknowledged_is_stored(tmp_path):
         await replica.wait_synced("kept", timeout=timeout_s(10))
     assert not served.relay.serving
     assert stored_text(tmp_path / "relay.db", "kept") == "before and after"
+
+
+async def test_served_alone_the_relay_app_runs_its_own_lifespan(tmp_path, monkeypatch):
+    # `uvicorn --factory crdtsync.server.asgi:create_app`: settings from CRDTSYNC_*, and
+    # the ASGI lifespan protocol run by RelayApp itself (no parent app).
+    monkeypatch.setenv("CRDTSYNC_STORE", str(tmp_path / "alone.db"))
+    relay_app = create_app()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base = f"127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(relay_app, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await eventually(lambda: server.started, what="uvicorn started")
+        assert relay_app.relay.serving
+        assert await asyncio.to_thread(get, f"http://{base}/readyz") == (200, "ready\n")
+        async with connect(f"ws://{base}/alone/doc") as ws:
+            await ws.send(SyncUpdate(text_update(Doc(), "alone")).encode())
+            await eventually(lambda: relay_app.relay.stats["updates_stored"] == 1)
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(timeout_s(30)):
+            await task
+        sock.close()
+    assert not relay_app.relay.serving  # its lifespan's end stopped it
+    assert stored_text(tmp_path / "alone.db", "alone/doc") == "alone"
