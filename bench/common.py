@@ -278,6 +278,7 @@ def make_server(name: str, workdir: Path, relay_args: Sequence[str] = ()) -> Ser
     if name == "crdtsync-asgi":
         store = workdir / "relay.db"
         cmd = [sys.executable, str(BENCH_DIR / "asgi_server.py"), "--store", str(store)]
+        cmd += relay_args
         return Server(name, cmd, workdir, extra={"store": store})
     if name == "reference":
         node = shutil.which("node") or "node"

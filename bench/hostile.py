@@ -4,6 +4,7 @@
                             [--only presence,heavy,join,gaps,sync,idle,answer,
                                     compaction,repeats,bigupdate,silent]
                             [--probe-rate 20] [--idle-s 3] [--silent-peers N]
+                            [--server crdtsync|crdtsync-asgi]
                             [--profile [--profile-rate 200]] [--markdown-out FILE]
                             [--json-out FILE]
 
@@ -1610,7 +1611,7 @@ def run_scenario(sc: Scenario, args: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="crdtsync-bench-hostile-") as tmp:
         workdir = Path(tmp)
         relay_args = sc.prepare(workdir / "relay.db")
-        server = common.make_server("crdtsync", workdir, relay_args)
+        server = common.make_server(args.server, workdir, relay_args)
         try:
             server.start()
             result = asyncio.run(measure(sc, server, workdir, args))
@@ -1713,6 +1714,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--json-out", help="also write each scenario's figures and outcome (JSON) to this file"
     )
     p.add_argument("--scale", type=float, default=1.0, help="multiply sizes and counts")
+    p.add_argument(
+        "--server",
+        default="crdtsync",
+        choices=["crdtsync", "crdtsync-asgi"],
+        help="the relay as its own server, or mounted in FastAPI under uvicorn",
+    )
     p.add_argument("--only", default=",".join(SCENARIOS), help="comma-separated scenarios")
     p.add_argument("--probe-rate", type=float, default=20.0, help="probes per second")
     p.add_argument("--idle-s", type=float, default=3.0, help="the idle baseline, seconds")
