@@ -1523,6 +1523,8 @@ COUNTERS = (
     "document_reads_in_worker",
     "refused",
     "updates_stored",
+    "closed_slow",  # readers closed for their backlog (1013)
+    "lingering",  # ... dropped, their sockets still open (ASGI servers cannot cut them)
 )
 
 
