@@ -681,10 +681,15 @@ class Mux:
     folders: dict[int, Folder] = field(default_factory=dict)
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)  # listings under way
     id: str = ""
-    # Documents of its folders it wrote itself, at the position it wrote (an SQLite
-    # store's position is its change cursor): not announced back to it while nobody
-    # wrote after (Relay._deliver_changes).
-    wrote: dict[str, int] = field(default_factory=dict)
+    # Documents of its folders it wrote itself: the position it wrote (an SQLite store's
+    # position is its change cursor) and the last position before that commit. Not
+    # announced back to it while nobody wrote after, and when everything before was
+    # announced already (Relay._announce_changes).
+    wrote: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Its run of commits that nobody else's came between (``_note_own_writes``): from
+    # the last position before the run to the run's last position.
+    own_from: int = 0
+    own_until: int = -1
 
     def context(self) -> dict[str, Any]:
         return {"connection": self.id, "peer": self.address, "subject": self.access.subject}
@@ -2172,8 +2177,8 @@ class Relay:
                 continue
             backoff.reset()
             if changes:
-                seen = changes[-1].cursor
-                await self._deliver_changes(changes)
+                start, seen = seen, changes[-1].cursor
+                await self._deliver_changes(changes, start)
                 if len(changes) == CHANGES_PAGE:
                     continue
             self._changed.clear()
@@ -2181,19 +2186,21 @@ class Relay:
                 async with asyncio.timeout(CHANGES_POLL_S if self._shared else 1.0):
                     await self._changed.wait()
 
-    async def _deliver_changes(self, changes: list[Change]) -> None:
+    async def _deliver_changes(self, changes: list[Change], start: int) -> None:
+        """Announce ``changes`` (those after ``start``) to the folders they are in."""
         try:
-            await self._announce_changes(changes)
+            await self._announce_changes(changes, start)
         finally:
             # Those changes are past: what each connection wrote before them is forgotten.
             for mux in self._muxes:
                 if not mux.wrote:
                     continue
                 for change in changes:
-                    if mux.wrote.get(change.document, change.cursor + 1) <= change.cursor:
+                    noted = mux.wrote.get(change.document)
+                    if noted is not None and noted[0] <= change.cursor:
                         del mux.wrote[change.document]
 
-    async def _announce_changes(self, changes: list[Change]) -> None:
+    async def _announce_changes(self, changes: list[Change], start: int) -> None:
         store, epoch = self._identity or await self._store_identity()
         touched: dict[tuple[Mux, Folder], list[str]] = {}
         for change in changes:
@@ -2205,8 +2212,10 @@ class Relay:
             if mux.wire.closing or mux.folders.get(folder.number) is not folder:
                 continue
             if mux.wrote:
-                # Its own writes, if nobody wrote those documents after them.
-                names = [n for n in names if mux.wrote.get(n) != latest[n]]
+                # Its own writes, if nobody wrote those documents after them, and what came
+                # before them was in earlier pages (a write by another, committed first
+                # while its own waited, is listed at its position: announced).
+                names = [n for n in names if not _own_write(mux.wrote.get(n), latest[n], start)]
             # (Documents open on its channels too: it may be closing one of them.)
             names = await self._readable(mux, names)
             if not folder.live:
@@ -3068,15 +3077,30 @@ class Relay:
         """Remember, per multiplexed connection, the documents of its kept folders it just
         wrote and where: the announcement of that change is not sent back to it (it holds
         what it wrote; announced, it would sync the document once more for nothing)."""
+        if not positions:
+            return
+        before = positions[0] - 1  # (a commit's positions are consecutive)
+        muxes = {item.peer.mux for item in items}
+        if len(muxes) == 1 and (only := muxes.pop()) is not None:
+            # A commit of one connection's writes alone: it extends that connection's
+            # run if nobody else's commit came since its last one.
+            if only.own_until != before:
+                only.own_from = before
+            only.own_until = positions[-1]
+            before = only.own_from
+        writers: dict[str, set[int]] = {}
+        last: dict[str, tuple[_Pending, int]] = {}
         for item, position in zip(items, positions, strict=True):
+            writers.setdefault(item.peer.document, set()).add(id(item.peer))
+            last[item.peer.document] = (item, position)
+        for name, (item, position) in last.items():
             mux = item.peer.mux
-            if mux is None or not mux.folders:
-                continue
-            name = item.peer.document
+            if mux is None or not mux.folders or len(writers[name]) > 1:
+                continue  # (written by another connection in this commit too: announced)
             if any(in_folder(name, f.prefix) for f in mux.folders.values()):
                 if len(mux.wrote) >= MAX_OWN_WRITES_NOTED:
                     mux.wrote.clear()  # (announced back then: costs a sync, loses nothing)
-                mux.wrote[name] = position
+                mux.wrote[name] = (position, before)
 
     def _apply_quota(self, batch: list[_Pending]) -> None:
         """The quota without integrity ledgers: :meth:`_over_quota` for each update."""
@@ -4175,6 +4199,12 @@ class ConnectionClosedByStop(Exception):
 def _abort_if_open(ws: Socket) -> None:
     if ws.transport is not None and not ws.transport.is_closing():
         ws.transport.abort()
+
+
+def _own_write(noted: tuple[int, int] | None, latest: int, start: int) -> bool:
+    """Whether a change listed at ``latest`` in a page after ``start`` is only the
+    connection's own write (``noted``: its position, and the last before its commit)."""
+    return noted is not None and noted[0] == latest and noted[1] <= start
 
 
 def _record_positions(path: str, store_id: str, position: int) -> None:
