@@ -1225,8 +1225,8 @@ def read_positions(store: str | Path) -> tuple[str, int] | None:
     try:
         data = json.loads(positions_path(store).read_text())
         return str(data["store"]), int(data["position"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    except (OSError, ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        return None  # (e.g. "position": 1e400, or nesting past the parser's depth)
 
 
 def record_positions(store: str | Path, store_id: str, position: int) -> None:

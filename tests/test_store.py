@@ -861,4 +861,8 @@ def test_a_file_holding_less_than_its_recorded_positions_is_restored(tmp_path: P
         assert not restored_from_backup(log)  # another store's record says nothing
         positions_path(path).write_text("{not json")
         assert read_positions(path) is None
+        positions_path(path).write_text(f'{{"store": "{store_id}", "position": 1e400}}')
+        assert read_positions(path) is None
+        positions_path(path).write_text("[" * 100_000)
+        assert read_positions(path) is None
         assert not restored_from_backup(log)
