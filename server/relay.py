@@ -3077,8 +3077,8 @@ class Relay:
         """Remember, per multiplexed connection, the documents of its kept folders it just
         wrote and where: the announcement of that change is not sent back to it (it holds
         what it wrote; announced, it would sync the document once more for nothing)."""
-        if not positions:
-            return
+        if not positions or not self._folders:
+            return  # (no folder kept anywhere: nothing to leave out; a commit's hot path)
         before = positions[0] - 1  # (a commit's positions are consecutive)
         muxes = {item.peer.mux for item in items}
         if len(muxes) == 1 and (only := muxes.pop()) is not None:

@@ -4,15 +4,12 @@ replica even when its own write to the same document lands after it (real relay 
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
-import urllib.request
-from typing import Any
 
 import pytest
-from helpers import RelayProcess, timeout_s
 from pycrdt import Doc
 from stock import stored_text, text_update
+from test_mux_attacks import MuxClient
 from websockets.asyncio.client import connect
 
 from crdtsync.protocol import (
@@ -34,42 +31,15 @@ from crdtsync.protocol import (
 pytestmark = pytest.mark.anyio
 
 
-def health(relay: RelayProcess) -> dict[str, Any]:
-    url = relay.url.replace("ws://", "http://")
-    with urllib.request.urlopen(f"{url}/healthz?verbose=1", timeout=timeout_s(10)) as r:
-        return json.loads(r.read())
-
-
-class Mux:
-    def __init__(self, ws: Any) -> None:
-        self.ws = ws
-        self.seen: list[Any] = []
-
-    async def send(self, msg: Any) -> None:
-        await self.ws.send(msg.encode())
-
-    async def until(self, predicate: Any, seconds: float = 10) -> Any:
-        async with asyncio.timeout(timeout_s(seconds)):
-            while True:
-                msg = decode_message(await self.ws.recv())
-                self.seen.append(msg)
-                if predicate(msg):
-                    return msg
-
-    async def drain(self, seconds: float) -> None:
-        with __import__("contextlib").suppress(TimeoutError):
-            await self.until(lambda m: False, seconds)
-
-
-async def mux_client(url: str) -> Mux:
+async def mux_client(url: str) -> MuxClient:
     ws = await connect(f"{url}/?crdtsync=1&mux=1", max_size=None)
-    client = Mux(ws)
+    client = MuxClient(ws)
     hello = await client.until(lambda m: True)
     assert isinstance(hello, ExtHello), hello
     return client
 
 
-def _saw_others_change(m: Mux, channel: int, name: str) -> bool:
+def _saw_others_change(m: MuxClient, channel: int, name: str) -> bool:
     """m heard of the document's change: announced in a folder, or sent on its channel."""
     for msg in m.seen:
         if isinstance(msg, ExtChanged) and name in msg.documents:
