@@ -300,6 +300,13 @@ class Grants:
         self._exact = exact
         self._levels = tuple(levels)
 
+    def allow_peer(self) -> bool:
+        """Whether any pattern grants the peer right (a region's link may connect; each
+        document it writes still needs the right on that document)."""
+        return any(r.peer for r in self._exact.values()) or any(
+            p.rights.peer for level in self._levels for p in level
+        )
+
     def rights_for(self, document: str) -> Rights:
         """The rights on ``document``: those of the most specific matching pattern.
 

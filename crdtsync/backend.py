@@ -32,18 +32,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeGuard
 
-from .errors import PositionConflict
+from .errors import CrdtsyncError, PositionConflict
 from .integrity import ClientsAsRead, Ledger
-from .store import CompactionResult, DocumentLog, Staged
+from .store import CompactionResult, DocumentLog, LinkCheckpoint, Since, Staged
 
 __all__ = [
     "Change",
     "ClientsAsRead",
     "Entry",
+    "FeedGap",
     "Follower",
     "Gap",
+    "LinkCheckpoint",
     "PositionConflict",
     "RelayStore",
+    "Since",
     "StoreIdentity",
     "is_redis_address",
 ]
@@ -53,6 +56,11 @@ def is_redis_address(address: object) -> TypeGuard[str]:
     """Whether ``address`` names a Redis store (``redis://``, ``rediss://``, ``unix://``)
     rather than an SQLite file."""
     return isinstance(address, str) and address.startswith(("redis://", "rediss://", "unix://"))
+
+
+class FeedGap(CrdtsyncError):
+    """The store no longer lists its appends as far back as was asked
+    (:meth:`RelayStore.feed`): they were trimmed, or written before it listed them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,9 +148,11 @@ class RelayStore(Protocol):
         rows: Sequence[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
         expected: Mapping[str, int | ClientsAsRead] | None = None,
+        origins: Sequence[str | None] | None = None,
     ) -> list[int]:
         """Append updates to their documents, and write what changed in ``ledgers``
         (then marked clean), durably and all at once; return the updates' positions.
+        ``origins``: per row, the region it came from over a link (None: this one's).
 
         Each document's updates and ledger are written together or not at all. With
         ``expected`` (document -> position, or the ledger entries of some clients as
@@ -192,6 +202,36 @@ class RelayStore(Protocol):
 
     async def last_change(self) -> int:
         """The cursor of the latest change: :meth:`changes` after it lists only later ones."""
+        ...
+
+    async def feed(self, cursor: int, limit: int) -> tuple[list[Change], int]:
+        """Every append after ``cursor`` in order (a document once per append, at most
+        ``limit``), and the cursor the listing is complete up to: what a region's link
+        ships in order, so that its checkpoint covers everything before it.
+
+        Raises:
+            FeedGap: the store no longer lists appends that far back (the link then
+                compares state vectors instead).
+        """
+        ...
+
+    async def since(self, document: str, cursor: int) -> Since:
+        """``document``'s updates appended after change cursor ``cursor``, with their
+        origins; ``complete`` False if a compaction folded some of them away."""
+        ...
+
+    async def link_checkpoint(self, direction: str, region: str) -> LinkCheckpoint | None:
+        """A link's checkpoint as this store recorded it (None: none)."""
+        ...
+
+    async def set_link_checkpoint(self, checkpoint: LinkCheckpoint) -> None:
+        """Record a link's checkpoint, durably."""
+        ...
+
+    async def lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew the lease ``name`` for ``holder`` (for ``ttl_s``); whether it
+        holds it. One relay process per region runs each link (one process per SQLite
+        file: always granted there)."""
         ...
 
     async def close(self) -> None:

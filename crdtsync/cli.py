@@ -85,6 +85,19 @@ def _relay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--token-audience", help="require this aud claim in access tokens")
     p.add_argument("--tls-cert", help="PEM certificate chain: serve wss:// (with --tls-key)")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--region", help="this relay's region (regions replicate to each other)")
+    p.add_argument(
+        "--peer",
+        action="append",
+        metavar="REGION=URL",
+        help="another region's relay, e.g. us=wss://us.example/ (repeatable; a full mesh: "
+        "list every other region). Links need tokens: see --peer-token",
+    )
+    p.add_argument(
+        "--peer-token",
+        help="the token this relay presents to its peers (rights 'rwp' on '*'); without "
+        "one it mints its own with its first --token-secret. Prefer CRDTSYNC_PEER_TOKEN",
+    )
     p.add_argument("--config", help="TOML file with the same settings")
     p.add_argument(
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (INFO)"
@@ -390,6 +403,15 @@ def _relay_settings(args: argparse.Namespace) -> RelaySettings | None:
     """The relay's settings from flags, environment and file; None after an error line."""
     from .settings import RelaySettings
 
+    peers: dict[str, str] | None = None
+    if args.peer:
+        peers = {}
+        for entry in args.peer:
+            name, sep, url = entry.partition("=")
+            if not sep or not name or not url:
+                print(f"crdtsync relay: --peer {entry!r}: write REGION=URL", file=sys.stderr)
+                return None
+            peers[name] = url
     values = {
         k: v
         for k, v in {
@@ -410,6 +432,9 @@ def _relay_settings(args: argparse.Namespace) -> RelaySettings | None:
             "token_audience": args.token_audience,
             "tls_cert": args.tls_cert,
             "tls_key": args.tls_key,
+            "region": args.region,
+            "peers": peers,
+            "peer_token": args.peer_token,
         }.items()
         if v is not None
     }

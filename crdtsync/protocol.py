@@ -38,6 +38,9 @@ __all__ = [
     "ExtClose",
     "ExtDigests",
     "ExtHello",
+    "ExtLink",
+    "ExtLinkDigests",
+    "ExtLinked",
     "ExtOpen",
     "ExtRefused",
     "ExtSubscribe",
@@ -97,6 +100,10 @@ class ExtType(IntEnum):
     CHANGED = 9  # relay -> replica: documents of folder N that changed, up to a cursor
     DIGESTS = 10  # replica -> relay: what it holds of folder N (when the cursor is no use)
     UNSUBSCRIBE = 11  # either way: folder N is no longer kept (by the relay: refused, why)
+    # Region links (issue 12): a relay of another region ships its region's updates.
+    LINK = 12  # source -> target: who the source store is; or: record this checkpoint
+    LINKED = 13  # target -> source: who the target store is, and what it recorded
+    LINK_DIGESTS = 14  # source -> target: documents; target -> source: their digests
 
 
 class AuthType(IntEnum):
@@ -476,6 +483,80 @@ class ExtUnsubscribe:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class ExtLink:
+    """From a region's link to the relay of another region (the target).
+
+    The source store is ``store`` at ``epoch``. Without a ``cursor`` the link asks what
+    the target recorded of this source; with one, it asks the target to record that
+    everything of the source's changes up to ``cursor`` is stored there (sent only once
+    every update up to it was acknowledged).
+    """
+
+    store: str
+    epoch: int
+    cursor: int | None = None
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                bytes((MessageType.CRDTSYNC, ExtType.LINK)),
+                _var_bytes(self.store.encode("utf-8")),
+                write_var_uint(self.epoch),
+                write_var_uint(0 if self.cursor is None else 1),
+                write_var_uint(self.cursor or 0),
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExtLinked:
+    """The target's answer: its own store (``store`` at ``epoch``), and the checkpoint
+    it holds of the source: ``cursor`` of the source store ``source`` at
+    ``source_epoch`` (``source`` empty: none)."""
+
+    store: str
+    epoch: int
+    source: str = ""
+    source_epoch: int = 0
+    cursor: int = 0
+
+    def encode(self) -> bytes:
+        return b"".join(
+            (
+                bytes((MessageType.CRDTSYNC, ExtType.LINKED)),
+                _var_bytes(self.store.encode("utf-8")),
+                write_var_uint(self.epoch),
+                _var_bytes(self.source.encode("utf-8")),
+                write_var_uint(self.source_epoch),
+                write_var_uint(self.cursor),
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ExtLinkDigests:
+    """A link's anti-entropy (issue 12): the source names documents (``digests`` empty);
+    the target answers with each one's digest (crdtsync.folders.document_digest) in the
+    same order, or leaves out the documents it may not tell (``digests`` then lists
+    ``(name, digest)`` pairs in ``names`` order: only those it tells)."""
+
+    names: tuple[str, ...]
+    digests: tuple[bytes, ...] = ()
+
+    def encode(self) -> bytes:
+        if self.digests and len(self.digests) != len(self.names):
+            raise ValueError("one digest per document, or none")
+        out = [
+            bytes((MessageType.CRDTSYNC, ExtType.LINK_DIGESTS)),
+            write_var_uint(int(bool(self.digests))),
+            write_var_uint(len(self.names)),
+        ]
+        out.extend(_var_bytes(name.encode("utf-8")) for name in self.names)
+        out.extend(self.digests)
+        return b"".join(out)
+
+
 def _read_names(data: bytes, pos: int, what: str) -> tuple[list[str], int]:
     count, pos = read_var_uint(data, pos)
     if count > MAX_NAMES_PER_MESSAGE:
@@ -501,6 +582,9 @@ Message = (
     | QueryAwareness
     | PermissionDenied
     | ExtHello
+    | ExtLink
+    | ExtLinked
+    | ExtLinkDigests
     | ExtUpdate
     | ExtAck
     | ExtClaim
@@ -666,6 +750,30 @@ def decode_message(data: bytes, *, max_bytes: int | None = None) -> Message:
             code, pos = read_var_uint(data, pos)
             reason, pos = _read_var_string(data, pos, "reason")
             msg = ExtUnsubscribe(folder, code, reason)
+        elif sub == ExtType.LINK:
+            store, pos = _read_var_string(data, pos, "store id")
+            epoch, pos = read_var_uint(data, pos)
+            has_cursor, pos = read_var_uint(data, pos)
+            cursor, pos = read_var_uint(data, pos)
+            msg = ExtLink(store, epoch, cursor if has_cursor & 1 else None)
+        elif sub == ExtType.LINKED:
+            store, pos = _read_var_string(data, pos, "store id")
+            epoch, pos = read_var_uint(data, pos)
+            source, pos = _read_var_string(data, pos, "source store id")
+            source_epoch, pos = read_var_uint(data, pos)
+            cursor, pos = read_var_uint(data, pos)
+            msg = ExtLinked(store, epoch, source, source_epoch, cursor)
+        elif sub == ExtType.LINK_DIGESTS:
+            flags, pos = read_var_uint(data, pos)
+            names, pos = _read_names(data, pos, "digest message")
+            told: list[bytes] = []
+            if flags & 1:
+                end = pos + DIGEST_BYTES * len(names)
+                if end > len(data):
+                    raise MalformedMessage("digest message ends inside its digests")
+                told = [data[i : i + DIGEST_BYTES] for i in range(pos, end, DIGEST_BYTES)]
+                pos = end
+            msg = ExtLinkDigests(tuple(names), tuple(told))
         else:
             raise MalformedMessage(f"unknown crdtsync extension message type {sub}")
     else:

@@ -25,7 +25,21 @@ from .errors import InvalidDocumentName
 if TYPE_CHECKING:
     from .auth import TokenVerifier
 
-__all__ = ["MAX_DOCUMENT_NAME_BYTES", "RelaySettings", "validate_document_name"]
+__all__ = ["MAX_DOCUMENT_NAME_BYTES", "RelaySettings", "validate_document_name", "validate_region"]
+
+_REGION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+
+
+def validate_region(name: str) -> str:
+    """A region's name: 1-32 of a-z, 0-9 and "-", not starting with "-".
+
+    Raises:
+        ValueError: it is not one.
+    """
+    if not isinstance(name, str) or _REGION.fullmatch(name) is None:
+        raise ValueError(f"a region name is 1-32 of a-z, 0-9 and '-', not {str(name)[:40]!r}")
+    return name
+
 
 MAX_DOCUMENT_NAME_BYTES = 512
 # Stock clients put the room name in the URL path unencoded (DESIGN: facts from the anchors);
@@ -155,12 +169,57 @@ class RelaySettings(BaseSettings):
     # -- TLS: both set, the relay serves wss:// (PEM files: certificate chain, private key)
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # -- regions (issue 12; README: regions): this relay's region, and every other region's
+    # relay URL (a full mesh: each region lists all the others). Links need tokens: the
+    # relay presents peer_token to its peers (a token with the "p" right on "*"), or, with
+    # none, mints a short-lived one with its first HS256 token secret (regions that share
+    # a secret need nothing more).
+    region: str | None = None
+    peers: dict[str, str] = Field(default_factory=dict)
+    peer_token: str | None = Field(default=None, repr=False)
+    link_batch_bytes: int = Field(default=256 * 1024, ge=1024)  # one batch of a link
+    link_window: int = Field(default=8, ge=1)  # batches sent before the first is acknowledged
+    link_retry_s: float = Field(default=1.0, gt=0)  # first pause after a link fails (doubles)
+    link_poll_s: float = Field(default=0.05, gt=0)  # a live link looks for changes this often
+    # an acknowledgement (or a checkpoint's answer) not there this long: the link restarts
+    link_ack_timeout_s: float = Field(default=30.0, gt=0)
+    # anti-entropy: how often a live link compares every document's digest with the
+    # target's and repairs what differs (each repair is logged and counted: something was
+    # lost); 0: never
+    anti_entropy_s: float = Field(default=600.0, ge=0)
+    # A link broken on purpose, to show what the checks find (crdtsync check's negative
+    # controls); never in a deployment: "drop" loses 1 in 50 updates it should ship,
+    # "early-checkpoint" records its checkpoint before the target stored the batch.
+    link_defect: Literal["", "drop", "early-checkpoint"] = ""
 
     @model_validator(mode="after")
     def _check_tls(self) -> RelaySettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         return self
+
+    @model_validator(mode="after")
+    def _check_regions(self) -> RelaySettings:
+        if self.peers and self.region is None:
+            raise ValueError("peers need this relay's own region (region)")
+        if self.region is not None and self.region in self.peers:
+            raise ValueError(f"region {self.region!r} is this relay's own: not a peer")
+        for name, url in self.peers.items():
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"peer {name!r}: a ws:// or wss:// URL, not {url!r}")
+        return self
+
+    @field_validator("region")
+    @classmethod
+    def _check_region(cls, value: str | None) -> str | None:
+        return None if value is None else validate_region(value)
+
+    @field_validator("peers")
+    @classmethod
+    def _check_peers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            validate_region(name)
+        return value
 
     @field_validator("store", mode="before")
     @classmethod

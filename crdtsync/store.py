@@ -44,7 +44,9 @@ __all__ = [
     "EMPTY_UPDATE",
     "CompactionResult",
     "DocumentLog",
+    "LinkCheckpoint",
     "QuarantinedUpdate",
+    "Since",
     "Staged",
     "Synchronous",
     "UpdateLog",
@@ -197,6 +199,25 @@ def m006_kept_folders(db: Database) -> None:
     )
 
 
+def m007_regions(db: Database) -> None:
+    # Regions (issue 12): the region an update came from (NULL: written here, by a client
+    # of this region), so a link ships only what originated in its source region; and
+    # each link's checkpoint as this store recorded it ('in': what this store committed
+    # of a source region's store; 'out': what a target region acknowledged of this one's),
+    # with the other store's identity, so a store replaced or restored is recognised.
+    db.execute("ALTER TABLE updates ADD COLUMN origin TEXT")
+    db.execute(
+        """CREATE TABLE link_checkpoints (
+            direction TEXT NOT NULL,
+            region TEXT NOT NULL,
+            store TEXT NOT NULL,
+            epoch INTEGER NOT NULL,
+            cursor INTEGER NOT NULL,
+            PRIMARY KEY (direction, region)
+        ) WITHOUT ROWID"""
+    )
+
+
 # The schema's steps, in order (sqlite-utils' migrations: one row each in _sqlite_migrations).
 MIGRATIONS = (
     m001_update_log,
@@ -205,6 +226,7 @@ MIGRATIONS = (
     m004_update_chunks,
     m005_identity,
     m006_kept_folders,
+    m007_regions,
 )
 
 
@@ -331,6 +353,34 @@ class DocumentLog:
     def merged(self) -> bytes:
         """One update holding the whole document (tree merge; never a Doc)."""
         return merge_in_batches(self.all_updates())
+
+
+@dataclass(frozen=True, slots=True)
+class Since:
+    """What a document received after a change cursor (regions: what a link ships).
+
+    ``updates``: ``(change, update, origin)`` in order (``change``: the cursor of the
+    change that appended it, as :meth:`UpdateLog.changes` gives), origin None for what was
+    written in this store's own region. ``complete``: False when a compaction folded
+    some of what came after the cursor into the snapshot (the link then falls back to
+    comparing state vectors for this document)."""
+
+    document: str
+    updates: list[tuple[int, bytes, str | None]]
+    complete: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCheckpoint:
+    """How far a link between two regions' stores got, as one end recorded it:
+    ``cursor`` is a change cursor of the source store named by ``store`` and ``epoch``
+    (at the source, ``store``/``epoch`` name the target that acknowledged it)."""
+
+    direction: Literal["in", "out"]
+    region: str  # the other end's region
+    store: str
+    epoch: int
+    cursor: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +534,7 @@ class UpdateLog:
         items: Iterable[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
         expected: Mapping[str, int | ClientsAsRead] | None = None,
+        origins: Sequence[str | None] | None = None,
     ) -> list[int]:
         """Append updates to their documents' logs in one transaction; commits once.
 
@@ -496,11 +547,15 @@ class UpdateLog:
         entries of those clients), a document no longer there gets nothing written
         (neither updates nor ledger); the others are appended.
 
+        ``origins``: per row, the region it came from (None: written in this one).
+
         Raises:
             PositionConflict: documents of ``expected`` moved on (what was appended of
                 the others is in its ``appended``).
         """
         rows = list(items)
+        if origins is not None and len(origins) != len(rows):
+            raise ValueError(f"{len(origins)} origins for {len(rows)} rows")
         if not rows and not ledgers:
             return []
         moved: dict[str, int] = {}
@@ -514,11 +569,28 @@ class UpdateLog:
                     if not _as_expected(conn, doc, p, expected[doc])
                 }
                 if moved:
+                    if origins is not None:
+                        origins = [
+                            o for row, o in zip(rows, origins, strict=False) if row[0] not in moved
+                        ]
                     rows = [row for row in rows if row[0] not in moved]
                     ledgers = {d: g for d, g in (ledgers or {}).items() if d not in moved}
             # One executemany instead of a Python loop of executes: this is the relay's
             # hot path. Under the write lock AUTOINCREMENT hands out consecutive numbers.
-            if rows:
+            if rows and origins is not None and any(origins):
+                conn.executemany(
+                    "INSERT INTO updates (doc, data, chunks, origin) VALUES (?, ?, ?, ?)",
+                    [
+                        (doc, b"", data.gen, origin)
+                        if isinstance(data, Staged)
+                        else (doc, data, None, origin)
+                        for (doc, data), origin in zip(rows, origins, strict=False)
+                    ],
+                )
+                last = conn.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'updates'"
+                ).fetchone()
+            elif rows:
                 if any(isinstance(data, Staged) for _, data in rows):
                     conn.executemany(
                         "INSERT INTO updates (doc, data, chunks) VALUES (?, ?, ?)",
@@ -985,6 +1057,89 @@ class UpdateLog:
             ).fetchall()
         rows = sorted([*tails, *snapshots], key=lambda row: row[1])[:limit]
         return [(doc, int(p)) for doc, p in rows]
+
+    def since(self, doc: str, cursor: int) -> Since:
+        """``doc``'s updates appended after change cursor ``cursor`` (a position here),
+        with their origins; incomplete if its snapshot covers anything after it."""
+        with self._lock, _store_errors(self.path):
+            conn = self.conn
+            conn.execute("BEGIN")
+            try:
+                row = conn.execute(
+                    "SELECT snapshot_seq FROM documents WHERE name = ?", (doc,)
+                ).fetchone()
+                covered = row[0] if row else 0
+                rows = conn.execute(
+                    "SELECT seq, data, chunks, origin FROM updates "
+                    "WHERE doc = ? AND seq > ? ORDER BY seq",
+                    (doc, max(cursor, covered)),
+                ).fetchall()
+                updates = [
+                    (seq, data if gen is None else _chunked(conn, gen), origin)
+                    for seq, data, gen, origin in rows
+                ]
+            finally:
+                conn.execute("COMMIT")
+        return Since(doc, updates, covered <= cursor)
+
+    def feed(self, cursor: int, limit: int) -> tuple[list[tuple[str, int]], int]:
+        """The appends after change cursor ``cursor``, in order: ``(document, cursor)``
+        once per appended update, at most ``limit``; and the cursor the listing is
+        complete up to. A document compacted meanwhile (its rows folded into its
+        snapshot) is listed at the position its snapshot covers, if that is in range.
+        """
+        with self._lock, _store_errors(self.path):
+            conn = self.conn
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    "SELECT doc, seq FROM updates WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (cursor, limit),
+                ).fetchall()
+                if len(rows) == limit:
+                    end = int(rows[-1][1])
+                else:
+                    row = conn.execute(
+                        "SELECT seq FROM sqlite_sequence WHERE name = 'updates'"
+                    ).fetchone()
+                    end = max(cursor, int(row[0]) if row else 0)
+                folded = conn.execute(
+                    "SELECT name, snapshot_seq FROM documents "
+                    "WHERE snapshot_seq > ? AND snapshot_seq <= ?",
+                    (cursor, end),
+                ).fetchall()
+            finally:
+                conn.execute("COMMIT")
+        listed = sorted([*rows, *folded], key=lambda row: row[1])
+        return [(str(doc), int(c)) for doc, c in listed], end
+
+    def link_checkpoint(self, direction: str, region: str) -> LinkCheckpoint | None:
+        """The checkpoint recorded for the link to (``out``) or from (``in``) ``region``."""
+        with self._lock, _store_errors(self.path):
+            row = self.conn.execute(
+                "SELECT store, epoch, cursor FROM link_checkpoints "
+                "WHERE direction = ? AND region = ?",
+                (direction, region),
+            ).fetchone()
+        if row is None:
+            return None
+        return LinkCheckpoint(direction, region, str(row[0]), int(row[1]), int(row[2]))  # type: ignore[arg-type]
+
+    def set_link_checkpoint(self, checkpoint: LinkCheckpoint) -> None:
+        """Record a link's checkpoint (replacing the last one); commits."""
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO link_checkpoints (direction, region, store, epoch, cursor) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (direction, region) DO UPDATE SET "
+                "store = excluded.store, epoch = excluded.epoch, cursor = excluded.cursor",
+                (
+                    checkpoint.direction,
+                    checkpoint.region,
+                    checkpoint.store,
+                    checkpoint.epoch,
+                    checkpoint.cursor,
+                ),
+            )
 
     def last_position(self) -> int:
         """The highest position this file ever gave out (0: none)."""

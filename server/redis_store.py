@@ -4,11 +4,14 @@ Keys of a document ``name`` share the hash tag ``{name}`` (document names cannot
 braces: crdtsync.settings), so one document's keys live in one slot:
 
 - ``<prefix>:{name}:log``, a stream: one entry per update, fields ``n`` (the document's
-  own sequence: its position) and ``u`` (the update). Entry ids are Redis's own (they
-  carry the time the entry was added: what the minimum age is measured on).
+  own sequence: its position), ``c`` (the change counter of its append: what a region's
+  link reads after), ``o`` (the region it came from over a link; absent: this one) and
+  ``u`` (the update). Entry ids are Redis's own (they carry the time the entry was
+  added: what the minimum age is measured on).
 - ``<prefix>:{name}:meta``, a hash: ``pos`` (the last position), ``snap_pos`` (the
-  position the snapshot covers), ``snap_gen`` and ``snap_bytes`` (which snapshot, its
-  size), ``tail_n`` and ``tail_bytes`` (the tail since the snapshot).
+  position the snapshot covers), ``snap_c`` (the latest change it folded in),
+  ``snap_gen`` and ``snap_bytes`` (which snapshot, its size), ``tail_n`` and
+  ``tail_bytes`` (the tail since the snapshot).
 - ``<prefix>:{name}:snap:<gen>``, a hash of 1 MiB chunks ``0``, ``1``... (a Redis string
   holds at most 512 MB, and one write of megabytes holds Redis up for everyone).
 - ``<prefix>:{name}:ledger``, a hash: the integrity ledger (``r<client>`` ranges,
@@ -47,7 +50,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore, StoreIdentity
+from crdtsync.backend import (
+    Change,
+    Entry,
+    FeedGap,
+    Follower,
+    Gap,
+    LinkCheckpoint,
+    RelayStore,
+    Since,
+    StoreIdentity,
+)
 from crdtsync.errors import (
     DocumentsFailed,
     MalformedMessage,
@@ -81,6 +94,9 @@ SOCKET_TIMEOUT_S = 10.0  # a Redis call without an answer this long fails (Store
 MAX_CONNECTIONS = 64  # per client of the store (the follower and presence have their own)
 POOL_WAIT_S = 10.0  # a call waits this long for a free connection, then fails (StoreError)
 PRESENCE_POLL_S = 0.05  # a document added to presence is subscribed within this long
+# The feed of appends kept for region links (about this many: trimmed in whole nodes); a
+# link further behind compares state vectors instead.
+FEED_MAXLEN = 1_000_000
 
 _APPEND = """
 local pos = tonumber(redis.call('HGET', KEYS[1], 'pos') or '0')
@@ -112,22 +128,28 @@ for _ = 1, ndel do
   i = i + 1
 end
 local added, bytes = 0, 0
-while i <= #ARGV do
+local change = nil
+if i <= #ARGV then change = redis.call('INCR', KEYS[4]) end
+while i + 1 <= #ARGV do
   pos = pos + 1
-  redis.call('XADD', KEYS[2], '*', 'n', pos, 'u', ARGV[i])
+  if ARGV[i] == '' then
+    redis.call('XADD', KEYS[2], '*', 'n', pos, 'c', change, 'u', ARGV[i + 1])
+  else
+    redis.call('XADD', KEYS[2], '*', 'n', pos, 'c', change, 'o', ARGV[i], 'u', ARGV[i + 1])
+  end
   added = added + 1
-  bytes = bytes + #ARGV[i]
-  i = i + 1
+  bytes = bytes + #ARGV[i + 1]
+  i = i + 2
 end
 if added > 0 then
   redis.call('HSET', KEYS[1], 'pos', pos)
   redis.call('HINCRBY', KEYS[1], 'tail_n', added)
   redis.call('HINCRBY', KEYS[1], 'tail_bytes', bytes)
-  local change = redis.call('INCR', KEYS[4])
   redis.call('ZADD', KEYS[5], change, ARGV[2])
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', FEED_MAXLEN, change .. '-1', 'd', ARGV[2])
 end
 return {1, pos}
-"""
+""".replace("FEED_MAXLEN", str(FEED_MAXLEN))
 
 # Trim what the snapshot covers and is older than the minimum age, exactly; delete an
 # empty stream. Bounded by the retained entries (a compaction keeps the tail short).
@@ -181,13 +203,50 @@ if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
 local gen = redis.call('HGET', KEYS[1], 'snap_gen') or ''
 if gen ~= ARGV[2] then return -2 end
 if redis.call('EXISTS', KEYS[4]) == 0 then return -3 end
-redis.call('HSET', KEYS[1], 'snap_pos', ARGV[3], 'snap_gen', ARGV[1], 'snap_bytes', ARGV[4])
+-- snap_c: the latest change cursor folded into a snapshot (a link whose cursor is below
+-- it cannot read what came after its cursor from the stream). An entry without one
+-- (written before entries carried it) counts as the latest change.
+local old_pos = tonumber(redis.call('HGET', KEYS[1], 'snap_pos') or '0')
+local snap_c = tonumber(redis.call('HGET', KEYS[1], 'snap_c') or '0')
+local new_pos = tonumber(ARGV[3])
+local start = '-'
+local done = false
+while not done do
+  local page = redis.call('XRANGE', KEYS[5], start, '+', 'COUNT', 256)
+  if #page == 0 then break end
+  for _, entry in ipairs(page) do
+    local n, c = nil, nil
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'n' then n = tonumber(fields[j + 1]) end
+      if fields[j] == 'c' then c = tonumber(fields[j + 1]) end
+    end
+    if n ~= nil and n > new_pos then done = true break end
+    if n ~= nil and n > old_pos then
+      if c == nil then c = tonumber(redis.call('GET', KEYS[6]) or '0') end
+      if c > snap_c then snap_c = c end
+    end
+  end
+  start = '(' .. page[#page][1]
+end
+redis.call('HSET', KEYS[1], 'snap_pos', ARGV[3], 'snap_gen', ARGV[1], 'snap_bytes', ARGV[4],
+  'snap_c', snap_c)
 redis.call('PERSIST', KEYS[4])
 redis.call('HINCRBY', KEYS[1], 'tail_n', -tonumber(ARGV[5]))
 redis.call('HINCRBY', KEYS[1], 'tail_bytes', -tonumber(ARGV[6]))
 if KEYS[3] ~= KEYS[4] then redis.call('DEL', KEYS[3]) end
 redis.call('DEL', KEYS[2])
 return 1
+"""
+
+# Take a lease, or renew it if it is ours.
+_RENEW = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return 0
 """
 
 # Release a lease only if it is still ours.
@@ -305,10 +364,12 @@ class RedisStore:
         self._identity_key = f"{self.prefix}:{{*}}:identity"
         self._changes_key = f"{self.prefix}:{{*}}:changes"
         self._clock_key = f"{self.prefix}:{{*}}:clock"
+        self._feed_key = f"{self.prefix}:{{*}}:feed"
         self._append = self.redis.register_script(_APPEND)
         self._trim = self.redis.register_script(_TRIM)
         self._switch = self.redis.register_script(_SWITCH)
         self._release = self.redis.register_script(_RELEASE)
+        self._renew = self.redis.register_script(_RENEW)
 
     def connect(self, url: str | None = None) -> aioredis.Redis:
         """A new client of this store's Redis (a follower's blocking reads need their own).
@@ -425,13 +486,17 @@ class RedisStore:
         rows: Sequence[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
         expected: Mapping[str, int | ClientsAsRead] | None = None,
+        origins: Sequence[str | None] | None = None,
     ) -> list[int]:
         """Append in one pipeline: one script per document, each atomic (see the module)."""
-        per_doc: dict[str, list[bytes]] = {}
-        for doc, data in rows:
+        per_doc: dict[str, list[bytes | str]] = {}
+        if origins is not None and len(origins) != len(rows):
+            raise ValueError(f"{len(origins)} origins for {len(rows)} rows")
+        for i, (doc, data) in enumerate(rows):
             if isinstance(data, Staged):
                 raise StoreError("the Redis store takes updates as bytes, not staged chunks")
-            per_doc.setdefault(doc, []).append(data)
+            origin = origins[i] if origins is not None else None
+            per_doc.setdefault(doc, []).extend((origin or "", data))
         docs = list(per_doc)
         docs += [d for d in (ledgers or {}) if d not in per_doc]
         docs += [d for d in (expected or {}) if d not in per_doc and d not in (ledgers or {})]
@@ -442,7 +507,14 @@ class RedisStore:
             for doc in docs:
                 k = self.keys(doc)
                 want = (expected or {}).get(doc)
-                keys = [k.meta, k.log, k.ledger, self._clock_key, self._changes_key]
+                keys = [
+                    k.meta,
+                    k.log,
+                    k.ledger,
+                    self._clock_key,
+                    self._changes_key,
+                    self._feed_key,
+                ]
                 args: list[Any] = [
                     _position_arg(want),
                     doc,
@@ -475,7 +547,7 @@ class RedisStore:
                 ledger.clean()
                 ledger.known = True
         # Each row's position: counted back from where its document's script ended.
-        next_of = {doc: last - len(per_doc.get(doc, [])) for doc, last in done.items()}
+        next_of = {doc: last - len(per_doc.get(doc, [])) // 2 for doc, last in done.items()}
         positions: list[int] = []
         for doc, _ in rows:
             if doc in next_of:
@@ -716,7 +788,14 @@ class RedisStore:
             folded_bytes = sum(len(u) for u in stored.updates)
             try:
                 switched = await self._switch(
-                    keys=[k.meta, k.lease, k.snap(gen) if gen else written, written],
+                    keys=[
+                        k.meta,
+                        k.lease,
+                        k.snap(gen) if gen else written,
+                        written,
+                        k.log,
+                        self._clock_key,
+                    ],
                     args=[
                         token,
                         gen,
@@ -764,6 +843,114 @@ class RedisStore:
         except RedisError as exc:
             raise self._error("listing changes", exc) from exc
         return [Change(_text(doc), int(score)) for doc, score in cast(list[Any], rows)]
+
+    async def feed(self, cursor: int, limit: int) -> tuple[list[Change], int]:
+        """Every append after change ``cursor``, in order, from the feed stream (entry
+        ``<change>-1``, field ``d``: the document); changes are consecutive, so a
+        missing one means the feed was trimmed past ``cursor`` (:class:`FeedGap`)."""
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xrange(self._feed_key, f"({cursor}-1", "+", count=limit)
+                pipe.get(self._clock_key)
+                entries, clock = await pipe.execute()
+        except RedisError as exc:
+            raise self._error("reading the feed", exc) from exc
+        latest = int(clock or 0)
+        listed: list[Change] = []
+        expected = cursor + 1
+        for entry_id, fields in entries:
+            change = int(_text(entry_id).split("-", 1)[0])
+            if change != expected:
+                raise FeedGap(f"store {self._where}: the feed lacks change {expected}")
+            listed.append(Change(_text(fields.get(b"d")), change))
+            expected += 1
+        if len(listed) < limit and expected <= latest:
+            raise FeedGap(f"store {self._where}: the feed lacks change {expected}")
+        end = listed[-1].cursor if len(listed) == limit else max(cursor, latest)
+        return listed, end
+
+    async def since(self, document: str, cursor: int) -> Since:
+        """``document``'s entries appended after change ``cursor``, with their origins;
+        incomplete if a compaction folded an entry of a later change (``snap_c``)."""
+        k = self.keys(document)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hmget(k.meta, ["pos", "snap_pos", "snap_c"])
+                pipe.xrange(k.log)
+                (pos, snap_pos, snap_c), entries = await pipe.execute()
+        except RedisError as exc:
+            raise self._error(f"reading {document!r}", exc) from exc
+        position = self._number(document, "pos", pos)
+        covered = self._number(document, "snap_pos", snap_pos)
+        folded = self._number(document, "snap_c", snap_c)
+        complete = folded <= cursor
+        updates: list[tuple[int, bytes, str | None]] = []
+        last_n = covered
+        for _, fields in entries:
+            n, update = _entry(fields)
+            if n is None or update is None or not last_n < n <= position:
+                continue
+            last_n = n
+            raw_c = fields.get(b"c")
+            try:
+                change = int(raw_c) if raw_c is not None else None
+            except ValueError:
+                change = None
+            if change is None:
+                complete = False  # (an entry from before entries carried their change)
+                continue
+            if change > cursor:
+                origin = fields.get(b"o")
+                updates.append((change, update, origin.decode() if origin else None))
+        return Since(document, updates, complete)
+
+    def _link_key(self, direction: str, region: str) -> str:
+        return f"{self.prefix}:{{*}}:link:{direction}:{region}"
+
+    async def link_checkpoint(self, direction: str, region: str) -> LinkCheckpoint | None:
+        """A link's checkpoint as this Redis recorded it."""
+        try:
+            store, epoch, cursor = await self.redis.hmget(
+                self._link_key(direction, region), ["store", "epoch", "cursor"]
+            )
+        except RedisError as exc:
+            raise self._error("reading a link checkpoint", exc) from exc
+        if store is None or epoch is None or cursor is None:
+            return None
+        try:
+            return LinkCheckpoint(
+                direction,  # type: ignore[arg-type]
+                region,
+                _text(store),
+                int(epoch),
+                int(cursor),
+            )
+        except ValueError:
+            log.warning("ignoring a damaged checkpoint of the link %s %s", direction, region)
+            return None
+
+    async def set_link_checkpoint(self, checkpoint: LinkCheckpoint) -> None:
+        """Record a link's checkpoint (one command)."""
+        try:
+            await self.redis.hset(
+                self._link_key(checkpoint.direction, checkpoint.region),
+                mapping={
+                    "store": checkpoint.store,
+                    "epoch": checkpoint.epoch,
+                    "cursor": checkpoint.cursor,
+                },
+            )
+        except RedisError as exc:
+            raise self._error("recording a link checkpoint", exc) from exc
+
+    async def lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Take or renew a lease (``SET NX``, renewed by its holder alone)."""
+        key = f"{self.prefix}:{{*}}:lease:{name}"
+        try:
+            got = await self._renew(keys=[key], args=[holder, max(1, int(ttl_s * 1000))])
+        except RedisError as exc:
+            raise self._error(f"taking the lease {name!r}", exc) from exc
+        return bool(got)
 
     async def last_change(self) -> int:
         """The cursor of the latest change (0: none yet)."""

@@ -54,7 +54,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Data, DataLike, StatusLike
 
 from crdtsync.auth import Rights, TokenClaims, TokenVerifier, token_from_request
-from crdtsync.backend import Change, Entry, Follower, Gap, RelayStore
+from crdtsync.backend import Change, Entry, Follower, Gap, LinkCheckpoint, RelayStore
 from crdtsync.backoff import Backoff
 from crdtsync.errors import (
     AccessDenied,
@@ -82,6 +82,9 @@ from crdtsync.protocol import (
     ExtClose,
     ExtDigests,
     ExtHello,
+    ExtLink,
+    ExtLinkDigests,
+    ExtLinked,
     ExtOpen,
     ExtSubscribe,
     ExtUnsubscribe,
@@ -91,7 +94,7 @@ from crdtsync.protocol import (
     decode_message,
     encode_awareness,
 )
-from crdtsync.settings import RelaySettings, validate_document_name
+from crdtsync.settings import RelaySettings, validate_document_name, validate_region
 from crdtsync.store import (
     CompactionResult,
     Staged,
@@ -132,8 +135,10 @@ from crdtsync.work import (
 )
 
 from .metrics import RelayMetrics, Snapshot, exposition
+from .stores import SqliteStore
 
 if TYPE_CHECKING:
+    from .links import Link
     from .redis_store import RedisPresence, RedisStore
 
 __all__ = ["EXTENSION_QUERY", "Access", "Relay", "Rights", "allow_all"]
@@ -143,6 +148,7 @@ _T = TypeVar("_T")
 
 EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for extensions (DESIGN: wire protocol)
 MUX_QUERY = "mux"  # "/?crdtsync=1&mux=1": a multiplexed connection (issue 11)
+REGION_QUERY = "region"  # "...&region=eu": another region's link (issue 12; needs "p")
 MAX_OWN_WRITES_NOTED = 4096  # per multiplexed connection (Relay._note_own_writes)
 MAX_EARLY_BYTES = 256 * 1024  # per multiplexed connection: messages ahead of their open
 PRESENCE_BYTES_PER_CHANNEL = 4096  # a multiplexed connection's presence share per channel
@@ -534,6 +540,10 @@ class Peer(_Presence):
     hold_timer: asyncio.TimerHandle | None = None  # sends it live if it never asks (step 1)
     sync_timer: asyncio.TimerHandle | None = None  # closes it if it never syncs
     parted: bool = False  # it left its room (Relay._part)
+    # A channel of another region's link (issue 12): the region its updates come from.
+    # It writes (stored with that origin, judged on content alone) and is sent nothing
+    # but its acknowledgements and its document's step 1.
+    origin: str | None = None
     close_code: int = CloseCode.NORMAL  # a channel's, once closed
     close_reason: str = ""
 
@@ -616,6 +626,8 @@ class Peer(_Presence):
 
     def send_update_frame(self, frame: Frame) -> None:
         """Send a live update now, or hold it until the peer's sync answer went out."""
+        if self.origin is not None:
+            return  # a link's channel: the other region has its own link back
         if self.held is None:
             self.push(frame)
         elif len(self.held) < MAX_HELD_FRAMES:
@@ -690,9 +702,13 @@ class Mux:
     # the last position before the run to the run's last position.
     own_from: int = 0
     own_until: int = -1
+    region: str | None = None  # another region's link (issue 12): its region
 
     def context(self) -> dict[str, Any]:
-        return {"connection": self.id, "peer": self.address, "subject": self.access.subject}
+        context = {"connection": self.id, "peer": self.address, "subject": self.access.subject}
+        if self.region is not None:
+            context["region"] = self.region
+        return context
 
     def unused(self, number: int) -> bool:
         """Whether channel ``number`` was never opened on this connection."""
@@ -841,6 +857,7 @@ class Relay:
         # A shared store (Redis: settings.store is its URL), with the relay processes
         # that share it; None with an SQLite store (whose calls stay inline, as always).
         self.backend: RelayStore | None = None
+        self._sqlite_view: RelayStore | None = None  # the SQLite file as a RelayStore (links)
         self._shared = self.settings.shared_store
         self._follower: Follower | None = None
         self._following: asyncio.Task[None] | None = None
@@ -890,6 +907,7 @@ class Relay:
         self._started = False
         self._store_id = ""  # the SQLite store's id (its positions are recorded with it)
         self._watcher: asyncio.Task[None] | None = None
+        self._links: list[Link] = []  # to the other regions (issue 12)
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="crdtsync-checkpoint")
         self._checkpointing: asyncio.Future[tuple[int, int]] | None = None
         self._commits_checkpointed = 0
@@ -931,6 +949,8 @@ class Relay:
             "folder_digest_exchanges": 0,  # ... compared by digests instead
             "lingering": 0,  # dropped, but their sockets not yet closed (ASGI servers)
             "restores_detected": 0,  # the SQLite file held less than it once did (start)
+            "links_in": 0,  # links of other regions connected here
+            "link_checkpoints_recorded": 0,  # ... checkpoints they had recorded here
         }
 
     # -- lifecycle --------------------------------------------------------------------
@@ -960,6 +980,12 @@ class Relay:
         if listen:
             await self._listen()
         self._watcher = asyncio.get_running_loop().create_task(self._watch_backlogs())
+        if s.region is not None and s.peers:
+            from .links import links_of  # (websockets' client: only for a relay with peers)
+
+            self._links = links_of(s, self._link_store(), holder=uuid.uuid4().hex[:16])
+            for link in self._links:
+                link.start()
         if self.revoked is not None and self._verifier is not None:
             self._rechecker = asyncio.get_running_loop().create_task(self._recheck_tokens())
         self._started = True
@@ -1039,6 +1065,8 @@ class Relay:
         if self._stopping:
             return
         self._stopping = True
+        for link in self._links:
+            await link.stop()
         if self._watcher is not None:
             self._watcher.cancel()
         if self._change_watcher is not None:
@@ -1163,6 +1191,11 @@ class Relay:
             "rooms": len(self.rooms),
             "compacting": len(self._compacting),
             **self.stats,
+            **(
+                {"region": self.settings.region, "links": [k.status() for k in self._links]}
+                if self.settings.region is not None
+                else {}
+            ),
         }
 
     # -- HTTP -------------------------------------------------------------------------
@@ -1285,7 +1318,32 @@ class Relay:
                 return conn.respond(
                     HTTPStatus.UNAUTHORIZED, f"token refused ({exc.reason}): {exc}\n"
                 )
+        region = parse_qs(request.path.partition("?")[2]).get(REGION_QUERY)
+        if region is not None:
+            refusal = self._link_refusal(region, claims)
+            if refusal is not None:
+                self.stats["refused_forbidden"] += 1
+                return conn.respond(HTTPStatus.FORBIDDEN, f"{refusal}\n")
         self._access[conn] = Access(Rights(), claims)
+        return None
+
+    def _link_refusal(self, region: list[str], claims: TokenClaims | None) -> str | None:
+        """Why a link from ``region`` may not connect (None: it may)."""
+        own = self.settings.region
+        if own is None:
+            return "this relay is in no region: it takes no links"
+        if len(region) != 1:
+            return "one region per link"
+        try:
+            validate_region(region[0])
+        except ValueError as exc:
+            return str(exc)
+        if region[0] == own:
+            return f"a link from region {own!r} to itself"
+        if claims is None:
+            return "a link needs a token with the peer right (the relay has no token keys)"
+        if not claims.grants.allow_peer():
+            return "a link needs a token with the peer right"
         return None
 
     def _metrics_response(self, conn: Responder, request: Request) -> Response:
@@ -1635,6 +1693,9 @@ class Relay:
             TokenBucket(s.channel_opens_per_s, s.channel_open_burst),
             id=ws.id.hex[:12],
         )
+        if params.get(REGION_QUERY):
+            mux.region = params[REGION_QUERY][0]  # (checked at the handshake)
+            self.stats["links_in"] += 1
         self._muxes.add(mux)
         self.stats["connections"] += 1
         self.stats["connections_opened"] += 1
@@ -1687,6 +1748,14 @@ class Relay:
                     await self._take_digests(mux, msg)
                 elif isinstance(msg, ExtUnsubscribe):
                     self._unsubscribe(mux, msg.folder)
+                elif isinstance(msg, ExtLink) and mux.region is not None:
+                    await self._take_link(mux, msg)
+                elif isinstance(msg, ExtLinkDigests) and mux.region is not None:
+                    # (At most MAX_NAMES_PER_MESSAGE names: the decoder's bound.)
+                    names = await self._readable(mux, list(msg.names))
+                    digests = await self._digests(names)
+                    answer = ExtLinkDigests(tuple(names), tuple(digests[n] for n in names))
+                    await mux.wire.send(answer.encode())
                 else:
                     await ws.close(
                         CloseCode.PROTOCOL_ERROR,
@@ -1752,6 +1821,36 @@ class Relay:
             log.error("store error: %s", exc, extra=peer.context())
             self._close_channel(peer, exc.close_code, f"store unavailable: {exc}")
             return 0.0
+
+    async def _take_link(self, mux: Mux, msg: ExtLink) -> None:
+        """Answer a link of region ``mux.region`` with this store's identity and the
+        checkpoint recorded of it; first record the one it sends (it sends one only
+        once everything up to it was acknowledged: stored here)."""
+        assert mux.region is not None
+        store = self._link_store()
+        if msg.cursor is not None:
+            await store.set_link_checkpoint(
+                LinkCheckpoint("in", mux.region, msg.store, msg.epoch, msg.cursor)
+            )
+            self.stats["link_checkpoints_recorded"] += 1
+        identity = await store.identity()
+        recorded = await store.link_checkpoint("in", mux.region)
+        answer = ExtLinked(identity.id, identity.epoch)
+        if recorded is not None:
+            answer = ExtLinked(
+                identity.id, identity.epoch, recorded.store, recorded.epoch, recorded.cursor
+            )
+        await mux.wire.send(answer.encode())
+
+    def _link_store(self) -> RelayStore:
+        """The store as :class:`~crdtsync.backend.RelayStore` (links read and record
+        through it): Redis, or a view of the relay's own SQLite file."""
+        if self.backend is not None:
+            return self.backend
+        if self._sqlite_view is None:
+            assert self.store is not None
+            self._sqlite_view = SqliteStore.over(self.store, synchronous=self.settings.synchronous)
+        return self._sqlite_view
 
     def _early(self, mux: Mux, msg: ExtChannel) -> None:
         """Keep a message that came before its channel's open, a few small ones per
@@ -1844,6 +1943,7 @@ class Relay:
             return delay
         peer = self._new_peer(mux.wire, document, access, True, channel=number)
         peer.mux = mux
+        peer.origin = mux.region
         mux.channels[number] = peer
         mux.documents[document] = None
         self.stats["channels_opened"] += 1
@@ -1872,6 +1972,9 @@ class Relay:
         if not access.rights.read:
             self.stats["refused_forbidden"] += 1
             raise AccessDenied(f"no access to {document!r}")
+        if mux.region is not None and not access.rights.peer:
+            self.stats["refused_forbidden"] += 1
+            raise AccessDenied(f"a link needs the peer right on {document!r}")
         if access.rights == mux.access.rights and access.claims is mux.access.claims:
             return mux.access  # (the usual case: one object for all its channels)
         return access
@@ -2558,8 +2661,11 @@ class Relay:
                         delay = max(delay, budget.work.take(time.monotonic(), spent))
                         if peer.gone:
                             return 0.0
+                # A link's content is judged on content alone: ownership of client ids
+                # was judged where it was written (crdtsync.integrity: checkable anywhere).
+                writer = None if peer.origin is not None else peer.writer
                 self._submit(
-                    _Pending(peer, event.update, event.key, event.info, peer.writer, comparison)
+                    _Pending(peer, event.update, event.key, event.info, writer, comparison)
                 )
             elif isinstance(event, StateRequested):
                 peer.engaged = True
@@ -2955,10 +3061,13 @@ class Relay:
         if not batch:
             return
         stored = [item for item in batch if item.update is not None]
-        rows = [(item.peer.document, item.update) for item in stored if item.update]
+        written = [item for item in stored if item.update]
+        rows: list[tuple[str, bytes | Staged]] = [
+            (item.peer.document, item.update) for item in written if item.update
+        ]
         try:
             started = time.perf_counter()
-            positions = self.store.append_many(rows, ledgers)
+            positions = self.store.append_many(rows, ledgers, origins=_origins(written))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
         except StoreError as exc:
             self._commit_failed(batch, ledgers, exc)
@@ -2987,7 +3096,9 @@ class Relay:
                     if item.update
                 ]
                 started = time.perf_counter()
-                store.append_many(rows, ledgers)
+                store.append_many(
+                    rows, ledgers, origins=_origins([item for item in batch if item.update])
+                )
                 self.metrics.commit_seconds.observe(time.perf_counter() - started)
             except StoreError as exc:
                 self._commit_failed(batch, ledgers, exc)
@@ -3041,6 +3152,8 @@ class Relay:
     ) -> None:
         """After a commit: fan out, acknowledge and refuse, in the order received."""
         self._changed.set()
+        for link in self._links:
+            link.wake()
         self.stats["updates_stored"] += len(stored)
         self.stats["commits"] += 1
         by_room: dict[str, list[_Pending]] = {}
@@ -3190,7 +3303,9 @@ class Relay:
                 if ledger is None:
                     ledger = ledgers[name] = self._ledger(name)
                 last_name = name
-            writer = item.writer or _ANONYMOUS
+            # (A region's link writes content judged where it was written: its content
+            # is checked here, not its ownership of client ids.)
+            writer = None if item.peer.origin is not None else (item.writer or _ANONYMOUS)
             room = self.rooms.get(name)
             backup = None
             if room is not None and (
@@ -3229,7 +3344,7 @@ class Relay:
         self,
         item: _Pending,
         ledger: Ledger,
-        writer: Writer,
+        writer: Writer | None,
         batch: list[_Pending],
         i: int,
         loaded: dict[str, list[bytes]],
@@ -3351,7 +3466,9 @@ class Relay:
         """
         frames = self._frames([item.update for item in items if item.update is not None])
         ext_senders = {item.peer for item in items if item.peer.session.extensions}
-        live = [p for p in room.peers if p not in ext_senders and not p.closing]
+        live = [
+            p for p in room.peers if p not in ext_senders and not p.closing and p.origin is None
+        ]
         for frame in frames:
             if isinstance(frame, bytes) and len(frame) < LARGE_FRAME_BYTES:
                 # (Split first: a frame to an ASGI connection starts its outbox.)
@@ -3365,7 +3482,7 @@ class Relay:
         self._count_sent(sum(map(len, frames)) * len(live))
         self.stats["frames_fanned_out"] += len(frames) * len(live)
         for sender in ext_senders:
-            if sender not in room.peers or sender.closing:
+            if sender not in room.peers or sender.closing or sender.origin is not None:
                 continue
             others = [
                 item.update for item in items if item.peer is not sender and item.update is not None
@@ -3700,7 +3817,7 @@ class Relay:
             room.appended += len(updates)
             room.stored_bytes += sum(map(len, updates))
         frames = self._frames(updates)
-        live = [p for p in room.peers if not p.closing]
+        live = [p for p in room.peers if not p.closing and p.origin is None]
         for frame in frames:
             for p in live:
                 p.send_update_frame(frame)
@@ -3936,9 +4053,9 @@ class Relay:
                     else:
                         self._apply_quota(batch)
                     stored = [item for item in batch if item.update is not None]
-                    rows = self._shared_rows(stored)
+                    rows, origins = self._shared_rows(stored)
                     started = time.perf_counter()
-                    positions = await backend.append(rows, ledgers, expected)
+                    positions = await backend.append(rows, ledgers, expected, origins)
                     self.metrics.commit_seconds.observe(time.perf_counter() - started)
                 except PositionConflict as exc:
                     failed = exc.failed if isinstance(exc, DocumentsFailed) else {}
@@ -4037,15 +4154,25 @@ class Relay:
                 del self._ledgers[name]
                 self._positions.pop(name, None)
 
-    def _shared_rows(self, stored: list[_Pending]) -> list[tuple[str, bytes]]:
-        """What a turn appends to the shared store: each document's updates merged in
-        runs (one stream entry per run, not per update: a trace of 260,000 keystrokes
-        cost every relay following it 260,000 entries to read and skip or send)."""
-        per_doc: dict[str, list[bytes]] = {}
+    def _shared_rows(
+        self, stored: list[_Pending]
+    ) -> tuple[list[tuple[str, bytes]], list[str | None] | None]:
+        """What a turn appends to the shared store, and each row's origin (None: all from
+        this region): each document's updates of one origin merged in runs (one stream
+        entry per run, not per update: a trace of 260,000 keystrokes cost every relay
+        following it 260,000 entries to read and skip or send)."""
+        per_doc: dict[tuple[str, str | None], list[bytes]] = {}
         for item in stored:
             if item.update:
-                per_doc.setdefault(item.peer.document, []).append(item.update)
-        return [(name, run) for name, updates in per_doc.items() for run in self._runs(updates)]
+                key = (item.peer.document, item.peer.origin)
+                per_doc.setdefault(key, []).append(item.update)
+        rows = []
+        origins: list[str | None] = []
+        for (name, origin), updates in per_doc.items():
+            for run in self._runs(updates):
+                rows.append((name, run))
+                origins.append(origin)
+        return rows, (origins if any(origins) else None)
 
     def _appended(
         self,
@@ -4201,6 +4328,13 @@ def _abort_if_open(ws: Socket) -> None:
         ws.transport.abort()
 
 
+def _origins(items: list[_Pending]) -> list[str | None] | None:
+    """Each item's origin (the region of the link it came over), or None if all are local."""
+    if not any(item.peer.origin for item in items):
+        return None
+    return [item.peer.origin for item in items]
+
+
 def _own_write(noted: tuple[int, int] | None, latest: int, start: int) -> bool:
     """Whether a change listed at ``latest`` in a page after ``start`` is only the
     connection's own write (``noted``: its position, and the last before its commit)."""
@@ -4246,6 +4380,8 @@ def _broadcast(peers: Iterable[Peer], frame: bytes) -> None:
     broadcast to the connections of their own, each channel with its header."""
     direct = []
     for p in peers:
+        if p.origin is not None:
+            continue  # a link's channel (Peer.origin)
         if not p.wire.direct:
             p.push(frame)  # (an ASGI connection: through its queue)
         elif not p.header:

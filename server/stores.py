@@ -23,7 +23,9 @@ from crdtsync.backend import (
     Entry,
     Follower,
     Gap,
+    LinkCheckpoint,
     RelayStore,
+    Since,
     StoreIdentity,
     is_redis_address,
 )
@@ -85,7 +87,21 @@ class SqliteStore:
         self.synchronous: Synchronous = synchronous
         self._cpu = cpu
         self.log = UpdateLog(path, synchronous=synchronous, autocheckpoint=autocheckpoint)
+        self._owns_log = True
         self._followers: weakref.WeakSet[SqliteFollower] = weakref.WeakSet()
+
+    @classmethod
+    def over(cls, log: UpdateLog, *, synchronous: Synchronous = "NORMAL") -> SqliteStore:
+        """A view of an open :class:`UpdateLog` (the relay's own); closing it leaves the
+        log open."""
+        store = cls.__new__(cls)
+        store.address = log.path
+        store.synchronous = synchronous
+        store._cpu = None
+        store.log = log
+        store._owns_log = False
+        store._followers = weakref.WeakSet()
+        return store
 
     async def identity(self) -> StoreIdentity:
         """This store's identity (made with the file)."""
@@ -100,9 +116,10 @@ class SqliteStore:
         rows: Sequence[tuple[str, bytes | Staged]],
         ledgers: Mapping[str, Ledger] | None = None,
         expected: Mapping[str, int | ClientsAsRead] | None = None,
+        origins: Sequence[str | None] | None = None,
     ) -> list[int]:
         """See :meth:`crdtsync.backend.RelayStore.append` (one SQLite commit)."""
-        positions = self.log.append_many(rows, ledgers, expected)
+        positions = self.log.append_many(rows, ledgers, expected, origins)
         if positions:
             for follower in self._followers:
                 follower.wake()
@@ -146,9 +163,31 @@ class SqliteStore:
         """Documents changed after ``cursor``, oldest change first (cursor: a position)."""
         return [Change(doc, p) for doc, p in self.log.changes(cursor, limit)]
 
+    async def feed(self, cursor: int, limit: int) -> tuple[list[Change], int]:
+        """Every append after ``cursor`` in order (its rows: positions are cursors)."""
+        listed, end = self.log.feed(cursor, limit)
+        return [Change(doc, c) for doc, c in listed], end
+
+    async def since(self, document: str, cursor: int) -> Since:
+        """``document``'s updates after change cursor ``cursor`` (a position), with origins."""
+        return self.log.since(document, cursor)
+
+    async def link_checkpoint(self, direction: str, region: str) -> LinkCheckpoint | None:
+        """A link's checkpoint as this file recorded it."""
+        return self.log.link_checkpoint(direction, region)
+
+    async def set_link_checkpoint(self, checkpoint: LinkCheckpoint) -> None:
+        """Record a link's checkpoint (one commit)."""
+        self.log.set_link_checkpoint(checkpoint)
+
+    async def lease(self, name: str, holder: str, ttl_s: float) -> bool:
+        """Always held: one relay process serves an SQLite file."""
+        return True
+
     async def close(self) -> None:
         """Close the file."""
-        self.log.close()
+        if self._owns_log:
+            self.log.close()
 
 
 class SqliteFollower:

@@ -26,7 +26,7 @@ import pytest
 from helpers import read_json_line, timeout_s
 from pycrdt import Doc, Text
 
-from crdtsync.backend import Entry, Follower, Gap, RelayStore
+from crdtsync.backend import Entry, FeedGap, Follower, Gap, LinkCheckpoint, RelayStore
 from crdtsync.errors import PositionConflict, StoreError
 from crdtsync.integrity import ClientsAsRead
 from crdtsync.integrity import Writer as Proof
@@ -376,6 +376,96 @@ async def test_changes_list_each_document_once_at_its_latest_change_in_order(
     # A document compacted after its change is still listed (its content changed).
     await store.compact("a")
     assert [c.document for c in await store.changes(changes[0].cursor, 10)] == ["c", "a"]
+
+
+# -- regions: origins, the feed, checkpoints, leases (issue 12) ---------------------------
+
+
+async def test_the_feed_lists_every_append_in_order_and_since_gives_updates_with_origins(
+    store: RelayStore,
+) -> None:
+    w = {name: Writer(i + 1) for i, name in enumerate("ab")}
+    first = [("a", w["a"].line("a1")), ("b", w["b"].line("b1"))]
+    await store.append(first, origins=[None, "us"])
+    await store.append([("a", w["a"].line("a2"))], origins=["ap"])
+    await store.append([("a", w["a"].line("a3"))])
+    listed, end = await store.feed(0, 100)
+    assert [c.document for c in listed] in (["a", "b", "a", "a"], ["b", "a", "a", "a"])
+    assert [c.cursor for c in listed] == sorted(c.cursor for c in listed)
+    assert end == listed[-1].cursor == await store.last_change()
+    # Paging: a limit, then the rest from its end; past the end, nothing.
+    page, page_end = await store.feed(0, 2)
+    assert len(page) == 2
+    assert page_end == page[-1].cursor
+    rest, rest_end = await store.feed(page_end, 100)
+    assert [*page, *rest] == listed
+    assert rest_end == end
+    assert await store.feed(end, 100) == ([], end)
+    # since: the updates after a cursor, each with the change that appended it and its origin.
+    since = await store.since("a", 0)
+    assert since.complete
+    assert [origin for _, _, origin in since.updates] == [None, "ap", None]
+    assert text_of([u for _, u, _ in since.updates]) == "a1\na2\na3\n"
+    later = await store.since("a", since.updates[0][0])
+    assert [origin for _, _, origin in later.updates] == ["ap", None]
+    assert (await store.since("b", 0)).updates[0][2] == "us"
+    assert (await store.since("b", end)).updates == []
+
+
+async def test_since_says_incomplete_once_a_compaction_folded_what_came_after_the_cursor(
+    store: RelayStore,
+) -> None:
+    w = Writer(1)
+    await store.append([("d", w.line("before"))])
+    cursor = await store.last_change()
+    for i in range(5):
+        await store.append([("d", w.line(f"after {i}"))])
+    assert (await store.since("d", cursor)).complete
+    await store.compact("d")
+    since = await store.since("d", cursor)
+    assert not since.complete
+    await store.append([("d", w.line("later"))])
+    latest = await store.last_change()
+    # From the compaction on, a cursor past what it folded reads complete again.
+    assert (await store.since("d", latest - 1)).complete
+
+
+async def test_link_checkpoints_are_kept_per_direction_and_region(store: RelayStore) -> None:
+    assert await store.link_checkpoint("in", "eu") is None
+    await store.set_link_checkpoint(LinkCheckpoint("in", "eu", "store-eu", 2, 40))
+    await store.set_link_checkpoint(LinkCheckpoint("out", "eu", "store-eu2", 1, 7))
+    await store.set_link_checkpoint(LinkCheckpoint("in", "eu", "store-eu", 2, 41))
+    assert await store.link_checkpoint("in", "eu") == LinkCheckpoint("in", "eu", "store-eu", 2, 41)
+    assert await store.link_checkpoint("out", "eu") == LinkCheckpoint(
+        "out", "eu", "store-eu2", 1, 7
+    )
+    assert await store.link_checkpoint("in", "us") is None
+
+
+async def test_a_lease_is_held_by_one_holder_until_it_lapses(store: RelayStore) -> None:
+    assert await store.lease("link:us", "one", 0.3)
+    assert await store.lease("link:us", "one", 0.3)  # renewed
+    if store.shared:
+        assert not await store.lease("link:us", "two", 0.3)
+        await asyncio.sleep(0.5)
+    assert await store.lease("link:us", "two", 0.3)
+
+
+async def test_redis_a_feed_trimmed_past_the_cursor_is_a_gap(
+    address: str, store: RelayStore
+) -> None:
+    if not address.startswith("redis://"):
+        pytest.skip("the SQLite feed is its rows: it has no trimming of its own")
+    w = Writer(1)
+    for i in range(3):
+        await store.append([("d", w.line(f"{i}"))])
+    assert isinstance(store, RedisStore)
+    await store.redis.xtrim(store._feed_key, minid="3-1", approximate=False)  # (as MAXLEN would)
+    with pytest.raises(FeedGap):
+        await store.feed(0, 10)
+    listed, end = await store.feed(2, 10)
+    assert [c.cursor for c in listed] == [3]
+    assert end == 3
 
 
 # -- killed processes ----------------------------------------------------------------------

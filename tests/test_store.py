@@ -488,6 +488,7 @@ def test_fresh_file_gets_the_schema(path: Path) -> None:
     finally:
         conn.close()
     assert {"documents", "updates", "pending", "ledger_clients", "quarantine"} <= tables
+    assert "link_checkpoints" in tables
     assert applied == [
         ("crdtsync", "m001_update_log"),
         ("crdtsync", "m002_integrity"),
@@ -495,6 +496,7 @@ def test_fresh_file_gets_the_schema(path: Path) -> None:
         ("crdtsync", "m004_update_chunks"),
         ("crdtsync", "m005_identity"),
         ("crdtsync", "m006_kept_folders"),
+        ("crdtsync", "m007_regions"),
     ]
 
 

@@ -1,0 +1,792 @@
+"""Region links (issue 12): this region's relay ships its region's updates to another's.
+
+One link per ordered pair of regions, run by one relay process of the source region (a
+lease where several share a Redis store). A link is a multiplexed connection to the
+target region's relay (``/?crdtsync=1&mux=1&region=<source>``, a token with the peer
+right): each document it ships is a channel, each batch an update per document that the
+target acknowledges once it is durably stored (the same acknowledgements a replica gets).
+
+What travels, CouchDB-style:
+
+- The source reads its store's changes from a cursor and ships, per changed document,
+  the updates appended after it whose *origin* is this region (split horizon: what came
+  from another region's link is stored with that origin and never shipped on, so no
+  topology echoes).
+- Batches are pipelined: up to ``link_window`` batches are under way at once. Once every
+  update up to a batch's end is acknowledged, the link asks the target to record that
+  cursor (its checkpoint of this source, with this store's identity and epoch), and
+  records the target's answer as its own (with the target's identity); only then does
+  the batch leave the window. So after a crash of either side, the link resumes from the
+  checkpoint both ends hold and ships again at most one window of batches.
+- When the checkpoints cannot be used (first contact, a store replaced, emptied or
+  restored from a backup), and for a document whose tail the source compacted past the
+  cursor, the link falls back to state vectors: the target's step 1 on the channel says
+  what it holds, and the source ships only what it lacks (``pycrdt.get_update``).
+
+The pure decisions (which checkpoint holds, what a batch holds) are plain functions
+below; the rest is the asyncio layer around one websocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from pycrdt import get_update, merge_updates
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
+
+from crdtsync.auth import check_secret_entry, mint_token
+from crdtsync.backend import Change, FeedGap, LinkCheckpoint, RelayStore, StoreIdentity
+from crdtsync.errors import CrdtsyncError, StoreError
+from crdtsync.folders import document_digest
+from crdtsync.protocol import (
+    MAX_NAMES_PER_MESSAGE,
+    MUX_VERSION,
+    ExtAck,
+    ExtChannel,
+    ExtClose,
+    ExtHello,
+    ExtLink,
+    ExtLinkDigests,
+    ExtLinked,
+    ExtOpen,
+    ExtRefused,
+    ExtUpdate,
+    SyncStep1,
+    decode_message,
+)
+from crdtsync.settings import RelaySettings
+from crdtsync.store import EMPTY_UPDATE
+from crdtsync.updates import check_update
+
+__all__ = ["Link", "Resume", "link_url", "resume_from"]
+
+log = logging.getLogger("crdtsync.links")
+
+CHANGES_PAGE = 256  # changed documents read at a time (a sweep)
+FEED_PAGE = 256  # appends shipped as one batch (a checkpoint once acknowledged)
+FALLBACK_GROUP = 64  # documents whose state vectors a sweep asks for at once
+MAX_OPEN_CHANNELS = 512  # channels a link keeps open (least recently used close first)
+LEASE_S = 10.0  # a link's lease on a shared store (renewed every third of it)
+TOKEN_TTL_S = 3600.0  # a minted peer token's lifetime (a link reconnects before it ends)
+MAX_RETRY_S = 30.0
+
+
+def link_url(peer: str, region: str, token: str | None) -> str:
+    """The target relay's multiplexed endpoint for a link from ``region``."""
+    parts = urlsplit(peer)
+    query = {"crdtsync": "1", "mux": "1", "region": region}
+    if token:
+        query["token"] = token
+    return urlunsplit((parts.scheme, parts.netloc, "/", urlencode(query), ""))
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a link starts: from ``cursor``, or (``sweep``) by state vectors for every
+    document first, because no checkpoint both ends agree on exists."""
+
+    cursor: int
+    sweep: bool
+    why: str
+
+
+def resume_from(me: StoreIdentity, linked: ExtLinked, out: LinkCheckpoint | None) -> Resume:
+    """Decide where a link resumes (pure).
+
+    ``linked``: the target's identity and its record of this source; ``out``: this
+    store's record of the target. The target's record counts only if it names this
+    store at this epoch (a source emptied or restored has another); this store's record
+    only if it names the target's store at its epoch (a target replaced or restored lost
+    what it had, including what it had received from elsewhere: the sweep gives it back
+    everything this region holds that it lacks).
+    """
+    if not linked.source:
+        return Resume(0, True, "first contact: the target holds no checkpoint of this store")
+    if linked.source != me.id or linked.source_epoch != me.epoch:
+        return Resume(
+            0, True, "the target's checkpoint is of another store or epoch (emptied, restored)"
+        )
+    if out is not None and (out.store != linked.store or out.epoch != linked.epoch):
+        return Resume(0, True, "the target store is another one, or was restored, since")
+    cursor = linked.cursor if out is None else min(linked.cursor, out.cursor)
+    return Resume(cursor, False, "checkpoint")
+
+
+@dataclass(eq=False, slots=True)
+class _Batch:
+    end: int  # the source cursor everything up to which this batch completes
+    keys: set[int] = field(default_factory=set)  # not yet acknowledged (or refused)
+    updates: int = 0
+    bytes: int = 0
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """What a link did (``/healthz?verbose=1``)."""
+
+    connects: int = 0
+    batches: int = 0
+    updates_shipped: int = 0
+    bytes_shipped: int = 0
+    documents_shipped: int = 0
+    fallbacks: int = 0  # documents brought up to date by state vectors
+    sweeps: int = 0  # times every document was (no usable checkpoint)
+    refused: int = 0  # updates the target refused (integrity), reported, not retried
+    checkpoints: int = 0
+    failures: int = 0
+    anti_entropy_runs: int = 0
+    repairs: int = 0  # documents anti-entropy found the target lacking: something was lost
+    dropped: int = 0  # (link_defect "drop" only: updates left out on purpose)
+
+
+class Link:
+    """The link from this relay's region to ``region`` (its relay at ``url``).
+
+    Args:
+        settings: the relay's (its region, token, batch size, window).
+        store: the source store.
+        region: the target region; ``url``: its relay.
+        holder: who this process is (the lease on a shared store).
+    """
+
+    def __init__(
+        self,
+        settings: RelaySettings,
+        store: RelayStore,
+        region: str,
+        url: str,
+        *,
+        holder: str | None = None,
+    ) -> None:
+        assert settings.region is not None
+        self.settings = settings
+        self.store = store
+        self.source = settings.region
+        self.region = region
+        self.url = url
+        self.holder = holder or secrets.token_hex(8)
+        self.state = "connecting"
+        self.stats = LinkStats()
+        self.cursor = 0  # the source cursor acknowledged and recorded at both ends
+        self.sent_to = 0  # ... and the one shipped up to (acknowledged or not)
+        self.latest = 0  # the source's latest change seen
+        self.behind_since: float | None = None
+        self.last_error = ""
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        # One session's state:
+        self._ws: ClientConnection | None = None
+        self._channels: OrderedDict[str, int] = OrderedDict()  # open channels by document
+        self._documents: dict[int, str] = {}
+        self._next_channel = 1
+        self._next_key = 1
+        self._window: list[_Batch] = []
+        self._asked = 0  # the last checkpoint the target was asked to record
+        self._key_batch: dict[int, _Batch] = {}
+        self._key_channel: dict[int, int] = {}
+        self._inflight: dict[int, int] = {}  # channel -> updates not yet acknowledged
+        self._records: asyncio.Queue[ExtLinked] = asyncio.Queue()
+        self._closing: asyncio.Task[None] | None = None
+        self._recorded_at: float | None = None  # when a checkpoint was last recorded
+        self._digests: asyncio.Future[ExtLinkDigests] | None = None
+        self._last_sweep = time.monotonic()  # anti-entropy's last run (or the start)
+        self.findings: list[str] = []  # documents anti-entropy repaired (the latest 100)
+        self._seen_for_drop = 0
+        self._acked = asyncio.Event()
+        self._step1: dict[int, asyncio.Future[bytes]] = {}
+        self._linked: asyncio.Future[ExtLinked] | None = None
+        self._identity: StoreIdentity | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Run the link in the background until :meth:`stop`."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop the link (what is unacknowledged is shipped again by the next run)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def wake(self) -> None:
+        """Something was committed here: look for changes now."""
+        self._wake.set()
+
+    def status(self) -> dict[str, Any]:
+        """The link as ``/healthz?verbose=1`` shows it."""
+        behind = self.latest - self.cursor if self.latest > self.cursor else 0
+        return {
+            "region": self.region,
+            "state": self.state,
+            "cursor": self.cursor,
+            "lag_changes": behind,
+            "lag_s": round(time.monotonic() - self.behind_since, 3)
+            if self.behind_since is not None
+            else 0.0,
+            "last_error": self.last_error,
+            "findings": self.findings[-10:],
+            **{name: getattr(self.stats, name) for name in LinkStats.__slots__},
+        }
+
+    async def _run(self) -> None:
+        retry = self.settings.link_retry_s
+        while True:
+            try:
+                if not await self.store.lease(f"link:{self.region}", self.holder, LEASE_S):
+                    self.state = "standby"  # another process of this region runs it
+                    await asyncio.sleep(LEASE_S / 3)
+                    continue
+                self.state = "connecting"
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except (OSError, ConnectionClosed, InvalidStatus, InvalidURI, TimeoutError) as exc:
+                self._failed(f"{type(exc).__name__}: {exc}")
+            except (StoreError, CrdtsyncError) as exc:
+                self._failed(f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug: logged with its trace, and the link goes on
+                log.exception("bug in the link to %s", self.region)
+                self._failed(f"{type(exc).__name__}: {exc}")
+            else:
+                retry = self.settings.link_retry_s
+                continue
+            await asyncio.sleep(retry * (0.5 + secrets.randbelow(1000) / 1000))
+            retry = min(retry * 2, MAX_RETRY_S)
+
+    def _failed(self, why: str) -> None:
+        self.stats.failures += 1
+        self.state = "down"
+        if why != self.last_error:
+            log.warning("link to region %s failed: %s", self.region, why)
+        self.last_error = why
+
+    def _token(self) -> str | None:
+        s = self.settings
+        if s.peer_token:
+            return s.peer_token
+        for entry in s.token_secrets:
+            kid, secret = check_secret_entry(entry)
+            return mint_token(
+                secret,
+                subject=f"region:{self.source}",
+                docs={"**": "rwp"},
+                ttl_s=TOKEN_TTL_S,
+                kid=kid,
+            )
+        return None
+
+    # -- one connection ---------------------------------------------------------------
+
+    async def _session(self) -> None:
+        s = self.settings
+        url = link_url(self.url, self.source, self._token())
+        async with connect(
+            url,
+            max_size=s.max_message_bytes,
+            open_timeout=10,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=2,
+            compression=None,
+        ) as ws:
+            self._reset(ws)
+            self.stats.connects += 1
+            first = await asyncio.wait_for(ws.recv(decode=False), 10)
+            hello = decode_message(first if isinstance(first, bytes) else first.encode())
+            if not isinstance(hello, ExtHello) or hello.version < MUX_VERSION:
+                raise CrdtsyncError(f"the peer is no crdtsync relay with links ({hello!r})")
+            loop = asyncio.get_running_loop()
+            tasks = [
+                loop.create_task(self._read(ws)),
+                loop.create_task(self._renew(ws)),
+                loop.create_task(self._record()),
+            ]
+            try:
+                await self._ship(ws)
+            finally:
+                for task in tasks:
+                    task.cancel()
+                for task in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await task
+                self._ws = None
+
+    def _reset(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._channels.clear()
+        self._documents.clear()
+        self._next_channel = 1
+        self._window.clear()
+        self._key_batch.clear()
+        self._key_channel.clear()
+        self._inflight.clear()
+        self._step1.clear()
+        self._linked = None
+        self._records = asyncio.Queue()
+
+    async def _renew(self, ws: ClientConnection) -> None:
+        """Keep the lease; a link that lost it stops (another process runs it now)."""
+        while True:
+            await asyncio.sleep(LEASE_S / 3)
+            if not await self.store.lease(f"link:{self.region}", self.holder, LEASE_S):
+                log.warning("link to %s: lease lost, handing over", self.region)
+                await ws.close(1001, "lease lost")
+                return
+
+    async def _read(self, ws: ClientConnection) -> None:
+        """Acknowledgements, refusals, step 1s and checkpoint answers, as they come."""
+        try:
+            async for data in ws:
+                if isinstance(data, str):
+                    raise CrdtsyncError("text frame from the target")
+                msg = decode_message(data)
+                if isinstance(msg, ExtChannel):
+                    self._channel_message(msg.channel, decode_message(msg.frame))
+                elif isinstance(msg, ExtClose):
+                    self._channel_closed(msg)
+                elif isinstance(msg, ExtLinked):
+                    if self._linked is not None and not self._linked.done():
+                        self._linked.set_result(msg)  # the answer to the first message
+                    else:
+                        self._recorded(msg)
+                elif (
+                    isinstance(msg, ExtLinkDigests)
+                    and self._digests is not None
+                    and not self._digests.done()
+                ):
+                    self._digests.set_result(msg)
+        except (ConnectionClosed, CrdtsyncError) as exc:
+            log.info("link to %s: reading ended: %s", self.region, exc)
+        finally:
+            # Whatever waits for this connection gives up: the session restarts.
+            for waiter in [*self._step1.values(), self._linked, self._digests]:
+                if waiter is not None and not waiter.done():
+                    waiter.set_exception(ConnectionError("link connection ended"))
+            self._ws = None
+            self._acked.set()
+
+    def _channel_message(self, channel: int, msg: object) -> None:
+        if isinstance(msg, SyncStep1):
+            waiter = self._step1.get(channel)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg.state_vector)
+        elif isinstance(msg, ExtAck):
+            self._done(msg.key)
+        elif isinstance(msg, ExtRefused):
+            # The integrity rule refused (part of) it here: reported, never retried (it
+            # would be refused again); the rest of the update was stored.
+            self.stats.refused += 1
+            log.warning(
+                "link to %s: %s refused part of an update: %s",
+                self.region,
+                self._documents.get(channel, "?"),
+                msg.reason,
+            )
+            self._done(msg.key)
+
+    def _channel_closed(self, msg: ExtClose) -> None:
+        document = self._documents.pop(msg.channel, None)
+        if document is not None and self._channels.get(document) == msg.channel:
+            del self._channels[document]
+        waiter = self._step1.pop(msg.channel, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionError(f"channel closed: {msg.reason}"))
+        if self._ws is not None:
+            # Refused or failed (rights, a store failure there): what it carried is not
+            # acknowledged; the session starts again from the checkpoint.
+            log.warning(
+                "link to %s: %s closed by the target (%d %s)",
+                self.region,
+                document,
+                msg.code,
+                msg.reason,
+            )
+            self.last_error = f"{document}: {msg.code} {msg.reason}"
+            self._closing = asyncio.get_running_loop().create_task(
+                self._ws.close(1011, "channel closed by the target")
+            )
+
+    def _done(self, key: int) -> None:
+        channel = self._key_channel.pop(key, None)
+        if channel is not None:
+            self._inflight[channel] -= 1
+            if not self._inflight[channel]:
+                del self._inflight[channel]
+        batch = self._key_batch.pop(key, None)
+        if batch is not None:
+            batch.keys.discard(key)
+        self._acked.set()
+
+    def _recorded(self, linked: ExtLinked) -> None:
+        """The target recorded a checkpoint: record it here too, in order."""
+        me = self._identity
+        if me is None or linked.source != me.id or linked.source_epoch != me.epoch:
+            self.last_error = "the target recorded a checkpoint of another store"
+            if self._ws is not None:
+                self._closing = asyncio.get_running_loop().create_task(
+                    self._ws.close(1011, "checkpoint of another store")
+                )
+            return
+        self._records.put_nowait(linked)
+
+    async def _record(self) -> None:
+        while True:
+            linked = await self._records.get()
+            if linked.cursor < self.cursor or (linked.cursor == self.cursor and self._recorded_at):
+                continue
+            await self.store.set_link_checkpoint(
+                LinkCheckpoint("out", self.region, linked.store, linked.epoch, linked.cursor)
+            )
+            self.cursor = linked.cursor
+            self._recorded_at = time.monotonic()
+            self.stats.checkpoints += 1
+            # A batch leaves the window once its end is recorded at both ends: a link
+            # killed now ships again at most the batches still in it.
+            window = self._window
+            while window and not window[0].keys and window[0].end <= linked.cursor:
+                window.pop(0)
+            self._acked.set()
+
+    # -- shipping ------------------------------------------------------------------------
+
+    async def _ship(self, ws: ClientConnection) -> None:
+        me = await self.store.identity()
+        self._identity = me
+        self._linked = asyncio.get_running_loop().create_future()
+        await ws.send(ExtLink(me.id, me.epoch).encode())
+        linked = await asyncio.wait_for(self._linked, self.settings.link_ack_timeout_s)
+        out = await self.store.link_checkpoint("out", self.region)
+        resume = resume_from(me, linked, out)
+        log.info(
+            "link to %s connected: %s (cursor %d)",
+            self.region,
+            resume.why,
+            resume.cursor,
+            extra={"region": self.region},
+        )
+        self.cursor = self.sent_to = self._asked = resume.cursor
+        if resume.sweep:
+            await self._sweep(ws)
+        while True:
+            if ws.close_code is not None or self._ws is None:
+                raise ConnectionError("link connection ended")
+            try:
+                listed, end = await self.store.feed(self.sent_to, FEED_PAGE)
+            except FeedGap as exc:
+                log.warning("link to %s: %s; comparing state vectors", self.region, exc)
+                await self._sweep(ws)
+                continue
+            self.latest = end
+            if not listed:
+                await self._drain(ws)
+                if self.cursor >= self.latest:
+                    self.state = "live"
+                    self.behind_since = None
+                    every = self.settings.anti_entropy_s
+                    if every and time.monotonic() - self._last_sweep >= every:
+                        await self.anti_entropy(ws)
+                        continue
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.link_poll_s)
+                continue
+            if self.behind_since is None:
+                self.behind_since = time.monotonic()
+            if len(listed) >= FEED_PAGE:
+                self.state = "catching up"
+            await self._ship_page(ws, listed, end)
+
+    async def _ship_page(self, ws: ClientConnection, listed: list[Change], end: int) -> None:
+        """Ship what originated here of the appends ``listed`` (after ``sent_to``, up to
+        ``end``): one batch, whose end is a checkpoint once it is acknowledged (every
+        update before it, of every document, is in it or in an earlier batch)."""
+        start = self.sent_to
+        batch = _Batch(start)
+        for document in dict.fromkeys(change.document for change in listed):
+            since = await self.store.since(document, start)
+            if not since.complete:
+                # Compacted past the cursor: what it lacks, by its state vector.
+                await self._fallback(ws, document, batch)
+                continue
+            local = [u for c, u, origin in since.updates if origin is None and c <= end]
+            if self.settings.link_defect == "drop":
+                local = self._drop_some(local)
+            if local:
+                await self._send_updates(ws, document, local, batch)
+        batch.end = end
+        await self._close_batch(ws, batch)
+
+    async def _send_updates(
+        self, ws: ClientConnection, document: str, updates: list[bytes], batch: _Batch
+    ) -> None:
+        limit = self.settings.link_batch_bytes
+        run: list[bytes] = []
+        size = 0
+        for update in updates:
+            if run and size + len(update) > limit:
+                await self._send_one(ws, document, run, batch)
+                run, size = [], 0
+            run.append(update)
+            size += len(update)
+        if run:
+            await self._send_one(ws, document, run, batch)
+        self.stats.documents_shipped += 1
+
+    async def _send_one(
+        self, ws: ClientConnection, document: str, run: list[bytes], batch: _Batch
+    ) -> None:
+        update = run[0] if len(run) == 1 else merge_updates(*run)
+        channel = await self._channel(ws, document)
+        key = self._next_key
+        self._next_key += 1
+        batch.keys.add(key)
+        self._key_batch[key] = batch
+        self._key_channel[key] = channel
+        self._inflight[channel] = self._inflight.get(channel, 0) + 1
+        batch.updates += len(run)
+        batch.bytes += len(update)
+        self.stats.updates_shipped += len(run)
+        self.stats.bytes_shipped += len(update)
+        await ws.send(ExtChannel(channel, ExtUpdate(key, update).encode()).encode())
+
+    async def _channel(self, ws: ClientConnection, document: str) -> int:
+        """The open channel of ``document``, opened if need be (its step 1 comes then).
+
+        A channel is closed only with nothing on it waiting for acknowledgement: the
+        relay acknowledges nothing on a channel closed meanwhile."""
+        number = self._channels.get(document)
+        if number is not None:
+            self._channels.move_to_end(document)
+            return number
+        while len(self._channels) >= MAX_OPEN_CHANNELS:
+            idle = next((d for d, n in self._channels.items() if n not in self._inflight), None)
+            if idle is None:
+                await self._until(ws, lambda: len(self._inflight) < len(self._channels))
+                continue
+            await self._close_channel(ws, idle)
+        number = self._next_channel
+        self._next_channel += 1
+        self._channels[document] = number
+        self._documents[number] = document
+        await ws.send(ExtOpen(number, document).encode())
+        return number
+
+    async def _close_channel(self, ws: ClientConnection, document: str) -> None:
+        number = self._channels[document]
+        await self._until(ws, lambda: number not in self._inflight)
+        self._channels.pop(document, None)
+        self._documents.pop(number, None)
+        self._step1.pop(number, None)
+        await ws.send(ExtClose(number).encode())
+
+    async def _until(self, ws: ClientConnection, done: Callable[[], bool]) -> None:
+        """Checkpoint what is acknowledged, and wait for acknowledgements (and checkpoint
+        answers) until ``done()``; one not coming in time, or the connection gone, raises."""
+        while True:
+            self._acked.clear()
+            await self._advance(ws)
+            if done():
+                return
+            if ws.close_code is not None or self._ws is None:
+                raise ConnectionError("link connection ended")
+            await asyncio.wait_for(self._acked.wait(), self.settings.link_ack_timeout_s)
+
+    async def _fallback(self, ws: ClientConnection, document: str, batch: _Batch) -> None:
+        """Ship what the target lacks of ``document``, by the state vector of its step 1."""
+        await self._fallbacks(ws, [document], batch)
+
+    async def _fallbacks(
+        self, ws: ClientConnection, documents: list[str], batch: _Batch
+    ) -> set[str]:
+        """:meth:`_fallback` for several documents at once: every channel is opened
+        first, so a slow link costs one round trip for the group, not one per document.
+        Returns the documents of which the target lacked content (not only deletes)."""
+        lacked: set[str] = set()
+        loop = asyncio.get_running_loop()
+        waiters: list[tuple[str, int, asyncio.Future[bytes]]] = []
+        for document in documents:
+            self.stats.fallbacks += 1
+            if document in self._channels:
+                await self._close_channel(ws, document)
+            waiter: asyncio.Future[bytes] = loop.create_future()
+            # Waited for before the open goes out (the number it gets: the next one).
+            self._step1[self._next_channel] = waiter
+            number = await self._channel(ws, document)
+            waiters.append((document, number, waiter))
+        for document, number, waiter in waiters:
+            state_vector = await asyncio.wait_for(waiter, self.settings.link_ack_timeout_s)
+            self._step1.pop(number, None)
+            stored = await self.store.load(document)
+            missing = await asyncio.to_thread(_missing, stored.all_updates(), state_vector)
+            if missing != EMPTY_UPDATE:
+                if check_update(missing).state:
+                    lacked.add(document)
+                await self._send_updates(ws, document, [missing], batch)
+            elif self._channels.get(document) == number:
+                await self._close_channel(ws, document)  # (idle, the relay would time it out)
+        return lacked
+
+    async def _close_batch(self, ws: ClientConnection, batch: _Batch) -> None:
+        """Put ``batch`` in the window; wait while the window is full."""
+        if self.settings.link_defect == "early-checkpoint" and self._identity is not None:
+            # Broken on purpose: the checkpoint is asked for before the target stored
+            # (let alone acknowledged) what it covers.
+            await ws.send(ExtLink(self._identity.id, self._identity.epoch, batch.end).encode())
+        self.sent_to = max(self.sent_to, batch.end)
+        self._window.append(batch)
+        if batch.keys:
+            self.stats.batches += 1
+        await self._until(ws, lambda: len(self._window) < self.settings.link_window)
+
+    async def _drain(self, ws: ClientConnection) -> None:
+        """Wait for every batch sent to be acknowledged and its checkpoint recorded."""
+        await self._until(
+            ws, lambda: all(not b.keys and b.end <= self.cursor for b in self._window)
+        )
+
+    async def _advance(self, ws: ClientConnection) -> None:
+        """Ask the target to record the end of the acknowledged batches at the front of
+        the window (its answer is recorded here as it comes: :meth:`_record`)."""
+        while self._window and not self._window[0].keys and self._window[0].end <= self.cursor:
+            self._window.pop(0)  # (nothing to record: an earlier checkpoint covers it)
+        end = None
+        for batch in self._window:
+            if batch.keys:
+                break
+            end = batch.end
+        if end is None or self._identity is None or end <= self._asked:
+            return
+        self._asked = end
+        await ws.send(ExtLink(self._identity.id, self._identity.epoch, end).encode())
+
+    async def _sweep(self, ws: ClientConnection) -> None:
+        """Every document by state vectors (no checkpoint both ends agree on, or the
+        feed no longer reaches back to it). Nothing is checkpointed until every
+        document was compared: then everything up to where the store was when the
+        sweep began is at the target, and the feed continues from there."""
+        self.state = "catching up"
+        self.stats.sweeps += 1
+        await self._drain(ws)
+        start = await self.store.last_change()
+        swept: set[str] = set()
+        cursor = 0
+        while True:
+            changes = await self.store.changes(cursor, CHANGES_PAGE)
+            if not changes:
+                break
+            cursor = changes[-1].cursor
+            fresh = [c.document for c in changes if c.document not in swept]
+            swept.update(fresh)
+            for group in _groups(fresh, FALLBACK_GROUP):
+                batch = _Batch(self.sent_to)
+                await self._fallbacks(ws, group, batch)
+                await self._close_batch(ws, batch)
+        await self._drain(ws)
+        # Recorded even where nothing was shipped: both ends now hold a checkpoint of
+        # each other (the next connection resumes from it instead of sweeping again).
+        assert self._identity is not None
+        self.sent_to = max(self.sent_to, start)
+        self._asked = max(self._asked, start)
+        self._recorded_at = None
+        await ws.send(ExtLink(self._identity.id, self._identity.epoch, start).encode())
+        await self._until(ws, lambda: self._recorded_at is not None)
+
+    async def anti_entropy(self, ws: ClientConnection) -> int:
+        """Compare every document's digest (state vector and delete set) with the
+        target's and repair what differs by state vectors; return how many documents
+        the target was found lacking (each a finding: logged, counted in ``repairs``).
+
+        Only documents whose latest change the link has checkpointed are compared (the
+        others are on their way); a target holding more than this region is the other
+        direction's business (its own link's anti-entropy)."""
+        self.stats.anti_entropy_runs += 1
+        checked_to = self.cursor
+        found = 0
+        cursor = 0
+        while True:
+            changes = await self.store.changes(cursor, CHANGES_PAGE)
+            if not changes:
+                break
+            cursor = changes[-1].cursor
+            names = [c.document for c in changes if c.cursor <= checked_to]
+            if not names:
+                continue
+            theirs = await self._ask_digests(ws, names)
+            ours: dict[str, bytes] = {}
+            for name in names:
+                stored = await self.store.load(name)
+                ours[name] = await asyncio.to_thread(document_digest, stored.all_updates())
+            differing = [n for n in names if theirs.get(n, ours[n]) != ours[n]]
+            if not differing:
+                continue
+            batch = _Batch(self.sent_to)
+            lacked = await self._fallbacks(ws, differing, batch)
+            await self._close_batch(ws, batch)
+            await self._drain(ws)
+            after = await self._ask_digests(ws, differing)
+            for name in differing:
+                if name in lacked or after.get(name) == ours[name]:
+                    found += 1
+                    self.stats.repairs += 1
+                    self.findings = [*self.findings[-99:], name]
+                    log.warning(
+                        "anti-entropy: region %s lacked part of %r (repaired): a link lost it",
+                        self.region,
+                        name,
+                        extra={"region": self.region, "document": name, "event": "repair"},
+                    )
+        self._last_sweep = time.monotonic()
+        return found
+
+    async def _ask_digests(self, ws: ClientConnection, names: list[str]) -> dict[str, bytes]:
+        """The target's digests of ``names`` (those it may tell)."""
+        out: dict[str, bytes] = {}
+        for group in _groups(names, MAX_NAMES_PER_MESSAGE):
+            self._digests = asyncio.get_running_loop().create_future()
+            await ws.send(ExtLinkDigests(tuple(group)).encode())
+            answer = await asyncio.wait_for(self._digests, self.settings.link_ack_timeout_s)
+            out.update(zip(answer.names, answer.digests, strict=True))
+        return out
+
+    def _drop_some(self, updates: list[bytes]) -> list[bytes]:
+        """(link_defect "drop") Leave out every 50th update."""
+        kept = []
+        for update in updates:
+            self._seen_for_drop += 1
+            if self._seen_for_drop % 50 == 0:
+                self.stats.dropped += 1
+                continue
+            kept.append(update)
+        return kept
+
+
+def _groups(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _missing(updates: list[bytes], state_vector: bytes) -> bytes:
+    """What a holder of ``state_vector`` lacks of the document made of ``updates``
+    (with its whole delete set: deletes do not show in a state vector)."""
+    merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
+    return get_update(merged, state_vector)
+
+
+def links_of(settings: RelaySettings, store: RelayStore, holder: str | None = None) -> list[Link]:
+    """One link per peer region of ``settings``."""
+    return [
+        Link(settings, store, region, url, holder=holder)
+        for region, url in sorted(settings.peers.items())
+    ]

@@ -1,0 +1,116 @@
+"""Region links' pure parts (issue 12): where a link resumes, its URL, its messages, and
+the regions' settings. The links themselves run in tests/e2e/test_regions.py."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from crdtsync.backend import LinkCheckpoint, StoreIdentity
+from crdtsync.errors import MalformedMessage
+from crdtsync.protocol import ExtLink, ExtLinked, decode_message
+from crdtsync.server.links import link_url, resume_from
+from crdtsync.settings import RelaySettings, validate_region
+
+ME = StoreIdentity("source-store", 3)
+
+
+def test_first_contact_sweeps() -> None:
+    resume = resume_from(ME, ExtLinked("target-store", 1), None)
+    assert resume.sweep
+    assert resume.cursor == 0
+
+
+def test_both_ends_agreeing_resume_from_the_lower_checkpoint() -> None:
+    linked = ExtLinked("target-store", 1, "source-store", 3, 120)
+    out = LinkCheckpoint("out", "us", "target-store", 1, 100)
+    resume = resume_from(ME, linked, out)
+    assert (resume.cursor, resume.sweep) == (100, False)
+    # The target ahead of the source's record (the source's record lagged its answer).
+    assert resume_from(ME, linked, None) == resume_from(ME, linked, None)
+    assert resume_from(ME, linked, None).cursor == 120
+
+
+@pytest.mark.parametrize(
+    ("linked", "why"),
+    [
+        (ExtLinked("target-store", 1, "another-store", 3, 120), "emptied source"),
+        (ExtLinked("target-store", 1, "source-store", 2, 120), "restored source"),
+    ],
+)
+def test_a_checkpoint_of_another_source_store_or_epoch_sweeps(linked: ExtLinked, why: str) -> None:
+    assert resume_from(ME, linked, None).sweep, why
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        LinkCheckpoint("out", "us", "old-target-store", 1, 100),  # the target was replaced
+        LinkCheckpoint("out", "us", "target-store", 0, 100),  # ... or restored (epoch raised)
+    ],
+)
+def test_a_target_replaced_or_restored_since_sweeps(out: LinkCheckpoint) -> None:
+    linked = ExtLinked("target-store", 1, "source-store", 3, 120)
+    assert resume_from(ME, linked, out).sweep
+
+
+def test_the_link_url_is_the_multiplexed_endpoint_with_the_region_and_token() -> None:
+    url = link_url("wss://us.example:8443/some/path?x=1", "eu", "t.o.k")
+    assert url == "wss://us.example:8443/?crdtsync=1&mux=1&region=eu&token=t.o.k"
+    assert (
+        link_url("ws://127.0.0.1:9", "eu", None) == "ws://127.0.0.1:9/?crdtsync=1&mux=1&region=eu"
+    )
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        ExtLink("s", 1),
+        ExtLink("s" * 64, 2**40, 0),
+        ExtLink("s", 1, 2**53 - 1),
+        ExtLinked("t", 1),
+        ExtLinked("t", 9, "s", 3, 77),
+    ],
+)
+def test_link_messages_round_trip(msg: object) -> None:
+    assert decode_message(msg.encode()) == msg  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("cut", [3, 4, 5])
+def test_a_truncated_link_message_is_malformed(cut: int) -> None:
+    data = ExtLinked("t", 9, "s", 3, 77).encode()
+    with pytest.raises(MalformedMessage):
+        decode_message(data[:cut])
+
+
+@pytest.mark.parametrize("name", ["eu", "us-east-1", "a", "0", "x" * 32])
+def test_region_names_that_are_valid(name: str) -> None:
+    assert validate_region(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "-eu", "EU", "eu_west", "x" * 33, "eu/1", "é"])
+def test_region_names_that_are_refused(name: str) -> None:
+    with pytest.raises(ValueError, match="region name"):
+        validate_region(name)
+
+
+def test_peers_need_a_region_of_their_own_and_ws_urls() -> None:
+    with pytest.raises(ValidationError, match="peers need"):
+        RelaySettings(peers={"us": "ws://x/"})
+    with pytest.raises(ValidationError, match="this relay's own"):
+        RelaySettings(region="eu", peers={"eu": "ws://x/"})
+    with pytest.raises(ValidationError, match="ws:// or wss://"):
+        RelaySettings(region="eu", peers={"us": "http://x/"})
+    with pytest.raises(ValidationError, match="region name"):
+        RelaySettings(region="eu", peers={"US": "ws://x/"})
+    settings = RelaySettings(region="eu", peers={"us": "wss://us.example/"})
+    assert settings.peers == {"us": "wss://us.example/"}
+    assert "peer_token" not in repr(RelaySettings(region="eu", peer_token="secret-token"))
+
+
+def test_peers_come_from_the_environment_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CRDTSYNC_REGION", "eu")
+    monkeypatch.setenv("CRDTSYNC_PEERS", '{"us": "ws://127.0.0.1:1/", "ap": "ws://127.0.0.1:2/"}')
+    settings = RelaySettings()
+    assert settings.region == "eu"
+    assert set(settings.peers) == {"us", "ap"}
