@@ -215,9 +215,10 @@ class RelayStore(Protocol):
         """
         ...
 
-    async def since(self, document: str, cursor: int) -> Since:
-        """``document``'s updates appended after change cursor ``cursor``, with their
-        origins; ``complete`` False if a compaction folded some of them away."""
+    async def since(self, document: str, cursor: int, until: int | None = None) -> Since:
+        """``document``'s updates appended after change cursor ``cursor`` (up to
+        ``until``), with their origins; ``complete`` False if a compaction folded some of
+        them away."""
         ...
 
     async def link_checkpoint(self, direction: str, region: str) -> LinkCheckpoint | None:

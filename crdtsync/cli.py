@@ -256,6 +256,29 @@ def _check_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "folder check/ and has only a few open at a time; every replica's file must end "
         "up holding every document as the relays do (1: one document, open throughout)",
     )
+    p.add_argument(
+        "--regions",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="N regions (2 or more), each a relay on a store of its own, peered through a "
+        "fault proxy per link; replicas spread over them; adds the faults "
+        "partition-regions, link-faults, kill-link, empty-region. What a link loses stays "
+        "lost (no anti-entropy): the links alone must deliver every edit everywhere",
+    )
+    p.add_argument(
+        "--anti-entropy",
+        action="store_true",
+        help="(--regions) let the relays' anti-entropy run (every 2 s): it repairs what "
+        "links lost; its repairs are counted, not judged",
+    )
+    p.add_argument(
+        "--link-defect",
+        choices=["drop", "early-checkpoint"],
+        default="",
+        help="(--regions) links broken on purpose, to see the check fail: drop 1 in 50 "
+        "updates, or record checkpoints before the target stored what they cover",
+    )
     p.add_argument("--seed", type=int, default=0, help="first seed (0)")
     p.add_argument("--seeds", type=_positive_int, default=1, help="how many seeds to run (1)")
     p.add_argument("--steps", type=_positive_int, default=40, help="steps per schedule (40)")

@@ -1058,9 +1058,10 @@ class UpdateLog:
         rows = sorted([*tails, *snapshots], key=lambda row: row[1])[:limit]
         return [(doc, int(p)) for doc, p in rows]
 
-    def since(self, doc: str, cursor: int) -> Since:
+    def since(self, doc: str, cursor: int, until: int | None = None) -> Since:
         """``doc``'s updates appended after change cursor ``cursor`` (a position here),
-        with their origins; incomplete if its snapshot covers anything after it."""
+        up to ``until`` if given, with their origins; incomplete if its snapshot covers
+        anything after ``cursor``."""
         with self._lock, _store_errors(self.path):
             conn = self.conn
             conn.execute("BEGIN")
@@ -1071,8 +1072,8 @@ class UpdateLog:
                 covered = row[0] if row else 0
                 rows = conn.execute(
                     "SELECT seq, data, chunks, origin FROM updates "
-                    "WHERE doc = ? AND seq > ? ORDER BY seq",
-                    (doc, max(cursor, covered)),
+                    "WHERE doc = ? AND seq > ? AND seq <= ? ORDER BY seq",
+                    (doc, max(cursor, covered), 2**63 - 1 if until is None else until),
                 ).fetchall()
                 updates = [
                     (seq, data if gen is None else _chunked(conn, gen), origin)

@@ -12,12 +12,13 @@ What travels, CouchDB-style:
   the updates appended after it whose *origin* is this region (split horizon: what came
   from another region's link is stored with that origin and never shipped on, so no
   topology echoes).
-- Batches are pipelined: up to ``link_window`` batches are under way at once. Once every
-  update up to a batch's end is acknowledged, the link asks the target to record that
-  cursor (its checkpoint of this source, with this store's identity and epoch), and
-  records the target's answer as its own (with the target's identity); only then does
-  the batch leave the window. So after a crash of either side, the link resumes from the
-  checkpoint both ends hold and ships again at most one window of batches.
+- Batches are pipelined: up to ``link_window`` batches are under way at once. After a
+  batch's updates, the link asks the target to record the batch's end (its checkpoint
+  of this source, with this store's identity and epoch); the target records it once
+  every update the link sent before is stored, and answers; the link records the answer
+  as its own (with the target's identity), and only then does the batch leave the
+  window. So after a crash of either side, the link resumes from the checkpoint both
+  ends hold and ships again at most one window of batches.
 - When the checkpoints cannot be used (first contact, a store replaced, emptied or
   restored from a backup), and for a document whose tail the source compacted past the
   cursor, the link falls back to state vectors: the target's step 1 on the channel says
@@ -46,7 +47,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from crdtsync.auth import check_secret_entry, mint_token
 from crdtsync.backend import Change, FeedGap, LinkCheckpoint, RelayStore, StoreIdentity
-from crdtsync.errors import CrdtsyncError, StoreError
+from crdtsync.errors import CloseCode, CrdtsyncError, StoreError
 from crdtsync.folders import document_digest
 from crdtsync.protocol import (
     MAX_NAMES_PER_MESSAGE,
@@ -66,6 +67,7 @@ from crdtsync.protocol import (
 )
 from crdtsync.settings import RelaySettings
 from crdtsync.store import EMPTY_UPDATE
+from crdtsync.sync import split_update
 from crdtsync.updates import check_update
 
 __all__ = ["Link", "Resume", "link_url", "resume_from"]
@@ -78,7 +80,7 @@ FALLBACK_GROUP = 64  # documents whose state vectors a sweep asks for at once
 MAX_OPEN_CHANNELS = 512  # channels a link keeps open (least recently used close first)
 LEASE_S = 10.0  # a link's lease on a shared store (renewed every third of it)
 TOKEN_TTL_S = 3600.0  # a minted peer token's lifetime (a link reconnects before it ends)
-MAX_RETRY_S = 30.0
+MAX_RETRY_S = 5.0  # (a handful of links: a healed partition is noticed within seconds)
 
 
 def link_url(peer: str, region: str, token: str | None) -> str:
@@ -93,11 +95,13 @@ def link_url(peer: str, region: str, token: str | None) -> str:
 @dataclass(frozen=True, slots=True)
 class Resume:
     """Where a link starts: from ``cursor``, or (``sweep``) by state vectors for every
-    document first, because no checkpoint both ends agree on exists."""
+    document first, because no checkpoint both ends agree on exists. ``target_reset``:
+    the target is not the store this link last shipped to (emptied, replaced, restored)."""
 
     cursor: int
     sweep: bool
     why: str
+    target_reset: bool = False
 
 
 def resume_from(me: StoreIdentity, linked: ExtLinked, out: LinkCheckpoint | None) -> Resume:
@@ -110,14 +114,15 @@ def resume_from(me: StoreIdentity, linked: ExtLinked, out: LinkCheckpoint | None
     what it had, including what it had received from elsewhere: the sweep gives it back
     everything this region holds that it lacks).
     """
+    reset = out is not None and (out.store != linked.store or out.epoch != linked.epoch)
+    if reset:
+        return Resume(0, True, "the target store is another one, or was restored, since", True)
     if not linked.source:
         return Resume(0, True, "first contact: the target holds no checkpoint of this store")
     if linked.source != me.id or linked.source_epoch != me.epoch:
         return Resume(
             0, True, "the target's checkpoint is of another store or epoch (emptied, restored)"
         )
-    if out is not None and (out.store != linked.store or out.epoch != linked.epoch):
-        return Resume(0, True, "the target store is another one, or was restored, since")
     cursor = linked.cursor if out is None else min(linked.cursor, out.cursor)
     return Resume(cursor, False, "checkpoint")
 
@@ -141,11 +146,14 @@ class LinkStats:
     documents_shipped: int = 0
     fallbacks: int = 0  # documents brought up to date by state vectors
     sweeps: int = 0  # times every document was (no usable checkpoint)
-    refused: int = 0  # updates the target refused (integrity), reported, not retried
+    refused: int = 0  # updates the target refused (part of): retried by state vectors
+    retries: int = 0  # documents shipped again by state vectors after a refusal
+    skipped: int = 0  # documents the target would not take over this link (rights)
     checkpoints: int = 0
     failures: int = 0
     anti_entropy_runs: int = 0
-    repairs: int = 0  # documents anti-entropy found the target lacking: something was lost
+    repairs: int = 0  # documents lacking what this region wrote: this link lost something
+    repairs_other: int = 0  # ... lacking others' content or deletes: repaired all the same
     dropped: int = 0  # (link_defect "drop" only: updates left out on purpose)
 
 
@@ -201,6 +209,11 @@ class Link:
         self._digests: asyncio.Future[ExtLinkDigests] | None = None
         self._last_sweep = time.monotonic()  # anti-entropy's last run (or the start)
         self.findings: list[str] = []  # documents anti-entropy repaired (the latest 100)
+        self._retry: set[str] = set()  # documents to ship again by state vectors
+        self._retry_at = 0.0
+        self._retry_pause = 0.5
+        self.sweep_requested = False  # a sweep asked for from outside (a peer was reset)
+        self.on_target_reset: Callable[[str], None] | None = None
         self._seen_for_drop = 0
         self._acked = asyncio.Event()
         self._step1: dict[int, asyncio.Future[bytes]] = {}
@@ -386,15 +399,21 @@ class Link:
         elif isinstance(msg, ExtAck):
             self._done(msg.key)
         elif isinstance(msg, ExtRefused):
-            # The integrity rule refused (part of) it here: reported, never retried (it
-            # would be refused again); the rest of the update was stored.
+            # The target refused part of it (the rest was stored): content whose parent
+            # it does not hold yet (another region's link brings it), more repeats than
+            # it takes at once, content it holds otherwise... Retried later by state
+            # vectors, which ship only what it lacks, so a permanent conflict is not sent
+            # again and a transient refusal goes through once its cause is gone.
             self.stats.refused += 1
+            document = self._documents.get(channel)
             log.warning(
-                "link to %s: %s refused part of an update: %s",
+                "link to %s: %s refused part of an update (retried by state vectors): %s",
                 self.region,
-                self._documents.get(channel, "?"),
+                document or "?",
                 msg.reason,
             )
+            if document is not None:
+                self._retry.add(document)
             self._done(msg.key)
 
     def _channel_closed(self, msg: ExtClose) -> None:
@@ -402,10 +421,27 @@ class Link:
         if document is not None and self._channels.get(document) == msg.channel:
             del self._channels[document]
         waiter = self._step1.pop(msg.channel, None)
+        if msg.code in (CloseCode.FORBIDDEN, CloseCode.POLICY_VIOLATION):
+            # The target will not take this document over this link (no peer right on
+            # it, a name it refuses): skipped and reported, so as not to block the rest.
+            self.stats.skipped += 1
+            self.last_error = f"{document}: {msg.code} {msg.reason}"
+            log.warning(
+                "link to %s: %s refused by the target, skipped (%d %s)",
+                self.region,
+                document,
+                msg.code,
+                msg.reason,
+            )
+            for key in [k for k, c in self._key_channel.items() if c == msg.channel]:
+                self._done(key)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(b"")  # (a fallback waiting for it ships nothing)
+            return
         if waiter is not None and not waiter.done():
             waiter.set_exception(ConnectionError(f"channel closed: {msg.reason}"))
         if self._ws is not None:
-            # Refused or failed (rights, a store failure there): what it carried is not
+            # Failed there (a store failure, over its limits): what it carried is not
             # acknowledged; the session starts again from the checkpoint.
             log.warning(
                 "link to %s: %s closed by the target (%d %s)",
@@ -456,7 +492,7 @@ class Link:
             # A batch leaves the window once its end is recorded at both ends: a link
             # killed now ships again at most the batches still in it.
             window = self._window
-            while window and not window[0].keys and window[0].end <= linked.cursor:
+            while window and window[0].end <= linked.cursor:
                 window.pop(0)
             self._acked.set()
 
@@ -470,6 +506,10 @@ class Link:
         linked = await asyncio.wait_for(self._linked, self.settings.link_ack_timeout_s)
         out = await self.store.link_checkpoint("out", self.region)
         resume = resume_from(me, linked, out)
+        if resume.target_reset and self.on_target_reset is not None:
+            # What this region learned from the reset one (and stored as its) may have
+            # reached only some regions before the reset: the other links compare.
+            self.on_target_reset(self.region)
         log.info(
             "link to %s connected: %s (cursor %d)",
             self.region,
@@ -489,10 +529,22 @@ class Link:
                 log.warning("link to %s: %s; comparing state vectors", self.region, exc)
                 await self._sweep(ws)
                 continue
-            self.latest = end
+            self.latest = max(end, await self.store.last_change())
             if not listed:
-                await self._drain(ws)
-                if self.cursor >= self.latest:
+                # Nothing new: checkpoint what was acknowledged, but never wait for it
+                # here (a write that comes meanwhile goes out at once, not after a round
+                # trip or two of acknowledgements and checkpoints).
+                self._acked.clear()
+                await self._advance(ws)
+                settled = not self._window
+                if settled and self.sweep_requested:
+                    self.sweep_requested = False
+                    await self._sweep(ws)
+                    continue
+                if settled and self._retry and time.monotonic() >= self._retry_at:
+                    await self._retry_refused(ws)
+                    continue
+                if settled and self.cursor >= self.latest:
                     self.state = "live"
                     self.behind_since = None
                     every = self.settings.anti_entropy_s
@@ -500,8 +552,17 @@ class Link:
                         await self.anti_entropy(ws)
                         continue
                 self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.settings.link_poll_s)
+                wake = asyncio.ensure_future(self._wake.wait())
+                acked = asyncio.ensure_future(self._acked.wait())
+                try:
+                    await asyncio.wait(
+                        {wake, acked},
+                        timeout=self.settings.link_poll_s,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    wake.cancel()
+                    acked.cancel()
                 continue
             if self.behind_since is None:
                 self.behind_since = time.monotonic()
@@ -515,8 +576,14 @@ class Link:
         update before it, of every document, is in it or in an earlier batch)."""
         start = self.sent_to
         batch = _Batch(start)
+        if self.settings.link_defect == "early-checkpoint" and self._identity is not None:
+            # Broken on purpose: both ends record the checkpoint before the target has
+            # even received what it covers (a link lost now never ships it).
+            self._asked = max(self._asked, end)
+            await ws.send(ExtLink(self._identity.id, self._identity.epoch, end).encode())
+            await self._until(ws, lambda: self.cursor >= end)
         for document in dict.fromkeys(change.document for change in listed):
-            since = await self.store.since(document, start)
+            since = await self.store.since(document, start, end)
             if not since.complete:
                 # Compacted past the cursor: what it lacks, by its state vector.
                 await self._fallback(ws, document, batch)
@@ -610,11 +677,12 @@ class Link:
 
     async def _fallbacks(
         self, ws: ClientConnection, documents: list[str], batch: _Batch
-    ) -> set[str]:
+    ) -> dict[str, set[int]]:
         """:meth:`_fallback` for several documents at once: every channel is opened
         first, so a slow link costs one round trip for the group, not one per document.
-        Returns the documents of which the target lacked content (not only deletes)."""
-        lacked: set[str] = set()
+        Returns, per document of which the target lacked content (not only deletes), the
+        client ids of that content."""
+        lacked: dict[str, set[int]] = {}
         loop = asyncio.get_running_loop()
         waiters: list[tuple[str, int, asyncio.Future[bytes]]] = []
         for document in documents:
@@ -630,47 +698,39 @@ class Link:
             state_vector = await asyncio.wait_for(waiter, self.settings.link_ack_timeout_s)
             self._step1.pop(number, None)
             stored = await self.store.load(document)
-            missing = await asyncio.to_thread(_missing, stored.all_updates(), state_vector)
-            if missing != EMPTY_UPDATE:
-                if check_update(missing).state:
-                    lacked.add(document)
-                await self._send_updates(ws, document, [missing], batch)
+            limit = self.settings.link_batch_bytes
+            pieces = await asyncio.to_thread(_missing, stored.all_updates(), state_vector, limit)
+            if pieces:
+                clients = {c for piece in pieces for c in check_update(piece).state}
+                if clients:
+                    lacked[document] = clients
+                await self._send_updates(ws, document, pieces, batch)
             elif self._channels.get(document) == number:
                 await self._close_channel(ws, document)  # (idle, the relay would time it out)
         return lacked
 
     async def _close_batch(self, ws: ClientConnection, batch: _Batch) -> None:
         """Put ``batch`` in the window; wait while the window is full."""
-        if self.settings.link_defect == "early-checkpoint" and self._identity is not None:
-            # Broken on purpose: the checkpoint is asked for before the target stored
-            # (let alone acknowledged) what it covers.
-            await ws.send(ExtLink(self._identity.id, self._identity.epoch, batch.end).encode())
         self.sent_to = max(self.sent_to, batch.end)
         self._window.append(batch)
         if batch.keys:
             self.stats.batches += 1
+        if batch.end > self._asked and self._identity is not None:
+            # Asked at once: the target records it once it stored everything this link
+            # sent before (one round trip per batch, acknowledgements and all).
+            self._asked = batch.end
+            await ws.send(ExtLink(self._identity.id, self._identity.epoch, batch.end).encode())
         await self._until(ws, lambda: len(self._window) < self.settings.link_window)
 
     async def _drain(self, ws: ClientConnection) -> None:
         """Wait for every batch sent to be acknowledged and its checkpoint recorded."""
-        await self._until(
-            ws, lambda: all(not b.keys and b.end <= self.cursor for b in self._window)
-        )
+        await self._until(ws, lambda: not self._window and self.cursor >= self._asked)
 
     async def _advance(self, ws: ClientConnection) -> None:
-        """Ask the target to record the end of the acknowledged batches at the front of
-        the window (its answer is recorded here as it comes: :meth:`_record`)."""
-        while self._window and not self._window[0].keys and self._window[0].end <= self.cursor:
-            self._window.pop(0)  # (nothing to record: an earlier checkpoint covers it)
-        end = None
-        for batch in self._window:
-            if batch.keys:
-                break
-            end = batch.end
-        if end is None or self._identity is None or end <= self._asked:
-            return
-        self._asked = end
-        await ws.send(ExtLink(self._identity.id, self._identity.epoch, end).encode())
+        """Let go of the batches a recorded checkpoint covers (each batch asked for its
+        checkpoint as it was closed: :meth:`_close_batch`; answers: :meth:`_record`)."""
+        while self._window and self._window[0].end <= self.cursor:
+            self._window.pop(0)
 
     async def _sweep(self, ws: ClientConnection) -> None:
         """Every document by state vectors (no checkpoint both ends agree on, or the
@@ -738,18 +798,36 @@ class Link:
             await self._drain(ws)
             after = await self._ask_digests(ws, differing)
             for name in differing:
-                if name in lacked or after.get(name) == ours[name]:
+                if name not in lacked and after.get(name) != ours[name]:
+                    continue  # the target holds more than this region: not ours to repair
+                if lacked.get(name, set()) & await self._local_clients(name):
+                    # What this region's own clients wrote, checkpointed as shipped, and
+                    # not there: this link lost it.
                     found += 1
                     self.stats.repairs += 1
                     self.findings = [*self.findings[-99:], name]
                     log.warning(
-                        "anti-entropy: region %s lacked part of %r (repaired): a link lost it",
+                        "anti-entropy: region %s lacked part of %r (repaired): this link lost it",
                         self.region,
                         name,
                         extra={"region": self.region, "document": name, "event": "repair"},
                     )
+                else:
+                    # Content from elsewhere (a third region whose own link is behind or
+                    # down), or deletes: repaired, not this link's loss.
+                    self.stats.repairs_other += 1
         self._last_sweep = time.monotonic()
         return found
+
+    async def _local_clients(self, document: str) -> set[int]:
+        """Client ids of what this region's own clients wrote to ``document`` that its
+        store still tells apart (what a compaction folded is no longer attributed)."""
+        since = await self.store.since(document, 0)
+        out: set[int] = set()
+        for _, update, origin in since.updates:
+            if origin is None:
+                out.update(check_update(update).state)
+        return out
 
     async def _ask_digests(self, ws: ClientConnection, names: list[str]) -> dict[str, bytes]:
         """The target's digests of ``names`` (those it may tell)."""
@@ -760,6 +838,23 @@ class Link:
             answer = await asyncio.wait_for(self._digests, self.settings.link_ack_timeout_s)
             out.update(zip(answer.names, answer.digests, strict=True))
         return out
+
+    async def _retry_refused(self, ws: ClientConnection) -> None:
+        """Ship again, by state vectors, the documents the target refused part of;
+        refused again, they wait longer (0.5 s doubling up to 30 s)."""
+        documents = sorted(self._retry)
+        self._retry.clear()
+        self.stats.retries += len(documents)
+        for group in _groups(documents, FALLBACK_GROUP):
+            batch = _Batch(self.sent_to)
+            await self._fallbacks(ws, group, batch)
+            await self._close_batch(ws, batch)
+        await self._drain(ws)
+        if self._retry:
+            self._retry_pause = min(self._retry_pause * 2, MAX_RETRY_S)
+        else:
+            self._retry_pause = 0.5
+        self._retry_at = time.monotonic() + self._retry_pause
 
     def _drop_some(self, updates: list[bytes]) -> list[bytes]:
         """(link_defect "drop") Leave out every 50th update."""
@@ -777,16 +872,40 @@ def _groups(items: list[str], size: int) -> list[list[str]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _missing(updates: list[bytes], state_vector: bytes) -> bytes:
-    """What a holder of ``state_vector`` lacks of the document made of ``updates``
-    (with its whole delete set: deletes do not show in a state vector)."""
-    merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
-    return get_update(merged, state_vector)
+def _missing(updates: list[bytes], state_vector: bytes, piece_bytes: int) -> list[bytes]:
+    """What a holder of ``state_vector`` lacks of the document made of ``updates``, with
+    its whole delete set (deletes do not show in a state vector), in pieces: the
+    stored updates' differences one by one when the whole would be larger than
+    ``piece_bytes`` (each was accepted once, so each fits the target's limits; the
+    snapshot cut by client where it is large), else merged into one.
+    """
+    if sum(map(len, updates)) <= piece_bytes:
+        merged = updates[0] if len(updates) == 1 else merge_updates(*updates)
+        missing = get_update(merged, state_vector)
+        return [] if missing == EMPTY_UPDATE else [missing]
+    pieces = []
+    for update in updates:
+        missing = get_update(update, state_vector)
+        if missing != EMPTY_UPDATE:
+            pieces += split_update(missing, piece_bytes)
+    return pieces
 
 
 def links_of(settings: RelaySettings, store: RelayStore, holder: str | None = None) -> list[Link]:
-    """One link per peer region of ``settings``."""
-    return [
+    """One link per peer region of ``settings``. A link that finds its target reset
+    (emptied, replaced, restored) has the others compare every document with their
+    targets: what the reset region had shipped to some regions only is missing at the
+    others, and its own store no longer has it to ship (others hold it as learned)."""
+    links = [
         Link(settings, store, region, url, holder=holder)
         for region, url in sorted(settings.peers.items())
     ]
+
+    def reset(region: str) -> None:
+        for link in links:
+            if link.region != region:
+                link.sweep_requested = True
+
+    for link in links:
+        link.on_target_reset = reset
+    return links

@@ -869,7 +869,7 @@ class RedisStore:
         end = listed[-1].cursor if len(listed) == limit else max(cursor, latest)
         return listed, end
 
-    async def since(self, document: str, cursor: int) -> Since:
+    async def since(self, document: str, cursor: int, until: int | None = None) -> Since:
         """``document``'s entries appended after change ``cursor``, with their origins;
         incomplete if a compaction folded an entry of a later change (``snap_c``)."""
         k = self.keys(document)
@@ -899,7 +899,7 @@ class RedisStore:
             if change is None:
                 complete = False  # (an entry from before entries carried their change)
                 continue
-            if change > cursor:
+            if change > cursor and (until is None or change <= until):
                 origin = fields.get(b"o")
                 updates.append((change, update, origin.decode() if origin else None))
         return Since(document, updates, complete)

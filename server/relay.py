@@ -149,6 +149,7 @@ _T = TypeVar("_T")
 EXTENSION_QUERY = "crdtsync"  # ?crdtsync=1 asks for extensions (DESIGN: wire protocol)
 MUX_QUERY = "mux"  # "/?crdtsync=1&mux=1": a multiplexed connection (issue 11)
 REGION_QUERY = "region"  # "...&region=eu": another region's link (issue 12; needs "p")
+LINK_SETTLE_S = 60.0  # a link's checkpoint waits at most this long for its updates to be stored
 MAX_OWN_WRITES_NOTED = 4096  # per multiplexed connection (Relay._note_own_writes)
 MAX_EARLY_BYTES = 256 * 1024  # per multiplexed connection: messages ahead of their open
 PRESENCE_BYTES_PER_CHANNEL = 4096  # a multiplexed connection's presence share per channel
@@ -703,6 +704,11 @@ class Mux:
     own_from: int = 0
     own_until: int = -1
     region: str | None = None  # another region's link (issue 12): its region
+    # A link's updates received and not yet stored (or failed): a checkpoint it asks for
+    # is recorded only once they are (Relay._take_link).
+    unsettled: int = 0
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    link_failed: bool = False  # one of them failed to be stored: record no checkpoint
 
     def context(self) -> dict[str, Any]:
         context = {"connection": self.id, "peer": self.address, "subject": self.access.subject}
@@ -1340,6 +1346,10 @@ class Relay:
             return str(exc)
         if region[0] == own:
             return f"a link from region {own!r} to itself"
+        if region[0] not in self.settings.peers:
+            # (What it stores is kept as that region's, and only that region ships it:
+            # from a region that is no peer, nothing would ever pass it on.)
+            return f"region {region[0]!r} is not a peer of this relay's region {own!r}"
         if claims is None:
             return "a link needs a token with the peer right (the relay has no token keys)"
         if not claims.grants.allow_peer():
@@ -1829,6 +1839,18 @@ class Relay:
         assert mux.region is not None
         store = self._link_store()
         if msg.cursor is not None:
+            # Everything the link sent before this is stored first (the read loop waits:
+            # nothing more of it comes in meanwhile).
+            self._flush()
+            try:
+                async with asyncio.timeout(LINK_SETTLE_S):
+                    while mux.unsettled:
+                        await mux.settled.wait()
+            except TimeoutError:
+                mux.link_failed = True
+            if mux.link_failed:
+                self._close_mux(mux, CloseCode.TRY_AGAIN_LATER, "store unavailable")
+                return
             await store.set_link_checkpoint(
                 LinkCheckpoint("in", mux.region, msg.store, msg.epoch, msg.cursor)
             )
@@ -3002,6 +3024,10 @@ class Relay:
     # -- persist, then fan out ----------------------------------------------------------
 
     def _submit(self, item: _Pending) -> None:
+        mux = item.peer.mux
+        if mux is not None and mux.region is not None:
+            mux.unsettled += 1
+            mux.settled.clear()
         self._batch.append(item)
         if len(self._batch) >= 4096:
             self._flush()  # bound the batch: a flood cannot grow it without limit
@@ -3138,6 +3164,7 @@ class Relay:
             self._ledgers.pop(name, None)
             self._positions.pop(name, None)
         log.error("store append failed: %s", exc)
+        self._settle_links(batch, failed=True)
         failed = {item.peer for item in batch}
         for peer in failed:
             # What it sent after this is not stored either (it would leave a hole in its
@@ -3145,13 +3172,28 @@ class Relay:
             peer.closing = True
             self._close_peer(peer, exc.close_code, close_reason(f"store unavailable: {exc}"))
         if self._queue:
+            self._settle_links([item for item in self._queue if item.peer in failed], failed=True)
             self._queue = [item for item in self._queue if item.peer not in failed]
+
+    @staticmethod
+    def _settle_links(items: Iterable[_Pending], *, failed: bool = False) -> None:
+        """Links' updates stored (or failed): a checkpoint waiting for them may go on."""
+        for item in items:
+            mux = item.peer.mux
+            if mux is None or mux.region is None:
+                continue
+            mux.unsettled -= 1
+            mux.link_failed |= failed
+            if mux.unsettled <= 0:
+                mux.unsettled = 0
+                mux.settled.set()
 
     def _committed(
         self, batch: list[_Pending], stored: list[_Pending], ledgers: dict[str, Ledger]
     ) -> None:
         """After a commit: fan out, acknowledge and refuse, in the order received."""
         self._changed.set()
+        self._settle_links(batch)
         for link in self._links:
             link.wake()
         self.stats["updates_stored"] += len(stored)

@@ -168,9 +168,9 @@ class SqliteStore:
         listed, end = self.log.feed(cursor, limit)
         return [Change(doc, c) for doc, c in listed], end
 
-    async def since(self, document: str, cursor: int) -> Since:
+    async def since(self, document: str, cursor: int, until: int | None = None) -> Since:
         """``document``'s updates after change cursor ``cursor`` (a position), with origins."""
-        return self.log.since(document, cursor)
+        return self.log.since(document, cursor, until)
 
     async def link_checkpoint(self, direction: str, region: str) -> LinkCheckpoint | None:
         """A link's checkpoint as this file recorded it."""

@@ -85,7 +85,9 @@ FAULT_KINDS = (
     "kill-replica",
     "lose-replica",
 )
-LOCAL_ONLY = {"kill-relay", "kill-redis"}
+# Regions (``regions`` >= 2): faults of the links between them.
+REGION_FAULTS = ("partition-regions", "link-faults", "kill-link", "empty-region")
+LOCAL_ONLY = {"kill-relay", "kill-redis", *REGION_FAULTS}
 BACKENDS = ("sqlite", "redis")
 REDIS_FAULT = "kill-redis"  # the Redis backend's own fault kind (not in FAULT_KINDS)
 DOCUMENT = "check/doc"
@@ -134,6 +136,12 @@ class Step:
             return f"{self.kind}({self.target})"
         if self.kind in ("kill-redis", "restart-redis"):
             return self.kind
+        if self.kind in ("partition-regions", "heal-regions"):
+            return f"{self.kind}({self.target}, {self.count})"
+        if self.kind == "link-faults":
+            return f"{self.kind}({self.target} -> {self.count}, {self.amount:g})"
+        if self.kind in ("kill-link", "empty-region"):
+            return f"{self.kind}(region {self.target})"
         if self.kind == "quiet":
             return "quiet"
         return f"{self.kind}(replica {self.target})"
@@ -173,8 +181,30 @@ class CampaignConfig:
     on_progress: Callable[[str, dict[str, Any]], None] | None = None
     documents: int = 1  # > 1: a folder of that many documents (see above)
     open_documents: int = 6  # (documents > 1) open at once in a replica
+    # Regions (local mode): that many regions, each a relay on a store of its own, peered
+    # through a fault proxy per link; replicas spread over them. What a link loses stays
+    # lost (the check judges the links alone) unless ``anti_entropy``: the relays then
+    # compare digests every 2 s and repair (counted in the report's faults, not judged).
+    # ``link_defect``: links broken on purpose (the negative controls).
+    regions: int = 0
+    anti_entropy: bool = False
+    link_defect: str = ""
 
     def __post_init__(self) -> None:
+        if self.regions == 1 or self.regions < 0:
+            raise ValueError("regions: 2 or more (0: none)")
+        if self.regions:
+            if self.relays:
+                raise ValueError("regions run in local mode only (no --relay)")
+            if self.hostile:
+                raise ValueError("regions are checked with honest replicas only")
+            if self.backend != "sqlite":
+                raise ValueError("regions run on SQLite stores (one per region)")
+            self.local_relays = self.regions
+            if tuple(self.faults) == FAULT_KINDS:
+                self.faults = (*FAULT_KINDS, *REGION_FAULTS)
+        else:
+            self.faults = [k for k in self.faults if k not in REGION_FAULTS]
         if self.documents < 1:
             raise ValueError(f"documents must be at least 1, not {self.documents}")
         if self.documents > 1 and self.hostile:
@@ -274,6 +304,10 @@ def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
     participants = config.replicas + config.hostile
     kinds = [k for k in config.faults if config.local or k not in LOCAL_ONLY]
     kinds = [k for k in kinds if k != "kill-redis" or config.backend == "redis"]
+    if config.regions:
+        # A replica lost with its file takes with it what only an emptied region held.
+        kinds = [k for k in kinds if k != "lose-replica" or "empty-region" not in kinds]
+    cut: set[tuple[int, int]] = set()  # region pairs partitioned
     redis_dead = False
     n_relays = config.local_relays if config.local else len(config.relays)
     partitioned: set[int] = set()
@@ -306,6 +340,17 @@ def make_schedule(seed: int, config: CampaignConfig) -> list[Step]:
             elif kind == "kill-redis":
                 steps.append(Step("restart-redis" if redis_dead else "kill-redis"))
                 redis_dead = not redis_dead
+            elif kind == "partition-regions":
+                a, b = sorted(rng.sample(range(config.regions), 2))
+                steps.append(Step("heal-regions" if (a, b) in cut else kind, a, count=b))
+                cut ^= {(a, b)}
+            elif kind == "link-faults":
+                a, b = rng.sample(range(config.regions), 2)
+                steps.append(Step(kind, a, count=b, amount=rng.choice([0.0, 0.3, 0.7])))
+            elif kind in ("kill-link", "empty-region"):
+                region = rng.randrange(config.regions)
+                if region not in dead_relays:
+                    steps.append(Step(kind, region))
             elif kind == "kill-relay":
                 relay = rng.randrange(n_relays)
                 if relay in dead_relays:
@@ -396,6 +441,10 @@ class _Run:
         self.refused_by: dict[int, int] = {}  # ... and by the running ones, so far
         self.problems: list[Violation] = []  # found on the way: unusable participants...
         self.unusable: set[str] = set()  # honest replicas among them: no final state
+        # Regions: a fault proxy per link (source region, target region), and the token
+        # replicas and links present (the relays then require one).
+        self.links: dict[tuple[int, int], FaultProxy] = {}
+        self.token: str | None = None
 
     def log(self, event: str, **fields: Any) -> None:
         entry = {"t": round(time.monotonic(), 4), "event": event, **fields}
@@ -423,17 +472,22 @@ class _Run:
         if cfg.local and cfg.backend == "redis":
             self.redis = RedisServer(self.folder / "redis")
             await asyncio.to_thread(self.redis.start)
+        if cfg.regions:
+            await self.start_links()
         if cfg.local:
             for i in range(cfg.local_relays):
+                extra = [*cfg.relay_args, *self.region_args(i)]
                 relay = RelayChild(
                     cfg.relay_command,
                     self.store_of(i),
                     cwd=self.folder,
                     log=self.folder / f"relay-{i}.log",
-                    extra=cfg.relay_args,
+                    extra=extra,
                 )
                 self.relays.append(relay)
                 self.relay_urls.append(await relay.start())
+        for (_, target), proxy in self.links.items():
+            proxy.upstream = self.relay_urls[target].rstrip("/")
         for i in range(self.participants):
             upstream = self.relay_urls[i % len(self.relay_urls)]
             proxy = FaultProxy(
@@ -445,6 +499,8 @@ class _Run:
             await proxy.start()
             self.proxies.append(proxy)
         self.workers = [None] * self.participants
+        if self.links:
+            await self.await_links()
         await asyncio.gather(*(self.start_worker(i) for i in range(self.participants)))
         self.log(
             "started",
@@ -454,12 +510,78 @@ class _Run:
             seed=self.seed,
         )
 
+    async def start_links(self) -> None:
+        """Regions: a fault proxy per link, and the token every participant presents."""
+        from ..auth import mint_token
+
+        regions = range(self.config.regions)
+        for source in regions:
+            for target in regions:
+                if source != target:
+                    proxy = FaultProxy(
+                        "ws://127.0.0.1:9",  # (its target's port is known once it started)
+                        rng=random.Random(f"{self.seed}-link-{source}-{target}"),
+                        name=f"region-{source}->{target}",
+                        on_event=self.net_event,
+                    )
+                    await proxy.start()
+                    self.links[source, target] = proxy
+        self.token = mint_token(_REGIONS_SECRET, subject="check", docs={"**": "rw"}, ttl_s=86400)
+
+    def region_args(self, r: int) -> list[str]:
+        """Relay ``r``'s flags as region ``r{r}`` (none without regions). The links'
+        settings go in a file: the relay reads its peers from it."""
+        cfg = self.config
+        if not cfg.regions:
+            return []
+        lines = [
+            f'region = "r{r}"',
+            f'token_secrets = ["{_REGIONS_SECRET}"]',
+            "link_retry_s = 0.2",
+            "link_ack_timeout_s = 10.0",
+            f"anti_entropy_s = {2.0 if cfg.anti_entropy else 0}",
+            f'link_defect = "{cfg.link_defect}"',
+            "[peers]",
+        ]
+        lines += [f'r{t} = "{self.links[r, t].url}"' for t in range(cfg.regions) if t != r]
+        config = self.folder / f"region-{r}.toml"
+        config.write_text("\n".join(lines) + "\n")
+        return ["--config", str(config)]
+
+    async def link_figures(self) -> dict[str, int]:
+        """Regions: what the links did, summed over them (``/healthz``)."""
+        totals: dict[str, int] = {}
+        for r, url in enumerate(self.relay_urls):
+            for link in (await _health(url)).get("links", []):
+                self.log("link", source=f"r{r}", **{**link, "target": link.get("region")})
+                for key in ("sweeps", "fallbacks", "repairs", "repairs_other", "dropped"):
+                    totals[key] = totals.get(key, 0) + int(link.get(key, 0))
+        return totals
+
+    async def empty_region(self, r: int) -> None:
+        """Kill region ``r``'s relay, lose its whole store, start it again empty."""
+        relay = self.relays[r]
+        await relay.kill()
+        store = Path(self.store_of(r))
+        for path in store.parent.glob(store.name + "*"):
+            path.unlink(missing_ok=True)
+        await relay.start()
+
     def store_of(self, relay: int) -> Path | str:
         """Relay ``relay``'s store: its own file, or the Redis every relay shares (folded
         entries are trimmed after a second: compactions race joiners and followers)."""
         if self.redis is not None:
             return f"{self.redis.url}?min_age_s=1"
         return self.folder / f"relay-{relay}.db"
+
+    async def await_links(self, limit_s: float = 30.0) -> None:
+        """Regions: until every link made first contact (or ``limit_s``)."""
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
+            healths = [await _health(url) for url in self.relay_urls]
+            if all(link.get("checkpoints", 0) > 0 for h in healths for link in h.get("links", [])):
+                return
+            await asyncio.sleep(0.1)
 
     def is_hostile(self, i: int) -> bool:
         return i >= self.config.replicas
@@ -488,6 +610,7 @@ class _Run:
                 doc=None if many else DOCUMENT,
                 keep=FOLDER if many else None,
                 max_open=self.config.open_documents if many else None,
+                token=self.token,
                 workload=self.config.workload,
                 seed=seed,
                 cwd=Path.cwd(),
@@ -605,6 +728,32 @@ class _Run:
         elif step.kind == "restart-replica":
             if self.workers[i] is None and self.worker_name(i) not in self.unusable:
                 await self.restart(i)
+        elif step.kind in ("partition-regions", "heal-regions") and self.links:
+            a, b = step.target, step.count
+            for proxy in (self.links[a, b], self.links[b, a]):
+                if step.kind == "partition-regions":
+                    proxy.partition()
+                else:
+                    proxy.heal()
+            if step.kind == "partition-regions":
+                self.count("partition-regions")
+        elif step.kind == "link-faults" and self.links:
+            proxy = self.links[step.target, step.count]
+            proxy.set_delay(0.05 + 0.1 * step.amount)
+            proxy.set_duplicate(step.amount / 2)
+            proxy.set_reorder(step.amount / 2)
+            self.count("link-faults")
+        elif step.kind == "kill-link" and step.target < len(self.relays):
+            if self.relays[step.target].running:
+                await self.poll_acknowledgements()
+                await self.relays[step.target].kill()
+                await self.relays[step.target].start()
+                self.count("kill-link")
+        elif step.kind == "empty-region" and step.target < len(self.relays):
+            if self.relays[step.target].running:
+                await self.poll_acknowledgements()
+                await self.empty_region(step.target)
+                self.count("empty-region")
         elif step.kind == "quiet":
             await self.quiet(2.0)
 
@@ -744,7 +893,7 @@ class _Run:
 
     async def heal_all(self) -> None:
         self.check_relays()
-        for proxy in self.proxies:
+        for proxy in [*self.proxies, *self.links.values()]:
             proxy.heal()
             proxy.clear_faults()
         if self.redis is not None and self.redis.proc is None:
@@ -882,6 +1031,7 @@ class _Run:
             relay=url,
             doc=None if many else DOCUMENT,
             keep=FOLDER if many else None,
+            token=self.token,
             workload=self.config.workload,
             seed=0,
             cwd=Path.cwd(),
@@ -976,7 +1126,7 @@ class _Run:
             if worker is not None:
                 with contextlib.suppress(Exception):
                     await worker.quit()
-        for proxy in self.proxies:
+        for proxy in [*self.proxies, *self.links.values()]:
             with contextlib.suppress(Exception):
                 await proxy.stop()
         for relay in self.relays:
@@ -1006,6 +1156,10 @@ async def run_campaign(
                 await run.step(n, step)
             await run.heal_all()
             finals = await run.final_states()
+            if run.links:
+                for key, value in (await run.link_figures()).items():
+                    if value:
+                        run.faults[f"links: {key}"] = value
         edits = [
             dataclasses.replace(e, acknowledged=e.key in run.acknowledged)
             for e in run.edits.values()
@@ -1052,6 +1206,25 @@ async def run_campaign(
             shutil.rmtree(base, ignore_errors=True)
             report.out = None
     return report
+
+
+_REGIONS_SECRET = "crdtsync-check-regions-secret-000000000"  # a check run's own, local
+
+
+async def _health(url: str) -> dict[str, Any]:
+    """A relay's ``/healthz?verbose=1`` ({} when it does not answer)."""
+    import urllib.request
+
+    address = url.replace("ws://", "http://").rstrip("/") + "/healthz?verbose=1"
+
+    def fetch() -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(address, timeout=5) as answer:
+                return dict(json.loads(answer.read()))
+        except (OSError, ValueError):
+            return {}
+
+    return await asyncio.to_thread(fetch)
 
 
 async def _load_store(

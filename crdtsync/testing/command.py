@@ -24,6 +24,7 @@ from .campaign import (
     FAULT_KINDS,
     LOCAL_ONLY,
     REDIS_FAULT,
+    REGION_FAULTS,
     CampaignConfig,
     CampaignReport,
     run_campaign,
@@ -59,10 +60,23 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
     known = (*FAULT_KINDS, REDIS_FAULT) if args.backend == "redis" else FAULT_KINDS
     if every and args.backend == "redis":
         faults.append(REDIS_FAULT)
+    if args.regions:
+        if args.regions < 2:
+            raise UsageError("--regions needs 2 or more regions")
+        if args.relay or args.hostile or args.backend != "sqlite" or args.relays > 1:
+            raise UsageError(
+                "--regions starts its own relays, one per region on SQLite: not with "
+                "--relay, --relays, --backend redis or --hostile"
+            )
+        known = (*known, *REGION_FAULTS)
+        if every:
+            faults += REGION_FAULTS
+    elif args.link_defect or args.anti_entropy:
+        raise UsageError("--link-defect and --anti-entropy are for --regions")
     unknown = [f for f in faults if f not in known]
     if unknown:
         raise UsageError(f"unknown fault kind {unknown[0]!r}; choose from {', '.join(known)}")
-    if args.relays > 1 and args.backend != "redis" and not args.relay:
+    if args.relays > 1 and args.backend != "redis" and not args.relay and not args.regions:
         raise UsageError(
             "--relays N needs a store the relays share: --backend redis (SQLite relays each "
             "keep their own file)"
@@ -106,6 +120,9 @@ def _config(args: argparse.Namespace) -> CampaignConfig:
         out=out,
         duration_s=args.duration,
         documents=args.documents,
+        regions=args.regions,
+        anti_entropy=args.anti_entropy,
+        link_defect=args.link_defect,
     )
 
 

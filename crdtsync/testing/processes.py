@@ -351,9 +351,10 @@ class WorkerChild(CommandChild):
         log: Path,
         keep: str | None = None,
         max_open: int | None = None,
+        token: str | None = None,
     ) -> None:
         """One document (``doc``), or many: every document under ``keep``, at most
-        ``max_open`` of them open at once."""
+        ``max_open`` of them open at once. ``token``: for relays that require one."""
         which = ["--doc", doc] if doc is not None else []
         which += ["--keep", keep] if keep is not None else []
         argv = [
@@ -361,6 +362,7 @@ class WorkerChild(CommandChild):
             *which, "--workload", workload, "--seed", str(seed),
         ]  # fmt: skip
         argv += ["--max-open", str(max_open)] if max_open is not None else []
+        argv += ["--token", token] if token is not None else []
         super().__init__(argv, cwd=cwd, log=log)
 
 

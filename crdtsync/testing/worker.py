@@ -157,6 +157,7 @@ async def _serve(args: argparse.Namespace) -> None:
     replica = Replica(
         args.db,
         relay=args.relay,
+        token=args.token,
         backoff=lambda: Backoff(0.02, 0.5, rng=backoff_rng),
         open_timeout_s=5.0,
     )
@@ -331,6 +332,7 @@ async def _serve_folder(args: argparse.Namespace) -> None:
     replica = Replica(
         args.db,
         relay=args.relay,
+        token=args.token,
         backoff=lambda: Backoff(0.02, 0.5, rng=backoff_rng),
         open_timeout_s=5.0,
     )
@@ -510,6 +512,7 @@ def main() -> None:
     p.add_argument("--max-open", type=int, default=6, help="(--keep) documents open at once")
     p.add_argument("--workload", required=True)
     p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--token", help="an access token (relays that require one)")
     args = p.parse_args()
     if (args.doc is None) == (args.keep is None):
         p.error("give --doc NAME (one document) or --keep PREFIX (many)")
