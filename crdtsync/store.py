@@ -376,7 +376,9 @@ class LinkCheckpoint:
     ``cursor`` is a change cursor of the source store named by ``store`` and ``epoch``
     (at the source, ``store``/``epoch`` name the target that acknowledged it)."""
 
-    direction: Literal["in", "out"]
+    # "in", "out"; also "sweep": a sweep the link to ``region`` still owes (``store`` is
+    # "pending" until it is done)
+    direction: Literal["in", "out", "sweep"]
     region: str  # the other end's region
     store: str
     epoch: int

@@ -36,7 +36,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -46,7 +46,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, InvalidURI
 
 from crdtsync.auth import check_secret_entry, mint_token
-from crdtsync.backend import Change, FeedGap, LinkCheckpoint, RelayStore, StoreIdentity
+from crdtsync.backend import Change, FeedGap, LinkCheckpoint, RelayStore, Since, StoreIdentity
 from crdtsync.errors import CloseCode, CrdtsyncError, StoreError
 from crdtsync.folders import document_digest
 from crdtsync.protocol import (
@@ -74,12 +74,14 @@ __all__ = ["Link", "Resume", "link_url", "resume_from"]
 
 log = logging.getLogger("crdtsync.links")
 
+SWEEP_PENDING = "pending"  # a link's "sweep" record: a sweep asked for and not yet done
 CHANGES_PAGE = 256  # changed documents read at a time (a sweep)
 FEED_PAGE = 256  # appends shipped as one batch (a checkpoint once acknowledged)
 FALLBACK_GROUP = 64  # documents whose state vectors a sweep asks for at once
 MAX_OPEN_CHANNELS = 512  # channels a link keeps open (least recently used close first)
 LEASE_S = 10.0  # a link's lease on a shared store (renewed every third of it)
 TOKEN_TTL_S = 3600.0  # a minted peer token's lifetime (a link reconnects before it ends)
+MAX_REFUSED_RETRY_S = 30.0  # a document refused again and again: shipped again this often
 MAX_RETRY_S = 5.0  # (a handful of links: a healed partition is noticed within seconds)
 
 
@@ -213,8 +215,8 @@ class Link:
         self._retry_at = 0.0
         self._retry_pause = 0.5
         self.sweep_requested = False  # a sweep asked for from outside (a peer was reset)
-        self.on_target_reset: Callable[[str], None] | None = None
-        self._seen_for_drop = 0
+        self.on_target_reset: Callable[[str], Awaitable[None]] | None = None
+        self._greeted = False  # the current session got the target's hello
         self._acked = asyncio.Event()
         self._step1: dict[int, asyncio.Future[bytes]] = {}
         self._linked: asyncio.Future[ExtLinked] | None = None
@@ -263,6 +265,7 @@ class Link:
                     await asyncio.sleep(LEASE_S / 3)
                     continue
                 self.state = "connecting"
+                self._greeted = False
                 await self._session()
             except asyncio.CancelledError:
                 raise
@@ -273,9 +276,8 @@ class Link:
             except Exception as exc:  # a bug: logged with its trace, and the link goes on
                 log.exception("bug in the link to %s", self.region)
                 self._failed(f"{type(exc).__name__}: {exc}")
-            else:
-                retry = self.settings.link_retry_s
-                continue
+            if self._greeted:
+                retry = self.settings.link_retry_s  # (it got through: start the backoff over)
             await asyncio.sleep(retry * (0.5 + secrets.randbelow(1000) / 1000))
             retry = min(retry * 2, MAX_RETRY_S)
 
@@ -321,6 +323,7 @@ class Link:
             hello = decode_message(first if isinstance(first, bytes) else first.encode())
             if not isinstance(hello, ExtHello) or hello.version < MUX_VERSION:
                 raise CrdtsyncError(f"the peer is no crdtsync relay with links ({hello!r})")
+            self._greeted = True
             loop = asyncio.get_running_loop()
             tasks = [
                 loop.create_task(self._read(ws)),
@@ -354,7 +357,12 @@ class Link:
         """Keep the lease; a link that lost it stops (another process runs it now)."""
         while True:
             await asyncio.sleep(LEASE_S / 3)
-            if not await self.store.lease(f"link:{self.region}", self.holder, LEASE_S):
+            try:
+                held = await self.store.lease(f"link:{self.region}", self.holder, LEASE_S)
+            except StoreError as exc:
+                held = False  # (it cannot be renewed: another process may take it over)
+                log.warning("link to %s: lease not renewed: %s", self.region, exc)
+            if not held:
                 log.warning("link to %s: lease lost, handing over", self.region)
                 await ws.close(1001, "lease lost")
                 return
@@ -421,7 +429,7 @@ class Link:
         if document is not None and self._channels.get(document) == msg.channel:
             del self._channels[document]
         waiter = self._step1.pop(msg.channel, None)
-        if msg.code in (CloseCode.FORBIDDEN, CloseCode.POLICY_VIOLATION):
+        if msg.code == CloseCode.FORBIDDEN:
             # The target will not take this document over this link (no peer right on
             # it, a name it refuses): skipped and reported, so as not to block the rest.
             self.stats.skipped += 1
@@ -508,8 +516,12 @@ class Link:
         resume = resume_from(me, linked, out)
         if resume.target_reset and self.on_target_reset is not None:
             # What this region learned from the reset one (and stored as its) may have
-            # reached only some regions before the reset: the other links compare.
-            self.on_target_reset(self.region)
+            # reached only some regions before the reset: the other links compare. The
+            # request is stored first: this link's next checkpoint hides the reset.
+            await self.on_target_reset(self.region)
+        pending = await self.store.link_checkpoint("sweep", self.region)
+        if pending is not None and pending.store == SWEEP_PENDING:
+            self.sweep_requested = True
         log.info(
             "link to %s connected: %s (cursor %d)",
             self.region,
@@ -518,7 +530,8 @@ class Link:
             extra={"region": self.region},
         )
         self.cursor = self.sent_to = self._asked = resume.cursor
-        if resume.sweep:
+        if resume.sweep or self.sweep_requested:
+            self.sweep_requested = False
             await self._sweep(ws)
         while True:
             if ws.close_code is not None or self._ws is None:
@@ -588,9 +601,9 @@ class Link:
                 # Compacted past the cursor: what it lacks, by its state vector.
                 await self._fallback(ws, document, batch)
                 continue
-            local = [u for c, u, origin in since.updates if origin is None and c <= end]
             if self.settings.link_defect == "drop":
-                local = self._drop_some(local)
+                since = self._drop_some(since)
+            local = [u for c, u, origin in since.updates if origin is None and c <= end]
             if local:
                 await self._send_updates(ws, document, local, batch)
         batch.end = end
@@ -763,6 +776,9 @@ class Link:
         self._recorded_at = None
         await ws.send(ExtLink(self._identity.id, self._identity.epoch, start).encode())
         await self._until(ws, lambda: self._recorded_at is not None)
+        pending = await self.store.link_checkpoint("sweep", self.region)
+        if pending is not None and pending.store == SWEEP_PENDING and not self.sweep_requested:
+            await self.store.set_link_checkpoint(LinkCheckpoint("sweep", self.region, "", 0, 0))
 
     async def anti_entropy(self, ws: ClientConnection) -> int:
         """Compare every document's digest (state vector and delete set) with the
@@ -851,21 +867,17 @@ class Link:
             await self._close_batch(ws, batch)
         await self._drain(ws)
         if self._retry:
-            self._retry_pause = min(self._retry_pause * 2, MAX_RETRY_S)
+            self._retry_pause = min(self._retry_pause * 2, MAX_REFUSED_RETRY_S)
         else:
             self._retry_pause = 0.5
         self._retry_at = time.monotonic() + self._retry_pause
 
-    def _drop_some(self, updates: list[bytes]) -> list[bytes]:
-        """(link_defect "drop") Leave out every 50th update."""
-        kept = []
-        for update in updates:
-            self._seen_for_drop += 1
-            if self._seen_for_drop % 50 == 0:
-                self.stats.dropped += 1
-                continue
-            kept.append(update)
-        return kept
+    def _drop_some(self, since: Since) -> Since:
+        """(link_defect "drop") Leave out 1 in 50 updates: those whose change cursor is a
+        multiple of 50 (the same ones again when a restarted link ships them again)."""
+        kept = [row for row in since.updates if row[0] % 50 or row[2] is not None]
+        self.stats.dropped += len(since.updates) - len(kept)
+        return Since(since.document, kept, since.complete)
 
 
 def _groups(items: list[str], size: int) -> list[list[str]]:
@@ -901,9 +913,12 @@ def links_of(settings: RelaySettings, store: RelayStore, holder: str | None = No
         for region, url in sorted(settings.peers.items())
     ]
 
-    def reset(region: str) -> None:
+    async def reset(region: str) -> None:
         for link in links:
             if link.region != region:
+                await store.set_link_checkpoint(
+                    LinkCheckpoint("sweep", link.region, SWEEP_PENDING, 0, 0)
+                )
                 link.sweep_requested = True
 
     for link in links:

@@ -77,6 +77,46 @@ class Snapshot:
     rooms: int
     presence_states: int
     compacting: int
+    links: Sequence[dict[str, Any]] = ()  # each region link's status (issue 12)
+
+
+# A region link's counters: (metric name, status key, help). Labelled by the target
+# region: a configured peer, so the label values are bounded.
+_LINK_COUNTERS = (
+    ("link_updates_shipped", "updates_shipped", "Updates a link shipped to its region."),
+    ("link_bytes_shipped", "bytes_shipped", "Bytes of updates a link shipped."),
+    ("link_fallbacks", "fallbacks", "Documents a link compared by state vectors."),
+    ("link_sweeps", "sweeps", "Times a link compared every document."),
+    ("link_refused", "refused", "Updates (parts) the link's target refused."),
+    ("link_repairs", "repairs", "Anti-entropy findings: what this region wrote, lost."),
+    ("link_failures", "failures", "Times a link's connection failed."),
+)
+
+
+def _link_families(links: Sequence[dict[str, Any]]) -> Iterator[Any]:
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if not links:
+        return
+    live = GaugeMetricFamily(
+        "crdtsync_link_live", "1 if a link is live (caught up), else 0.", labels=["region"]
+    )
+    lag = GaugeMetricFamily(
+        "crdtsync_link_lag_changes", "Changes a link has not checkpointed.", labels=["region"]
+    )
+    lag_s = GaugeMetricFamily(
+        "crdtsync_link_lag_seconds", "Since when a link is behind.", labels=["region"]
+    )
+    for link in links:
+        live.add_metric([link["region"]], 1 if link["state"] == "live" else 0)
+        lag.add_metric([link["region"]], link["lag_changes"])
+        lag_s.add_metric([link["region"]], link["lag_s"])
+    yield from (live, lag, lag_s)
+    for name, key, doc in _LINK_COUNTERS:
+        family = CounterMetricFamily(f"crdtsync_{name}", doc, labels=["region"])
+        for link in links:
+            family.add_metric([link["region"]], link[key])
+        yield family
 
 
 def _families(snap: Snapshot) -> Iterator[Any]:
@@ -138,6 +178,7 @@ def _families(snap: Snapshot) -> Iterator[Any]:
     for status in sorted(m.handshakes_refused):
         hs.add_metric([status], m.handshakes_refused[status])
     yield hs
+    yield from _link_families(snap.links)
     for name, doc, h in (
         ("store_commit_seconds", "Time to commit one turn's updates.", m.commit_seconds),
         ("join_seconds", "From a connection's handshake to its first sync answer.", m.join_seconds),

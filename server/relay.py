@@ -1384,7 +1384,7 @@ class Relay:
                 connections[ext, "rw" if p.access.rights.write else "r"] += 1
         return Snapshot(
             dict(self.stats), self.metrics, connections, len(self.rooms), presence,
-            len(self._compacting),
+            len(self._compacting), [link.status() for link in self._links],
         )  # fmt: skip
 
     async def _decide_access(
@@ -3977,6 +3977,7 @@ class Relay:
         """Turns wait for the append before them: one append to the shared store at a time
         (what comes meanwhile goes in the next, together), so each document's order, and
         its acknowledgements', is the order received."""
+        self._settle_links([item for item in batch if item.peer.closing], failed=True)
         batch = [item for item in batch if not item.peer.closing]
         if len(self._queue) + len(batch) > MAX_QUEUED_ITEMS:
             # The store does not keep up (or hangs): refuse rather than hold without end.
@@ -4036,6 +4037,7 @@ class Relay:
         if self._store_refused:
             self._commit_failed(batch, {}, StoreError(self._store_refused))
             return
+        self._settle_links([item for item in batch if item.peer.closing], failed=True)
         batch = [item for item in batch if not item.peer.closing]  # (failed earlier)
         docs = {item.peer.document for item in batch}
         self._in_flight = docs

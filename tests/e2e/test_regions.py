@@ -471,3 +471,62 @@ async def test_anti_entropy_finds_and_repairs_what_a_lossy_link_dropped(
             await asyncio.sleep(2.0)
             assert not await same()
             assert regions["eu"].link("us")["repairs"] == 0
+
+
+async def test_links_show_in_metrics(regions: Regions) -> None:
+    import urllib.request
+
+    await _linked(regions, "eu", "us")
+    url = regions["eu"].url.replace("ws://", "http://").rstrip("/") + "/metrics"
+    text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read().decode())
+    assert 'crdtsync_link_live{region="us"} 1.0' in text
+    assert 'crdtsync_link_lag_changes{region="ap"}' in text
+    assert 'crdtsync_link_bytes_shipped_total{region="us"}' in text
+
+
+async def test_two_processes_of_a_redis_region_run_each_link_once_and_hand_over(
+    regions: Regions, tmp_path: Path
+) -> None:
+    """ap's store is a Redis: a second relay process of ap (same settings) stands by for
+    each link while the first runs it; SIGKILL the first, and the second takes the lease
+    over and ships what ap's clients write meanwhile."""
+    from crdtsync.testing.processes import RelayProcess
+
+    ap = regions["ap"]
+    await _linked(regions, "ap", "eu")
+    second = RelayProcess(ap.store, ap.directory, "--config", str(ap.config), *regions.relay_args)
+    await asyncio.to_thread(second.start)
+    try:
+        url = second.url.replace("ws://", "http://").rstrip("/") + "/healthz?verbose=1"
+
+        def links_of_second() -> dict[str, str]:
+            import json
+            import urllib.request
+
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return {k["region"]: k["state"] for k in json.loads(answer.read())["links"]}
+
+        await eventually(
+            lambda: set(links_of_second().values()) == {"standby"},
+            timeout=20,
+            what="the second process standing by for both links",
+        )
+        assert {ap.link(t)["state"] for t in ("eu", "us")} <= {"live", "catching up"}
+        await regions.kill("ap")  # the first process, holding both leases
+        token = regions.token()
+        async with Replica(tmp_path / "w.db", relay=second.url, token=token) as writer:
+            await _write(writer, ["handover/doc"], 20, "h")
+        await eventually(
+            lambda: set(links_of_second().values()) == {"live"},
+            timeout=30,
+            what="the second process running both links",
+        )
+
+        async def arrived() -> bool:
+            copies = await regions.documents("handover/doc")
+            return all(len(_tokens_of(copies[r])) == 20 for r in ("eu", "us"))
+
+        await eventually(arrived, timeout=30, what="ap's edits in eu and us, via the second")
+    finally:
+        await asyncio.to_thread(second.terminate)
+        await regions.restart("ap")  # (the fixture stops what it started)
