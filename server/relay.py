@@ -1834,8 +1834,8 @@ class Relay:
 
     async def _take_link(self, mux: Mux, msg: ExtLink) -> None:
         """Answer a link of region ``mux.region`` with this store's identity and the
-        checkpoint recorded of it; first record the one it sends (it sends one only
-        once everything up to it was acknowledged: stored here)."""
+        checkpoint recorded of it; first record the one it sends, once every update it
+        sent before is stored here (none failed: else the link starts over)."""
         assert mux.region is not None
         store = self._link_store()
         if msg.cursor is not None:
