@@ -1822,6 +1822,7 @@ class Relay:
         """Handle one message of an open channel; a store failure closes that channel."""
         peer = mux.channels.get(msg.channel)
         if peer is None or peer.closing or peer.room is None:
+            mux.link_failed |= mux.region is not None  # (as in _early)
             return 0.0  # closed meanwhile (its close crossed this message)
         peer.bytes_in += len(msg.frame)
         peer.messages_in += 1
@@ -1879,6 +1880,9 @@ class Relay:
         connection (its document's own sync recovers the rest: step 1 both ways)."""
         size = len(msg.frame)
         if mux.early_bytes + size > MAX_EARLY_BYTES or len(mux.early) >= 64:
+            # (A link's message lost here must not be covered by its next checkpoint:
+            # the link then starts over from the last one and ships it again.)
+            mux.link_failed |= mux.region is not None
             return
         mux.early.setdefault(msg.channel, []).append(msg)
         mux.early_bytes += size
