@@ -43,7 +43,7 @@ import hashlib
 import json
 import struct
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ __all__ = [
     "Ledger",
     "Lookup",
     "Refusal",
+    "Shipped",
     "Verdict",
     "Writer",
     "client_id_of_key",
@@ -123,6 +124,25 @@ class Writer:
         if owner == KEY_OWNER:
             return client in self.proven
         return self.subject is not None and owner == f"sub:{self.subject}"
+
+
+@dataclass(frozen=True, slots=True)
+class Shipped(Writer):
+    """Another region's link: its content was judged where it was written, so it may
+    write any client id; it names the owners those ids have there (``owners``), which a
+    first write here records (where an id has none), so that the same writers, and only
+    they, may go on writing those ids here. Owners are checkable anywhere: a key is the
+    same key, a token subject the same subject, in every region."""
+
+    owners: Mapping[int, str] = field(default_factory=dict, kw_only=True)
+
+    def owner_for(self, client: int) -> str | None:
+        """The owner ``client`` has in the region it comes from (None: none there)."""
+        return self.owners.get(client)
+
+    def may_write(self, client: int, owner: str | None) -> bool:
+        """Always: content is judged here, ownership where it was written."""
+        return True
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ __all__ = [
     "EXTENSION_VERSION",
     "MAX_CLAIMS_PER_MESSAGE",
     "MAX_NAMES_PER_MESSAGE",
+    "MAX_OWNER_BYTES",
     "MUX_VERSION",
     "AwarenessEntry",
     "AwarenessMessage",
@@ -40,6 +41,7 @@ __all__ = [
     "ExtHello",
     "ExtLink",
     "ExtLinkDigests",
+    "ExtLinkUpdate",
     "ExtLinked",
     "ExtOpen",
     "ExtRefused",
@@ -104,6 +106,7 @@ class ExtType(IntEnum):
     LINK = 12  # source -> target: who the source store is; or: record this checkpoint
     LINKED = 13  # target -> source: who the target store is, and what it recorded
     LINK_DIGESTS = 14  # source -> target: documents; target -> source: their digests
+    LINK_UPDATE = 15  # source -> target, on a channel: an update and its ids' owners there
 
 
 class AuthType(IntEnum):
@@ -557,6 +560,46 @@ class ExtLinkDigests:
         return b"".join(out)
 
 
+MAX_OWNER_BYTES = 1024  # one owner's name ("key", "sub:<token subject>")
+
+
+@dataclass(frozen=True, slots=True)
+class ExtLinkUpdate:
+    """A link's update (issue 12), acknowledged under ``key`` as :class:`ExtUpdate`, with
+    the owners its client ids have in the source region (``(client id, owner)`` pairs:
+    crdtsync.integrity's ``"key"`` or ``"sub:<subject>"``), so that the target records
+    them too and no writer there may take those ids' next clocks."""
+
+    key: int
+    update: bytes
+    owners: tuple[tuple[int, str], ...] = ()
+
+    def encode(self) -> bytes:
+        out = [
+            bytes((MessageType.CRDTSYNC, ExtType.LINK_UPDATE)),
+            write_var_uint(self.key),
+            _var_bytes(self.update),
+            write_var_uint(len(self.owners)),
+        ]
+        for client, owner in self.owners:
+            out += (write_var_uint(client), _var_bytes(owner.encode("utf-8")))
+        return b"".join(out)
+
+
+def _read_owners(data: bytes, pos: int) -> tuple[tuple[tuple[int, str], ...], int]:
+    count, pos = read_var_uint(data, pos)
+    if count > len(data) - pos:  # (each pair takes two bytes at least)
+        raise MalformedMessage(f"link update names {count} owners in {len(data) - pos} bytes")
+    owners = []
+    for _ in range(count):
+        client, pos = read_var_uint(data, pos)
+        owner, pos = _read_var_string(data, pos, "owner")
+        if len(owner) > MAX_OWNER_BYTES or not (owner == "key" or owner.startswith("sub:")):
+            raise MalformedMessage(f"owner of client {client} is no owner: {owner[:40]!r}")
+        owners.append((client, owner))
+    return tuple(owners), pos
+
+
 def _read_names(data: bytes, pos: int, what: str) -> tuple[list[str], int]:
     count, pos = read_var_uint(data, pos)
     if count > MAX_NAMES_PER_MESSAGE:
@@ -585,6 +628,7 @@ Message = (
     | ExtLink
     | ExtLinked
     | ExtLinkDigests
+    | ExtLinkUpdate
     | ExtUpdate
     | ExtAck
     | ExtClaim
@@ -774,6 +818,11 @@ def decode_message(data: bytes, *, max_bytes: int | None = None) -> Message:
                 told = [data[i : i + DIGEST_BYTES] for i in range(pos, end, DIGEST_BYTES)]
                 pos = end
             msg = ExtLinkDigests(tuple(names), tuple(told))
+        elif sub == ExtType.LINK_UPDATE:
+            key, pos = read_var_uint(data, pos)
+            payload, pos = _read_var_bytes(data, pos, "update")
+            owners, pos = _read_owners(data, pos)
+            msg = ExtLinkUpdate(key, payload, owners)
         else:
             raise MalformedMessage(f"unknown crdtsync extension message type {sub}")
     else:

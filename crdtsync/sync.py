@@ -42,6 +42,7 @@ from .protocol import (
     ExtAck,
     ExtClaim,
     ExtHello,
+    ExtLinkUpdate,
     ExtRefused,
     ExtUpdate,
     Message,
@@ -96,13 +97,15 @@ class UpdateReceived:
     """A validated update from the peer.
 
     ``key`` is set when the peer wants it acknowledged (crdtsync extension);
-    ``answer`` is true for a sync step 2 (the answer to our step 1).
+    ``answer`` is true for a sync step 2 (the answer to our step 1); ``owners``: what a
+    region's link sent it with (:class:`~crdtsync.protocol.ExtLinkUpdate`), else None.
     """
 
     update: bytes
     info: UpdateInfo
     key: int | None = None
     answer: bool = False
+    owners: tuple[tuple[int, str], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +228,7 @@ def check_message_update(
         msg = decode_message(data)
     except CrdtsyncError:
         return None
-    if isinstance(msg, (SyncStep2, SyncUpdate, ExtUpdate)):
+    if isinstance(msg, (SyncStep2, SyncUpdate, ExtUpdate, ExtLinkUpdate)):
         try:
             return len(msg.update), validate(msg.update)
         except CrdtsyncError as exc:
@@ -470,13 +473,13 @@ class SyncSession:
             )
         elif isinstance(msg, ExtHello):
             self._event(ExtensionsConfirmed(msg.version))
-        elif isinstance(msg, ExtUpdate):
+        elif isinstance(msg, ExtUpdate | ExtLinkUpdate):
             if not self.can_write:
                 self._drop_write(msg.key)
                 return
-            self._event(
-                UpdateReceived(msg.update, self._check_update(msg.update, checked), key=msg.key)
-            )
+            info = self._check_update(msg.update, checked)
+            owners = msg.owners if isinstance(msg, ExtLinkUpdate) else None
+            self._event(UpdateReceived(msg.update, info, key=msg.key, owners=owners))
         elif isinstance(msg, ExtAck):
             self._event(Acknowledged(msg.key))
         elif isinstance(msg, ExtClaim):

@@ -36,7 +36,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit, urlunsplit
@@ -52,6 +52,8 @@ from crdtsync.folders import document_digest
 from crdtsync.protocol import (
     MAX_NAMES_PER_MESSAGE,
     MUX_VERSION,
+    AwarenessEntry,
+    AwarenessMessage,
     ExtAck,
     ExtChannel,
     ExtClose,
@@ -59,11 +61,12 @@ from crdtsync.protocol import (
     ExtLink,
     ExtLinkDigests,
     ExtLinked,
+    ExtLinkUpdate,
     ExtOpen,
     ExtRefused,
-    ExtUpdate,
     SyncStep1,
     decode_message,
+    encode_awareness,
 )
 from crdtsync.settings import RelaySettings
 from crdtsync.store import EMPTY_UPDATE
@@ -83,6 +86,8 @@ LEASE_S = 10.0  # a link's lease on a shared store (renewed every third of it)
 TOKEN_TTL_S = 3600.0  # a minted peer token's lifetime (a link reconnects before it ends)
 MAX_REFUSED_RETRY_S = 30.0  # a document refused again and again: shipped again this often
 MAX_RETRY_S = 5.0  # (a handful of links: a healed partition is noticed within seconds)
+PRESENCE_FLUSH_S = 0.1  # a document's presence crosses at most this often (coalesced)
+MAX_PRESENCE_DOCUMENTS = 256  # documents whose presence waits to cross at once
 
 
 def link_url(peer: str, region: str, token: str | None) -> str:
@@ -125,8 +130,11 @@ def resume_from(me: StoreIdentity, linked: ExtLinked, out: LinkCheckpoint | None
         return Resume(
             0, True, "the target's checkpoint is of another store or epoch (emptied, restored)"
         )
-    cursor = linked.cursor if out is None else min(linked.cursor, out.cursor)
-    return Resume(cursor, False, "checkpoint")
+    if out is None:
+        # The target recorded a checkpoint this store never confirmed (it stopped first,
+        # or what it covers was not all acknowledged): nothing both ends agree on.
+        return Resume(0, True, "the target's checkpoint was never confirmed here")
+    return Resume(min(linked.cursor, out.cursor), False, "checkpoint")
 
 
 @dataclass(eq=False, slots=True)
@@ -157,6 +165,8 @@ class LinkStats:
     repairs: int = 0  # documents lacking what this region wrote: this link lost something
     repairs_other: int = 0  # ... lacking others' content or deletes: repaired all the same
     dropped: int = 0  # (link_defect "drop" only: updates left out on purpose)
+    presence_sent: int = 0  # presence messages sent (one per document per flush)
+    presence_dropped: int = 0  # states not sent: the link down, or over its bounds
 
 
 class Link:
@@ -205,7 +215,8 @@ class Link:
         self._key_batch: dict[int, _Batch] = {}
         self._key_channel: dict[int, int] = {}
         self._inflight: dict[int, int] = {}  # channel -> updates not yet acknowledged
-        self._records: asyncio.Queue[ExtLinked] = asyncio.Queue()
+        self._target: ExtLinked | None = None  # the furthest checkpoint the target recorded
+        self._to_record = asyncio.Event()  # it moved, or an acknowledgement came
         self._closing: asyncio.Task[None] | None = None
         self._recorded_at: float | None = None  # when a checkpoint was last recorded
         self._digests: asyncio.Future[ExtLinkDigests] | None = None
@@ -221,6 +232,12 @@ class Link:
         self._step1: dict[int, asyncio.Future[bytes]] = {}
         self._linked: asyncio.Future[ExtLinked] | None = None
         self._identity: StoreIdentity | None = None
+        # Presence (best effort, never stored): this region's clients' states waiting to
+        # cross, the latest per client and document; what the relay holds now, asked for
+        # when a connection starts (the target forgot everything of the last one).
+        self._presence: dict[str, dict[int, AwarenessEntry]] = {}
+        self._presence_wake = asyncio.Event()
+        self.present: Callable[[], Iterable[tuple[str, list[AwarenessEntry]]]] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -239,6 +256,30 @@ class Link:
     def wake(self) -> None:
         """Something was committed here: look for changes now."""
         self._wake.set()
+
+    def presence(self, document: str, entries: Iterable[AwarenessEntry]) -> None:
+        """Presence of this region's clients in ``document`` (states, or removals) to
+        cross: coalesced per client and sent within :data:`PRESENCE_FLUSH_S` while the
+        link is connected; dropped while it is not, and beyond its bounds (at most
+        :data:`MAX_PRESENCE_DOCUMENTS` documents, the target's room cap per document)."""
+        if self._ws is None:
+            return
+        waiting = self._presence.get(document)
+        if waiting is None:
+            if len(self._presence) >= MAX_PRESENCE_DOCUMENTS:
+                self.stats.presence_dropped += 1
+                return
+            waiting = self._presence[document] = {}
+        cap = self.settings.max_presence_states_per_room
+        for entry in entries:
+            current = waiting.get(entry.client_id)
+            if current is not None and current.clock > entry.clock:
+                continue
+            if current is None and len(waiting) >= cap:
+                self.stats.presence_dropped += 1
+                continue
+            waiting[entry.client_id] = entry
+        self._presence_wake.set()
 
     def status(self) -> dict[str, Any]:
         """The link as ``/healthz?verbose=1`` shows it."""
@@ -329,6 +370,7 @@ class Link:
                 loop.create_task(self._read(ws)),
                 loop.create_task(self._renew(ws)),
                 loop.create_task(self._record()),
+                loop.create_task(self._send_presence(ws)),
             ]
             try:
                 await self._ship(ws)
@@ -351,7 +393,31 @@ class Link:
         self._inflight.clear()
         self._step1.clear()
         self._linked = None
-        self._records = asyncio.Queue()
+        self._target = None
+        self._presence.clear()
+        if self.present is not None:
+            for document, entries in self.present():
+                self.presence(document, entries)
+
+    async def _send_presence(self, ws: ClientConnection) -> None:
+        """Send the presence waiting to cross, each document's as one message, on its
+        channel (opened for it if need be: the target then has its local clients see
+        it); at most every :data:`PRESENCE_FLUSH_S`."""
+        while True:
+            await self._presence_wake.wait()
+            self._presence_wake.clear()
+            waiting, self._presence = self._presence, {}
+            for document, states in waiting.items():
+                number = self._channels.get(document)
+                if number is None:
+                    if len(self._channels) >= MAX_OPEN_CHANNELS:
+                        self.stats.presence_dropped += len(states)
+                        continue  # (shipping needs them: presence is best effort)
+                    number = await self._channel(ws, document)
+                payload = encode_awareness(list(states.values()))
+                await ws.send(ExtChannel(number, AwarenessMessage(payload).encode()).encode())
+                self.stats.presence_sent += 1
+            await asyncio.sleep(PRESENCE_FLUSH_S)
 
     async def _renew(self, ws: ClientConnection) -> None:
         """Keep the lease; a link that lost it stops (another process runs it now)."""
@@ -473,6 +539,7 @@ class Link:
         if batch is not None:
             batch.keys.discard(key)
         self._acked.set()
+        self._to_record.set()
 
     def _recorded(self, linked: ExtLinked) -> None:
         """The target recorded a checkpoint: record it here too, in order."""
@@ -484,25 +551,50 @@ class Link:
                     self._ws.close(1011, "checkpoint of another store")
                 )
             return
-        self._records.put_nowait(linked)
+        if self._target is None or linked.cursor >= self._target.cursor:
+            self._target = linked
+        self._to_record.set()
 
     async def _record(self) -> None:
+        """Record here the checkpoints the target recorded, as far as every batch they
+        cover was acknowledged: messages on a link may be reordered (the fault proxy
+        does), so a checkpoint request can overtake updates it covers, and the target
+        then records it before they are stored; such a checkpoint is kept here only
+        once they are, and a link resumes from the lower of the two."""
         while True:
-            linked = await self._records.get()
-            if linked.cursor < self.cursor or (linked.cursor == self.cursor and self._recorded_at):
+            await self._to_record.wait()
+            self._to_record.clear()
+            linked = self._target
+            if linked is None:
+                continue
+            upto = self._recordable(linked.cursor)
+            if upto < self.cursor or (upto == self.cursor and self._recorded_at):
                 continue
             await self.store.set_link_checkpoint(
-                LinkCheckpoint("out", self.region, linked.store, linked.epoch, linked.cursor)
+                LinkCheckpoint("out", self.region, linked.store, linked.epoch, upto)
             )
-            self.cursor = linked.cursor
+            self.cursor = upto
             self._recorded_at = time.monotonic()
             self.stats.checkpoints += 1
             # A batch leaves the window once its end is recorded at both ends: a link
             # killed now ships again at most the batches still in it.
             window = self._window
-            while window and window[0].end <= linked.cursor:
+            while window and window[0].end <= upto:
                 window.pop(0)
             self._acked.set()
+
+    def _recordable(self, upto: int) -> int:
+        """The furthest checkpoint up to ``upto`` that no unacknowledged batch precedes."""
+        if self.settings.link_defect == "early-checkpoint":
+            return upto  # (broken on purpose: whatever the target recorded)
+        safe = self.cursor
+        for batch in self._window:
+            if batch.end > upto:
+                break
+            if batch.keys:
+                return safe
+            safe = batch.end
+        return upto
 
     # -- shipping ------------------------------------------------------------------------
 
@@ -613,22 +705,35 @@ class Link:
         self, ws: ClientConnection, document: str, updates: list[bytes], batch: _Batch
     ) -> None:
         limit = self.settings.link_batch_bytes
+        # Shipped with the content: who owns its client ids here (an anonymous client
+        # of the target's region may not take their next clocks there).
+        owners = (await self.store.load_ledger(document))[0].owners
         run: list[bytes] = []
         size = 0
         for update in updates:
             if run and size + len(update) > limit:
-                await self._send_one(ws, document, run, batch)
+                await self._send_one(ws, document, run, batch, owners)
                 run, size = [], 0
             run.append(update)
             size += len(update)
         if run:
-            await self._send_one(ws, document, run, batch)
+            await self._send_one(ws, document, run, batch, owners)
         self.stats.documents_shipped += 1
 
     async def _send_one(
-        self, ws: ClientConnection, document: str, run: list[bytes], batch: _Batch
+        self,
+        ws: ClientConnection,
+        document: str,
+        run: list[bytes],
+        batch: _Batch,
+        owners: dict[int, str],
     ) -> None:
         update = run[0] if len(run) == 1 else merge_updates(*run)
+        named: tuple[tuple[int, str], ...] = ()
+        if owners:
+            # (Not pycrdt's get_state: it names no client whose structs start past 0.)
+            clients = check_update(update).starts
+            named = tuple((c, owners[c]) for c in clients if c in owners)
         channel = await self._channel(ws, document)
         key = self._next_key
         self._next_key += 1
@@ -640,27 +745,42 @@ class Link:
         batch.bytes += len(update)
         self.stats.updates_shipped += len(run)
         self.stats.bytes_shipped += len(update)
-        await ws.send(ExtChannel(channel, ExtUpdate(key, update).encode()).encode())
+        await ws.send(ExtChannel(channel, ExtLinkUpdate(key, update, named).encode()).encode())
 
-    async def _channel(self, ws: ClientConnection, document: str) -> int:
+    async def _channel(
+        self,
+        ws: ClientConnection,
+        document: str,
+        step1: asyncio.Future[bytes] | None = None,
+    ) -> int:
         """The open channel of ``document``, opened if need be (its step 1 comes then).
 
-        A channel is closed only with nothing on it waiting for acknowledgement: the
-        relay acknowledges nothing on a channel closed meanwhile."""
-        number = self._channels.get(document)
-        if number is not None:
-            self._channels.move_to_end(document)
-            return number
-        while len(self._channels) >= MAX_OPEN_CHANNELS:
-            idle = next((d for d, n in self._channels.items() if n not in self._inflight), None)
-            if idle is None:
-                await self._until(ws, lambda: len(self._inflight) < len(self._channels))
-                continue
-            await self._close_channel(ws, idle)
+        ``step1``: a channel opened anew, whose step 1 (the target's state vector now)
+        sets this future. A channel is closed only with nothing on it waiting for
+        acknowledgement: the relay acknowledges nothing on a channel closed meanwhile.
+        (Shipping and presence both open channels: what is decided before an await is
+        looked at again after it.)"""
+        while True:
+            number = self._channels.get(document)
+            if number is not None:
+                if step1 is None:
+                    self._channels.move_to_end(document)
+                    return number
+                await self._close_channel(ws, document)
+            elif len(self._channels) >= MAX_OPEN_CHANNELS:
+                idle = next((d for d, n in self._channels.items() if n not in self._inflight), None)
+                if idle is None:
+                    await self._until(ws, lambda: len(self._inflight) < len(self._channels))
+                else:
+                    await self._close_channel(ws, idle)
+            else:
+                break
         number = self._next_channel
         self._next_channel += 1
         self._channels[document] = number
         self._documents[number] = document
+        if step1 is not None:
+            self._step1[number] = step1
         await ws.send(ExtOpen(number, document).encode())
         return number
 
@@ -700,12 +820,8 @@ class Link:
         waiters: list[tuple[str, int, asyncio.Future[bytes]]] = []
         for document in documents:
             self.stats.fallbacks += 1
-            if document in self._channels:
-                await self._close_channel(ws, document)
             waiter: asyncio.Future[bytes] = loop.create_future()
-            # Waited for before the open goes out (the number it gets: the next one).
-            self._step1[self._next_channel] = waiter
-            number = await self._channel(ws, document)
+            number = await self._channel(ws, document, step1=waiter)
             waiters.append((document, number, waiter))
         for document, number, waiter in waiters:
             state_vector = await asyncio.wait_for(waiter, self.settings.link_ack_timeout_s)
@@ -755,12 +871,7 @@ class Link:
         await self._drain(ws)
         start = await self.store.last_change()
         swept: set[str] = set()
-        cursor = 0
-        while True:
-            changes = await self.store.changes(cursor, CHANGES_PAGE)
-            if not changes:
-                break
-            cursor = changes[-1].cursor
+        async for changes in self._pages():
             fresh = [c.document for c in changes if c.document not in swept]
             swept.update(fresh)
             for group in _groups(fresh, FALLBACK_GROUP):
@@ -791,12 +902,7 @@ class Link:
         self.stats.anti_entropy_runs += 1
         checked_to = self.cursor
         found = 0
-        cursor = 0
-        while True:
-            changes = await self.store.changes(cursor, CHANGES_PAGE)
-            if not changes:
-                break
-            cursor = changes[-1].cursor
+        async for changes in self._pages():
             names = [c.document for c in changes if c.cursor <= checked_to]
             if not names:
                 continue
@@ -834,6 +940,16 @@ class Link:
                     self.stats.repairs_other += 1
         self._last_sweep = time.monotonic()
         return found
+
+    async def _pages(self) -> AsyncIterator[list[Change]]:
+        """Every document of the source store, as its latest changes, a page at a time."""
+        cursor = 0
+        while True:
+            changes = await self.store.changes(cursor, CHANGES_PAGE)
+            if not changes:
+                return
+            cursor = changes[-1].cursor
+            yield changes
 
     async def _local_clients(self, document: str) -> set[int]:
         """Client ids of what this region's own clients wrote to ``document`` that its

@@ -70,7 +70,15 @@ from crdtsync.errors import (
     close_reason,
 )
 from crdtsync.folders import Cursor, FolderIndex, document_digest, in_folder, validate_prefix
-from crdtsync.integrity import ClientsAsRead, Comparison, Ledger, Lookup, Writer, compare_stored
+from crdtsync.integrity import (
+    ClientsAsRead,
+    Comparison,
+    Ledger,
+    Lookup,
+    Shipped,
+    Writer,
+    compare_stored,
+)
 from crdtsync.limits import Strikes, TokenBucket
 from crdtsync.protocol import (
     MAX_NAMES_PER_MESSAGE,
@@ -163,6 +171,7 @@ PACE_MIN_S = 0.005  # a connection is paced once it owes at least this much time
 PACE_BATCH = 64  # updates charged to a connection's budget together
 PACE_BATCH_BYTES = 256 * 1024
 _ANONYMOUS = Writer()
+_SHIPPED = Shipped()  # a link's update that named no owners
 _AWAITING_CLAIMS = Writer(awaiting_claims=True)  # (shared: a Writer is immutable)
 MAX_CACHED_ANSWERS = 8  # per room, for the latest read only
 # A stored document of at most this many tail updates and bytes is read and merged on
@@ -991,10 +1000,20 @@ class Relay:
 
             self._links = links_of(s, self._link_store(), holder=uuid.uuid4().hex[:16])
             for link in self._links:
+                link.present = self._local_presence
                 link.start()
         if self.revoked is not None and self._verifier is not None:
             self._rechecker = asyncio.get_running_loop().create_task(self._recheck_tokens())
         self._started = True
+
+    def _local_presence(self) -> list[tuple[str, list[AwarenessEntry]]]:
+        """This process's clients' presence now, per document (a link starting over)."""
+        out = []
+        for name, room in self.rooms.items():
+            entries = [e for p in room.peers if p.origin is None for e in p.presence_entries()]
+            if entries:
+                out.append((name, entries))
+        return out
 
     def _guard_against_restores(self, store: UpdateLog) -> None:
         """Raise the store's epoch if its file holds less than it once did (put back from
@@ -1586,7 +1605,11 @@ class Relay:
         peer.room = room
         loop = asyncio.get_running_loop()
         peer.hold_timer = loop.call_later(HOLD_LIMIT_S, peer.release)
-        peer.sync_timer = loop.call_later(self.settings.sync_timeout_s, self._sync_timeout, peer)
+        if peer.origin is None:
+            # (A link opens a channel to ship or for presence, and may not sync on it.)
+            peer.sync_timer = loop.call_later(
+                self.settings.sync_timeout_s, self._sync_timeout, peer
+            )
         session = peer.session
         if session.extensions:
             # First, before anything the room may broadcast while the store is read:
@@ -1595,7 +1618,7 @@ class Relay:
             await self._send(peer)
         peer.joined = await self._fresh_read(room)
         session.send_step1(peer.joined.state)
-        states = room.presence_entries()
+        states = room.presence_entries() if peer.origin is None else None
         if states:
             session.send_awareness(encode_awareness(states))
         await self._send(peer)
@@ -1822,8 +1845,9 @@ class Relay:
         """Handle one message of an open channel; a store failure closes that channel."""
         peer = mux.channels.get(msg.channel)
         if peer is None or peer.closing or peer.room is None:
-            mux.link_failed |= mux.region is not None  # (as in _early)
-            return 0.0  # closed meanwhile (its close crossed this message)
+            # Closed meanwhile (its close crossed this message). A link learns of it by
+            # the close, and one it must ship again failed its checkpoint then.
+            return 0.0
         peer.bytes_in += len(msg.frame)
         peer.messages_in += 1
         try:
@@ -2006,12 +2030,25 @@ class Relay:
         return access
 
     def _refuse_channel(self, mux: Mux, number: int, code: int, reason: str) -> None:
+        self._link_channel_lost(mux, code)
         mux.wire.push(ExtClose(number, int(code), close_reason(reason)).encode())
+
+    @staticmethod
+    def _link_channel_lost(mux: Mux, code: int) -> None:
+        """A link's channel refused or closed here: what the link sends on it is dropped.
+
+        A refusal (4403) is final: the link skips that document. Any other close is
+        transient, and the link's next checkpoint must not cover what it dropped (the
+        checkpoint's answer can reach the link before it acts on the close): the link
+        starts over from its last one and ships it again."""
+        if mux.region is not None and code != CloseCode.FORBIDDEN:
+            mux.link_failed = True
 
     def _close_channel(self, peer: Peer, code: int, reason: str) -> None:
         """Close one channel of a multiplexed connection; the others go on."""
         if peer.detached or peer.mux is None or peer.channel is None:
             return
+        self._link_channel_lost(peer.mux, code)
         peer.wire.push(ExtClose(peer.channel, int(code), close_reason(reason)).encode())
         peer.detached = peer.closing = True
         peer.close_code, peer.close_reason = int(code), reason
@@ -2640,6 +2677,11 @@ class Relay:
         events = session.events_received()
         for i, event in enumerate(events):
             if isinstance(event, UpdateReceived):
+                if event.owners is not None and peer.origin is None:
+                    self._close_peer(
+                        peer, CloseCode.PROTOCOL_ERROR, "a link's update from a client"
+                    )
+                    return 0.0
                 peer.engaged = True
                 # Charged in batches: two bucket updates per message cost more than the
                 # pacing saves at the rates a real writer reaches.
@@ -2688,8 +2730,10 @@ class Relay:
                         if peer.gone:
                             return 0.0
                 # A link's content is judged on content alone: ownership of client ids
-                # was judged where it was written (crdtsync.integrity: checkable anywhere).
-                writer = None if peer.origin is not None else peer.writer
+                # was judged where it was written; their owners there are recorded here.
+                writer = peer.writer
+                if peer.origin is not None:
+                    writer = Shipped(owners=dict(event.owners or ()))
                 self._submit(
                     _Pending(peer, event.update, event.key, event.info, writer, comparison)
                 )
@@ -2758,7 +2802,7 @@ class Relay:
     def _leave(self, room: Room, peer: Peer) -> None:
         room.discard(peer)
         mine = peer.presence_entries()
-        if peer.mux is not None:
+        if peer.mux is not None and peer.origin is None:
             peer.mux.presence_states -= len(mine)
             peer.mux.presence_bytes -= sum(entry.size for entry in mine)
         gone = []
@@ -2769,9 +2813,12 @@ class Relay:
         for entry in gone:
             self._forget_presence(room, entry.client_id)
         if gone and room.peers:
-            self._deliver(room.peers, _awareness_frame(encode_awareness(gone)))
+            self._deliver(_local(room.peers), _awareness_frame(encode_awareness(gone)))
         if gone and self._presence is not None:
             self._say_presence(room.name, encode_awareness(gone))
+        if gone and peer.origin is None:
+            for link in self._links:
+                link.presence(room.name, gone)
         if not room.peers:
             # Nothing of a room outlives its last connection (DESIGN: stateless relay).
             self.rooms.pop(room.name, None)
@@ -2799,9 +2846,14 @@ class Relay:
     # -- awareness --------------------------------------------------------------------
 
     def _on_awareness(self, peer: Peer, room: Room, event: AwarenessReceived, now: float) -> None:
-        """Keep and relay presence within the caps; what is over them is dropped."""
+        """Keep and relay presence within the caps; what is over them is dropped.
+
+        Another region's link (``peer.origin``) brings its clients' presence, coalesced
+        (server/links.py): held to the room's caps only, and what is over them dropped
+        without a strike (best effort: a link is never closed for presence)."""
         s = self.settings
-        if not peer.presence_bucket(s).allow(now):
+        link = peer.origin is not None
+        if not link and not peer.presence_bucket(s).allow(now):
             self._strike(peer, f"presence faster than {s.presence_per_s:g} messages/s")
             return
         accepted: list[AwarenessEntry] = []
@@ -2815,12 +2867,22 @@ class Relay:
                 self._forget_presence(room, cid)
                 if mine is not None:
                     peer.drop_presence(cid)
-                    if peer.mux is not None:
+                    if peer.mux is not None and not link:
                         peer.mux.presence_states -= 1
                         peer.mux.presence_bytes -= mine.size
                 accepted.append(entry)
                 continue
             old_size = current.size if current is not None else 0
+            if link:
+                if (
+                    current is None and room.presence_count() >= s.max_presence_states_per_room
+                ) or room.awareness_bytes - old_size + entry.size > s.max_presence_bytes_per_room:
+                    continue
+                room.set_presence(entry)
+                room.awareness_bytes += entry.size - old_size
+                peer.set_presence(entry)
+                accepted.append(entry)
+                continue
             if mine is None and peer.presence_count() >= s.max_presence_states_per_connection:
                 self._strike(
                     peer, f"more than {s.max_presence_states_per_connection} presence states"
@@ -2862,10 +2924,14 @@ class Relay:
             event.payload if len(accepted) == len(event.entries) else encode_awareness(accepted)
         )
         # Relay to the whole room, sender included: stock clients count it as traffic
-        # and reconnect after 30 s of silence (DESIGN: facts from the anchors).
-        self._deliver(room.peers, _awareness_frame(payload))
+        # and reconnect after 30 s of silence (DESIGN: facts from the anchors). Not to
+        # links' channels: another region learns its presence by this region's links.
+        self._deliver(_local(room.peers), _awareness_frame(payload))
         if self._presence is not None:
             self._say_presence(room.name, payload)
+        if not link:
+            for region in self._links:
+                region.presence(room.name, accepted)  # (never on: a link's stay here)
 
     @staticmethod
     def _forget_presence(room: Room, client_id: int) -> None:
@@ -3350,8 +3416,8 @@ class Relay:
                     ledger = ledgers[name] = self._ledger(name)
                 last_name = name
             # (A region's link writes content judged where it was written: its content
-            # is checked here, not its ownership of client ids.)
-            writer = None if item.peer.origin is not None else (item.writer or _ANONYMOUS)
+            # is checked here, not its ownership of client ids: crdtsync.integrity.Shipped.)
+            writer = item.writer or (_SHIPPED if item.peer.origin is not None else _ANONYMOUS)
             room = self.rooms.get(name)
             backup = None
             if room is not None and (
@@ -3796,7 +3862,7 @@ class Relay:
             room.remote_presence[cid] = now
             accepted.append(entry)
         if accepted and room.peers:
-            self._deliver(room.peers, _awareness_frame(encode_awareness(accepted)))
+            self._deliver(_local(room.peers), _awareness_frame(encode_awareness(accepted)))
 
     def _expire_remote_presence(self, now: float) -> None:
         for room in self.rooms.values():
@@ -3814,7 +3880,7 @@ class Relay:
             if not remote:
                 room.remote_presence = None
             if gone and room.peers:
-                self._deliver(room.peers, _awareness_frame(encode_awareness(gone)))
+                self._deliver(_local(room.peers), _awareness_frame(encode_awareness(gone)))
 
     def _on_followed(self, found: list[Entry | Gap]) -> None:
         """Entries and gaps the follower read: other processes' updates go to the room's
@@ -4417,6 +4483,13 @@ def _shut_down(pool: ProcessPoolExecutor, wait: bool) -> None:
             with contextlib.suppress(Exception):
                 process.terminate()
     pool.shutdown(wait=wait, cancel_futures=True)
+
+
+def _local(peers: Collection[Peer]) -> Collection[Peer]:
+    """``peers`` but other regions' links' channels (they are sent no presence)."""
+    if all(p.origin is None for p in peers):
+        return peers
+    return [p for p in peers if p.origin is None]
 
 
 def _awareness_frame(payload: bytes) -> bytes:

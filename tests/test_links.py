@@ -4,13 +4,16 @@ the regions' settings. The links themselves run in tests/e2e/test_regions.py."""
 from __future__ import annotations
 
 import pytest
+from pycrdt import Doc, Text
 from pydantic import ValidationError
 
 from crdtsync.backend import LinkCheckpoint, StoreIdentity
 from crdtsync.errors import MalformedMessage
-from crdtsync.protocol import ExtLink, ExtLinked, decode_message
+from crdtsync.integrity import Ledger, Shipped, Writer
+from crdtsync.protocol import ExtLink, ExtLinked, ExtLinkUpdate, decode_message, write_var_uint
 from crdtsync.server.links import link_url, resume_from
 from crdtsync.settings import RelaySettings, validate_region
+from crdtsync.updates import check_update
 
 ME = StoreIdentity("source-store", 3)
 
@@ -26,9 +29,13 @@ def test_both_ends_agreeing_resume_from_the_lower_checkpoint() -> None:
     out = LinkCheckpoint("out", "us", "target-store", 1, 100)
     resume = resume_from(ME, linked, out)
     assert (resume.cursor, resume.sweep) == (100, False)
-    # The target ahead of the source's record (the source's record lagged its answer).
-    assert resume_from(ME, linked, None) == resume_from(ME, linked, None)
-    assert resume_from(ME, linked, None).cursor == 120
+
+
+def test_a_target_checkpoint_never_confirmed_here_sweeps() -> None:
+    # The target recorded 120, but this end never did (it stopped first, or the request
+    # overtook updates the target never stored): resuming at 120 could skip them.
+    resume = resume_from(ME, ExtLinked("target-store", 1, "source-store", 3, 120), None)
+    assert (resume.cursor, resume.sweep) == (0, True)
 
 
 @pytest.mark.parametrize(
@@ -70,6 +77,8 @@ def test_the_link_url_is_the_multiplexed_endpoint_with_the_region_and_token() ->
         ExtLink("s", 1, 2**53 - 1),
         ExtLinked("t", 1),
         ExtLinked("t", 9, "s", 3, 77),
+        ExtLinkUpdate(1, b"\x00\x00"),
+        ExtLinkUpdate(2**40, b"u" * 300, ((7, "key"), (2**53 - 1, "sub:" + "a" * 1020))),
     ],
 )
 def test_link_messages_round_trip(msg: object) -> None:
@@ -81,6 +90,48 @@ def test_a_truncated_link_message_is_malformed(cut: int) -> None:
     data = ExtLinked("t", 9, "s", 3, 77).encode()
     with pytest.raises(MalformedMessage):
         decode_message(data[:cut])
+
+
+@pytest.mark.parametrize(
+    "owners",
+    [
+        ((7, "nobody"),),  # neither "key" nor "sub:..."
+        ((7, ""),),
+        ((7, "sub:" + "a" * 1021),),  # over MAX_OWNER_BYTES
+    ],
+)
+def test_a_link_update_naming_no_owner_is_malformed(owners: tuple[tuple[int, str], ...]) -> None:
+    with pytest.raises(MalformedMessage, match="no owner"):
+        decode_message(ExtLinkUpdate(1, b"\x00\x00", owners).encode())
+
+
+def test_a_link_update_declaring_more_owners_than_it_holds_is_malformed() -> None:
+    data = ExtLinkUpdate(1, b"\x00\x00").encode()[:-1] + write_var_uint(2**30)
+    with pytest.raises(MalformedMessage, match="owners"):
+        decode_message(data)
+
+
+def test_a_link_records_the_owners_its_update_names_and_then_refuses_others() -> None:
+    alice = Doc(client_id=11)
+    alice.get("text", type=Text).insert(0, "a")
+    first = alice.get_update()
+    ledger = Ledger()
+    verdict = ledger.judge(first, check_update(first), Shipped(owners={11: "sub:alice"}))
+    assert verdict.accepted_whole
+    assert ledger.owners == {11: "sub:alice"}
+    before = alice.get_state()
+    alice.get("text", type=Text).insert(1, "b")
+    after = alice.get_update(before)
+    verdict = ledger.judge(after, check_update(after), Writer(subject="mallory"))
+    assert verdict.refusals
+    assert "belongs to another writer" in verdict.refusals[0].reason
+    assert ledger.judge(after, check_update(after), Writer(subject="alice")).accepted_whole
+    # The fast path (appends only) records them as well.
+    bob = Doc(client_id=12)
+    bob.get("text", type=Text).insert(0, "b")
+    fast = Ledger()
+    assert fast.append_only(check_update(bob.get_update()), Shipped(owners={12: "key"}))
+    assert fast.owners == {12: "key"}
 
 
 @pytest.mark.parametrize("name", ["eu", "us-east-1", "a", "0", "x" * 32])

@@ -585,6 +585,28 @@ async def test_clear_faults_releases_held_messages() -> None:
         await ws.close()
 
 
+async def test_hold_keeps_one_kind_back_until_released_and_loses_it_with_its_link() -> None:
+    async with echo_proxy() as (_, proxy):
+        proxy.set_hold({"text"}, "up")
+        ws = await client(proxy)
+        await ws.send("held")
+        await ws.send(SyncStep1(b"\x00").encode())
+        assert await receive(ws, 1) == [SyncStep1(b"\x00").encode()]  # it overtook
+        assert [f.data for f in proxy._links[1].pipes[0].held] == ["held"]  # no timer
+        proxy.clear_faults()
+        assert await receive(ws, 1) == ["held"]
+        await ws.close()
+
+        proxy.set_hold({"text"}, "up")
+        ws = await client(proxy)
+        await ws.send("lost")
+        await eventually(lambda: len(proxy._links[2].pipes[0].held) == 1, what="held")
+        await proxy.drop_connections()
+        with pytest.raises(ConnectionClosedError):
+            await receive(ws, 1)
+    assert proxy.stats["dropped"] == 1
+
+
 async def test_delay_keeps_order() -> None:
     delay = 0.2
     n = 10

@@ -23,7 +23,13 @@ Faults (all take effect at once, in both directions of every link)::
                                later ones; held messages are released in shuffled order
                                when ``window`` are held, after ``max_hold_s`` (50 ms) at
                                most, on clear_faults() / set_reorder(0), and before a close
-    clear_faults()             delay, duplicate and reorder back to 0 (heal() is separate)
+    set_hold(kinds, direction) every message of these kinds (class names, e.g. ExtChannel)
+                               in that direction is held, overtaken by all the others,
+                               until clear_faults() or set_hold(()), or before a close;
+                               lost with its link when the link is aborted (a scripted
+                               reorder: what a reorder then a lost connection can do)
+    clear_faults()             delay, duplicate, reorder and hold back to 0 (heal() is
+                               separate)
 
 Partition is done the "simpler and realistic" way: existing connections are aborted,
 not held open while swallowing their messages. This is what a long partition looks
@@ -75,7 +81,7 @@ import itertools
 import logging
 import math
 import random
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Literal, TypeVar, cast
@@ -206,7 +212,10 @@ class _Pipe:
             proxy._count("duplicated")
             proxy._event("duplicate", **self._fields(frame))
         for _ in range(copies):
-            if proxy._reorder > 0 and self.rng.random() < proxy._reorder:
+            if frame.label in proxy._hold.get(self.direction, ()):
+                self.held.append(frame)  # (no timer: until released)
+                proxy._event("hold", **self._fields(frame))
+            elif proxy._reorder > 0 and self.rng.random() < proxy._reorder:
                 self._hold(frame)
             else:
                 self._put(frame)
@@ -424,6 +433,7 @@ class FaultProxy:
         self._duplicate = 0.0
         self._reorder = 0.0
         self._window = 4
+        self._hold: dict[Direction, frozenset[str]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -542,12 +552,23 @@ class FaultProxy:
         if self._reorder == 0:
             self._release_all()
 
+    def set_hold(self, kinds: Iterable[str], direction: Direction = "up") -> None:
+        """Hold every message of these ``kinds`` (class names, as in the history)
+        arriving in ``direction`` from now on, while the others go on: released by
+        :meth:`clear_faults` or ``set_hold((), direction)``, and before a close; lost
+        when their link is aborted (:meth:`drop_connections`, :meth:`partition`)."""
+        self._hold[direction] = frozenset(kinds)
+        self._event("fault", fault="hold", kinds=sorted(self._hold[direction]), to=direction)
+        if not self._hold[direction]:
+            self._release_all()
+
     def clear_faults(self) -> None:
-        """No delay, duplication or reordering; held messages are released now.
+        """No delay, duplication, reordering or holding; held messages are released now.
 
         Messages already waiting out a delay keep their time. :meth:`heal` is separate.
         """
         self._delay = self._duplicate = self._reorder = 0.0
+        self._hold = {}
         self._event("fault", fault="clear")
         self._release_all()
 

@@ -230,6 +230,14 @@ async def _linked(regions: Regions, source: str, target: str, what: str = "live"
     )
 
 
+async def _all_linked(regions: Regions) -> None:
+    """Wait until every link between ``regions`` is live and caught up."""
+    for source in regions.names:
+        for target in regions.names:
+            if source != target:
+                await _linked(regions, source, target)
+
+
 async def test_a_link_killed_mid_catch_up_re_ships_at_most_one_window(tmp_path: Path) -> None:
     window, page = 2, 256
     settings = {"compact_after_updates": 100_000, "link_window": window, "link_ack_timeout_s": 10.0}
@@ -477,13 +485,16 @@ async def test_anti_entropy_finds_and_repairs_what_a_lossy_link_dropped(
 
         if anti_entropy:
             await eventually(same, timeout=30, what="anti-entropy to repair us")
-            link = regions["eu"].link("us")
-            assert link["anti_entropy_runs"] >= 1, str(link)
-            # Each repair of what this region wrote is a finding naming its document. (Once,
-            # in CI, with the edits coalesced into 181 updates, the loss was repaired with
-            # no finding counted; cause not found: the repair may show among the others.)
-            repaired = link["repairs"] + link["repairs_other"] + link["retries"]
-            assert repaired >= 1 or link["fallbacks"] >= 2, str(link)  # (compared by SV)
+
+            async def counted() -> dict | None:
+                # (A run counts its repairs once the target's digests match after them:
+                # a round trip after the repaired content arrived.)
+                link = regions["eu"].link("us")
+                return link if link["repairs"] >= 1 else None
+
+            link = await eventually(counted, timeout=10, what="the repairs counted")
+            # Each repair of what this region wrote is a finding naming its document.
+            assert link["findings"]
             assert set(link["findings"]) <= set(docs)
         else:
             await asyncio.sleep(2.0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import eventually, timeout_s
 from pycrdt import Doc, Map, Text
-from test_regions import _linked, _tokens_of
+from test_regions import _all_linked, _linked, _tokens_of
 
 from crdtsync.client import Replica
 from crdtsync.testing.regions import Regions, same_content
@@ -25,13 +25,6 @@ def _map_of(update: bytes) -> dict:
     if update:
         doc.apply_update(update)
     return doc.get("m", type=Map).to_py() or {}
-
-
-async def _all_linked(regions: Regions) -> None:
-    for source in regions.names:
-        for target in regions.names:
-            if source != target:
-                await _linked(regions, source, target)
 
 
 async def test_an_edit_inside_a_type_another_region_created_arrives_once_its_parent_did(

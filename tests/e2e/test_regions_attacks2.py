@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 from helpers import eventually, timeout_s
 from pycrdt import Text
-from test_regions import _linked, _tokens_of
+from test_regions import _all_linked, _linked, _tokens_of
 
 from crdtsync.client import Replica
 from crdtsync.testing.regions import Regions
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
-
-
-async def _all_linked(regions: Regions) -> None:
-    for source in regions.names:
-        for target in regions.names:
-            if source != target:
-                await _linked(regions, source, target)
 
 
 async def test_the_sweep_a_target_reset_asks_of_the_other_links_survives_a_restart(
@@ -79,4 +72,59 @@ async def test_the_sweep_a_target_reset_asks_of_the_other_links_survives_a_resta
             raise AssertionError(
                 "eu acknowledged 'acked-x'; eu and us hold it, ap never gets it after us "
                 f"restarted: us->ap {regions['us'].link('ap')}"
+            ) from None
+
+
+async def test_a_checkpoint_request_that_overtook_its_updates_loses_none_of_them(
+    tmp_path: Path,
+) -> None:
+    """Seed 428 of ``check --regions 3`` (r1 lacked r0's first acknowledged edits, with
+    reordering on the r0<->r1 links and r1's relay killed): a link's checkpoint request
+    (ExtLink) that overtakes the updates it covers is recorded by the target at once
+    (none of them has arrived, so none is waited for) and answered; the source then
+    recorded it too, and when the connection was lost with the updates still on their
+    way, the link resumed past them: they were never shipped again.
+    Mended: the source keeps a checkpoint only once every batch it covers was
+    acknowledged, and resumes by state vectors from a target checkpoint it never kept.
+    """
+    # (An acknowledgement waited for longer than the test takes: the link must not end
+    # its connection itself, which would let the proxy deliver the held update first.)
+    settings = {"anti_entropy_s": 0, "link_ack_timeout_s": 60.0}
+    doc = "overtaken/doc"
+    async with Regions(tmp_path, ("eu", "us"), settings=settings) as regions:
+        await _all_linked(regions)
+        proxy = regions.links["eu", "us"]
+        answers: list[dict] = []
+        counting = proxy.on_event
+
+        def spy(event: dict) -> None:
+            if event.get("event") == "forward" and event.get("message") == "ExtLinked":
+                answers.append(event)
+            if counting is not None:
+                counting(event)
+
+        proxy.on_event = spy
+        proxy.set_hold({"ExtChannel"}, "up")  # updates wait; ExtOpen and ExtLink go on
+        token = regions.token()
+        answered = len(answers)  # (the link is idle: it asks for no checkpoint meanwhile)
+        async with Replica(tmp_path / "w.db", relay=regions["eu"].url, token=token) as w:
+            (await w.open(doc)).get("text", type=Text).insert(0, "overtaken;")
+            await w.wait_synced(doc, timeout=timeout_s(20))  # acknowledged by eu
+        # The target records the checkpoint past the held update and answers.
+        await eventually(
+            lambda: len(answers) > answered, timeout=20, what="the target's checkpoint answer"
+        )
+        assert proxy.stats["dropped"] == 0
+        await proxy.drop_connections()  # the held update is lost with the connection
+        proxy.clear_faults()
+        await _linked(regions, "eu", "us")
+
+        async def arrived() -> bool:
+            return "overtaken" in _tokens_of(await regions["us"].document(doc))
+
+        try:
+            await eventually(arrived, timeout=20, what="the edit in us")
+        except AssertionError:
+            raise AssertionError(
+                f"us never got eu's acknowledged edit: eu->us {regions['eu'].link('us')}"
             ) from None
