@@ -20,6 +20,12 @@ bytes of the updates themselves (the stores' own rows).
 Fan-out while catching up: in eu, a writer and a reader of another document (one token
 every 20 ms); its delivery latency p50/p99 while idle, and while eu's link to us ships a
 backlog of ``--updates`` updates.
+
+Presence: ``--clients`` stock clients of eu, spread over ``--docs`` documents, each
+setting its presence ``--rate`` times a second (a cursor moving); eu's link carries it
+to us. Reported: the latency of one client's states from eu to a stock client of us
+(p50/p99; the link flushes every 100 ms), and another room's fan-out latency in us
+(two replicas, a token every 20 ms) idle and during the flood.
 """
 
 from __future__ import annotations
@@ -172,14 +178,17 @@ async def catchup(folder: Path, updates: int, docs: int, delay_s: float) -> dict
         }
 
 
-async def room_latency(regions: Regions, folder: Path, token: str, seconds: float) -> list[float]:
-    """Delivery latency (ms) of one token every 20 ms, between two replicas of eu."""
+async def room_latency(
+    regions: Regions, folder: Path, token: str, seconds: float, region: str = "eu"
+) -> list[float]:
+    """Delivery latency (ms) of one token every 20 ms, between two replicas of ``region``."""
     doc = f"bench/room/{random.randrange(10**9)}"
     got: dict[str, float] = {}
     sent: dict[str, float] = {}
+    url = regions[region].url
     async with (
-        Replica(folder / f"a{doc[-4:]}.db", relay=regions["eu"].url, token=token) as a,
-        Replica(folder / f"b{doc[-4:]}.db", relay=regions["eu"].url, token=token) as b,
+        Replica(folder / f"a{doc[-4:]}.db", relay=url, token=token) as a,
+        Replica(folder / f"b{doc[-4:]}.db", relay=url, token=token) as b,
     ):
         mine = (await a.open(doc)).get("t", type=Text)
         theirs = (await b.open(doc)).get("t", type=Text)
@@ -238,9 +247,82 @@ async def fanout_during_catchup(folder: Path, updates: int, docs: int) -> dict[s
         }
 
 
+async def presence_flood(folder: Path, clients: int, docs: int, rate: float) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+
+    from crdtsync.protocol import (
+        AwarenessEntry,
+        AwarenessMessage,
+        SyncStep1,
+        decode_awareness,
+        decode_message,
+        encode_awareness,
+    )
+
+    settings = {"anti_entropy_s": 0}
+    async with Regions(folder, ("eu", "us"), settings=settings) as regions:
+        await wait_caught_up(regions, "eu", "us", 30)
+        await wait_caught_up(regions, "us", "eu", 30)
+        token = regions.token()
+        idle = await room_latency(regions, folder, token, 5.0, region="us")
+        names = [f"bench/presence/{k}" for k in range(docs)]
+        arrivals: list[float] = []
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            async with connect(f"{regions['us'].url}/{names[0]}?token={token}") as ws:
+                await ws.send(SyncStep1(b"\x00").encode())
+                while not stop.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.5):
+                            msg = decode_message(await ws.recv())  # type: ignore[arg-type]
+                            if isinstance(msg, AwarenessMessage):
+                                now = time.perf_counter()
+                                for e in decode_awareness(msg.payload):
+                                    if e.client_id == 1_000_000 and e.state:
+                                        arrivals.append((now - e.state["t"]) * 1000)
+
+        async def client(i: int) -> None:
+            url = f"{regions['eu'].url}/{names[i % docs]}?token={token}"
+            async with connect(url) as ws:
+                await ws.send(SyncStep1(b"\x00").encode())
+                clock = 0
+                while not stop.is_set():
+                    clock += 1
+                    state = {"t": time.perf_counter(), "cursor": clock, "user": f"u{i}"}
+                    entry = AwarenessEntry(1_000_000 + i, clock, state)
+                    await ws.send(AwarenessMessage(encode_awareness([entry])).encode())
+                    await asyncio.sleep(1 / rate)
+
+        tasks = [asyncio.create_task(watch())]
+        tasks += [asyncio.create_task(client(i)) for i in range(clients)]
+        await asyncio.sleep(2.0)
+        busy = await room_latency(regions, folder, token, 5.0, region="us")
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        link = regions["eu"].link("us")
+        return {
+            "clients": clients,
+            "documents": docs,
+            "states_per_s": clients * rate,
+            "presence_eu_to_us_p50_ms": round(pct(arrivals, 0.5), 1),
+            "presence_eu_to_us_p99_ms": round(pct(arrivals, 0.99), 1),
+            "presence_samples": len(arrivals),
+            "us_room_idle_p50_ms": round(pct(idle, 0.5), 2),
+            "us_room_idle_p99_ms": round(pct(idle, 0.99), 2),
+            "us_room_flood_p50_ms": round(pct(busy, 0.5), 2),
+            "us_room_flood_p99_ms": round(pct(busy, 0.99), 2),
+            "link_presence_sent": link["presence_sent"],
+            "link_presence_dropped": link["presence_dropped"],
+            "link_state": link["state"],
+        }
+
+
 async def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", choices=["propagation", "catchup", "fanout"])
+    p.add_argument("--only", choices=["propagation", "catchup", "fanout", "presence"])
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--rate", type=float, default=10.0)
     p.add_argument("--delay-ms", type=float, default=100.0)
     p.add_argument("--writes", type=int, default=200)
     p.add_argument("--updates", type=int, default=10_000)
@@ -261,6 +343,10 @@ async def main() -> None:
             sub = folder / "fanout"
             out["fanout"] = await fanout_during_catchup(sub, args.updates, args.docs)
             print(json.dumps({"fanout": out["fanout"]}), flush=True)
+        if args.only in (None, "presence"):
+            sub = folder / "presence"
+            out["presence"] = await presence_flood(sub, args.clients, args.docs, args.rate)
+            print(json.dumps({"presence": out["presence"]}), flush=True)
 
 
 if __name__ == "__main__":

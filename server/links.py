@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -78,6 +79,9 @@ __all__ = ["Link", "Resume", "link_url", "resume_from"]
 log = logging.getLogger("crdtsync.links")
 
 SWEEP_PENDING = "pending"  # a link's "sweep" record: a sweep asked for and not yet done
+# ... or: documents refused in part wait to be shipped again (which ones is kept in
+# memory only: a relay restarted meanwhile sweeps every document instead).
+RETRY_PENDING = "retry"
 CHANGES_PAGE = 256  # changed documents read at a time (a sweep)
 FEED_PAGE = 256  # appends shipped as one batch (a checkpoint once acknowledged)
 FALLBACK_GROUP = 64  # documents whose state vectors a sweep asks for at once
@@ -87,7 +91,8 @@ TOKEN_TTL_S = 3600.0  # a minted peer token's lifetime (a link reconnects before
 MAX_REFUSED_RETRY_S = 30.0  # a document refused again and again: shipped again this often
 MAX_RETRY_S = 5.0  # (a handful of links: a healed partition is noticed within seconds)
 PRESENCE_FLUSH_S = 0.1  # a document's presence crosses at most this often (coalesced)
-MAX_PRESENCE_DOCUMENTS = 256  # documents whose presence waits to cross at once
+MAX_PRESENCE_DOCUMENTS = 256  # documents whose presence a link carries at once
+PRESENCE_MESSAGE_BYTES = 64 * 1024  # one presence message of a link, at most (about)
 
 
 def link_url(peer: str, region: str, token: str | None) -> str:
@@ -223,6 +228,7 @@ class Link:
         self._last_sweep = time.monotonic()  # anti-entropy's last run (or the start)
         self.findings: list[str] = []  # documents anti-entropy repaired (the latest 100)
         self._retry: set[str] = set()  # documents to ship again by state vectors
+        self._retry_marked = False  # ... and the store's "sweep" record says so
         self._retry_at = 0.0
         self._retry_pause = 0.5
         self.sweep_requested = False  # a sweep asked for from outside (a peer was reset)
@@ -232,9 +238,12 @@ class Link:
         self._step1: dict[int, asyncio.Future[bytes]] = {}
         self._linked: asyncio.Future[ExtLinked] | None = None
         self._identity: StoreIdentity | None = None
-        # Presence (best effort, never stored): this region's clients' states waiting to
-        # cross, the latest per client and document; what the relay holds now, asked for
-        # when a connection starts (the target forgot everything of the last one).
+        # Presence (best effort, never stored): what the target holds from this link
+        # (``_mirror``: per document, per client) and what waits to cross (the latest
+        # per client); what the relay holds now is asked for when a connection starts
+        # (the target forgot everything of the last one).
+        self._mirror: dict[str, dict[int, AwarenessEntry]] = {}
+        self._forbidden: set[str] = set()  # documents refused (4403) this session
         self._presence: dict[str, dict[int, AwarenessEntry]] = {}
         self._presence_wake = asyncio.Event()
         self.present: Callable[[], Iterable[tuple[str, list[AwarenessEntry]]]] | None = None
@@ -260,26 +269,49 @@ class Link:
     def presence(self, document: str, entries: Iterable[AwarenessEntry]) -> None:
         """Presence of this region's clients in ``document`` (states, or removals) to
         cross: coalesced per client and sent within :data:`PRESENCE_FLUSH_S` while the
-        link is connected; dropped while it is not, and beyond its bounds (at most
-        :data:`MAX_PRESENCE_DOCUMENTS` documents, the target's room cap per document)."""
-        if self._ws is None:
+        link is connected; dropped while it is not. A link carries the states of at most
+        :data:`MAX_PRESENCE_DOCUMENTS` documents, and per document the room's cap; a
+        removal goes only for a state it carried (and always does)."""
+        if self._ws is None or document in self._forbidden:
             return
-        waiting = self._presence.get(document)
-        if waiting is None:
-            if len(self._presence) >= MAX_PRESENCE_DOCUMENTS:
+        held = self._mirror.get(document)
+        if held is None:
+            if len(self._mirror) >= MAX_PRESENCE_DOCUMENTS:
                 self.stats.presence_dropped += 1
                 return
-            waiting = self._presence[document] = {}
+            held = {}
         cap = self.settings.max_presence_states_per_room
+        waiting = self._presence.setdefault(document, {})
         for entry in entries:
-            current = waiting.get(entry.client_id)
+            cid = entry.client_id
+            current = held.get(cid)
             if current is not None and current.clock > entry.clock:
                 continue
-            if current is None and len(waiting) >= cap:
+            if entry.removed:
+                if current is None:
+                    continue  # (the target holds nothing of it from this link)
+                del held[cid]
+            elif current is None and len(held) >= cap:
                 self.stats.presence_dropped += 1
                 continue
-            waiting[entry.client_id] = entry
+            else:
+                held[cid] = entry
+            waiting[cid] = entry
+        if held:
+            self._mirror[document] = held
+        else:
+            self._mirror.pop(document, None)
+        if not waiting:
+            del self._presence[document]
         self._presence_wake.set()
+
+    def _presence_lost(self, document: str) -> None:
+        """The target forgot what this link's channel of ``document`` carried (the
+        channel closed): send it again (on a channel opened for it)."""
+        held = self._mirror.get(document)
+        if held and self._ws is not None:
+            self._presence.setdefault(document, {}).update(held)
+            self._presence_wake.set()
 
     def status(self) -> dict[str, Any]:
         """The link as ``/healthz?verbose=1`` shows it."""
@@ -395,6 +427,8 @@ class Link:
         self._linked = None
         self._target = None
         self._presence.clear()
+        self._mirror.clear()
+        self._forbidden.clear()
         if self.present is not None:
             for document, entries in self.present():
                 self.presence(document, entries)
@@ -414,9 +448,10 @@ class Link:
                         self.stats.presence_dropped += len(states)
                         continue  # (shipping needs them: presence is best effort)
                     number = await self._channel(ws, document)
-                payload = encode_awareness(list(states.values()))
-                await ws.send(ExtChannel(number, AwarenessMessage(payload).encode()).encode())
-                self.stats.presence_sent += 1
+                for part in _presence_parts(list(states.values()), PRESENCE_MESSAGE_BYTES):
+                    payload = AwarenessMessage(encode_awareness(part)).encode()
+                    await ws.send(ExtChannel(number, payload).encode())
+                    self.stats.presence_sent += 1
             await asyncio.sleep(PRESENCE_FLUSH_S)
 
     async def _renew(self, ws: ClientConnection) -> None:
@@ -500,6 +535,10 @@ class Link:
             # it, a name it refuses): skipped and reported, so as not to block the rest.
             self.stats.skipped += 1
             self.last_error = f"{document}: {msg.code} {msg.reason}"
+            if document is not None:  # (nor its presence: the target will not take it)
+                self._forbidden.add(document)
+                self._mirror.pop(document, None)
+                self._presence.pop(document, None)
             log.warning(
                 "link to %s: %s refused by the target, skipped (%d %s)",
                 self.region,
@@ -570,6 +609,10 @@ class Link:
             upto = self._recordable(linked.cursor)
             if upto < self.cursor or (upto == self.cursor and self._recorded_at):
                 continue
+            if self._retry and not self._retry_marked:
+                # A checkpoint past what was refused is kept only once the retry is: a
+                # relay restarted before the retry sweeps instead.
+                await self._mark_retry()
             await self.store.set_link_checkpoint(
                 LinkCheckpoint("out", self.region, linked.store, linked.epoch, upto)
             )
@@ -612,8 +655,9 @@ class Link:
             # request is stored first: this link's next checkpoint hides the reset.
             await self.on_target_reset(self.region)
         pending = await self.store.link_checkpoint("sweep", self.region)
-        if pending is not None and pending.store == SWEEP_PENDING:
+        if pending is not None and pending.store in (SWEEP_PENDING, RETRY_PENDING):
             self.sweep_requested = True
+        self._retry_marked = pending is not None and pending.store == RETRY_PENDING
         log.info(
             "link to %s connected: %s (cursor %d)",
             self.region,
@@ -791,6 +835,7 @@ class Link:
         self._documents.pop(number, None)
         self._step1.pop(number, None)
         await ws.send(ExtClose(number).encode())
+        self._presence_lost(document)
 
     async def _until(self, ws: ClientConnection, done: Callable[[], bool]) -> None:
         """Checkpoint what is acknowledged, and wait for acknowledgements (and checkpoint
@@ -834,8 +879,8 @@ class Link:
                 if clients:
                     lacked[document] = clients
                 await self._send_updates(ws, document, pieces, batch)
-            elif self._channels.get(document) == number:
-                await self._close_channel(ws, document)  # (idle, the relay would time it out)
+            elif self._channels.get(document) == number and document not in self._mirror:
+                await self._close_channel(ws, document)  # (idle: kept if it has presence)
         return lacked
 
     async def _close_batch(self, ws: ClientConnection, batch: _Batch) -> None:
@@ -888,8 +933,15 @@ class Link:
         await ws.send(ExtLink(self._identity.id, self._identity.epoch, start).encode())
         await self._until(ws, lambda: self._recorded_at is not None)
         pending = await self.store.link_checkpoint("sweep", self.region)
-        if pending is not None and pending.store == SWEEP_PENDING and not self.sweep_requested:
-            await self.store.set_link_checkpoint(LinkCheckpoint("sweep", self.region, "", 0, 0))
+        if (
+            pending is not None
+            and pending.store in (SWEEP_PENDING, RETRY_PENDING)
+            and not self.sweep_requested
+        ):
+            # (Refused again during the sweep: those are retried, and marked as such.)
+            mark = RETRY_PENDING if self._retry else ""
+            await self.store.set_link_checkpoint(LinkCheckpoint("sweep", self.region, mark, 0, 0))
+            self._retry_marked = bool(mark)
 
     async def anti_entropy(self, ws: ClientConnection) -> int:
         """Compare every document's digest (state vector and delete set) with the
@@ -986,7 +1038,26 @@ class Link:
             self._retry_pause = min(self._retry_pause * 2, MAX_REFUSED_RETRY_S)
         else:
             self._retry_pause = 0.5
+            await self._unmark_retry()
         self._retry_at = time.monotonic() + self._retry_pause
+
+    async def _mark_retry(self) -> None:
+        """Store that refused documents wait (before a checkpoint past them is kept)."""
+        pending = await self.store.link_checkpoint("sweep", self.region)
+        if pending is None or pending.store != SWEEP_PENDING:
+            await self.store.set_link_checkpoint(
+                LinkCheckpoint("sweep", self.region, RETRY_PENDING, 0, 0)
+            )
+        self._retry_marked = True
+
+    async def _unmark_retry(self) -> None:
+        """No refused document waits any more: forget the mark (not a sweep asked for)."""
+        if not self._retry_marked:
+            return
+        pending = await self.store.link_checkpoint("sweep", self.region)
+        if pending is not None and pending.store == RETRY_PENDING:
+            await self.store.set_link_checkpoint(LinkCheckpoint("sweep", self.region, "", 0, 0))
+        self._retry_marked = False
 
     def _drop_some(self, since: Since) -> Since:
         """(link_defect "drop") Leave out 1 in 50 updates: those whose change cursor is a
@@ -994,6 +1065,20 @@ class Link:
         kept = [row for row in since.updates if row[0] % 50 or row[2] is not None]
         self.stats.dropped += len(since.updates) - len(kept)
         return Since(since.document, kept, since.complete)
+
+
+def _presence_parts(entries: list[AwarenessEntry], limit: int) -> list[list[AwarenessEntry]]:
+    """``entries`` in runs of about ``limit`` bytes of states (each run one message)."""
+    parts: list[list[AwarenessEntry]] = [[]]
+    size = 0
+    for entry in entries:
+        cost = 32 + (entry.size or len(json.dumps(entry.state)) if entry.state else 0)
+        if parts[-1] and size + cost > limit:
+            parts.append([])
+            size = 0
+        parts[-1].append(entry)
+        size += cost
+    return parts
 
 
 def _groups(items: list[str], size: int) -> list[list[str]]:

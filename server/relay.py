@@ -1554,8 +1554,12 @@ class Relay:
         access: Access,
         extensions: bool,
         channel: int | None = None,
+        *,
+        link: bool = False,
     ) -> Peer:
-        """A peer for one document on ``wire`` (its own connection, or ``channel`` of it)."""
+        """A peer for one document on ``wire`` (its own connection, or ``channel`` of it;
+        ``link``: a channel of another region's link, which carries many clients'
+        presence in one message, up to the room's presence bytes)."""
         s = self.settings
         check = self._check
         session = SyncSession(
@@ -1564,7 +1568,9 @@ class Relay:
             extensions=extensions,
             can_write=access.rights.write,
             validate=check,
-            max_presence_bytes=self._max_presence_bytes,
+            max_presence_bytes=(
+                s.max_presence_bytes_per_room + 1024 if link else self._max_presence_bytes
+            ),
             max_presence_state_bytes=s.max_presence_state_bytes,
         )
         peer = Peer(wire, session, document, access)
@@ -1874,7 +1880,8 @@ class Relay:
             except TimeoutError:
                 mux.link_failed = True
             if mux.link_failed:
-                self._close_mux(mux, CloseCode.TRY_AGAIN_LATER, "store unavailable")
+                why = "what the link sent was not all stored: start over from the last checkpoint"
+                self._close_mux(mux, CloseCode.TRY_AGAIN_LATER, why)
                 return
             await store.set_link_checkpoint(
                 LinkCheckpoint("in", mux.region, msg.store, msg.epoch, msg.cursor)
@@ -1991,7 +1998,8 @@ class Relay:
         except TimeoutError:
             self._refuse_channel(mux, number, CloseCode.TRY_AGAIN_LATER, "authorization timed out")
             return delay
-        peer = self._new_peer(mux.wire, document, access, True, channel=number)
+        link = mux.region is not None
+        peer = self._new_peer(mux.wire, document, access, True, channel=number, link=link)
         peer.mux = mux
         peer.origin = mux.region
         mux.channels[number] = peer
@@ -2779,7 +2787,10 @@ class Relay:
                     else:
                         self._record_claims(peer, event.fresh)
             elif isinstance(event, LimitHit):
-                self._strike(peer, event.reason)
+                if peer.origin is None:
+                    self._strike(peer, event.reason)
+                else:  # (a link is never closed for presence: best effort)
+                    log.warning("presence from a link dropped: %s", event.reason)
             elif isinstance(event, (PermissionRefused, Refused)):
                 pass  # a client has no business refusing the relay's content; ignore it
             elif isinstance(event, Failed):
@@ -2857,6 +2868,12 @@ class Relay:
             self._strike(peer, f"presence faster than {s.presence_per_s:g} messages/s")
             return
         accepted: list[AwarenessEntry] = []
+        if link:
+            # Other regions' states take at most half of the room's caps: its own
+            # clients always have the other half (else a remote region's crowd would
+            # get them struck, then closed, for a room they did not fill).
+            remote = [e for p in room.peers if p.origin is not None for e in p.presence_entries()]
+            remote_states, remote_bytes = len(remote), sum(e.size for e in remote)
         for entry in event.entries:
             cid = entry.client_id
             current = room.presence_of(cid)
@@ -2864,20 +2881,32 @@ class Relay:
                 continue
             mine = peer.presence_of(cid)  # (the state it set for cid, as it set it)
             if entry.removed:
+                if mine is None:
+                    # Not its state (or nobody's): a removal takes nothing from another
+                    # connection, and one of nothing is not passed on (it costs the
+                    # room's peers and other regions' links for nothing).
+                    continue
                 self._forget_presence(room, cid)
-                if mine is not None:
-                    peer.drop_presence(cid)
-                    if peer.mux is not None and not link:
-                        peer.mux.presence_states -= 1
-                        peer.mux.presence_bytes -= mine.size
+                peer.drop_presence(cid)
+                if peer.mux is not None and not link:
+                    peer.mux.presence_states -= 1
+                    peer.mux.presence_bytes -= mine.size
                 accepted.append(entry)
                 continue
             old_size = current.size if current is not None else 0
             if link:
+                new = current is None or mine is None
+                if (new and remote_states >= s.max_presence_states_per_room // 2) or (
+                    remote_bytes - (0 if new else old_size) + entry.size
+                    > s.max_presence_bytes_per_room // 2
+                ):
+                    continue
                 if (
                     current is None and room.presence_count() >= s.max_presence_states_per_room
                 ) or room.awareness_bytes - old_size + entry.size > s.max_presence_bytes_per_room:
                     continue
+                remote_states += 1 if new else 0
+                remote_bytes += entry.size - (0 if new else old_size)
                 room.set_presence(entry)
                 room.awareness_bytes += entry.size - old_size
                 peer.set_presence(entry)
