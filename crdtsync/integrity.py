@@ -484,7 +484,16 @@ class Ledger:
                 )
         # Record what is accepted.
         for client in info.state:
-            if client in refused or trim.get(client) == info.state[client]:
+            if client in refused:
+                continue
+            if trim.get(client) == info.state[client]:
+                # All of it stored already. A link names the owner it has where it was
+                # written: recorded all the same, where it has none here.
+                if isinstance(writer, Shipped) and client not in self.owners:
+                    owner = writer.owner_for(client)
+                    if owner is not None:
+                        self.owners[client] = owner
+                        self.dirty.add(client)
                 continue
             ranges = self.ranges.setdefault(client, [])
             for start, end in info.ranges(client):

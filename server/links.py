@@ -93,6 +93,8 @@ MAX_RETRY_S = 5.0  # (a handful of links: a healed partition is noticed within s
 PRESENCE_FLUSH_S = 0.1  # a document's presence crosses at most this often (coalesced)
 MAX_PRESENCE_DOCUMENTS = 256  # documents whose presence a link carries at once
 PRESENCE_MESSAGE_BYTES = 64 * 1024  # one presence message of a link, at most (about)
+OWNERS_INLINE_BYTES = 16 * 1024  # an update's clients are read on the loop up to this size
+MAX_OWNERS_SENT_DOCUMENTS = 4096  # documents whose owners a session remembers having named
 
 
 def link_url(peer: str, region: str, token: str | None) -> str:
@@ -244,6 +246,9 @@ class Link:
         # (the target forgot everything of the last one).
         self._mirror: dict[str, dict[int, AwarenessEntry]] = {}
         self._forbidden: set[str] = set()  # documents refused (4403) this session
+        # Client ids whose owners this session named, per document: once the target
+        # has them, an update of only those ids is not walked to name them again.
+        self._owners_sent: dict[str, set[int]] = {}
         self._presence: dict[str, dict[int, AwarenessEntry]] = {}
         self._presence_wake = asyncio.Event()
         self.present: Callable[[], Iterable[tuple[str, list[AwarenessEntry]]]] | None = None
@@ -304,6 +309,16 @@ class Link:
         if not waiting:
             del self._presence[document]
         self._presence_wake.set()
+
+    def forget_presence(self, document: str, client: int) -> None:
+        """``client``'s state in ``document`` is no longer this region's (it moved to
+        another region): not carried any more, nor sent again."""
+        held = self._mirror.get(document)
+        if held is not None and held.pop(client, None) is not None and not held:
+            del self._mirror[document]
+        waiting = self._presence.get(document)
+        if waiting is not None:
+            waiting.pop(client, None)
 
     def _presence_lost(self, document: str) -> None:
         """The target forgot what this link's channel of ``document`` carried (the
@@ -429,6 +444,7 @@ class Link:
         self._presence.clear()
         self._mirror.clear()
         self._forbidden.clear()
+        self._owners_sent.clear()
         if self.present is not None:
             for document, entries in self.present():
                 self.presence(document, entries)
@@ -523,6 +539,7 @@ class Link:
             )
             if document is not None:
                 self._retry.add(document)
+                self._owners_sent.pop(document, None)  # (the retry names them again)
             self._done(msg.key)
 
     def _channel_closed(self, msg: ExtClose) -> None:
@@ -774,10 +791,18 @@ class Link:
     ) -> None:
         update = run[0] if len(run) == 1 else merge_updates(*run)
         named: tuple[tuple[int, str], ...] = ()
-        if owners:
-            # (Not pycrdt's get_state: it names no client whose structs start past 0.)
-            clients = check_update(update).starts
-            named = tuple((c, owners[c]) for c in clients if c in owners)
+        sent = self._owners_sent.get(document)
+        if owners and (sent is None or not owners.keys() <= sent):
+            # Its clients (not pycrdt's get_state: it names none whose structs start past
+            # 0), read in a thread when large: a pure-Python walk holds the loop.
+            if len(update) < OWNERS_INLINE_BYTES:
+                info = check_update(update)
+            else:
+                info = await asyncio.to_thread(check_update, update)
+            named = tuple((c, owners[c]) for c in info.starts if c in owners)
+            if len(self._owners_sent) >= MAX_OWNERS_SENT_DOCUMENTS:
+                self._owners_sent.clear()  # (named again: a walk more, no harm)
+            self._owners_sent.setdefault(document, set()).update(c for c, _ in named)
         channel = await self._channel(ws, document)
         key = self._next_key
         self._next_key += 1
@@ -897,8 +922,11 @@ class Link:
         await self._until(ws, lambda: len(self._window) < self.settings.link_window)
 
     async def _drain(self, ws: ClientConnection) -> None:
-        """Wait for every batch sent to be acknowledged and its checkpoint recorded."""
-        await self._until(ws, lambda: not self._window and self.cursor >= self._asked)
+        """Wait for every batch sent to be acknowledged (or refused) and its checkpoint
+        recorded (a batch of a retry ends at the cursor: its keys are waited for)."""
+        await self._until(
+            ws, lambda: not self._window and self.cursor >= self._asked and not self._key_batch
+        )
 
     async def _advance(self, ws: ClientConnection) -> None:
         """Let go of the batches a recorded checkpoint covers (each batch asked for its

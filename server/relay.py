@@ -2907,6 +2907,8 @@ class Relay:
                     continue
                 remote_states += 1 if new else 0
                 remote_bytes += entry.size - (0 if new else old_size)
+                if current is not None and mine is None:
+                    self._hand_over(room, cid, peer)
                 room.set_presence(entry)
                 room.awareness_bytes += entry.size - old_size
                 peer.set_presence(entry)
@@ -2941,6 +2943,8 @@ class Relay:
                 # (Counted once the state is kept: one the room refused counts for nothing.)
                 mux.presence_states += 0 if mine is not None else 1
                 mux.presence_bytes += grow
+            if current is not None and mine is None:
+                self._hand_over(room, cid, peer)
             room.set_presence(entry)
             room.awareness_bytes += entry.size - old_size
             peer.set_presence(entry)
@@ -2961,6 +2965,26 @@ class Relay:
         if not link:
             for region in self._links:
                 region.presence(room.name, accepted)  # (never on: a link's stay here)
+
+    def _hand_over(self, room: Room, cid: int, taker: Peer) -> None:
+        """Client ``cid``'s state is ``taker``'s now (it reconnected, or moved to another
+        region and came back over a link): no other peer holds it any more (a removal or
+        a close of theirs would take it away), and if a local one did, this region's
+        links no longer carry it (they would bring it back on a new channel)."""
+        for other in room.peers:
+            if other is taker:
+                continue
+            old = other.presence_of(cid)
+            if old is None:
+                continue
+            other.drop_presence(cid)
+            if other.origin is None:
+                if other.mux is not None:
+                    other.mux.presence_states -= 1
+                    other.mux.presence_bytes -= old.size
+                if taker.origin is not None:
+                    for link in self._links:
+                        link.forget_presence(room.name, cid)
 
     @staticmethod
     def _forget_presence(room: Room, client_id: int) -> None:

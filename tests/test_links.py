@@ -126,6 +126,16 @@ def test_a_link_records_the_owners_its_update_names_and_then_refuses_others() ->
     assert verdict.refusals
     assert "belongs to another writer" in verdict.refusals[0].reason
     assert ledger.judge(after, check_update(after), Writer(subject="alice")).accepted_whole
+    # Content the target holds already (from elsewhere, with no owner): a link naming
+    # its owner records it all the same.
+    carol = Doc(client_id=13)
+    carol.get("text", type=Text).insert(0, "c")
+    held = carol.get_update()
+    assert ledger.judge(held, check_update(held), Writer()).accepted_whole
+    assert 13 not in ledger.owners
+    again = ledger.judge(held, check_update(held), Shipped(owners={13: "key"}), [held])
+    assert not again.refusals
+    assert ledger.owners[13] == "key"
     # The fast path (appends only) records them as well.
     bob = Doc(client_id=12)
     bob.get("text", type=Text).insert(0, "b")
