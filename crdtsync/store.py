@@ -68,6 +68,8 @@ COMPACT_TRANSACTION_BYTES = 1024 * 1024  # updates applied in one scratch transa
 SNAPSHOT_CHUNK_BYTES = 1024 * 1024  # a larger snapshot is written a chunk per transaction
 UPDATE_CHUNK_BYTES = 1024 * 1024  # a staged update is written a chunk per transaction
 STAGE_PAUSE_S = 0.001  # between a staged update's chunks: others' writes go first
+# A replica keeps the keys of its latest ids of a document (claimed on every connect).
+KEPT_OWN_CLIENTS = 16
 
 MIGRATION_SET = "crdtsync"
 
@@ -769,12 +771,19 @@ class UpdateLog:
     def add_own_client(self, doc: str, client: int, key: bytes, *, forget_others: bool) -> None:
         """Record a new own client id of ``doc``; commits.
 
-        With ``forget_others``, the document's other own ids are dropped (nothing of
-        theirs is pending, so no relay needs their proof any more).
+        With ``forget_others`` (nothing of theirs is pending), the document's other own
+        ids are dropped once it has :data:`KEPT_OWN_CLIENTS` of them: until then they are
+        kept, since a relay that lost what it had acknowledged (a store emptied, or
+        restored from a backup, and refilled by its peer regions with the ids' owners)
+        takes their content back from this replica only with their proof.
         """
         with self._write() as conn:
             if forget_others:
-                conn.execute("DELETE FROM own_clients WHERE doc = ?", (doc,))
+                (count,) = conn.execute(
+                    "SELECT count(*) FROM own_clients WHERE doc = ?", (doc,)
+                ).fetchone()
+                if count >= KEPT_OWN_CLIENTS:
+                    conn.execute("DELETE FROM own_clients WHERE doc = ?", (doc,))
             conn.execute(
                 "INSERT OR REPLACE INTO own_clients (doc, client, key) VALUES (?, ?, ?)",
                 (doc, client, key),

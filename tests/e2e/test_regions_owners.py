@@ -118,3 +118,42 @@ async def test_a_link_update_from_a_client_closes_its_connection(tmp_path: Path)
         assert closed.value.rcvd is not None
         assert closed.value.rcvd.code == 1002
         assert "sneaky" not in _tokens_of(await regions["eu"].document(DOC))
+
+
+async def test_a_replica_refills_an_emptied_region_with_ids_whose_owners_came_back_first(
+    tmp_path: Path,
+) -> None:
+    """``check --regions 3`` seed 360: an edit eu acknowledged that only eu and its
+    replica held; eu lost its store and was refilled by us, with the owner ("key") of
+    the replica's id (it travels with the content now). The replica, reopened meanwhile
+    with nothing pending, had forgotten the keys of its earlier ids: it could not prove
+    that id, and eu refused its edit for good. Mended: a replica keeps the keys of its
+    earlier ids (up to 16) even with nothing pending."""
+    settings = {"anti_entropy_s": 0, "link_ack_timeout_s": 5.0}
+    async with Regions(tmp_path, ("eu", "us"), settings=settings) as regions:
+        await _linked(regions, "eu", "us")
+        await _linked(regions, "us", "eu")
+        token = regions.token(subject="alice")
+
+        async def holds(region: str, token: str) -> bool:
+            return token in _tokens_of(await regions[region].document(DOC))
+
+        async with Replica(tmp_path / "r.db", relay=regions["eu"].url, token=token) as r:
+            text = (await r.open(DOC)).get("text", type=Text)
+            text.insert(0, "first;")
+            await r.wait_synced(DOC, timeout=timeout_s(20))
+            await eventually(lambda: holds("us", "first"), timeout=30, what="first in us")
+            regions.links["eu", "us"].partition()
+            text.insert(len("first;"), "second;")  # (the same id's next clocks)
+            await r.wait_synced(DOC, timeout=timeout_s(20))  # acknowledged by eu only
+        # Reopened with nothing pending (a new id), then eu loses its store.
+        async with Replica(tmp_path / "r.db", relay=regions["us"].url, token=token) as r:
+            await r.open(DOC)
+        await regions.empty("eu")
+        regions.heal()
+        await _linked(regions, "us", "eu")  # eu refilled by us: "first", and its owner
+        async with Replica(tmp_path / "r.db", relay=regions["eu"].url, token=token) as r:
+            await r.open(DOC)
+            await eventually(lambda: holds("eu", "second"), timeout=30, what="second in eu")
+            assert r.status(DOC).refused == 0
+        await eventually(lambda: holds("us", "second"), timeout=30, what="second in us")
