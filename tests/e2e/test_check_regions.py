@@ -107,6 +107,14 @@ def test_check_fails_naming_the_lost_edits_on_links_that_checkpoint_before_the_t
     for i in range(16):
         schedule += [Step("edit", r, count=3) for r in range(3)]
         schedule.append(Step("kill-link", i % 3))
-    with pytest.raises(CampaignFailed) as failed:
-        run_campaign_sync(2, config, schedule=schedule, shrink_runs=0)
-    _lost_edits_named(failed.value)
+    # (A loss needs a kill between a recorded checkpoint and its batch's arrival: a
+    # matter of timing, so up to three runs; one that loses an edit is enough.)
+    failure = None
+    for seed in (2, 3, 4):
+        try:
+            run_campaign_sync(seed, config, schedule=schedule, shrink_runs=0)
+        except CampaignFailed as exc:
+            failure = exc
+            break
+    assert failure is not None, "links that checkpoint early lost nothing in three runs"
+    _lost_edits_named(failure)
